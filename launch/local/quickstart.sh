@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The quick start: set up ./.venv, make the built-in synthetic corpus, then run the pipeline on it
+# (preprocess -> train on local processes -> generate) as far as it is built.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+bash launch/local/setup_env.sh || exit 1
+export PATH=$root/.venv/bin:$PATH
+NOT_BUILT=3
+
+step() {  # step N TOTAL DESCRIPTION -- command...
+  local n=$1 total=$2 what=$3; shift 4
+  echo "== quick start [$n/$total] $what"
+  "$@"; local rc=$?
+  if [ $rc -eq $NOT_BUILT ]; then
+    echo "== quick start stopped at step $n/$total: $what is not built yet; every earlier step ran."
+    exit 0
+  elif [ $rc -ne 0 ]; then
+    echo "== quick start failed at step $n/$total ($what), exit code $rc" >&2
+    exit $rc
+  fi
+}
+
+step 1 4 "synthetic corpus" -- python tools/make_synthetic_corpus.py --out data/synthetic \
+  --train 400 --valid 20 --test 20 --min-words 300 --max-words 500
+step 2 4 "preprocessing" -- pyramidion-preprocess
+step 3 4 "training" -- pyramidion-train debug
+step 4 4 "generation" -- pyramidion-generate runs/debug
+echo "== quick start done"

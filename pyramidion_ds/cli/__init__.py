@@ -1,0 +1,1 @@
+"""Console scripts: pyramidion-preprocess, -train, -generate, -tune, -bench (fairseq-style names)."""

@@ -1,0 +1,49 @@
+"""pyramidion-bench SUITE [flags]: benchmarks that print JSON and compare against an in-run baseline."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .common import EXIT_NOT_BUILT, EXIT_USAGE, fail, run_main
+
+PROG = "pyramidion-bench"
+
+#: suite -> (module under pyramidion_ds.bench, what it measures, issue that builds it)
+SUITES = {
+    "topk": ("topk", "successive-halving top-k fwd+bwd vs a per-example reference", 3),
+    "encoder": ("encoder", "encoder fwd+bwd tokens/s per variant and length", 3),
+    "data": ("data", "binarization docs/s, tokens/s; mmap reader memory", 4),
+    "train": ("train", "training tokens/s, MFU, peak memory per variant and ZeRO stage", 5),
+    "generate": ("generate", "beam search seconds vs no-cache and HF BART", 8),
+    "learn": ("learn", "variants trained side by side: quality, selection recall, speed", 9),
+}
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {name:<10} {desc} (issue #{issue})" for name, (_, desc, issue) in SUITES.items())
+    return f"usage: {PROG} SUITE [flags]   (SUITE --help for its flags)\n\nsuites:\n{rows}"
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body():
+        if not argv or argv[0] in ("-h", "--help"):
+            print(usage())
+            return 0 if argv else EXIT_USAGE
+        name, rest = argv[0], argv[1:]
+        if name not in SUITES:
+            fail(PROG, f"unknown suite '{name}', expected one of {', '.join(SUITES)}")
+        module_name, _, issue = SUITES[name]
+        try:
+            module = importlib.import_module(f"pyramidion_ds.bench.{module_name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"pyramidion_ds.bench.{module_name}":
+                raise
+            fail(PROG, f"benchmark '{name}' is not built yet (issue #{issue})", EXIT_NOT_BUILT)
+        return module.main(rest)
+    run_main(PROG, body)
+
+
+if __name__ == "__main__":
+    main()

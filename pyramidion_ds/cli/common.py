@@ -1,0 +1,57 @@
+"""What every console script shares: config + dotted overrides, one-line errors, exit codes."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn
+
+from ..config import Config, ConfigError, field_help
+
+#: exit codes a launcher can act on
+EXIT_OK = 0
+EXIT_ERROR = 1          # a run failed
+EXIT_USAGE = 2          # bad input: config, flags, files
+EXIT_NOT_BUILT = 3      # the command's issue has not landed yet
+EXIT_PREEMPTED = 124    # a signal asked us to stop; a checkpoint was saved; requeue and resume
+
+
+class UsageError(Exception):
+    """Bad input that is the user's to fix: printed as one line, exit code 2."""
+
+
+def fail(prog: str, message: str, code: int = EXIT_USAGE) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def run_main(prog: str, body: Callable[[], int | None]) -> NoReturn:
+    """Run a command body, turning the errors a user can fix into one line and an exit code."""
+    try:
+        code = body()
+    except (ConfigError, UsageError, FileNotFoundError) as err:
+        fail(prog, str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except KeyboardInterrupt:
+        fail(prog, "interrupted", EXIT_ERROR)
+    raise SystemExit(code or EXIT_OK)
+
+
+def config_epilog() -> str:
+    """The list of config keys, shown under --help of every command that takes a config."""
+    lines = ["config keys (set in the YAML file or override as --section.key VALUE):"]
+    for key, help_text, default in field_help(Config):
+        lines.append(f"  --{key:<40} {help_text} (default: {default!r})")
+    return "\n".join(lines)
+
+
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser taking a config (path or shipped name) and leaving ``--section.key`` overrides alone."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=config_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None,
+                        help="YAML config file, or the name of a shipped config (see --list-configs)")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    return parser
+
+
+def not_built(prog: str, issue: int, what: str) -> NoReturn:
+    fail(prog, f"{what} is not built yet (issue #{issue}); nothing was run", EXIT_NOT_BUILT)

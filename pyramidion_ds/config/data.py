@@ -1,0 +1,36 @@
+"""Data section of the config: where the binarized shards are and how batches are made."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .core import option
+
+
+@dataclass
+class DenoisingConfig:
+    """BART-style pretraining noise, applied on the fly to unlabeled long documents."""
+    mask_ratio: float = option(0.3, "share of source tokens covered by masked spans", min=0.0, max=1.0)
+    poisson_lambda: float = option(3.0, "mean span length (Poisson) for text infilling", greater_than=0.0)
+    permute_sentences: float = option(1.0, "share of sentences shuffled (sentence permutation)",
+                                      min=0.0, max=1.0)
+    mask_token: str = option("<mask>", "sentencepiece user-defined symbol used as the mask token")
+
+
+@dataclass
+class DataConfig:
+    data: str = option("", "directory of binarized shards written by pyramidion-preprocess")
+    task: str = option("summarization", "summarization (document -> summary) or denoising (pretraining)",
+                       choices=("summarization", "denoising"))
+    train_subset: str = option("train", "split used for training")
+    valid_subset: str = option("valid", "split used for validation")
+    max_tokens: Optional[int] = option(8192, "token budget of one batch per rank (source tokens, padded)",
+                                       min=1)
+    max_sentences: Optional[int] = option(None, "examples per batch per rank (fairseq --batch-size); "
+                                          "used alone or together with max_tokens", min=1)
+    pad_to_multiple: int = option(0, "pad source length to a multiple of this; 0 = the model's chunk size",
+                                  min=0)
+    truncate_source: bool = option(True, "truncate sources longer than model.max_source_positions "
+                                   "(else such examples are skipped and counted)")
+    num_workers: int = option(1, "data loader worker processes", min=0)
+    denoising: DenoisingConfig = option(DenoisingConfig(), "pretraining noise settings")

@@ -1,0 +1,50 @@
+"""Training section of the config: optimisation, schedule, checkpoints, logging."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .core import ConfigError, option
+
+
+@dataclass
+class TrainConfig:
+    save_dir: str = option("runs/debug", "run directory: checkpoints, resolved config, tensorboard logs")
+    deepspeed_config: str = option("ds_configs/zero2_cpu.json", "DeepSpeed JSON (ZeRO stage, offload, "
+                                   "precision); merged with this config and checked against it")
+    seed: int = option(1, "random seed (model init, sampler, noise)")
+    max_update: int = option(0, "stop after this many updates; 0 = no limit", min=0)
+    max_epoch: int = option(0, "stop after this many epochs; 0 = no limit", min=0)
+    update_freq: int = option(1, "gradient accumulation: micro-batches per update", min=1)
+    precision: str = option("fp32", "fp32, bf16, or fp16 (dynamic loss scale)", choices=("fp32", "bf16", "fp16"))
+    optimizer: str = option("adamw", "optimizer (DeepSpeed FusedAdam where it builds, else torch AdamW)",
+                            choices=("adamw",))
+    lr: float = option(5e-4, "peak learning rate", greater_than=0.0)
+    adam_betas: list[float] = option([0.9, 0.98], "Adam betas", min=0.0, max=1.0)
+    adam_eps: float = option(1e-8, "Adam epsilon", greater_than=0.0)
+    weight_decay: float = option(0.01, "decoupled weight decay", min=0.0)
+    clip_norm: float = option(1.0, "clip gradients to this global norm; 0 = off", min=0.0)
+    lr_scheduler: str = option("polynomial_decay", "learning-rate schedule",
+                               choices=("polynomial_decay", "inverse_sqrt", "fixed"))
+    warmup_updates: int = option(0, "linear warmup updates", min=0)
+    total_num_update: int = option(0, "updates over which polynomial decay runs; 0 = max_update", min=0)
+    end_learning_rate: float = option(0.0, "learning rate at the end of polynomial decay", min=0.0)
+    power: float = option(1.0, "power of the polynomial decay", greater_than=0.0)
+    label_smoothing: float = option(0.1, "label-smoothed cross-entropy epsilon; 0 = plain CE", min=0.0, max=1.0)
+    activation_checkpointing: str = option("off", "recompute activations per pyramid stage, per layer, or off",
+                                           choices=("off", "stage", "layer"))
+    validate_interval_updates: int = option(0, "validate every N updates; 0 = once per epoch", min=0)
+    save_interval_updates: int = option(0, "checkpoint every N updates; 0 = at validation", min=0)
+    keep_last_checkpoints: int = option(2, "checkpoints kept besides the best; 0 = keep all", min=0)
+    best_checkpoint_metric: str = option("loss", "validation metric deciding the best checkpoint")
+    maximize_best_checkpoint_metric: bool = option(False, "higher metric is better (e.g. rouge)")
+    patience: int = option(-1, "stop after this many validations without improvement; -1 = never", min=-1)
+    log_interval: int = option(10, "log every N updates", min=1)
+    tensorboard_logdir: str = option("", "tensorboard event directory; empty = SAVE_DIR/tensorboard")
+    init_from: str = option("", "load model weights only from a run dir or export dir (pretrain -> fine-tune)")
+    resume: bool = option(True, "continue from the latest complete checkpoint in save_dir, if any")
+    validate_rouge_examples: int = option(0, "also generate and score ROUGE on this many validation examples",
+                                          min=0)
+
+    def validate(self) -> None:
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas: got {self.adam_betas!r}, expected two numbers")

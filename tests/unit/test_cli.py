@@ -1,0 +1,45 @@
+"""Console scripts: real help, honest 'not built yet', one-line errors."""
+import subprocess
+import sys
+
+import pytest
+
+from pyramidion_ds.cli.common import EXIT_NOT_BUILT
+
+
+def run(module, *args):
+    return subprocess.run([sys.executable, "-m", f"pyramidion_ds.cli.{module}", *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("module", ["train", "generate", "tune", "preprocess"])
+def test_help(module):
+    proc = run(module, "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: pyramidion-")
+
+
+def test_bench_lists_suites_and_rejects_unknown():
+    assert "topk" in run("bench", "--help").stdout
+    proc = run("bench", "nope")
+    assert proc.returncode == 2 and "unknown suite 'nope'" in proc.stderr
+
+
+def test_train_validates_config_before_anything():
+    proc = run("train", "debug", "--model.chunk_size", "-3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "pyramidion-train: error: model.chunk_size: got -3, expected a value >= 1"
+    proc = run("train", "no_such_config")
+    assert proc.returncode == 2 and "neither a file nor a shipped config" in proc.stderr
+
+
+def test_list_configs():
+    proc = run("train", "--list-configs")
+    assert proc.returncode == 0 and proc.stdout.startswith("debug\t")
+
+
+def test_not_built_is_plain_and_nonzero():
+    proc = subprocess.run([sys.executable, "-c", "from pyramidion_ds.cli.common import run_main, not_built; "
+                           "run_main('pyramidion-x', lambda: not_built('pyramidion-x', 9, 'the thing'))"],
+                          capture_output=True, text=True)
+    assert proc.returncode == EXIT_NOT_BUILT
+    assert proc.stderr.strip() == "pyramidion-x: error: the thing is not built yet (issue #9); nothing was run"

@@ -1,0 +1,119 @@
+"""Config loading, dotted overrides, presets and one-line errors."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pyramidion_ds.config import (MODEL_PRESETS, Config, ConfigError, load_config, save_resolved,
+                                  shipped_configs, to_dict, config_from_dict)
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_defaults_are_the_debug_preset():
+    cfg = Config()
+    for key, value in MODEL_PRESETS["debug"].items():
+        assert getattr(cfg.model, key) == value
+
+
+@pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
+def test_presets_fill_sizes(tmp_path, preset):
+    cfg = load_config(write(tmp_path, f"model: {{preset: {preset}}}"))
+    for key, value in MODEL_PRESETS[preset].items():
+        assert getattr(cfg.model, key) == value
+
+
+def test_base_and_large_are_the_stated_sizes():
+    base, large = MODEL_PRESETS["base"], MODEL_PRESETS["large"]
+    assert (base["d_model"], base["num_heads"], base["ffn_dim"], base["encoder_layers"],
+            base["decoder_layers"]) == (512, 8, 2048, 6, 6)
+    assert (large["d_model"], large["num_heads"], large["ffn_dim"], large["encoder_layers"],
+            large["decoder_layers"]) == (1024, 16, 4096, 12, 12)
+
+
+def test_explicit_field_beats_preset(tmp_path):
+    cfg = load_config(write(tmp_path, "model: {preset: base, d_model: 256, num_heads: 4}"))
+    assert cfg.model.d_model == 256 and cfg.model.ffn_dim == 2048
+
+
+def test_overrides_are_typed_like_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, "model: {chunk_size: 64}"),
+                      ["--model.chunk_size", "256", "--train.lr=3e-4", "--train.adam_betas", "[0.9, 0.95]",
+                       "--model.sort_back", "true"])
+    assert cfg.model.chunk_size == 256
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.adam_betas == [0.9, 0.95]
+    assert cfg.model.sort_back is True
+
+
+def test_nested_section_override():
+    cfg = load_config(None, ["--data.denoising.mask_ratio", "0.25"])
+    assert cfg.data.denoising.mask_ratio == 0.25
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("model: {chunk_sise: 3}", [], "unknown config key 'model.chunk_sise'; did you mean 'model.chunk_size'?"),
+    ("modle: {}", [], "unknown config key 'modle'; did you mean 'model'?"),
+    ("", ["--model.chunk_size", "-3"], "model.chunk_size: got -3, expected a value >= 1"),
+    ("", ["--model.variant", "pyramid"], "model.variant: got 'pyramid', expected one of"),
+    ("train: {lr: fast}", [], "train.lr: got 'fast', expected a number"),
+    ("model: {d_model: 66, num_heads: 4}", [], "model.d_model: got 66, expected a multiple of model.num_heads"),
+    ("model: 3", [], "model: got 3, expected a mapping"),
+    ("", ["--model.pooling_schedule", "{0: 2048, 7: 512}"], "layer 7 does not exist"),
+    ("", ["model.chunk_size", "3"], "unexpected argument 'model.chunk_size'"),
+    ("", ["--model.chunk_size"], "missing value"),
+])
+def test_errors_name_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text) if text else None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+, column \d+"):
+        load_config(write(tmp_path, "model: {a: 1\nb: [2\n"))
+    with pytest.raises(ConfigError, match="neither a file nor a shipped config"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"model: {variant: \xe9}\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(bad))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["--model.preset", "base", "--model.pooling_schedule", "{0: 2048, 1: 512}"])
+    path = save_resolved(cfg, tmp_path / "run")
+    again = config_from_dict(yaml.safe_load(path.read_text()))
+    assert to_dict(again) == to_dict(cfg)
+    assert again.model.encoder_widths() == [2048, 512, 512, 512, 512, 512]
+    assert not list((tmp_path / "run").glob(".*tmp"))
+
+
+def test_every_shipped_config_loads():
+    shipped = shipped_configs()
+    assert "debug" in shipped
+    for name in shipped:
+        load_config(name)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+
+
+def test_cli_typo_is_one_line_and_nonzero():
+    proc = run_cli("pyramidion_ds.cli.train", "debug", "--model.chunk_sise", "3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("pyramidion-train: error: unknown config key 'model.chunk_sise'; "
+                                   "did you mean 'model.chunk_size'?")
+
+
+def test_cli_help_lists_config_keys():
+    proc = run_cli("pyramidion_ds.cli.train", "--help")
+    assert proc.returncode == 0
+    assert "--model.chunk_size" in proc.stdout and "--deepspeed_config" in proc.stdout
