@@ -1,0 +1,88 @@
+"""Optimizer, learning-rate schedule and loss, as fairseq users know them."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and embeddings' positions (1-D tensors)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # under ZeRO-3 a partitioned parameter is flat; ds_shape keeps its real shape
+        shape = getattr(param, "ds_shape", param.shape)
+        (no_decay if len(shape) < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, offload: bool) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW: DeepSpeedCPUAdam under optimizer offload, FusedAdam on CUDA where it builds, else torch's."""
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs), "DeepSpeedCPUAdam"
+    if torch.cuda.is_available():
+        try:
+            from deepspeed.ops.adam import FusedAdam
+            return FusedAdam(groups, adam_w_mode=True, **kwargs), "FusedAdam"
+        except Exception as err:  # the op did not build (no compiler, wrong arch list): torch's fused kernel
+            print(f"FusedAdam unavailable ({type(err).__name__}: {err}); using torch.optim.AdamW(fused=True)")
+            return torch.optim.AdamW(groups, fused=True, **kwargs), "torch.AdamW(fused)"
+    return torch.optim.AdamW(groups, **kwargs), "torch.AdamW"
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of ``cfg.lr`` at update ``step`` (0-based), fairseq's schedules.
+
+    polynomial_decay: linear warmup to lr, then (lr - end) * (1 - t/T)**power + end until
+    total_num_update (default max_update); inverse_sqrt: warmup, then lr * sqrt(warmup / step).
+    """
+    warmup = cfg.warmup_updates
+    total = cfg.total_num_update or cfg.max_update
+    end_ratio = cfg.end_learning_rate / cfg.lr
+
+    def polynomial(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if not total or step >= total:
+            return end_ratio if total else 1.0
+        remaining = 1.0 - (step - warmup) / max(1, total - warmup)
+        return (1.0 - end_ratio) * remaining ** cfg.power + end_ratio
+
+    def inverse_sqrt(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return math.sqrt(max(1, warmup) / max(1, step + 1))
+
+    return {"polynomial_decay": polynomial, "inverse_sqrt": inverse_sqrt,
+            "fixed": lambda step: 1.0}[cfg.lr_scheduler]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def label_smoothed_nll_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float,
+                            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairseq's label-smoothed cross-entropy, summed over non-pad tokens.
+
+    logits: B×T×V, target: B×T. Returns (loss, nll_loss), both sums; epsilon = 0 gives plain CE.
+    """
+    lprobs = F.log_softmax(logits.float(), dim=-1).view(-1, logits.size(-1))
+    target = target.reshape(-1)
+    keep = target.ne(ignore_index)
+    nll = -lprobs.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+    nll = nll.masked_fill(~keep, 0.0).sum()
+    if epsilon == 0.0:
+        return nll, nll
+    smooth = -lprobs.sum(dim=-1).masked_fill(~keep, 0.0).sum()
+    eps_i = epsilon / (lprobs.size(-1) - 1)
+    loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
+    return loss, nll
