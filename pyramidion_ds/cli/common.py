@@ -12,7 +12,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1          # a run failed
 EXIT_USAGE = 2          # bad input: config, flags, files
 EXIT_NOT_BUILT = 3      # the command's issue has not landed yet
-EXIT_PREEMPTED = 124    # a signal asked us to stop; a checkpoint was saved; requeue and resume
+EXIT_PREEMPTED = 75     # a signal asked us to stop, a checkpoint was saved: requeue and resume
 
 
 class UsageError(Exception):
@@ -26,9 +26,10 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 def run_main(prog: str, body: Callable[[], int | None]) -> NoReturn:
     """Run a command body, turning the errors a user can fix into one line and an exit code."""
+    from ..data.errors import DataError
     try:
         code = body()
-    except (ConfigError, UsageError, FileNotFoundError) as err:
+    except (ConfigError, DataError, UsageError, FileNotFoundError) as err:
         fail(prog, str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:
         fail(prog, "interrupted", EXIT_ERROR)

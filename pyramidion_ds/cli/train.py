@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from ..config import load_config, shipped_configs
-from .common import config_parser, not_built, run_main, UsageError
+from .common import UsageError, config_parser, run_main
 
 PROG = "pyramidion-train"
 
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None):
         if cfg is None:
             print("\n".join(f"{name}\t{path}" for name, path in shipped_configs().items()))
             return 0
-        not_built(PROG, 5, "training (the DeepSpeed engine and loop)")
+        from ..train import run_training
+        return run_training(cfg)
     run_main(PROG, body)
 
 

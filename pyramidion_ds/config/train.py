@@ -15,7 +15,8 @@ class TrainConfig:
     max_update: int = option(0, "stop after this many updates; 0 = no limit", min=0)
     max_epoch: int = option(0, "stop after this many epochs; 0 = no limit", min=0)
     update_freq: int = option(1, "gradient accumulation: micro-batches per update", min=1)
-    precision: str = option("fp32", "fp32, bf16, or fp16 (dynamic loss scale)", choices=("fp32", "bf16", "fp16"))
+    precision: str = option("auto", "auto (whatever the DeepSpeed JSON enables, else fp32), fp32, bf16, or fp16 "
+                            "(dynamic loss scale)", choices=("auto", "fp32", "bf16", "fp16"))
     optimizer: str = option("adamw", "optimizer (DeepSpeed FusedAdam where it builds, else torch AdamW)",
                             choices=("adamw",))
     lr: float = option(5e-4, "peak learning rate", greater_than=0.0)
@@ -42,6 +43,10 @@ class TrainConfig:
     tensorboard_logdir: str = option("", "tensorboard event directory; empty = SAVE_DIR/tensorboard")
     init_from: str = option("", "load model weights only from a run dir or export dir (pretrain -> fine-tune)")
     resume: bool = option(True, "continue from the latest complete checkpoint in save_dir, if any")
+    peak_tflops: float = option(0.0, "accelerator peak TFLOP/s for MFU; 0 = known GPUs only (H100 bf16: 989)",
+                                min=0.0)
+    max_nonfinite_steps: int = option(3, "stop after this many consecutive non-finite losses (bf16/fp32)",
+                                      min=1)
     validate_rouge_examples: int = option(0, "also generate and score ROUGE on this many validation examples",
                                           min=0)
 

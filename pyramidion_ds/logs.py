@@ -1,0 +1,36 @@
+"""One logger for the whole package: rank 0 speaks at INFO, other ranks only warn.
+
+    setup_logging(rank, log_file=RUN/train.log)   # once, after rank discovery
+    log = logging.getLogger(__name__)             # everywhere else, as usual
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
+
+
+def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> logging.Logger:
+    root = logging.getLogger("pyramidion_ds")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+    formatter = logging.Formatter(FORMAT if rank == 0 else f"[rank {rank}] {FORMAT}", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(formatter)
+    root.addHandler(stream)
+    if log_file is not None and rank == 0:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(formatter)
+        root.addHandler(file_handler)
+    return root
+
+
+def is_rank_0() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

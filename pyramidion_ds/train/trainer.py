@@ -1,0 +1,522 @@
+"""The training loop: one code path from 1 CPU process to many GPUs.
+
+    pyramidion-train CONFIG  ->  run_training(cfg)
+        init_distributed (launcher-agnostic)  ->  data (token-budget batches, rank shards)
+        ->  engine (DeepSpeed)  ->  resume / init-from  ->  loop:
+              update = update_freq micro-batches (engine.backward / engine.step)
+              every log_interval:      tensorboard + progress bar (loss, lr, grad norm, tokens/s, MFU)
+              every validate interval: valid loss/ppl, best checkpoint, patience
+              on SIGTERM/SIGUSR1:      finish the update, save, exit EXIT_PREEMPTED (launcher requeues)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..cli.common import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, UsageError
+from ..config import Config, ConfigError, config_from_dict, save_resolved, to_dict
+from ..config.core import read_yaml
+from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
+                      read_ds_config, resolve_ds_config)
+from ..logs import setup_logging
+from .checkpoint import CheckpointDir, consolidated_state_dict, tag_for, write_text_atomic
+from .state import PreemptionFlag, rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
+
+#: model fields that must agree between a checkpoint and the model it is loaded into
+ARCHITECTURE_KEYS = ("d_model", "num_heads", "ffn_dim", "encoder_layers", "decoder_layers", "vocab_size",
+                     "positions", "normalize_before", "activation", "pad_id", "bos_id", "eos_id")
+#: known dense bf16 peaks (TFLOP/s) for MFU when train.peak_tflops is 0
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, ...): the message names the step."""
+
+
+# --------------------------------------------------------------------------------------------------
+# checks before any step
+# --------------------------------------------------------------------------------------------------
+
+def architecture_mismatch(saved: dict, current: dict) -> str | None:
+    for key in ARCHITECTURE_KEYS:
+        if saved.get(key) != current.get(key) and not (key == "vocab_size" and not saved.get(key)):
+            return f"model.{key} is {saved.get(key)!r} there, {current.get(key)!r} here"
+    if saved.get("positions") == "learned" and saved.get("max_source_positions") != current.get(
+            "max_source_positions"):
+        return "learned positions of another max_source_positions"
+    return None
+
+
+def check_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Refuse a run dir that holds another model's checkpoints."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file() or not (run_dir / "checkpoints").is_dir():
+        return
+    saved = read_yaml(saved_path).get("model", {})
+    problem = architecture_mismatch(saved, to_dict(cfg.model))
+    if problem:
+        raise UsageError(f"train.save_dir '{run_dir}' holds checkpoints of another model ({problem}); "
+                         f"choose another save_dir")
+
+
+def fill_vocab(cfg: Config) -> tuple[int, str]:
+    """Take the vocabulary size and spm hash from the data directory; refuse a contradicting config."""
+    from ..data import spm_sha256, vocab_size
+    data_dir = Path(cfg.data.data)
+    if not cfg.data.data:
+        raise UsageError("data.data is empty: point it at a directory written by pyramidion-preprocess")
+    if not (data_dir / "meta.json").is_file():
+        raise UsageError(f"data.data: '{data_dir}' has no meta.json; run pyramidion-preprocess --destdir "
+                         f"{data_dir} first")
+    size = vocab_size(data_dir)
+    if cfg.model.vocab_size and cfg.model.vocab_size != size:
+        raise UsageError(f"model.vocab_size is {cfg.model.vocab_size} but the data's sentencepiece model "
+                         f"has {size} pieces")
+    cfg.model.vocab_size = size
+    return size, spm_sha256(data_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Meters:
+    """Sums over the updates since the last log line (this rank's share)."""
+    loss: float = 0.0
+    nll: float = 0.0
+    ntokens: int = 0
+    src_tokens: int = 0
+    tgt_tokens: int = 0
+    flops: float = 0.0
+    updates: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def reset(self):
+        self.__init__()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world):
+        self.cfg, self.world = cfg, world
+        self.run_dir = Path(cfg.train.save_dir)
+        self.ckpt = CheckpointDir(self.run_dir)
+        self.rank, self.world_size = world.rank, world.world_size
+        self.update = 0
+        self.epoch = 1
+        self.epoch_position = 0  # batches of this epoch trained on (this rank)
+        self.best: dict = {"metric": cfg.train.best_checkpoint_metric, "value": None, "tag": None}
+        self.bad_validations = 0
+        self.valid_history: list[dict] = []
+        self.nonfinite_streak = 0
+        self.preempt = PreemptionFlag()
+        self.writer = None
+
+    # ------------------------------------------------------------------ setup
+    def check(self) -> None:
+        """Everything that can be wrong with the inputs, before anything is written or built."""
+        cfg = self.cfg
+        self.vocab_size, self.spm_hash = fill_vocab(cfg)
+        cfg.model.validate()
+        check_run_dir(cfg, self.run_dir)
+        raw_ds = read_ds_config(cfg.train.deepspeed_config)
+        self.ds_config = resolve_ds_config(raw_ds, cfg, self.world_size, source=cfg.train.deepspeed_config)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if not hasattr(self, "ds_config"):
+            self.check()
+        seed_everything(cfg.train.seed)
+
+        if self.rank == 0:  # the run dir describes itself: configs + vocabulary
+            save_resolved(cfg, self.run_dir)
+            write_text_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
+            shutil.copyfile(Path(cfg.data.data) / "spm.model", self.run_dir / "spm.model")
+        self._barrier()
+
+        self.build_data()
+        self.bundle = build_engine(cfg, self.ds_config, build_model(cfg, self.ds_config))
+        self.engine, self.model = self.bundle.engine, self.bundle.model
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        log.info(f"model: {cfg.model.variant} preset={cfg.model.preset} params={n_params / 1e6:.2f}M "
+                 f"encoder widths={cfg.model.encoder_widths()} | ZeRO-{self.bundle.zero_stage} "
+                 f"{self.bundle.precision} optimizer={self.bundle.optimizer_name} "
+                 f"checkpointing={cfg.train.activation_checkpointing} world={self.world}")
+        self.peak_flops = self._peak_flops()
+
+        resumed = self.resume() if cfg.train.resume else False
+        if not resumed and cfg.train.init_from:
+            self.init_from(cfg.train.init_from)
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(cfg.train.tensorboard_logdir or str(self.run_dir / "tensorboard"))
+
+    def build_data(self) -> None:
+        from ..data import DenoisingDataset, ShardedBatchSampler, SummarizationDataset, make_batches
+        cfg, m = self.cfg, self.cfg.model
+
+        def dataset(split):
+            if cfg.data.task == "denoising":
+                return DenoisingDataset(cfg.data.data, split, m.max_source_positions, m.max_target_positions,
+                                        cfg.data.denoising, seed=cfg.train.seed)
+            return SummarizationDataset(cfg.data.data, split, m.max_source_positions, m.max_target_positions,
+                                        truncate=cfg.data.truncate_source)
+
+        self.train_data = dataset(cfg.data.train_subset)
+        self.valid_data = dataset(cfg.data.valid_subset)
+        self.pad_multiple = cfg.data.pad_to_multiple or m.chunk_size
+
+        def batches_for(ds, shuffle_seed):
+            return lambda epoch: make_batches(ds.src_sizes, ds.tgt_sizes, max_tokens=cfg.data.max_tokens,
+                                              max_sentences=cfg.data.max_sentences,
+                                              pad_to_multiple=self.pad_multiple, seed=shuffle_seed, epoch=epoch)
+
+        self.train_sampler = ShardedBatchSampler(batches_for(self.train_data, cfg.train.seed), self.rank,
+                                                 self.world_size, cfg.train.seed)
+        self.valid_batches = batches_for(self.valid_data, cfg.train.seed)(0)
+        log.info(f"data: {len(self.train_data)} train / {len(self.valid_data)} valid examples "
+                 f"({cfg.data.task}), max_tokens={cfg.data.max_tokens}, padded to multiples of "
+                 f"{self.pad_multiple}")
+
+    def _loader(self, dataset, batches):
+        from ..data import collate
+        m = self.cfg.model
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
+            collate_fn=lambda samples: collate(samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id,
+                                               pad_to_multiple=self.pad_multiple),
+            # its own generator: creating a loader iterator must not draw from the global RNG that
+            # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one
+            generator=torch.Generator().manual_seed(self.cfg.train.seed), persistent_workers=False)
+
+    # ------------------------------------------------------------------ resume / init
+    def client_state(self) -> dict:
+        rngs = [None] * self.world_size
+        dist.all_gather_object(rngs, rng_state())
+        # the loader prefetches ahead of training: record the batches actually trained on
+        sampler = self.train_sampler.state_dict(position=self.epoch_position)
+        return {"update": self.update, "epoch": self.epoch, "sampler": sampler,
+                "rng": rngs, "best": dict(self.best), "bad_validations": self.bad_validations,
+                "valid_history": self.valid_history, "config": to_dict(self.cfg),
+                "spm_sha256": self.spm_hash, "world_size": self.world_size}
+
+    def resume(self) -> bool:
+        info = self.ckpt.latest_complete(warn=log.warning)
+        if info is None:
+            if self.ckpt.tags():
+                log.warning(f"no complete checkpoint in {self.ckpt.root}; starting from scratch")
+            return False
+        if info.manifest.get("spm_sha256") not in (None, self.spm_hash):
+            raise UsageError(f"checkpoint {info.path} was trained with another sentencepiece model "
+                             f"(spm sha256 differs from {self.cfg.data.data})")
+        if info.world_size != self.world_size:
+            return self._resume_other_world(info)
+        _, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=info.tag)
+        if client is None:
+            raise UsageError(f"checkpoint {info.path} could not be loaded")
+        self.update, self.epoch = client["update"], client["epoch"]
+        self.train_sampler.load_state_dict(client["sampler"])
+        self.best, self.bad_validations = client["best"], client["bad_validations"]
+        self.valid_history = client.get("valid_history", [])
+        set_rng_state(client["rng"][self.rank])
+        log.info(f"resumed from {info.path} at update {self.update} (epoch {self.epoch}, sampler "
+                 f"{client['sampler']})")
+        return True
+
+    def _resume_other_world(self, info) -> bool:
+        """Different world size: weights through consolidation; optimizer and data position start over."""
+        log.warning(f"checkpoint {info.path} was written by {info.world_size} ranks, this run has "
+                    f"{self.world_size}: loading consolidated weights, resetting optimizer state and the "
+                    f"data position (update count and LR schedule continue)")
+        state = consolidated_state_dict(info)
+        load_full_state_dict(self.model, state, zero3=self.bundle.zero_stage == 3)
+        self.update = info.update
+        self.epoch = int(info.manifest.get("epoch", 1))
+        self.train_sampler.load_state_dict({"epoch": self.epoch, "position": 0})
+        for _ in range(self.update):
+            self.engine.lr_scheduler.step()
+        return True
+
+    def init_from(self, path: str) -> None:
+        """Weights only (pretrain -> fine-tune): from a run dir (ZeRO shards) or an export dir."""
+        from .weights import load_weights_for_init
+        state, saved_model, saved_spm = load_weights_for_init(path)
+        problem = architecture_mismatch(saved_model, to_dict(self.cfg.model))
+        if problem:
+            raise UsageError(f"train.init_from '{path}' is another architecture: {problem}")
+        if saved_spm and saved_spm != self.spm_hash:
+            raise UsageError(f"train.init_from '{path}' used another sentencepiece vocabulary "
+                             f"(spm sha256 {saved_spm[:12]}… vs {self.spm_hash[:12]}…)")
+        load_full_state_dict(self.model, state, zero3=self.bundle.zero_stage == 3)
+        log.info(f"initialized weights from {path}; optimizer, LR schedule and update count start fresh")
+
+    # ------------------------------------------------------------------ steps
+    def _batch_to_device(self, batch: dict) -> dict:
+        device = self.engine.device
+        return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _flags(self, nonfinite: bool) -> tuple[bool, bool]:
+        """All ranks agree on (any rank saw a non-finite loss, any rank was asked to stop)."""
+        flags = torch.tensor([float(nonfinite), float(self.preempt.requested)], device=self.engine.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def train_micro_batch(self, batch: dict, meters: Meters) -> bool:
+        """Forward/backward one micro-batch; returns False when its loss was non-finite (step skipped)."""
+        batch = self._batch_to_device(batch)
+        logits = self.engine(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
+        loss_sum, nll_sum = label_smoothed_nll_loss(logits, batch["target"], self.cfg.train.label_smoothing,
+                                                    self.cfg.model.pad_id)
+        ntokens = max(1, int(batch["ntokens"]))
+        loss = loss_sum / ntokens
+        nonfinite, _ = self._flags(not torch.isfinite(loss).item())
+        if nonfinite and self.bundle.precision != "fp16":  # fp16: DeepSpeed's scaler skips the step itself
+            return False
+        self.engine.backward(loss)
+        self.engine.step()
+        meters.loss += float(loss_sum.detach())
+        meters.nll += float(nll_sum.detach())
+        meters.ntokens += ntokens
+        bsz, src_len = batch["src_tokens"].shape
+        meters.src_tokens += int(batch["src_lengths"].sum())
+        meters.tgt_tokens += ntokens
+        meters.flops += self.model.flops_per_step(bsz, src_len, batch["target"].shape[1])
+        return True
+
+    def run(self) -> int:
+        cfg = self.cfg.train
+        self.preempt.install()
+        meters = Meters()
+        progress = self._progress()
+        iterator = self._epoch_iterator()
+        try:
+            while not self._done():
+                skipped = False
+                for _ in range(cfg.update_freq):
+                    batch = next(iterator, None)
+                    if batch is None:  # epoch over
+                        self.epoch += 1
+                        if self._done():
+                            break
+                        iterator = self._epoch_iterator()
+                        batch = next(iterator)
+                    ok = self.train_micro_batch(batch, meters)
+                    self.epoch_position += 1
+                    skipped |= not ok
+                if skipped:
+                    self.nonfinite_streak += 1
+                    log.warning(f"non-finite loss at update {self.update + 1}; update skipped "
+                                f"({self.nonfinite_streak}/{cfg.max_nonfinite_steps})")
+                    if self.nonfinite_streak >= cfg.max_nonfinite_steps:
+                        raise TrainingError(f"non-finite loss for {self.nonfinite_streak} consecutive updates "
+                                            f"at update {self.update + 1}; stopping without saving (last "
+                                            f"good checkpoint: {self.ckpt.read_pointer('latest')})")
+                    continue
+                self.nonfinite_streak = 0
+                self.update += 1
+                meters.updates += 1
+                progress.update(1)
+                if self.update % cfg.log_interval == 0:
+                    self.log_train(meters, progress)
+                    meters.reset()
+                stop = self.after_update()
+                _, preempted = self._flags(False)
+                if preempted:
+                    tag = self.save()
+                    log.warning(f"received {self.preempt.signal_name or 'a stop signal on another rank'}: "
+                                f"saved {tag} at update {self.update}; exiting with code {EXIT_PREEMPTED} "
+                                f"so the launcher can requeue")
+                    return EXIT_PREEMPTED
+                if stop:
+                    break
+            if self.ckpt.read_pointer("latest") != tag_for(self.update):
+                self.validate_and_save()
+            log.info(f"done: {self.update} updates, best {self.best['metric']} = {self.best['value']} "
+                     f"({self.best['tag']})")
+            return EXIT_OK
+        finally:
+            progress.close()
+            self.preempt.uninstall()
+            if self.writer is not None:
+                self.writer.close()
+
+    def _done(self) -> bool:
+        cfg = self.cfg.train
+        return bool((cfg.max_update and self.update >= cfg.max_update)
+                    or (cfg.max_epoch and self.epoch > cfg.max_epoch))
+
+    def _epoch_iterator(self):
+        self.train_sampler.set_epoch(self.epoch)
+        self.epoch_position = self.train_sampler.position
+        if hasattr(self.train_data, "set_epoch"):
+            self.train_data.set_epoch(self.epoch)
+        return iter(self._loader(self.train_data, self.train_sampler))
+
+    def after_update(self) -> bool:
+        """Validation / checkpoint at their intervals; True when patience ran out."""
+        cfg = self.cfg.train
+        validate_every = cfg.validate_interval_updates
+        save_every = cfg.save_interval_updates
+        if validate_every and self.update % validate_every == 0:
+            return self.validate_and_save()
+        if save_every and self.update % save_every == 0:
+            self.save()
+        return False
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.engine.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        mine = self.valid_batches[self.rank::self.world_size]
+        # every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively);
+        # a rank with fewer batches repeats its first one and counts nothing for it
+        steps = math.ceil(len(self.valid_batches) / self.world_size)
+        padded = mine + [self.valid_batches[0]] * (steps - len(mine))
+        for i, batch in enumerate(self._loader(self.valid_data, padded)):
+            batch = self._batch_to_device(batch)
+            logits = self.engine(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
+            if i >= len(mine):
+                continue
+            loss_sum, nll_sum = label_smoothed_nll_loss(logits, batch["target"], self.cfg.train.label_smoothing,
+                                                        self.cfg.model.pad_id)
+            sums += torch.tensor([float(loss_sum), float(nll_sum), float(batch["ntokens"])], dtype=torch.float64)
+        self.engine.train()
+        sums = sums.to(self.engine.device)
+        dist.all_reduce(sums)
+        loss, nll, ntok = sums.tolist()
+        stats = {"update": self.update, "loss": loss / max(ntok, 1), "nll_loss": nll / max(ntok, 1)}
+        stats["ppl"] = math.exp(min(stats["nll_loss"], 50.0))
+        return stats
+
+    def validate_and_save(self) -> bool:
+        stats = self.validate()
+        metric = self.cfg.train.best_checkpoint_metric
+        if metric not in stats:
+            raise ConfigError(f"train.best_checkpoint_metric: got {metric!r}, expected one of "
+                              f"{', '.join(k for k in stats if k != 'update')}")
+        value = stats[metric]
+        better = self.best["value"] is None or (
+            value > self.best["value"] if self.cfg.train.maximize_best_checkpoint_metric else value < self.best["value"])
+        tag = tag_for(self.update)
+        if better:
+            self.best = {"metric": metric, "value": value, "tag": tag}
+            self.bad_validations = 0
+        else:
+            self.bad_validations += 1
+        self.valid_history.append(stats)
+        log.info(f"valid | update {self.update} | loss {stats['loss']:.4f} | nll {stats['nll_loss']:.4f} | "
+                 f"ppl {stats['ppl']:.2f} | best {metric} {self.best['value']:.4f}"
+                 + ("" if better else f" | no improvement {self.bad_validations}/{self.cfg.train.patience}"))
+        if self.writer is not None:
+            for key in ("loss", "nll_loss", "ppl"):
+                self.writer.add_scalar(f"valid/{key}", stats[key], self.update)
+            self.writer.add_scalar(f"valid/best_{metric}", self.best["value"], self.update)
+        self.save(best=better)
+        patience = self.cfg.train.patience
+        if patience >= 0 and self.bad_validations > patience:
+            log.info(f"early stop: {metric} has not improved for {self.bad_validations} validations "
+                     f"(patience {patience})")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, best: bool = False) -> str:
+        tag = tag_for(self.update)
+        client = self.client_state()
+        self.engine.save_checkpoint(str(self.ckpt.root), tag=tag, client_state=client, save_latest=False)
+        # DeepSpeed ends save_checkpoint with a barrier: every rank's shards are on disk now
+        if self.rank == 0:
+            self.ckpt.finalize(tag, update=self.update, world_size=self.world_size,
+                               extra={"epoch": self.epoch, "spm_sha256": self.spm_hash,
+                                      "zero_stage": self.bundle.zero_stage})
+            if best:
+                self.ckpt.mark_best(tag)
+            removed = self.ckpt.prune(self.cfg.train.keep_last_checkpoints)
+            log.info(f"saved checkpoint {tag}" + (" (best)" if best else "")
+                     + (f"; removed {', '.join(removed)}" if removed else ""))
+        self._barrier()
+        return tag
+
+    # ------------------------------------------------------------------ logging
+    def _progress(self):
+        from tqdm import tqdm
+        total = self.cfg.train.max_update or None
+        return tqdm(total=total, initial=self.update, desc="train", unit="upd", dynamic_ncols=True,
+                    disable=self.rank != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                    file=sys.stderr)
+
+    def _peak_flops(self) -> float:
+        if self.cfg.train.peak_tflops:
+            return self.cfg.train.peak_tflops * 1e12
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            for key, tflops in KNOWN_PEAK_TFLOPS.items():
+                if key in name:
+                    return tflops * 1e12
+        return 0.0
+
+    def log_train(self, meters: Meters, progress) -> None:
+        sums = torch.tensor([meters.loss, meters.nll, meters.ntokens, meters.src_tokens + meters.tgt_tokens,
+                             meters.flops], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(sums)
+        loss, nll, ntok, tokens, flops = sums.tolist()
+        elapsed = max(time.perf_counter() - meters.started, 1e-9)
+        stats = {"loss": loss / max(ntok, 1), "nll_loss": nll / max(ntok, 1),
+                 "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed,
+                 "tflops_per_s": flops / elapsed / 1e12}
+        stats["ppl"] = math.exp(min(stats["nll_loss"], 50.0))
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            stats["grad_norm"] = float(grad_norm)
+        if self.bundle.precision == "fp16":
+            stats["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", 0.0))
+        if self.peak_flops:
+            stats["mfu"] = flops / elapsed / (self.peak_flops * self.world_size)
+        stats["peak_mem_gib"] = peak_memory_gib()
+        for name, value in (getattr(self.model, "pooling_stats", None) or {}).items():
+            stats[f"pooling/{name}"] = float(value)
+        progress.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
+        log.info(f"train | update {self.update} | epoch {self.epoch} | "
+                 + " | ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+        if self.writer is not None:
+            for key, value in stats.items():
+                self.writer.add_scalar(key if key.startswith("pooling/") else f"train/{key}", value, self.update)
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_training(cfg: Config) -> int:
+    from ..dist import init_distributed
+    world = init_distributed(None if cfg.distributed.backend == "auto" else cfg.distributed.backend,
+                             timeout_minutes=cfg.distributed.timeout_minutes)
+    setup_logging(world.rank)
+    trainer = Trainer(cfg, world)
+    trainer.check()  # bad input stops here, with nothing written
+    setup_logging(world.rank, Path(cfg.train.save_dir) / "train.log")
+    try:
+        trainer.setup()
+        return trainer.run()
+    except TrainingError as err:
+        log.error(str(err))
+        return EXIT_ERROR
