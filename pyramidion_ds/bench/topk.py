@@ -1,0 +1,208 @@
+"""pyramidion-bench topk: successive-halving top-k, forward + backward, against a per-example reference.
+
+The reference is written here the way the fairseq original runs: a Python loop over the batch, and in
+each example one round at a time, gathering and mixing the representations every round. Both run on
+the same inputs in the same process; the JSON reports milliseconds per forward+backward and the speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from pyramidion_ds.model.topk import successive_halving_topk
+
+#: (batch, n, k, d): the issue's two shapes
+DEFAULT_SHAPES = ((8, 8192, 2048, 512), (8, 2048, 512, 256))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def per_example_topk(x: torch.Tensor, scores: torch.Tensor, k: int, base: float = 20.0,
+                     flip_right: bool = True, sort_back: bool = False):
+    """The original's shape of computation: loop over examples, then over halving rounds (n/k a power of 2)."""
+    pooled_x, pooled_scores = [], []
+    for b in range(x.size(0)):
+        embs, s = x[b:b + 1], scores[b:b + 1]
+        while embs.size(1) > k:
+            order = s.sort(descending=True).indices
+            half = order.size(1) // 2
+            left, right = order[:, :half], order[:, half:]
+            if flip_right:
+                right = right.flip(1)
+            pairs = torch.cat([left, right], dim=0)                  # 2×half
+            weights = torch.softmax(torch.pow(base, s[:, pairs]), dim=1)  # 1×2×half
+            s = (s[:, pairs] * weights).sum(1)
+            embs = (embs[:, pairs] * weights.unsqueeze(3)).sum(1)
+            if sort_back:
+                back = pairs[0].sort().indices
+                s, embs = s[:, back], embs[:, back]
+        pooled_x.append(embs)
+        pooled_scores.append(s)
+    return torch.cat(pooled_x), torch.cat(pooled_scores)
+
+
+def ours(x, scores, k, **kwargs):
+    out = successive_halving_topk(x, scores, k, **kwargs)
+    return out.values, out.scores
+
+
+_compiled = None
+
+
+def ours_compiled(x, scores, k, **kwargs):
+    """The same op under torch.compile (what an engine may apply from outside; removes launch overhead)."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(successive_halving_topk, dynamic=False)
+    out = _compiled(x, scores, k, **kwargs)
+    return out.values, out.scores
+
+
+def time_fwd_bwd(fn: Callable, x, scores, k, *, repeats: int, warmup: int, **kwargs) -> dict:
+    """Median milliseconds of forward + backward (a random upstream gradient into values and scores)."""
+    device = x.device
+    grad_values = grad_scores = None
+    samples = []
+    for i in range(warmup + repeats):
+        x_in = x.detach().requires_grad_(True)
+        s_in = scores.detach().requires_grad_(True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        values, pooled = fn(x_in, s_in, k, **kwargs)
+        if grad_values is None:
+            grad_values, grad_scores = torch.randn_like(values), torch.randn_like(pooled)
+        torch.autograd.backward([values, pooled], [grad_values, grad_scores])
+        if device.type == "cuda":
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            elapsed = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            samples.append(elapsed)
+    return {"ms": round(statistics.median(samples), 4), "min_ms": round(min(samples), 4)}
+
+
+def bench_shape(batch: int, n: int, k: int, d: int, *, device="cpu", dtype=torch.float32, repeats=5,
+                warmup=2, reference=True, base=20.0, flip_right=True, sort_back=False, compiled=False) -> dict:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, n, d, generator=generator).to(device=device, dtype=dtype)
+    # the scorer's output: sigmoid + 1e-5, kept in float32 like the encoder's ranking
+    scores = (torch.rand(batch, n, generator=generator) + 1e-5).to(device)
+    options = dict(base=base, flip_right=flip_right, sort_back=sort_back)
+    result = {"batch": batch, "n": n, "k": k, "d": d, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+              "ours": time_fwd_bwd(ours, x, scores, k, repeats=repeats, warmup=warmup, **options)}
+    if compiled:
+        try:
+            result["ours_compiled"] = time_fwd_bwd(ours_compiled, x, scores, k, repeats=repeats, warmup=warmup,
+                                                   **options)
+        except Exception as err:  # report, do not fail the benchmark
+            result["ours_compiled"] = {"error": repr(err)[:300]}
+    if reference:
+        result["per_example_reference"] = time_fwd_bwd(per_example_topk, x, scores, k, repeats=repeats,
+                                                       warmup=warmup, **options)
+        result["speedup"] = round(result["per_example_reference"]["ms"] / result["ours"]["ms"], 2)
+    return result
+
+
+def run(shapes=DEFAULT_SHAPES, *, device="cpu", dtype="fp32", repeats=5, warmup=2, reference=True,
+        sort_back=False, compiled=False) -> dict:
+    results = [bench_shape(*shape, device=device, dtype=DTYPES[dtype], repeats=repeats, warmup=warmup,
+                           reference=reference, sort_back=sort_back, compiled=compiled) for shape in shapes]
+    return {"benchmark": "topk", "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "results": results}
+
+
+def profile_op(batch: int, n: int, k: int, d: int, *, device="cuda", dtype=torch.bfloat16, iterations=10) -> dict:
+    """Where the time goes: profiler table of fwd+bwd, and on CUDA the GPU-only time by CUDA-graph replay
+    (the gap to the event-timed figure is host launch overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(batch, n, d, device=device, dtype=dtype)
+    scores = torch.rand(batch, n, device=device)
+    probe = successive_halving_topk(x, scores, k)
+    grads = [torch.randn_like(probe.values), torch.randn_like(probe.scores)]
+
+    def step():
+        out = successive_halving_topk(x.detach().requires_grad_(True), scores.detach().requires_grad_(True), k)
+        torch.autograd.backward([out.values, out.scores], grads)
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for _ in range(3):
+        step()
+    with profile(activities=activities) as prof:
+        for _ in range(iterations):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    sort_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    report = {"table": prof.key_averages().table(sort_by=sort_key, row_limit=25)}
+    if cuda:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            for _ in range(5):
+                graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            report["cuda_graph_ms"] = round(start.elapsed_time(end) / 50, 4)
+        except Exception as err:  # report, do not fail the benchmark
+            report["cuda_graph_error"] = repr(err)[:300]
+    return report
+
+
+def parse_shape(text: str) -> tuple:
+    try:
+        batch, n, k, d = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape: got {text!r}, expected BxNxKxD such as 8x8192x2048x512")
+    return batch, n, k, d
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyramidion-bench topk", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="representation dtype")
+    parser.add_argument("--shape", action="append", type=parse_shape,
+                        help="BxNxKxD, repeatable (default: 8x8192x2048x512 and 8x2048x512x256)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    parser.add_argument("--sort-back", action="store_true", help="benchmark with sort_back")
+    parser.add_argument("--no-reference", action="store_true", help="skip the per-example reference")
+    parser.add_argument("--compile", action="store_true", help="also time the op under torch.compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a profiler table (and CUDA-graph GPU-only time) for the first shape instead")
+    args = parser.parse_args(argv)
+    if args.profile:
+        report = profile_op(*(args.shape or DEFAULT_SHAPES)[0], device=args.device, dtype=DTYPES[args.dtype])
+        print(report.pop("table"))
+        print(json.dumps(report, indent=2))
+        return 0
+    report = run(tuple(args.shape or DEFAULT_SHAPES), device=args.device, dtype=args.dtype, repeats=args.repeats,
+                 warmup=args.warmup, reference=not args.no_reference, sort_back=args.sort_back,
+                 compiled=args.compile)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

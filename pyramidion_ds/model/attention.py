@@ -1,0 +1,112 @@
+"""Attention: blockwise encoder self-attention, cached causal self-attention, shared cross-attention.
+
+All three go through ``torch.nn.functional.scaled_dot_product_attention``. Blockwise attention cuts a
+width-n sequence into chunks and folds them into the batch::
+
+    B×n×d ──pad to c·chunk──> B×(c·chunk)×d ──view──> (B·c)×H×chunk×dh ──SDPA──> back to B×n×d
+
+Cross-attention keeps the encoder's K/V at one row per *source* (B×H×k×dh); the B·beam decoder rows
+(source-major: row b·beam + j is beam j of source b) are folded into the query length instead, so the
+K/V are computed once per source and never copied per beam.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KeyValue = tuple[Tensor, Tensor]  # each B×H×L×dh
+
+
+class MultiheadAttention(nn.Module):
+    """Projections named as in fairseq (q_proj, k_proj, v_proj, out_proj); the math is SDPA's."""
+
+    def __init__(self, d_model: int, num_heads: int, attention_dropout: float):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"attention: d_model {d_model} is not a multiple of num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.attention_dropout = attention_dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """B×L×d → B×H×L×dh"""
+        return x.view(x.size(0), x.size(1), self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        """B×H×L×dh → B×L×d"""
+        return x.transpose(1, 2).reshape(x.size(0), x.size(2), self.num_heads * self.head_dim)
+
+    def _sdpa(self, q, k, v, attn_mask=None, is_causal=False) -> Tensor:
+        dropout_p = self.attention_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+    # -- encoder -------------------------------------------------------------------------------------
+    def blockwise(self, x: Tensor, real_mask: Tensor, chunk_size: int) -> Tensor:
+        """Self-attention inside chunks of ``chunk_size`` positions. x: B×n×d, real_mask: B×n (True = token).
+
+        With ``chunk_size >= n`` this is full attention. Padding is never attended to; a chunk with no
+        real token at all attends everywhere inside itself (its outputs are padding, kept finite).
+        """
+        batch, n, d = x.shape
+        chunk_size = min(chunk_size, n)
+        pad = (-n) % chunk_size
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+            real_mask = F.pad(real_mask, (0, pad), value=False)
+        num_chunks = (n + pad) // chunk_size
+
+        def chunked(t: Tensor) -> Tensor:  # B×(c·chunk)×d → (B·c)×H×chunk×dh
+            return self.split_heads(t.reshape(batch * num_chunks, chunk_size, d))
+
+        key_mask = real_mask.reshape(batch * num_chunks, chunk_size)
+        key_mask = key_mask | ~key_mask.any(dim=1, keepdim=True)
+        out = self._sdpa(chunked(self.q_proj(x)), chunked(self.k_proj(x)), chunked(self.v_proj(x)),
+                         attn_mask=key_mask[:, None, None, :])
+        out = self.merge_heads(out).reshape(batch, n + pad, d)
+        return self.out_proj(out[:, :n] if pad else out)
+
+    # -- decoder self-attention ------------------------------------------------------------------------
+    def causal(self, x: Tensor, past: Optional[KeyValue] = None) -> tuple[Tensor, KeyValue]:
+        """Causal self-attention of the t new positions x (B×t×d) after ``past`` (B×H×L0×dh each).
+
+        Returns the output B×t×d and the K/V of all L0 + t positions (the next step's ``past``).
+        """
+        q = self.split_heads(self.q_proj(x))
+        k = self.split_heads(self.k_proj(x))
+        v = self.split_heads(self.v_proj(x))
+        past_length = 0
+        if past is not None:
+            past_length = past[0].size(2)
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        t = x.size(1)
+        if t == 1:  # one new position sees everything before it
+            out = self._sdpa(q, k, v)
+        elif past_length == 0:
+            out = self._sdpa(q, k, v, is_causal=True)
+        else:  # new position i (absolute past_length + i) sees keys 0..past_length + i
+            rows = torch.arange(t, device=x.device).unsqueeze(1) + past_length
+            out = self._sdpa(q, k, v, attn_mask=torch.arange(past_length + t, device=x.device) <= rows)
+        return self.out_proj(self.merge_heads(out)), (k, v)
+
+    # -- cross-attention -------------------------------------------------------------------------------
+    def source_key_value(self, encoder_hidden: Tensor) -> KeyValue:
+        """K/V of the pooled encoder output B×k×d, once per source: B×H×k×dh each."""
+        return self.split_heads(self.k_proj(encoder_hidden)), self.split_heads(self.v_proj(encoder_hidden))
+
+    def cross(self, x: Tensor, source_kv: KeyValue, source_mask: Tensor) -> Tensor:
+        """x: (B·beam)×t×d queries, source-major; source_kv: B×H×k×dh; source_mask: B×k (True = real)."""
+        num_sources = source_kv[0].size(0)
+        rows, t, d = x.shape
+        if rows % num_sources:
+            raise ValueError(f"cross-attention: {rows} decoder rows are not a whole number of beams over "
+                             f"{num_sources} sources")
+        beam = rows // num_sources
+        q = self.split_heads(self.q_proj(x).reshape(num_sources, beam * t, d))  # B×H×(beam·t)×dh
+        out = self._sdpa(q, source_kv[0], source_kv[1], attn_mask=source_mask[:, None, None, :])
+        return self.out_proj(self.merge_heads(out).reshape(rows, t, d))

@@ -1,0 +1,135 @@
+"""The pyramid encoder: stages of layers at one width, a scorer and the top-k between stages.
+
+::
+
+    tokens B×n ─ embed + positions ─> B×n×d
+      stage 0: layers at width n ──> scorer (Linear(d,1) → sigmoid + 1e-5) ──> top-k to w1 ──┐
+      stage 1: layers at width w1 ─> scorer ──> top-k to w2 ─────────────────────────────────┤
+      ...                                                                                    │
+      last stage ──> (final LayerNorm when pre-norm) ──> EncoderOut: hidden B×k×d, mask B×k <┘
+
+``cfg.encoder_widths()`` gives every layer's output width; a layer whose output width is below its
+input width ends a stage. Inputs shorter than ``max_source_positions`` pool to min(width, current)
+(no pooling once the current width is already small enough). Variants differ only in that list and in
+the chunk size (vanilla: one chunk = the whole sequence), so every variant has the same parameters: a
+scorer exists for every layer, used only where that layer pools.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .layers import EncoderLayer, PositionEmbedding
+from .topk import successive_halving_topk
+
+#: checkpoint_fn(function, *args) -> function(*args), e.g. a wrapper of torch.utils.checkpoint.checkpoint
+CheckpointFn = Callable[..., Tensor]
+
+
+@dataclass
+class Stage:
+    """Layers run at one width; ``pooled_width`` is the top-k target after them (None: no pooling)."""
+    layers: list[int]
+    width: int
+    chunk_size: int
+    pooled_width: Optional[int]
+
+
+@dataclass
+class PoolingInfo:
+    """What one top-k kept, for statistics and the explain page (detached)."""
+    after_layer: int
+    input_width: int
+    output_width: int
+    input_scores: Tensor      #: B×input_width, the scorer's ratings of the slots it pooled
+    pooled_scores: Tensor     #: B×output_width
+    source_positions: Tensor  #: B×output_width, original token position dominating each kept slot
+    mask: Tensor              #: B×output_width, True = real content
+
+
+@dataclass
+class EncoderOut:
+    hidden: Tensor   #: B×k×d, the pooled encoder output
+    mask: Tensor     #: B×k bool, True = real content (False = padding)
+    source_positions: Tensor  #: B×k, original token position dominating each output slot
+    pooling: list[PoolingInfo] = field(default_factory=list)
+
+    @property
+    def padding_mask(self) -> Tensor:
+        """fairseq's ``encoder_padding_mask``: True = padding."""
+        return ~self.mask
+
+    def select(self, source_order: Tensor) -> "EncoderOut":
+        """Rows ``source_order`` (e.g. repeat each source per beam, or drop finished sources)."""
+        return EncoderOut(self.hidden.index_select(0, source_order), self.mask.index_select(0, source_order),
+                          self.source_positions.index_select(0, source_order), self.pooling)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.widths = cfg.encoder_widths()
+        self.full_attention = cfg.variant == "vanilla"
+        self.positions = PositionEmbedding(cfg.max_source_positions, cfg.d_model, cfg.positions == "learned")
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.scorers = nn.ModuleList(nn.Linear(cfg.d_model, 1) for _ in range(cfg.encoder_layers))
+        self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.normalize_before else None
+        self.checkpoint_fn: Optional[CheckpointFn] = None
+        self.checkpoint_granularity = "off"
+
+    def stages(self, input_width: int) -> list[Stage]:
+        """Group layers into stages for an input of ``input_width`` tokens."""
+        stages, layers, width = [], [], input_width
+        for index, target in enumerate(self.widths):
+            layers.append(index)
+            if target < width or index == len(self.widths) - 1:
+                chunk = width if self.full_attention else min(width, self.cfg.chunk_size)
+                stages.append(Stage(layers, width, chunk, target if target < width else None))
+                layers, width = [], min(width, target)
+        return stages
+
+    def forward(self, embedded: Tensor, real_mask: Tensor) -> EncoderOut:
+        """embedded: B×n×d scaled token embeddings; real_mask: B×n (True = token)."""
+        batch, n, _ = embedded.shape
+        x = self.dropout(embedded + self.positions(n).to(embedded.dtype))
+        source_positions = torch.arange(n, device=x.device).expand(batch, n)
+        pooling = []
+        for stage in self.stages(n):
+            x = self._run_stage(stage, x, real_mask)
+            if stage.pooled_width is None:
+                continue
+            last = stage.layers[-1]
+            scores = torch.sigmoid(self.scorers[last](x).squeeze(-1).float()) + 1e-5
+            pooled = successive_halving_topk(x, scores, stage.pooled_width, base=self.cfg.topk_base,
+                                             flip_right=self.cfg.flip_right, sort_back=self.cfg.sort_back,
+                                             mask=real_mask, hard=self.cfg.hard_topk)
+            x, real_mask = pooled.values, pooled.mask
+            source_positions = source_positions.gather(1, pooled.source_index)
+            pooling.append(PoolingInfo(last, stage.width, stage.pooled_width, scores.detach(),
+                                       pooled.scores.detach(), source_positions, real_mask))
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return EncoderOut(x, real_mask, source_positions, pooling)
+
+    def _run_stage(self, stage: Stage, x: Tensor, real_mask: Tensor) -> Tensor:
+        checkpoint = self.checkpoint_fn if torch.is_grad_enabled() else None
+        if checkpoint is not None and self.checkpoint_granularity == "stage":
+            return checkpoint(functools.partial(self._layers, stage.layers, stage.chunk_size), x, real_mask)
+        for index in stage.layers:
+            if checkpoint is not None and self.checkpoint_granularity == "layer":
+                x = checkpoint(functools.partial(self.layers[index], chunk_size=stage.chunk_size), x, real_mask)
+            else:
+                x = self.layers[index](x, real_mask, stage.chunk_size)
+        return x
+
+    def _layers(self, layer_indices: list[int], chunk_size: int, x: Tensor, real_mask: Tensor) -> Tensor:
+        for index in layer_indices:
+            x = self.layers[index](x, real_mask, chunk_size)
+        return x
+

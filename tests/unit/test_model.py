@@ -1,0 +1,195 @@
+"""The model on the debug preset: encoder masks and shapes, incremental decoding, variants, hooks."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyramidion_ds.config.model import ModelConfig
+from pyramidion_ds.model import PyramidionModel
+
+VOCAB = 50
+
+
+def make_model(variant="pyramidion", seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(preset="debug", variant=variant, vocab_size=VOCAB, dropout=0.0, **overrides)
+    cfg.validate()
+    return PyramidionModel(cfg).eval()
+
+
+def batch(cfg, lengths, tgt_len=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    src = torch.randint(4, VOCAB, (len(lengths), n), generator=generator)
+    lengths = torch.tensor(lengths)
+    src[torch.arange(n).unsqueeze(0) >= lengths.unsqueeze(1)] = cfg.pad_id
+    prev = torch.randint(4, VOCAB, (len(lengths), tgt_len), generator=generator)
+    prev[:, 0] = cfg.eos_id
+    return src, lengths, prev
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "blockwise", "transpooler", "pyramidion"])
+def test_forward_shapes_and_encoder_widths(variant):
+    model = make_model(variant)
+    cfg = model.cfg
+    src, lengths, prev = batch(cfg, [512, 300])
+    logits = model(src, lengths, prev)
+    assert logits.shape == (2, 7, VOCAB) and torch.isfinite(logits).all()
+    encoder_out = model.encode(src, lengths)
+    assert encoder_out.hidden.shape == (2, cfg.encoder_widths()[-1], cfg.d_model)
+
+
+def test_encoder_output_mask():
+    model = make_model("pyramidion", pooling_schedule=[512, 128, 32])
+    src, lengths, _ = batch(model.cfg, [512, 100, 20])
+    out = model.encode(src, lengths)
+    assert out.hidden.shape[1] == 32
+    # real slots: all 32 for the long source; min(real tokens, width) for the short ones
+    assert out.mask.sum(1).tolist() == [32, 32, 20]
+    # every real slot is dominated by a real source token; padded slots by padding
+    real_token = torch.arange(512).unsqueeze(0) < lengths.unsqueeze(1)
+    assert torch.equal(real_token.gather(1, out.source_positions), out.mask)
+    assert [p.output_width for p in out.pooling] == [128, 32]
+    assert torch.equal(out.padding_mask, ~out.mask)
+
+
+@pytest.mark.parametrize("schedule", [[512, 300, 77], [200, 200, 33], {1: 250}, "{0: 384, 2: 96}"])
+def test_non_power_of_two_schedules(schedule):
+    model = make_model("pyramidion", pooling_schedule=schedule)
+    widths = model.cfg.encoder_widths()
+    src, lengths, prev = batch(model.cfg, [512, 400])
+    out = model.encode(src, lengths)
+    assert out.hidden.shape == (2, widths[-1], model.cfg.d_model) and out.mask.shape == (2, widths[-1])
+    assert model(src, lengths, prev).shape == (2, 7, VOCAB)
+
+
+def test_short_batch_pools_to_min_width():
+    model = make_model("pyramidion", pooling_schedule=[512, 128, 32])
+    src, lengths, _ = batch(model.cfg, [90, 60])
+    out = model.encode(src, lengths)  # 90 → (no pooling to 128) → 32
+    assert out.hidden.shape[1] == 32 and [p.input_width for p in out.pooling] == [90]
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "pyramidion"])
+@pytest.mark.parametrize("normalize_before", [True, False])
+def test_incremental_decoding_equals_full(variant, normalize_before):
+    model = make_model(variant, normalize_before=normalize_before, positions="learned")
+    src, lengths, prev = batch(model.cfg, [512, 200], tgt_len=9)
+    full = model(src, lengths, prev)
+    encoder_out = model.encode(src, lengths)
+    cache = model.new_cache()
+    steps = [model.decode_step(prev[:, :t + 1], encoder_out, cache) for t in range(prev.size(1))]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+    # no cache: the whole prefix
+    torch.testing.assert_close(model.decode_step(prev, encoder_out), full[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_beams_share_source_kv_and_reorder():
+    model = make_model("pyramidion")
+    src, lengths, prev = batch(model.cfg, [512, 250], tgt_len=5)
+    beam = 3
+    encoder_out = model.encode(src, lengths)
+    rows = prev.repeat_interleave(beam, dim=0)  # source-major: b·beam + j
+    rows[1::beam, 1:] = torch.randint(4, VOCAB, rows[1::beam, 1:].shape)
+    shared, expanded = model.new_cache(), model.new_cache()
+    for t in range(3):
+        a = model.decode_step(rows[:, :t + 1], encoder_out, shared)
+        b = model.decode_step(rows[:, :t + 1], model.expand_encoder_out(encoder_out, beam), expanded)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert shared.source_kv[0][0].size(0) == 2  # one row per source, not per beam
+    # reorder within each source's beams, then continue: equals decoding the reordered prefixes from scratch
+    new_order = torch.tensor([1, 1, 0, 5, 3, 4])
+    model.reorder_cache(shared, new_order)
+    rows = rows[new_order]
+    step = model.decode_step(rows[:, :4], encoder_out, shared)
+    torch.testing.assert_close(step, model.decode_step(rows[:, :4], encoder_out), atol=1e-5, rtol=1e-4)
+
+
+def test_variants_share_state_dict_layout():
+    layouts = {}
+    for variant in ["vanilla", "blockwise", "transpooler", "pyramidion"]:
+        state = make_model(variant).state_dict()
+        layouts[variant] = {key: tuple(value.shape) for key, value in state.items()}
+    assert all(layout == layouts["pyramidion"] for layout in layouts.values())
+    pyramidion = make_model("pyramidion", seed=1)
+    for variant in ["vanilla", "blockwise", "transpooler"]:
+        make_model(variant).load_state_dict(pyramidion.state_dict(), strict=True)
+
+
+def test_tied_embedding_is_one_parameter():
+    model = make_model()
+    names = [name for name, p in model.named_parameters() if p is model.embed_tokens.weight]
+    assert names == ["embed_tokens.weight"]
+    assert model.embed_tokens.weight.shape == (VOCAB, model.cfg.d_model)
+
+
+def test_gradients_reach_scorers_that_pool():
+    model = make_model("pyramidion", pooling_schedule=[512, 128, 32]).train()
+    src, lengths, prev = batch(model.cfg, [512, 300])
+    model(src, lengths, prev).logsumexp(-1).mean().backward()
+    assert model.encoder.scorers[1].weight.grad.abs().sum() > 0
+    assert model.encoder.scorers[2].weight.grad.abs().sum() > 0
+    assert model.encoder.scorers[0].weight.grad is None  # layer 0 does not pool
+
+
+@pytest.mark.parametrize("granularity", ["stage", "layer"])
+def test_activation_checkpointing_hook_same_gradients(granularity):
+    calls = []
+
+    def checkpoint_fn(function, *args):
+        calls.append(function)
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+    grads = []
+    for use in (False, True):
+        model = make_model("pyramidion", pooling_schedule=[512, 128, 32]).train()
+        if use:
+            model.set_activation_checkpointing(checkpoint_fn, granularity)
+        src, lengths, prev = batch(model.cfg, [512, 300])
+        model(src, lengths, prev).logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+    stages, layers = len(model.encoder.stages(512)), model.cfg.encoder_layers
+    expected = (stages if granularity == "stage" else layers) + model.cfg.decoder_layers
+    assert len(calls) == expected
+    with pytest.raises(ValueError, match="granularity"):
+        model.set_activation_checkpointing(checkpoint_fn, "block")
+
+
+def test_flops_per_step_follows_the_variant():
+    flops = {v: make_model(v).flops_per_step(4, 512, 64) for v in ["vanilla", "blockwise", "transpooler", "pyramidion"]}
+    assert flops["vanilla"] > flops["blockwise"] > flops["transpooler"] > flops["pyramidion"] > 0
+    # vanilla and blockwise differ only in the attention width: 4·n·(n - chunk)·d per layer, ×3 for fwd+bwd
+    cfg = make_model("blockwise").cfg
+    n, d = 512, cfg.d_model
+    batch_size = 4
+    assert flops["vanilla"] - flops["blockwise"] == 3 * batch_size * cfg.encoder_layers * 4 * n * (n - cfg.chunk_size) * d
+
+
+def test_hard_topk_inference_option():
+    model = make_model("pyramidion", hard_topk=True, pooling_schedule=[512, 128, 32])
+    src, lengths, _ = batch(model.cfg, [512, 50])
+    out = model.encode(src, lengths)
+    assert out.mask.sum(1).tolist() == [32, 32]
+
+
+def test_no_distributed_imports_under_model():
+    package = Path(__file__).resolve().parents[2] / "pyramidion_ds" / "model"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for name in names:
+                if name.split(".")[0] == "deepspeed" or name.startswith("torch.distributed"):
+                    offenders.append(f"{path.name}: {name}")
+        source = path.read_text()
+        if "torch.distributed" in source or "import deepspeed" in source:
+            offenders.append(f"{path.name}: mentions torch.distributed / deepspeed import")
+    assert package.is_dir() and not offenders, offenders
