@@ -1,23 +1,119 @@
-"""pyramidion-preprocess: sentencepiece + binarized mmap shards (fairseq-preprocess flags)."""
+"""pyramidion-preprocess: sentencepiece + binarized mmap shards (fairseq-preprocess flags).
+
+Exactly one input: ``--source-dataset NAME`` (Hugging Face, offline cache honoured), ``--source-files
+train=PATH,...`` (jsonl/json/csv/parquet) or ``--tsv-dir DIR`` (the original release's
+``<split>/in.tsv`` + ``expected.tsv``). Output: ``DESTDIR/spm.model``, ``spm.vocab``, per split and side
+``<split>.<side>.{bin,idx,json}``, ``<split>.ids.json`` and, written last, ``meta.json``.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .common import not_built, run_main
+from .common import UsageError, run_main
 
 PROG = "pyramidion-preprocess"
 
 
-def build_parser():
-    return argparse.ArgumentParser(prog=PROG, description="Train or load a sentencepiece model and "
-                                   "binarize documents and summaries into memory-mapped shards.")
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train or load a sentencepiece model and binarize documents and summaries "
+        "into memory-mapped shards.", epilog="example: pyramidion-preprocess --source-files "
+        "train=train.jsonl,valid=val.jsonl --destdir data-bin --spm-vocab-size 32000 --workers 8")
+    src = parser.add_argument_group("input (exactly one)")
+    src.add_argument("--source-dataset", metavar="NAME", help="Hugging Face dataset name or local dataset "
+                     "folder, loaded with datasets.load_dataset (HF_DATASETS_OFFLINE=1: cache only)")
+    src.add_argument("--dataset-config", metavar="NAME", help="configuration name of --source-dataset")
+    src.add_argument("--split-map", metavar="MAP", help="our split = theirs, e.g. "
+                     "train=train,valid=validation,test=test (default: those, absent ones skipped)")
+    src.add_argument("--source-files", metavar="MAP", help="SPLIT=PATH,... of jsonl/json/csv/parquet files; "
+                     "splits: train, valid, test")
+    src.add_argument("--tsv-dir", metavar="DIR", help="original release layout: DIR/{train,dev-0,test-A}/"
+                     "in.tsv (documents) and expected.tsv (summaries), one per line")
+    src.add_argument("--document-column", default="document", help="column holding the document "
+                     "(default: %(default)s; e.g. article)")
+    src.add_argument("--summary-column", default="summary", help="column holding the summary "
+                     "(default: %(default)s; e.g. abstract)")
+    src.add_argument("--unlabeled", action="store_true", help="documents only (denoising pretraining); "
+                     "summaries are neither needed nor written")
+    out = parser.add_argument_group("output")
+    out.add_argument("--destdir", required=True, help="output directory")
+    out.add_argument("--workers", type=_positive, default=1, help="tokenizer processes (default: %(default)s)")
+    out.add_argument("--max-source-positions", type=_positive, default=None,
+                     help="cut (or drop, with --no-truncate-source) longer documents; </s> included")
+    out.add_argument("--max-target-positions", type=_positive, default=None,
+                     help="cut longer summaries; </s> included")
+    out.add_argument("--truncate-source", action=argparse.BooleanOptionalAction, default=True,
+                     help="truncate sources longer than --max-source-positions; --no-truncate-source "
+                     "drops them instead (counted) (default: on)")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    spm = parser.add_argument_group("sentencepiece")
+    spm.add_argument("--spm-model", metavar="PATH", help="reuse this .model (needs ids bos=0 pad=1 eos=2 "
+                     "unk=3) instead of training one")
+    spm.add_argument("--spm-vocab-size", type=_positive, default=32000, help="(default: %(default)s)")
+    spm.add_argument("--spm-model-type", choices=("unigram", "bpe"), default="unigram",
+                     help="(default: %(default)s)")
+    spm.add_argument("--spm-character-coverage", type=float, default=0.9995, help="(default: %(default)s)")
+    spm.add_argument("--spm-sample-size", type=_positive, default=2_000_000,
+                     help="training pieces sampled by sentencepiece (input_sentence_size) (default: %(default)s)")
+    spm.add_argument("--spm-user-symbols", default="<mask>", help="comma-separated user-defined symbols "
+                     "(default: %(default)s)")
+    return parser
+
+
+def sources_from_args(args):
+    from ..data.sources import hub_sources, file_sources, parse_mapping, tsv_sources
+    chosen = [flag for flag, value in (("--source-dataset", args.source_dataset),
+                                       ("--source-files", args.source_files), ("--tsv-dir", args.tsv_dir))
+              if value]
+    if len(chosen) != 1:
+        raise UsageError("give exactly one input: --source-dataset, --source-files or --tsv-dir"
+                         + (f" (got {', '.join(chosen)})" if chosen else ""))
+    if args.split_map and not args.source_dataset:
+        raise UsageError("--split-map only applies to --source-dataset")
+    columns = dict(document_column=args.document_column, summary_column=args.summary_column,
+                   unlabeled=args.unlabeled)
+    if args.source_dataset:
+        split_map = parse_mapping(args.split_map, "--split-map") if args.split_map else None
+        return hub_sources(args.source_dataset, args.dataset_config, split_map, **columns), \
+            f"dataset {args.source_dataset}"
+    if args.source_files:
+        return file_sources(parse_mapping(args.source_files, "--source-files"), **columns), \
+            f"files {args.source_files}"
+    return tsv_sources(args.tsv_dir, args.unlabeled), f"tsv {args.tsv_dir}"
 
 
 def main(argv: list[str] | None = None):
     def body():
-        build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        not_built(PROG, 4, "the data pipeline")
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        from ..data.binarize import preprocess, summary_table
+        from ..data.errors import DataError
+        if not 0 < args.spm_character_coverage <= 1:
+            raise UsageError(f"--spm-character-coverage: got {args.spm_character_coverage}, expected 0 < x <= 1")
+        try:
+            sources, describe = sources_from_args(args)
+            spm_options = {} if args.spm_model else dict(
+                vocab_size=args.spm_vocab_size, model_type=args.spm_model_type,
+                character_coverage=args.spm_character_coverage, sample_size=args.spm_sample_size)
+            spm_options["user_symbols"] = tuple(s.strip() for s in args.spm_user_symbols.split(",") if s.strip())
+            meta = preprocess(sources, args.destdir, spm_model=args.spm_model, spm_options=spm_options,
+                              max_source_positions=args.max_source_positions,
+                              max_target_positions=args.max_target_positions,
+                              truncate_source=args.truncate_source, unlabeled=args.unlabeled,
+                              workers=args.workers, progress=not args.quiet, describe=describe)
+        except DataError as err:
+            raise UsageError(str(err)) from None
+        print(f"{PROG}: wrote {args.destdir} (vocab {meta['vocab_size']}, {meta['dtype']}, spm "
+              f"{meta['spm_sha256'][:12]})")
+        print(summary_table(meta))
+        return 0
     run_main(PROG, body)
 
 

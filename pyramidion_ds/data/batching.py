@@ -1,0 +1,125 @@
+"""Token-budget batches and a resumable sampler that shards them across ranks.
+
+``make_batches`` sorts examples by length (random tie-break per epoch) and packs neighbours greedily,
+so padding is small; a batch's cost is ``examples × padded longest source`` (padded up to a multiple of
+``pad_to_multiple``, e.g. the encoder's chunk size). ``ShardedBatchSampler`` takes the epoch's batches,
+evens their number out to a multiple of the world size (by splitting the largest batches; every example
+still appears exactly once) and deals them round-robin::
+
+    epoch e batches   b0 b1 b2 b3 b4 b5 b6 b7      world_size 2
+    rank 0            b0    b2    b4    b6          position = batches this rank has handed out
+    rank 1               b1    b3    b5    b7
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+
+def padded_length(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple if multiple and multiple > 0 else length
+
+
+def make_batches(src_sizes: Sequence[int], tgt_sizes: Sequence[int], max_tokens: Optional[int] = None,
+                 max_sentences: Optional[int] = None, pad_to_multiple: int = 0, seed: int = 0,
+                 epoch: int = 0) -> list[list[int]]:
+    """Length-bucketed batches of example indices, in a shuffled order fixed by ``(seed, epoch)``."""
+    if max_tokens is None and max_sentences is None:
+        raise DataError("batching needs max_tokens or max_sentences (or both)")
+    src = np.asarray(src_sizes, dtype=np.int64)
+    tgt = np.asarray(tgt_sizes, dtype=np.int64)
+    if src.shape != tgt.shape:
+        raise DataError(f"batching: {len(src)} source sizes but {len(tgt)} target sizes")
+    rng = np.random.default_rng((seed, epoch))
+    order = np.lexsort((rng.permutation(len(src)), tgt, src))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order.tolist():
+        size = int(src[index])
+        if max_tokens is not None and padded_length(size, pad_to_multiple) > max_tokens:
+            raise DataError(f"example {index} has {size} source tokens (padded "
+                            f"{padded_length(size, pad_to_multiple)}), more than max_tokens={max_tokens}; "
+                            f"raise max_tokens or lower max_source_positions")
+        new_longest = max(longest, size)
+        too_many = max_sentences is not None and len(current) + 1 > max_sentences
+        too_big = max_tokens is not None and (len(current) + 1) * padded_length(new_longest, pad_to_multiple) > max_tokens
+        if current and (too_many or too_big):
+            batches.append(current)
+            current, new_longest = [], size
+        current.append(index)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def even_out(batches: list[list[int]], world_size: int) -> tuple[list[list[int]], int]:
+    """Make ``len(batches)`` a multiple of ``world_size``: split the largest batches in two; only when no
+    batch can be split (all single examples) repeat batches from the start. -> (batches, repeated)."""
+    batches = [list(b) for b in batches]
+    repeated = 0
+    while batches and len(batches) % world_size:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        batch = batches[largest]
+        if len(batch) < 2:
+            need = world_size - len(batches) % world_size
+            repeated = need
+            batches.extend(batches[:need] if need <= len(batches) else
+                           [batches[i % len(batches)] for i in range(need)])
+            break
+        half = len(batch) // 2
+        batches[largest:largest + 1] = [batch[:half], batch[half:]]
+    return batches, repeated
+
+
+class ShardedBatchSampler:
+    """Per epoch, this rank's disjoint, equal-count share of ``batches_fn(epoch)``; resumable.
+
+    Use: ``sampler.set_epoch(e); for batch in sampler: ...``. ``state_dict()`` after a step records
+    ``{"epoch", "position"}``; after ``load_state_dict`` (and ``set_epoch`` with the same epoch, which keeps
+    the position) iteration yields exactly the batches not yet handed out. Behind a ``DataLoader`` with
+    workers the loader prefetches ahead of training: then save the number of steps actually taken,
+    ``state_dict(position=steps_taken_this_epoch)``.
+    """
+
+    def __init__(self, batches_fn: Callable[[int], list[list[int]]], rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epoch: int = 0):
+        if not 0 <= rank < world_size:
+            raise DataError(f"sampler: rank {rank} outside world size {world_size}")
+        self.batches_fn, self.rank, self.world_size, self.seed = batches_fn, rank, world_size, seed
+        self.epoch, self.position = epoch, 0
+        self.repeated = 0
+        self._cache: Optional[tuple[int, list[list[int]]]] = None
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All of this rank's batches for ``epoch`` (the same on every call)."""
+        if self._cache is None or self._cache[0] != epoch:
+            batches, self.repeated = even_out(self.batches_fn(epoch), self.world_size)
+            order = np.random.default_rng((self.seed, epoch, 1)).permutation(len(batches))
+            batches = [batches[i] for i in order]
+            self._cache = (epoch, batches[self.rank::self.world_size])
+        return self._cache[1]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.epoch_batches(self.epoch)
+        while self.position < len(batches):
+            batch = batches[self.position]
+            self.position += 1
+            yield batch
+
+    def state_dict(self, position: Optional[int] = None) -> dict:
+        return {"epoch": self.epoch, "position": self.position if position is None else int(position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,131 @@
+"""Sentencepiece: train one joined vocabulary (fairseq's special ids) or reuse a given model.
+
+Special ids follow fairseq's dictionary order, which the model and the trainer rely on::
+
+    <s> = 0 (bos)   <pad> = 1   </s> = 2 (eos)   <unk> = 3   then user symbols (<mask>, ...)
+
+Sentencepiece skips training "sentences" longer than ``max_sentence_length`` bytes, and our documents
+are tens of thousands of characters, so training text is cut into pieces of at most
+:data:`TRAIN_PIECE_CHARS` characters at whitespace first.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from .errors import DataError
+
+BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPECIAL_IDS = {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID}
+SPM_MODEL = "spm.model"
+SPM_VOCAB = "spm.vocab"
+TRAIN_PIECE_CHARS = 2000
+
+
+def _model_path(data_dir_or_model: str | os.PathLike) -> Path:
+    path = Path(data_dir_or_model)
+    if path.is_dir():
+        path = path / SPM_MODEL
+    if not path.is_file():
+        raise DataError(f"{path}: no sentencepiece model (run pyramidion-preprocess first)")
+    return path
+
+
+def load_spm(data_dir: str | os.PathLike):
+    """The :class:`sentencepiece.SentencePieceProcessor` of a data dir (or of a ``.model`` path)."""
+    import sentencepiece as spm
+    path = _model_path(data_dir)
+    proc = spm.SentencePieceProcessor()
+    try:
+        proc.Load(str(path))
+    except (OSError, RuntimeError) as err:
+        raise DataError(f"{path}: not a sentencepiece model ({str(err).splitlines()[0]})") from None
+    return proc
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def spm_sha256(data_dir: str | os.PathLike) -> str:
+    """sha256 of the sentencepiece model file; shard headers record it to catch a swapped vocabulary."""
+    return file_sha256(_model_path(data_dir))
+
+
+def vocab_size(data_dir: str | os.PathLike) -> int:
+    return int(load_spm(data_dir).GetPieceSize())
+
+
+def check_special_ids(proc, where: str, user_symbols: Iterable[str] = ()) -> None:
+    """Fail in one line when a reused model does not have fairseq's special ids (or a needed symbol)."""
+    expected = {"bos": (proc.bos_id(), BOS_ID), "pad": (proc.pad_id(), PAD_ID),
+                "eos": (proc.eos_id(), EOS_ID), "unk": (proc.unk_id(), UNK_ID)}
+    wrong = [f"{name}={got} (expected {want})" for name, (got, want) in expected.items() if got != want]
+    if wrong:
+        raise DataError(f"{where}: special ids {', '.join(wrong)}; train it with bos_id=0 pad_id=1 "
+                        f"eos_id=2 unk_id=3 or let pyramidion-preprocess train one")
+    for symbol in user_symbols:
+        if proc.PieceToId(symbol) == proc.unk_id():
+            raise DataError(f"{where}: has no piece for user symbol '{symbol}'")
+
+
+def training_pieces(text: str, max_chars: int = TRAIN_PIECE_CHARS) -> Iterable[str]:
+    """Lines of ``text`` cut at whitespace into pieces of at most ``max_chars`` characters."""
+    for line in text.splitlines():
+        line = line.strip()
+        while len(line) > max_chars:
+            cut = line.rfind(" ", 0, max_chars)
+            cut = cut if cut > 0 else max_chars
+            yield line[:cut]
+            line = line[cut:].lstrip()
+        if line:
+            yield line
+
+
+def train_spm(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 32000,
+              model_type: str = "unigram", character_coverage: float = 0.9995,
+              sample_size: int = 2_000_000, user_symbols: Iterable[str] = ("<mask>",),
+              num_threads: int = 1) -> Path:
+    """Train ``out_dir/spm.model`` (+ ``spm.vocab``) on ``texts`` (documents and summaries).
+
+    ``sample_size`` is the number of training pieces sentencepiece samples (``input_sentence_size``).
+    The model appears complete or not at all: it is trained under a temporary prefix, then renamed.
+    """
+    import sentencepiece as spm
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    user_symbols = [s for s in user_symbols if s]
+    with tempfile.TemporaryDirectory(dir=out, prefix=".spm-") as tmp:
+        text_path = Path(tmp) / "train.txt"
+        lines = 0
+        with open(text_path, "w", encoding="utf-8") as fh:
+            for text in texts:
+                for piece in training_pieces(text):
+                    fh.write(re.sub(r"\s+", " ", piece) + "\n")
+                    lines += 1
+        if lines == 0:
+            raise DataError("no training text for sentencepiece (every document and summary is empty)")
+        prefix = Path(tmp) / "spm"
+        try:
+            spm.SentencePieceTrainer.Train(
+                input=str(text_path), model_prefix=str(prefix), vocab_size=vocab_size,
+                model_type=model_type, character_coverage=character_coverage,
+                input_sentence_size=sample_size, shuffle_input_sentence=True,
+                bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+                user_defined_symbols=user_symbols, max_sentence_length=4 * TRAIN_PIECE_CHARS + 64,
+                num_threads=max(1, num_threads), minloglevel=2)
+        except RuntimeError as err:
+            message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            hint = "; lower --spm-vocab-size" if "vocab" in message.lower() and "Please set" not in message else ""
+            raise DataError(f"sentencepiece training failed: {message}{hint}") from None
+        os.replace(f"{prefix}.vocab", out / SPM_VOCAB)
+        os.replace(f"{prefix}.model", out / SPM_MODEL)
+    return out / SPM_MODEL

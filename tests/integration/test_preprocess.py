@@ -1,0 +1,159 @@
+"""pyramidion-preprocess end to end: every input layout gives the same shards; bad input is one line.
+
+Runs the command's ``main`` in-process (the console script is a thin wrapper; ``tests/unit/test_cli.py``
+runs it as a subprocess) except for one real subprocess with 2 workers.
+"""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from pyramidion_ds.cli.preprocess import main
+from pyramidion_ds.data import DenoisingDataset, SummarizationDataset, load_spm
+from pyramidion_ds.data.synthetic import write_corpus
+
+SPLITS = {"train": 30, "valid": 4, "test": 4}
+TSV_NAMES = {"train": "train", "valid": "dev-0", "test": "test-A"}
+SHARD_FILES = [f"{split}.{side}.{ext}" for split in SPLITS for side in ("source", "target")
+               for ext in ("bin", "idx", "json")]
+
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quiet", *map(str, args)])
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The same corpus as jsonl, parquet, the original release's TSVs and a local HF dataset folder."""
+    root = tmp_path_factory.mktemp("layouts")
+    paths = write_corpus(root / "jsonl", SPLITS, min_words=200, max_words=400)
+    for split, path in paths.items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        (root / "parquet").mkdir(exist_ok=True)
+        pd.DataFrame(rows).drop(columns=["salient_spans"]).to_parquet(root / "parquet" / f"{split}.parquet")
+        folder = root / "tsv" / TSV_NAMES[split]
+        folder.mkdir(parents=True)
+        (folder / "in.tsv").write_text("".join(r["document"] + "\n" for r in rows))
+        (folder / "expected.tsv").write_text("".join(r["summary"] + "\n" for r in rows))
+        hub = root / "hub"
+        hub.mkdir(exist_ok=True)
+        hf_split = {"valid": "validation"}.get(split, split)
+        (hub / f"{hf_split}.jsonl").write_text("".join(json.dumps({"article": r["document"],
+                                                                   "abstract": r["summary"]}) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tsv_out(layouts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "tsv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quiet", "--tsv-dir", str(layouts / "tsv"), "--destdir", str(out), "--spm-vocab-size", "200",
+              "--max-source-positions", "300", "--max-target-positions", "64"])
+    assert exit_info.value.code == 0
+    return out
+
+
+def files_of(path):
+    return {name: (path / name).read_bytes() for name in SHARD_FILES}
+
+
+def test_tsv_layout_writes_every_split(tsv_out):
+    meta = json.loads((tsv_out / "meta.json").read_text())
+    assert list(meta["splits"]) == ["train", "valid", "test"]
+    assert meta["splits"]["train"]["counts"]["examples"] == 30
+    assert meta["splits"]["train"]["counts"]["truncated_source"] == 30
+    ds = SummarizationDataset(tsv_out, "valid", 300, 64)
+    assert len(ds) == 4 and ds.example_id(0) == "valid-0"
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "parquet", "hub"])
+def test_every_layout_gives_identical_shards(layout, layouts, tsv_out, tmp_path, capsys):
+    common = ["--destdir", tmp_path / "out", "--spm-model", tsv_out / "spm.model",
+              "--max-source-positions", 300, "--max-target-positions", 64]
+    if layout == "hub":
+        args = ["--source-dataset", layouts / "hub", "--document-column", "article", "--summary-column", "abstract"]
+    else:
+        ext = "jsonl" if layout == "jsonl" else "parquet"
+        args = ["--source-files", ",".join(f"{s}={layouts / layout / f'{s}.{ext}'}" for s in SPLITS)]
+    code, out, err = run_cli(capsys, *args, *common)
+    assert code == 0, err
+    assert "split  input  examples  empty_skipped  truncated_source" in out
+    assert files_of(tmp_path / "out") == files_of(tsv_out)
+
+
+def test_two_worker_subprocess_matches(layouts, tsv_out, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pyramidion_ds.cli.preprocess", "--tsv-dir", layouts / "tsv",
+                           "--destdir", tmp_path / "out", "--spm-model", tsv_out / "spm.model", "--workers", "2",
+                           "--max-source-positions", "300", "--max-target-positions", "64"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "binarize train" in proc.stderr          # progress bars on the long steps
+    assert files_of(tmp_path / "out") == files_of(tsv_out)
+
+
+def test_unlabeled_for_denoising(layouts, tsv_out, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}", "--unlabeled",
+                           "--destdir", tmp_path / "out", "--spm-model", tsv_out / "spm.model")
+    assert code == 0, err
+    assert not (tmp_path / "out" / "train.target.bin").exists()
+    ds = DenoisingDataset(tmp_path / "out", "train", 512, 512, seed=0)
+    mask = load_spm(tmp_path / "out").PieceToId("<mask>")
+    assert len(ds) == 30 and (ds[0]["source"] == mask).any()
+    with pytest.raises(Exception, match="has no target side"):
+        SummarizationDataset(tmp_path / "out", "train", 512, 512)
+
+
+def test_drop_instead_of_truncate(layouts, tsv_out, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "--tsv-dir", layouts / "tsv", "--destdir", tmp_path / "out",
+                           "--spm-model", tsv_out / "spm.model", "--max-source-positions", "900",
+                           "--no-truncate-source")
+    assert code == 0
+    counts = json.loads((tmp_path / "out" / "meta.json").read_text())["splits"]["train"]["counts"]
+    assert counts["dropped_too_long"] > 0 and counts["truncated_source"] == 0
+    assert counts["examples"] + counts["dropped_too_long"] == 30
+
+
+def bad_inputs(root):
+    (root / "latin1.jsonl").write_bytes(b'{"document": "caf\xe9 ok", "summary": "x"}\n')
+    (root / "cols.jsonl").write_text('{"text": "a b", "summary": "a"}\n')
+    (root / "empty.jsonl").write_text('{"document": "", "summary": "a"}\n')
+    tsv = root / "tsv" / "train"
+    tsv.mkdir(parents=True)
+    (tsv / "in.tsv").write_text("one\ntwo\n")
+    (tsv / "expected.tsv").write_text("1\n")
+    return [
+        (["--source-files", f"train={root / 'latin1.jsonl'}"], "latin1.jsonl: line 1: not valid UTF-8 (byte 0xe9"),
+        (["--source-files", f"train={root / 'cols.jsonl'}"], "no column 'document' (columns: text, summary); "
+                                                             "set --document-column"),
+        (["--source-files", f"train={root / 'empty.jsonl'}"], "no examples left (1 empty, 0 too long)"),
+        (["--source-files", f"train={root / 'missing.jsonl'}"], "missing.jsonl: no such file"),
+        (["--tsv-dir", root / "tsv"], "expected.tsv: 1 lines, but"),
+        (["--tsv-dir", root / "tsv", "--source-files", "train=x"], "give exactly one input"),
+        (["--source-files", "train"], "--source-files: got 'train', expected SPLIT=VALUE"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, tsv_out, capsys):
+    for args, message in bad_inputs(tmp_path):
+        code, _, err = run_cli(capsys, *args, "--destdir", tmp_path / "out", "--spm-model", tsv_out / "spm.model")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (args, err)
+        assert lines[0].startswith("pyramidion-preprocess: error: ") and message in lines[0], (message, err)
+        assert not (tmp_path / "out" / "meta.json").exists()
+        assert not list((tmp_path / "out").glob("*.bin")) if (tmp_path / "out").exists() else True
+
+
+def test_swapped_spm_model_rejected_on_reuse(tmp_path, layouts, capsys):
+    import sentencepiece as spm
+    prefix = tmp_path / "plain"
+    text = tmp_path / "t.txt"
+    text.write_text((layouts / "tsv" / "train" / "in.tsv").read_text())
+    spm.SentencePieceTrainer.Train(input=str(text), model_prefix=str(prefix), vocab_size=150, minloglevel=2)
+    code, _, err = run_cli(capsys, "--tsv-dir", layouts / "tsv", "--destdir", tmp_path / "out",
+                           "--spm-model", f"{prefix}.model")
+    assert code == 2 and "special ids bos=1 (expected 0), pad=-1 (expected 1)" in err
