@@ -27,9 +27,10 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE) -> NoReturn:
 def run_main(prog: str, body: Callable[[], int | None]) -> NoReturn:
     """Run a command body, turning the errors a user can fix into one line and an exit code."""
     from ..data.errors import DataError
+    from ..dist.env import DistEnvError
     try:
         code = body()
-    except (ConfigError, DataError, UsageError, FileNotFoundError) as err:
+    except (ConfigError, DataError, DistEnvError, UsageError, FileNotFoundError) as err:
         fail(prog, str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:
         fail(prog, "interrupted", EXIT_ERROR)
