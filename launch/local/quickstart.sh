@@ -22,8 +22,10 @@ step() {  # step N TOTAL DESCRIPTION -- command...
 }
 
 step 1 4 "synthetic corpus" -- python tools/make_synthetic_corpus.py --out data/synthetic \
-  --train 400 --valid 20 --test 20 --min-words 300 --max-words 500
-step 2 4 "preprocessing" -- pyramidion-preprocess
-step 3 4 "training" -- pyramidion-train debug
-step 4 4 "generation" -- pyramidion-generate runs/debug
+  --train 400 --valid 20 --test 20 --min-words 300 --max-words 450
+step 2 4 "preprocessing" -- pyramidion-preprocess --destdir data-bin/synthetic --workers 2 \
+  --source-files train=data/synthetic/train.jsonl,valid=data/synthetic/valid.jsonl,test=data/synthetic/test.jsonl \
+  --spm-vocab-size 256 --max-source-positions 1024 --max-target-positions 128
+step 3 4 "training" -- env NPROC=2 bash launch/local/train.sh debug
+step 4 4 "generation" -- pyramidion-generate runs/debug --gen-subset test --results-path runs/debug/generate
 echo "== quick start done"

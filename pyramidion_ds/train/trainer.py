@@ -154,6 +154,8 @@ class Trainer:
                  f"{self.bundle.precision} optimizer={self.bundle.optimizer_name} "
                  f"checkpointing={cfg.train.activation_checkpointing} world={self.world}")
         self.peak_flops = self._peak_flops()
+        self.pooling_sums: dict[str, list[float]] = {}
+        self.model.encoder.register_forward_hook(self._pooling_hook)
 
         resumed = self.resume() if cfg.train.resume else False
         if not resumed and cfg.train.init_from:
@@ -485,14 +487,27 @@ class Trainer:
         if self.peak_flops:
             stats["mfu"] = flops / elapsed / (self.peak_flops * self.world_size)
         stats["peak_mem_gib"] = peak_memory_gib()
-        for name, value in (getattr(self.model, "pooling_stats", None) or {}).items():
-            stats[f"pooling/{name}"] = float(value)
+        for name, (total, count) in sorted(self.pooling_sums.items()):
+            stats[f"pooling/{name}"] = total / max(count, 1)
+        self.pooling_sums.clear()
         progress.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
         log.info(f"train | update {self.update} | epoch {self.epoch} | "
                  + " | ".join(f"{k} {v:.4g}" for k, v in stats.items()))
         if self.writer is not None:
             for key, value in stats.items():
                 self.writer.add_scalar(key if key.startswith("pooling/") else f"train/{key}", value, self.update)
+
+    def _pooling_hook(self, module, inputs, encoder_out) -> None:
+        """Per pooling step: mean score of the slots kept vs of all slots rated (training batches only)."""
+        if not module.training:
+            return
+        for info in encoder_out.pooling:
+            kept = info.pooled_scores[info.mask].float()
+            for name, value in ((f"layer{info.after_layer}_kept_score", kept.mean()),
+                                (f"layer{info.after_layer}_input_score", info.input_scores.float().mean())):
+                total = self.pooling_sums.setdefault(name, [0.0, 0])
+                total[0] += float(value)
+                total[1] += 1
 
     def _barrier(self) -> None:
         if dist.is_initialized():

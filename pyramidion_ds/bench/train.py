@@ -1,0 +1,237 @@
+"""pyramidion-bench train: training throughput, MFU and memory per variant and ZeRO stage.
+
+Two parts, both printing JSON:
+
+* throughput (default): for each variant x ZeRO stage, a real DeepSpeed engine (world of 1, in this
+  process) trains on random tokens; reports tokens/s, achieved TFLOP/s, MFU (FLOPs of the model actually
+  run, from ``flops_per_step``) and peak memory. The ``vanilla`` variant measured in the same run is the
+  baseline: ``speedup_vs_vanilla`` and ``speedup_vs_blockwise`` per row.
+* ``--zero3-memory``: ZeRO-3 parameter + optimizer-state bytes held by each rank with 1 and with 2 ranks
+  (two runs of the real DeepSpeed launcher on the CPU accelerator: partitioning does not depend on the
+  device), and the ratio (target <= 0.55).
+
+    pyramidion-bench train --preset base --src-len 8192 --tgt-len 256 --batch 4 --precision bf16
+    pyramidion-bench train --zero3-memory --preset base
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
+
+
+def model_config(preset: str, variant: str, src_len: int, tgt_len: int, vocab: int, overrides: list[str]):
+    from ..config import load_config
+    cfg = load_config(None, ["--model.preset", preset, "--model.variant", variant,
+                             "--model.max_source_positions", str(src_len),
+                             "--model.max_target_positions", str(tgt_len),
+                             "--model.vocab_size", str(vocab), "--model.dropout", "0.0", *overrides])
+    return cfg
+
+
+def ds_config_for(cfg, stage: int, precision: str) -> dict:
+    from ..engine import read_ds_config, resolve_ds_config
+    name = f"zero{stage}_cpu.json" if precision == "fp32" else f"zero{stage}_{precision}.json"
+    path = ROOT / "ds_configs" / name
+    if not path.is_file():  # stage 0/1 have no CPU file: the bf16 file with precision following the trainer
+        path = ROOT / "ds_configs" / f"zero{stage}_bf16.json"
+        raw = read_ds_config(path)
+        raw["bf16"] = {"enabled": "auto"}
+    else:
+        raw = read_ds_config(path)
+    cfg.train.precision = precision
+    return resolve_ds_config(raw, cfg, world_size=1, source=path.name)
+
+
+def measure_throughput(args, variant: str, stage: int) -> dict:
+    from ..engine import build_engine, build_model, label_smoothed_nll_loss
+    cfg = model_config(args.preset, variant, args.src_len, args.tgt_len, args.vocab, args.override)
+    cfg.train.activation_checkpointing = args.checkpointing
+    cfg.data.max_sentences = args.batch
+    ds = ds_config_for(cfg, stage, args.precision)
+    torch.manual_seed(0)
+    bundle = build_engine(cfg, ds, build_model(cfg, ds))
+    engine, model = bundle.engine, bundle.model
+    device = engine.device
+    m = cfg.model
+    src = torch.randint(4, m.vocab_size, (args.batch, args.src_len), device=device)
+    tgt = torch.randint(4, m.vocab_size, (args.batch, args.tgt_len), device=device)
+    prev = torch.cat([torch.full_like(tgt[:, :1], m.bos_id), tgt[:, :-1]], dim=1)
+    lengths = torch.full((args.batch,), args.src_len, device=device)
+    cuda = device.type == "cuda"
+
+    def step():
+        logits = engine(src, lengths, prev)
+        loss, _ = label_smoothed_nll_loss(logits, tgt, 0.1, m.pad_id)
+        engine.backward(loss / tgt.numel())
+        engine.step()
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    flops = model.flops_per_step(args.batch, args.src_len, args.tgt_len)
+    row = {"variant": variant, "zero_stage": stage, "precision": bundle.precision,
+           "checkpointing": args.checkpointing, "step_s": seconds,
+           "tokens_per_s": args.batch * (args.src_len + args.tgt_len) / seconds,
+           "source_tokens_per_s": args.batch * args.src_len / seconds,
+           "tflops_per_s": flops / seconds / 1e12, "flops_per_step": flops}
+    if cuda:
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["mfu"] = flops / seconds / (args.peak_tflops * 1e12)
+    else:
+        import resource
+        row["process_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    engine.destroy() if hasattr(engine, "destroy") else None
+    del engine, model, bundle
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def throughput(args) -> dict:
+    from ..dist import init_distributed
+    init_distributed()
+    rows = [measure_throughput(args, variant, stage) for stage in args.stages for variant in args.variants]
+    for row in rows:
+        for base in ("vanilla", "blockwise"):
+            ref = next((r for r in rows if r["variant"] == base and r["zero_stage"] == row["zero_stage"]), None)
+            if ref is not None:
+                row[f"speedup_vs_{base}"] = row["tokens_per_s"] / ref["tokens_per_s"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return {"benchmark": "train", "device": device, "preset": args.preset, "src_len": args.src_len,
+            "tgt_len": args.tgt_len, "batch": args.batch, "vocab": args.vocab, "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeRO-3 state memory per rank
+# --------------------------------------------------------------------------------------------------
+
+def _state_bytes(engine) -> dict:
+    """Bytes of parameter partitions and optimizer state this rank holds (each storage counted once)."""
+    seen, totals = set(), {"params": 0, "optimizer": 0}
+
+    def add(kind, tensor):
+        if not torch.is_tensor(tensor) or tensor.numel() == 0:
+            return
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen:
+            return
+        seen.add(key)
+        totals[kind] += tensor.untyped_storage().nbytes()
+
+    for param in engine.module.parameters():
+        add("params", getattr(param, "ds_tensor", param))
+    optimizer = engine.optimizer
+    for flat in getattr(optimizer, "fp32_partitioned_groups_flat", []):
+        add("optimizer", flat)
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        for value in state.values():
+            add("optimizer", value)
+    return totals
+
+
+def zero3_worker(out: str, preset: str, vocab: int) -> None:
+    """Run under the DeepSpeed launcher: one ZeRO-3 step, then each rank's state bytes to ``out``."""
+    import torch.distributed as dist
+    from ..dist import init_distributed
+    from ..engine import build_engine, build_model, label_smoothed_nll_loss
+    world = init_distributed()
+    cfg = model_config(preset, "pyramidion", 256, 16, vocab, [])
+    ds = ds_config_for(cfg, 3, "fp32")
+    ds["train_batch_size"] = world.world_size  # one example per rank
+    bundle = build_engine(cfg, ds, build_model(cfg, ds))
+    engine = bundle.engine
+    src = torch.randint(4, vocab, (1, 256))
+    tgt = torch.randint(4, vocab, (1, 16))
+    logits = engine(src, torch.tensor([256]), tgt)
+    loss, _ = label_smoothed_nll_loss(logits, tgt, 0.0, cfg.model.pad_id)
+    engine.backward(loss)
+    engine.step()
+    rows = [None] * world.world_size
+    dist.all_gather_object(rows, _state_bytes(engine))
+    if world.rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    dist.barrier()
+
+
+def zero3_memory(args) -> dict:
+    results = {}
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    with tempfile.TemporaryDirectory() as tmp:
+        for world_size in (1, 2):
+            out = Path(tmp) / f"w{world_size}.json"
+            cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(world_size),
+                   "--master_port", str(29600 + world_size), "--module", "pyramidion_ds.bench.train",
+                   "--zero3-worker", str(out), "--preset", args.preset, "--vocab", str(args.vocab)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if proc.returncode != 0:
+                raise RuntimeError(f"zero3 worker with {world_size} ranks failed:\n{proc.stderr[-3000:]}")
+            results[world_size] = json.loads(out.read_text())
+    one = results[1][0]["params"] + results[1][0]["optimizer"]
+    per_rank = [r["params"] + r["optimizer"] for r in results[2]]
+    return {"benchmark": "zero3_memory", "preset": args.preset, "vocab": args.vocab,
+            "one_rank_bytes": one, "two_ranks_bytes_per_rank": per_rank,
+            "ratio_max_rank": max(per_rank) / one, "target_ratio": 0.55,
+            "meets_target": max(per_rank) / one <= 0.55, "detail": results}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="pyramidion-bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="debug", help="model size preset (debug, base, large)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--stages", nargs="+", type=int, default=[2], help="ZeRO stages to measure")
+    p.add_argument("--src-len", type=int, default=512)
+    p.add_argument("--tgt-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--checkpointing", default="off", choices=("off", "stage", "layer"))
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense: 989)")
+    p.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. --model.chunk_size=256")
+    p.add_argument("--zero3-memory", action="store_true", help="measure ZeRO-3 state bytes per rank, 1 vs 2 ranks")
+    p.add_argument("--zero3-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--output", default=None, help="also write the JSON here")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.zero3_worker:
+        zero3_worker(args.zero3_worker, args.preset, args.vocab)
+        return 0
+    result = zero3_memory(args) if args.zero3_memory else throughput(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Preemption, pretrain -> fine-tune, activation checkpointing, and inputs refused before any step."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from ds_helpers import ROOT, run_deepspeed, subprocess_env, tensorboard_scalars
+from pyramidion_ds.cli.common import EXIT_PREEMPTED
+from pyramidion_ds.train.checkpoint import CheckpointDir
+
+
+def config(tmp_path, name, data_dir, **sections):
+    cfg = {"model": {"preset": "debug"},
+           "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
+           "train": {"save_dir": str(tmp_path / name), "deepspeed_config": str(ROOT / "ds_configs/zero2_cpu.json"),
+                     "lr": 2e-3, "log_interval": 1}}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def train_single(args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pyramidion_ds.cli.train", *args], capture_output=True,
+                          text=True, env=subprocess_env(), cwd=ROOT, timeout=timeout)
+
+
+def test_sigusr1_saves_and_exits_for_requeue_then_resume_finishes(synthetic_bin, tmp_path):
+    cfg = config(tmp_path, "run", synthetic_bin, train={"max_update": 400})
+    proc = subprocess.Popen([sys.executable, "-m", "pyramidion_ds.cli.train", cfg], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=ROOT)
+    output = []
+    for line in proc.stdout:  # wait until training runs, then signal like SLURM does before a time limit
+        output.append(line)
+        if "train | update 3 " in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    output.extend(proc.stdout)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, "".join(output)[-3000:]
+    info = CheckpointDir(tmp_path / "run").latest_complete()
+    assert info is not None and 3 <= info.update < 400
+    assert "received SIGUSR1" in "".join(output)
+
+    resumed = train_single([cfg, "--train.max_update", str(info.update + 3)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stderr
+    losses = tensorboard_scalars(tmp_path / "run" / "tensorboard", "train/loss")
+    assert max(losses) == info.update + 3
+
+
+def test_pretrain_denoising_then_finetune_with_init_from(synthetic_bin, tmp_path):
+    pre = config(tmp_path, "pre", synthetic_bin, data={"task": "denoising"}, train={"max_update": 6})
+    run_deepspeed([pre])
+    assert CheckpointDir(tmp_path / "pre").latest_complete().update == 6
+    fine = config(tmp_path, "fine", synthetic_bin, train={"max_update": 4, "activation_checkpointing": "stage"})
+    run_deepspeed([fine, "--init-from", str(tmp_path / "pre")])
+    log = (tmp_path / "fine" / "train.log").read_text()
+    assert f"initialized weights from {tmp_path / 'pre'}" in log
+    assert "checkpointing=stage" in log
+    assert sorted(tensorboard_scalars(tmp_path / "fine" / "tensorboard", "train/loss")) == [1, 2, 3, 4]
+
+    # another architecture is refused before any step, naming the difference
+    other = config(tmp_path, "other", synthetic_bin, model={"preset": "debug", "d_model": 32},
+                   train={"max_update": 2, "init_from": str(tmp_path / "pre")})
+    proc = train_single([other])
+    assert proc.returncode == 2
+    assert "is another architecture: model.d_model is 64 there, 32 here" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--data.data", "/nonexistent/bin"], "has no meta.json"),
+    (["--model.vocab_size", "999"], "but the data's sentencepiece model has"),
+])
+def test_bad_inputs_stop_before_anything_is_written(synthetic_bin, tmp_path, overrides, message):
+    cfg = config(tmp_path, "run", synthetic_bin, train={"max_update": 2})
+    proc = train_single([cfg, *overrides])
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_of_another_model_is_refused(synthetic_bin, tmp_path):
+    cfg = config(tmp_path, "run", synthetic_bin, train={"max_update": 1})
+    assert train_single([cfg]).returncode == 0
+    proc = train_single([cfg, "--model.encoder_layers", "2"])
+    assert proc.returncode == 2 and "holds checkpoints of another model" in proc.stderr
