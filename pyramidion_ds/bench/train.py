@@ -58,6 +58,7 @@ def measure_throughput(args, variant: str, stage: int) -> dict:
     from ..engine import build_engine, build_model, label_smoothed_nll_loss
     cfg = model_config(args.preset, variant, args.src_len, args.tgt_len, args.vocab, args.override)
     cfg.train.activation_checkpointing = args.checkpointing
+    cfg.train.compile = args.compile
     cfg.data.max_sentences = args.batch
     ds = ds_config_for(cfg, stage, args.precision)
     torch.manual_seed(0)
@@ -88,12 +89,30 @@ def measure_throughput(args, variant: str, stage: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
+    profile = None
+    if args.profile:  # where one step's time goes: the busiest operators on host and device
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        top = sorted(events, key=lambda e: getattr(e, device_key, 0), reverse=True)[:args.profile]
+        profile = {"host_top": [(e.key, round(e.self_cpu_time_total / 1e3, 2), e.count) for e in
+                                sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.profile]],
+                   "device_top": [(e.key, round(getattr(e, device_key, 0) / 1e3, 2), e.count) for e in top],
+                   "device_total_ms": round(sum(getattr(e, device_key, 0) for e in events) / 1e3, 2),
+                   "kernel_launches": sum(e.count for e in events if e.key.startswith("cuda") and "Launch" in e.key)}
     flops = model.flops_per_step(args.batch, args.src_len, args.tgt_len)
-    row = {"variant": variant, "zero_stage": stage, "precision": bundle.precision,
+    row = {"variant": variant, "zero_stage": stage, "precision": bundle.precision, "compile": args.compile,
            "checkpointing": args.checkpointing, "step_s": seconds,
            "tokens_per_s": args.batch * (args.src_len + args.tgt_len) / seconds,
            "source_tokens_per_s": args.batch * args.src_len / seconds,
            "tflops_per_s": flops / seconds / 1e12, "flops_per_step": flops}
+    if profile is not None:
+        row["profile_ms"] = profile
     if cuda:
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["mfu"] = flops / seconds / (args.peak_tflops * 1e12)
@@ -211,6 +230,9 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--checkpointing", default="off", choices=("off", "stage", "layer"))
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile one step and report the N busiest operators (host and device)")
+    p.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) the model")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense: 989)")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. --model.chunk_size=256")
     p.add_argument("--zero3-memory", action="store_true", help="measure ZeRO-3 state bytes per rank, 1 vs 2 ranks")

@@ -163,6 +163,12 @@ def build(cls: type, data: dict | None, prefix: str = "") -> Any:
         if name not in data:
             continue
         tp, key = hints[name], f"{prefix}{name}"
+        value = data[name]
+        if isinstance(value, bool) and f.metadata.get("choices"):
+            # YAML 1.1 reads a bare off/on/no/yes as a boolean: give back the word the choices use
+            words = ("off", "false", "no") if value is False else ("on", "true", "yes")
+            value = next((c for c in f.metadata["choices"] if c in words), value)
+            data = {**data, name: value}
         if dataclasses.is_dataclass(tp):
             kwargs[name] = build(tp, data[name], prefix=f"{key}.")
         else:

@@ -43,6 +43,8 @@ class TrainConfig:
     tensorboard_logdir: str = option("", "tensorboard event directory; empty = SAVE_DIR/tensorboard")
     init_from: str = option("", "load model weights only from a run dir or export dir (pretrain -> fine-tune)")
     resume: bool = option(True, "continue from the latest complete checkpoint in save_dir, if any")
+    compile: bool = option(False, "torch.compile the model through DeepSpeed's engine.compile() (GPU; "
+                           "fuses the top-k rounds and elementwise chains, cuts kernel launches)")
     peak_tflops: float = option(0.0, "accelerator peak TFLOP/s for MFU; 0 = known GPUs only (H100 bf16: 989)",
                                 min=0.0)
     max_nonfinite_steps: int = option(3, "stop after this many consecutive non-finite losses (bf16/fp32)",

@@ -61,6 +61,8 @@ def build_engine(cfg: Config, ds_config: dict, model: torch.nn.Module | None = N
     scheduler = make_scheduler(optimizer, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    if cfg.train.compile:
+        engine.compile()
     return Engine(engine=engine, model=engine.module, optimizer_name=optimizer_name,
                   zero_stage=zero_stage(ds_config), precision=precision_of(ds_config), ds_config=ds_config)
 

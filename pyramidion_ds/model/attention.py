@@ -52,22 +52,27 @@ class MultiheadAttention(nn.Module):
 
         With ``chunk_size >= n`` this is full attention. Padding is never attended to; a chunk with no
         real token at all attends everywhere inside itself (its outputs are padding, kept finite).
+        ``real_mask=None`` means no padding at all (no attention mask is built).
         """
         batch, n, d = x.shape
         chunk_size = min(chunk_size, n)
         pad = (-n) % chunk_size
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
+            if real_mask is None:
+                real_mask = torch.ones(batch, n, dtype=torch.bool, device=x.device)
             real_mask = F.pad(real_mask, (0, pad), value=False)
         num_chunks = (n + pad) // chunk_size
 
         def chunked(t: Tensor) -> Tensor:  # B×(c·chunk)×d → (B·c)×H×chunk×dh
             return self.split_heads(t.reshape(batch * num_chunks, chunk_size, d))
 
-        key_mask = real_mask.reshape(batch * num_chunks, chunk_size)
-        key_mask = key_mask | ~key_mask.any(dim=1, keepdim=True)
+        attn_mask = None  # no padding anywhere: no mask, so SDPA may pick its flash kernel
+        if real_mask is not None:
+            key_mask = real_mask.reshape(batch * num_chunks, chunk_size)
+            attn_mask = (key_mask | ~key_mask.any(dim=1, keepdim=True))[:, None, None, :]
         out = self._sdpa(chunked(self.q_proj(x)), chunked(self.k_proj(x)), chunked(self.v_proj(x)),
-                         attn_mask=key_mask[:, None, None, :])
+                         attn_mask=attn_mask)
         out = self.merge_heads(out).reshape(batch, n + pad, d)
         return self.out_proj(out[:, :n] if pad else out)
 

@@ -100,8 +100,11 @@ class Encoder(nn.Module):
         x = self.dropout(embedded + self.positions(n).to(embedded.dtype))
         source_positions = torch.arange(n, device=x.device).expand(batch, n)
         pooling = []
+        # one host sync per forward: a batch without padding runs its attention unmasked (flash kernels)
+        # until a pooling step could introduce padding slots
+        padded = not bool(real_mask.all())
         for stage in self.stages(n):
-            x = self._run_stage(stage, x, real_mask)
+            x = self._run_stage(stage, x, real_mask if padded else None)
             if stage.pooled_width is None:
                 continue
             last = stage.layers[-1]

@@ -117,3 +117,11 @@ def test_cli_help_lists_config_keys():
     proc = run_cli("pyramidion_ds.cli.train", "--help")
     assert proc.returncode == 0
     assert "--model.chunk_size" in proc.stdout and "--deepspeed_config" in proc.stdout
+
+
+def test_yaml_off_keeps_its_word(tmp_path):
+    # YAML 1.1 reads a bare `off` as false; a field whose choices say "off" gets "off" back
+    cfg = load_config(write(tmp_path, "train: {activation_checkpointing: off}"))
+    assert cfg.train.activation_checkpointing == "off"
+    cfg = load_config(None, ["--train.activation_checkpointing", "off"])
+    assert cfg.train.activation_checkpointing == "off"
