@@ -21,3 +21,7 @@ class GenerationConfig:
     max_tokens: int = option(0, "source-token budget per batch; 0 = use batch_size only", min=0)
     gen_subset: str = option("test", "split to generate for")
     results_path: str = option("", "directory for hypotheses and scores; empty = print only")
+    hard_topk: bool = option(False, "inference: exact top-k selection in the encoder (no mixing)")
+    explain: int = option(0, "write an HTML selection map for the first N documents", min=0)
+    seed: int = option(1, "sampling seed (a batch's draws depend on it and the batch only)")
+    progress: bool = option(True, "progress bar on rank 0")

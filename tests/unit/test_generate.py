@@ -1,0 +1,130 @@
+"""Beam search vs exhaustive search, KV cache vs none, n-gram blocking, sampling, ROUGE, explain page."""
+import html.parser
+import math
+
+import pytest
+import torch
+
+from pyramidion_ds.bench.generate import EXACTNESS_SETTINGS, tiny_model, tiny_sources
+from pyramidion_ds.generate.explain import write_explain_page
+from pyramidion_ds.generate.export import write_safetensors
+from pyramidion_ds.generate.rouge import ROUGE_TYPES, rouge_scores, split_sentences
+from pyramidion_ds.generate.search import SearchOptions, exhaustive_search, generate
+
+
+@pytest.mark.parametrize("setting", EXACTNESS_SETTINGS)
+def test_beam_search_equals_exhaustive_search(setting):
+    model = tiny_model(0)
+    src, lengths = tiny_sources(0)
+    opts = SearchOptions(beam=85, nbest=5, max_len_a=0.0, max_len_b=3, **setting)  # 85 = every sequence
+    beam, exact = generate(model, src, lengths, opts), exhaustive_search(model, src, lengths, opts)
+    for x, y in zip(beam, exact):
+        assert [h.tokens for h in x] == [h.tokens for h in y]
+        assert [h.score for h in x] == pytest.approx([h.score for h in y], abs=1e-5)
+        assert sum(x[0].positional_scores) / len(x[0].tokens) ** opts.lenpen == pytest.approx(x[0].score, abs=1e-5)
+
+
+def test_kv_cache_changes_nothing_and_lengths_are_respected():
+    model = tiny_model(1)
+    src, lengths = tiny_sources(1)
+    opts = SearchOptions(beam=3, nbest=3, min_len=2, max_len_a=0.5, max_len_b=1)
+    cached = generate(model, src, lengths, opts)
+    opts.use_cache = False
+    plain = generate(model, src, lengths, opts)
+    assert [[h.tokens for h in s] for s in cached] == [[h.tokens for h in s] for s in plain]
+    for hyps, n in zip(cached, lengths.tolist()):
+        assert len(hyps) == 3
+        for h in hyps:
+            assert h.tokens[-1] == 2 and 2 not in h.tokens[:-1]
+            assert 2 <= len(h.tokens) - 1 <= int(0.5 * n + 1)
+            assert 0 not in h.tokens and 1 not in h.tokens
+
+
+def test_no_repeat_ngram_blocking():
+    model = tiny_model(0)
+    src, lengths = tiny_sources(0)
+    hyps = generate(model, src, lengths, SearchOptions(beam=4, min_len=8, max_len_b=10, no_repeat_ngram_size=2))
+    for (h,) in hyps:
+        grams = list(zip(h.tokens, h.tokens[1:]))
+        assert len(grams) == len(set(grams)), h.tokens
+
+
+def test_sampling_is_seeded():
+    model = tiny_model(0)
+    src, lengths = tiny_sources(0)
+
+    def draw(seed):
+        opts = SearchOptions(beam=4, nbest=4, sampling=True, temperature=1.5, max_len_b=6,
+                             generator=torch.Generator().manual_seed(seed))
+        return [[h.tokens for h in s] for s in generate(model, src, lengths, opts)]
+    assert draw(3) == draw(3)
+    assert all(len(s) >= 1 for s in draw(3))
+
+
+def test_rouge_self_is_one_and_matches_the_library():
+    from rouge_score import rouge_scorer
+    hyp = "The cats were running home. Dogs barked at them!\nThen it rained."
+    ref = "A cat ran home. The dogs were barking. It rained later."
+    assert split_sentences(hyp) == "The cats were running home.\nDogs barked at them!\nThen it rained."
+    self_scores = rouge_scores([hyp], [hyp])
+    for t in ROUGE_TYPES:
+        assert self_scores[t]["fmeasure"] == pytest.approx(1.0)
+    ours = rouge_scores([hyp, ref], [ref, ref])
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    lib = [scorer.score(ref, hyp), scorer.score(ref, ref)]
+    for t in ("rouge1", "rouge2", "rougeL"):
+        assert ours[t]["fmeasure"] == pytest.approx((lib[0][t].fmeasure + lib[1][t].fmeasure) / 2)
+    lsum = scorer.score(split_sentences(ref), split_sentences(hyp))["rougeLsum"].fmeasure
+    assert ours["rougeLsum"]["fmeasure"] == pytest.approx((lsum + 1.0) / 2)
+    assert 0 < ours["rouge1"]["recall"] < 1
+
+
+class _SpanCounter(html.parser.HTMLParser):
+    VOID = {"meta", "br", "img", "hr", "input", "link"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.tokens, self.errors = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "span" and "tok" in attrs.get("class", "").split():
+            assert "background" in attrs["style"] and attrs["data-stage"].isdigit()
+            self.tokens.append(int(attrs["data-stage"]))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+
+
+class _Pieces:
+    def IdToPiece(self, i):
+        return ["<s>", "<pad>", "</s>", "<unk>", "\u2581a<b>", "&c", "\u2581d"][i]
+
+
+def test_explain_page_is_valid_html_with_one_span_per_token(tmp_path):
+    model = tiny_model(0)
+    src, lengths = tiny_sources(0)
+    ids = src[0, :int(lengths[0])].tolist()
+    path = write_explain_page(model, _Pieces(), ids, 8, tmp_path / "p.html", title="doc <0>", hypothesis="a & b",
+                              reference=None)
+    parser = _SpanCounter()
+    parser.feed(path.read_text())
+    parser.close()
+    assert not parser.errors and parser.stack == []
+    assert len(parser.tokens) == len(ids)
+    stages = len(model.encode(src[:1, :16], lengths[:1]).pooling)
+    assert max(parser.tokens) == stages and min(parser.tokens) == 0
+
+
+def test_streamed_safetensors_round_trip(tmp_path):
+    from safetensors.torch import load_file
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(2, 2, 2)}
+    write_safetensors(tmp_path / "m.safetensors", tensors, torch.bfloat16, {"tag": "x"})
+    back = load_file(str(tmp_path / "m.safetensors"))
+    assert back["a"].dtype == torch.bfloat16 and back["b"].dtype == torch.int64
+    torch.testing.assert_close(back["a"], tensors["a"].bfloat16())
+    assert torch.equal(back["b"], tensors["b"]) and math.isclose(float(back["c"].float().sum()),
+                                                                  float(tensors["c"].bfloat16().float().sum()))
