@@ -1,23 +1,226 @@
-"""pyramidion-tune: pick the ZeRO stage, offload and micro-batch that fit a cluster."""
+"""pyramidion-tune: pick the ZeRO stage, offload, checkpointing and micro-batch that fit a cluster.
+
+    pyramidion-tune --preset base --src-len 8192 --tgt-len 512 --nodes 2 --gpus-per-node 8 \\
+        --gpu-mem-gib 80 --cpu-mem-gib 512 --global-batch-tokens 1048576 --out tuned/ [--measure --data DIR]
+
+Writes ``OUT/ds_config.json`` (a ready DeepSpeed JSON), ``OUT/trainer_overrides.yaml`` (micro-batch,
+accumulation, checkpointing, precision), ``OUT/plan.json`` and ``OUT/table.txt``; exits 1 with
+"nothing fits: ..." when no configuration fits the budget.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import re
+import subprocess
 import sys
+from pathlib import Path
 
-from .common import not_built, run_main
+from .common import EXIT_ERROR, UsageError, fail, run_main
 
 PROG = "pyramidion-tune"
+DEFAULT_VOCAB = 32000
 
 
 def build_parser():
-    return argparse.ArgumentParser(prog=PROG, description="Estimate per-GPU memory for each ZeRO stage and "
-                                   "offload choice, pick the fastest that fits, write a DeepSpeed JSON.")
+    p = argparse.ArgumentParser(prog=PROG, description="Estimate per-GPU memory for each ZeRO stage, offload, "
+                                "checkpointing and micro-batch; pick the fastest that fits; write a DeepSpeed "
+                                "JSON and the trainer overrides.")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", choices=("debug", "base", "large"), default=None,
+                       help="model size preset (default: the config's, else base)")
+    model.add_argument("--config", default=None, help="run YAML (or shipped name) to take the model from")
+    model.add_argument("--variant", default=None, choices=("vanilla", "blockwise", "transpooler", "pyramidion"))
+    model.add_argument("--pooling-schedule", default=None,
+                       help="widths per encoder layer, '[8192, 2048, ...]' or the seed's '{0: 2048, 1: 512}'")
+    model.add_argument("--vocab-size", type=int, default=None,
+                       help=f"vocabulary size (default: the config's, the data's with --data, else {DEFAULT_VOCAB})")
+    model.add_argument("--src-len", type=int, default=None, help="source tokens (default: max_source_positions)")
+    model.add_argument("--tgt-len", type=int, default=None, help="target tokens (default: max_target_positions)")
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument("--nodes", type=int, default=1)
+    cluster.add_argument("--gpus-per-node", type=int, default=8)
+    cluster.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    cluster.add_argument("--cpu-mem-gib", type=float, default=512.0, help="CPU memory per node")
+    cluster.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                         help="cpu: ranks are CPU processes (tests, laptops): CPU DeepSpeed JSONs, no offload")
+    batch = p.add_argument_group("batch").add_mutually_exclusive_group()
+    batch.add_argument("--global-batch-size", type=int, default=None, help="sequences per update")
+    batch.add_argument("--global-batch-tokens", type=int, default=None,
+                       help="source tokens per update (divided by --src-len)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--safety", type=float, default=0.9, help="use at most this share of GPU (and CPU) memory")
+    p.add_argument("--out", default="tuned", help="directory for ds_config.json, trainer_overrides.yaml, ...")
+    p.add_argument("--all-rows", action="store_true", help="print every micro-batch, not the best per row")
+    p.add_argument("--measure", action="store_true",
+                   help="measure the chosen configuration's activation peak (one real step), and with --data "
+                        "run a few real updates under the DeepSpeed launcher and read their peak memory")
+    p.add_argument("--data", default=None, help="binarized data dir for --measure's real run")
+    p.add_argument("--measure-updates", type=int, default=3)
+    return p
+
+
+def parse_schedule(text: str | None):
+    if text is None:
+        return None
+    import yaml
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        return stripped  # the seed's form, parsed safely by the config
+    value = yaml.safe_load(stripped)
+    if not isinstance(value, list):
+        raise UsageError(f"--pooling-schedule: got {text!r}, expected '[w0, w1, ...]' or '{{0: 2048, 1: 512}}'")
+    return value
+
+
+def model_config(args):
+    from ..config import load_config
+    preset = args.preset or (None if args.config else "base")
+    cfg = load_config(args.config, ["--model.preset", preset] if preset else [])
+    m = cfg.model
+    if args.variant:
+        m.variant = args.variant
+    schedule = parse_schedule(args.pooling_schedule)
+    if schedule is not None:
+        m.pooling_schedule = schedule
+    if args.src_len:
+        m.max_source_positions = args.src_len
+    if args.tgt_len:
+        m.max_target_positions = args.tgt_len
+    if args.vocab_size:
+        m.vocab_size = args.vocab_size
+    elif args.data:
+        from ..data import vocab_size
+        m.vocab_size = vocab_size(args.data)
+    elif not m.vocab_size:
+        m.vocab_size = DEFAULT_VOCAB
+    m.validate()
+    return cfg, m
+
+
+def global_batch(args, cluster, src_len: int) -> int:
+    if args.global_batch_size:
+        return args.global_batch_size
+    if args.global_batch_tokens:
+        return max(1, math.ceil(args.global_batch_tokens / src_len))
+    return cluster.world_size
+
+
+def validate_outputs(ds: dict, overrides: dict, world_size: int, config: str | None) -> dict:
+    """The written JSON must pass our merge and DeepSpeed's own parser with the written overrides."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from ..config import load_config
+    from ..engine import resolve_ds_config
+    from ..tune.plan import override_flags
+    cfg = load_config(config, override_flags({k: v for k, v in overrides.items() if k != "model"}))
+    resolved = resolve_ds_config(ds, cfg, world_size, source="tuned ds_config.json")
+    check = dict(resolved)
+    check.pop("train_batch_size")  # DeepSpeed derives it with its own (here: 1) world size
+    DeepSpeedConfig(check)
+    return resolved
+
+
+def measure(args, cfg, m, plan, cluster, out: Path, overrides: dict) -> dict:
+    import torch
+
+    from ..tune.measure import measure_activation_peak
+    from ..tune.plan import override_flags
+    chosen = plan.chosen
+    device = "cuda" if torch.cuda.is_available() and cluster.device == "gpu" else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    got = measure_activation_peak(m, chosen.micro_batch, m.max_source_positions, m.max_target_positions,
+                                  dtype=dtype, checkpointing=chosen.checkpointing, device=device)
+    report = {"activations_estimate_gib": chosen.activations_gib, "activations_measured_gib": got.peak_bytes / 2**30,
+              "activations_device": f"{got.device} {got.dtype}"}
+    print(f"activations, one step of micro-batch {chosen.micro_batch} ({got.device}, {got.dtype}): "
+          f"estimate {chosen.activations_gib:.3f} GiB, measured {got.peak_bytes / 2**30:.3f} GiB "
+          f"({chosen.activations_gib / max(got.peak_bytes / 2**30, 1e-12):.2f}x)")
+    if not args.data:
+        print("(give --data DIR to also run a few real updates under the DeepSpeed launcher)")
+        return report
+    import yaml
+
+    from ..config import to_dict
+    run_dir = out / "measure_run"
+    config = to_dict(cfg)
+    config["model"] = to_dict(m)
+    config["data"].update(data=str(args.data), num_workers=0)
+    config["train"].update(save_dir=str(run_dir), max_update=args.measure_updates, log_interval=1,
+                           validate_interval_updates=0, save_interval_updates=0, resume=False)
+    config_path = out / "measure_config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    flags = override_flags({k: v for k, v in overrides.items() if k != "model"})
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(cluster.gpus_per_node),
+           "--module", "pyramidion_ds.cli.train", str(config_path), *flags]
+    print("running:", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log_path = run_dir / "train.log"
+    peaks = [float(x) for x in re.findall(r"peak_mem_gib ([0-9.e+-]+)", log_path.read_text())] \
+        if log_path.is_file() else []
+    if proc.returncode != 0 or not peaks:
+        raise UsageError(f"the measuring run failed (exit {proc.returncode}); see {log_path} "
+                         f"and: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+    what = "max allocated (CUDA)" if device == "cuda" else "max RSS of rank 0 (CPU: includes the runtime)"
+    report.update(run_updates=args.measure_updates, run_peak_gib=max(peaks), run_peak_kind=what,
+                  estimate_total_gib=chosen.gpu_gib)
+    print(f"real run, {args.measure_updates} updates on {cluster.gpus_per_node} ranks: peak {max(peaks):.3f} GiB "
+          f"[{what}] vs estimated {chosen.gpu_gib:.3f} GiB per GPU")
+    return report
+
+
+def _shell(word: str) -> str:
+    import shlex
+    return f'"{word}"' if "'" in word and '"' not in word and "$" not in word else shlex.quote(word)
 
 
 def main(argv: list[str] | None = None):
     def body():
-        build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        not_built(PROG, 7, "the ZeRO tuner")
+        import yaml
+
+        from ..tune.plan import Cluster, ds_config_for, make_plan, nothing_fits_message, override_flags, \
+            plan_summary, table, trainer_overrides
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        for name in ("nodes", "gpus_per_node"):
+            if getattr(args, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected >= 1")
+        if not 0 < args.safety <= 1:
+            raise UsageError(f"--safety: got {args.safety}, expected a share in (0, 1]")
+        cfg, m = model_config(args)
+        cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib, args.device)
+        src, tgt = m.max_source_positions, m.max_target_positions
+        batch = global_batch(args, cluster, src)
+        plan = make_plan(m, cluster, src, tgt, batch, precision=args.precision, safety=args.safety)
+        print(f"model: {m.preset} {m.variant}, {plan.params.total / 1e6:.1f}M parameters, encoder widths "
+              f"{m.encoder_widths()}, source {src} / target {tgt} tokens, vocab {m.vocab_size}")
+        print(f"cluster: {cluster.nodes} node(s) x {cluster.gpus_per_node} {cluster.device.upper()}s, "
+              f"{cluster.gpu_mem_gib:g} GiB each (budget {plan.budget_gib:.2f} GiB), {cluster.cpu_mem_gib:g} GiB "
+              f"CPU per node; global batch {batch} sequences; {args.precision}")
+        text = table(plan, all_rows=args.all_rows)
+        print(text)
+        if plan.chosen is None:
+            fail(PROG, nothing_fits_message(plan, cluster), EXIT_ERROR)
+        chosen = plan.chosen
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        ds_path = out / "ds_config.json"
+        ds = ds_config_for(chosen, args.precision, cluster.world_size, cluster.device)
+        overrides = trainer_overrides(chosen, m, src, tgt, args.precision, str(ds_path))
+        validate_outputs(ds, overrides, cluster.world_size, args.config)
+        ds_path.write_text(json.dumps(ds, indent=2) + "\n")
+        (out / "trainer_overrides.yaml").write_text(yaml.safe_dump(overrides, sort_keys=False))
+        (out / "table.txt").write_text(text + "\n")
+        summary = plan_summary(plan)
+        actual = chosen.micro_batch * chosen.update_freq * cluster.world_size
+        print(f"\nchosen: {chosen.describe()}, accumulation {chosen.update_freq} -> global batch {actual} "
+              f"sequences; {chosen.gpu_gib:.2f} GiB per GPU of {plan.budget_gib:.2f}")
+        print(f"wrote {ds_path}, {out / 'trainer_overrides.yaml'}")
+        print("train with: pyramidion-train CONFIG " + " ".join(_shell(f) for f in override_flags(overrides)))
+        if args.measure:
+            summary["measure"] = measure(args, cfg, m, plan, cluster, out, overrides)
+        (out / "plan.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return 0
     run_main(PROG, body)
 
 
