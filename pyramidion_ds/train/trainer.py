@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..cli.common import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, UsageError
-from ..config import Config, ConfigError, config_from_dict, save_resolved, to_dict
+from ..config import Config, ConfigError, save_resolved, to_dict
 from ..config.core import read_yaml
 from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
                       read_ds_config, resolve_ds_config)

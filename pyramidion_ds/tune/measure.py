@@ -15,7 +15,6 @@ How, per device:
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
 
 import torch

@@ -43,3 +43,13 @@ def tensorboard_scalars(logdir: Path, tag: str) -> dict[int, float]:
         if tag in acc.Tags()["scalars"]:
             values.update({e.step: e.value for e in acc.Scalars(tag)})
     return values
+
+
+def gather_zero3_params(config_path, out_path) -> dict:
+    """Resume the ZeRO-3 run of ``config_path`` on 2 ranks, gather every parameter (gather_zero3.py)."""
+    import torch
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "integration" / "gather_zero3.py"), str(config_path), str(out_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out_path)

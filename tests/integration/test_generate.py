@@ -14,7 +14,7 @@ from pyramidion_ds.generate.inputs import from_data_dir
 from pyramidion_ds.generate.runner import collate_sources
 from pyramidion_ds.generate.search import SearchOptions, generate
 from pyramidion_ds.train.checkpoint import CheckpointDir, consolidated_state_dict
-from ds_helpers import BIN, ROOT, free_port, run_deepspeed, subprocess_env
+from ds_helpers import BIN, ROOT, free_port, gather_zero3_params, run_deepspeed, subprocess_env
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +63,7 @@ def test_consolidated_export_equals_gathered_zero3_parameters(zero3_run, tmp_pat
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     meta = json.loads((tmp_path / "export" / "export.json").read_text())
     assert meta["tag"] == "update_0000004" and meta["zero_stage"] == 3 and meta["world_size"] == 2
-    out = tmp_path / "gathered.pt"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "integration" / "gather_zero3.py"), str(zero3_run / "c.yaml"), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    gathered = torch.load(out)
+    gathered = gather_zero3_params(zero3_run / "c.yaml", tmp_path / "gathered.pt")
     assert gathered["update"] == 4 and set(gathered["params"]) == set(exported)
     for name, tensor in gathered["params"].items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)

@@ -2,7 +2,6 @@
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -47,7 +46,7 @@ def test_sigusr1_saves_and_exits_for_requeue_then_resume_finishes(synthetic_bin,
 
     resumed = train_single([cfg, "--train.max_update", str(info.update + 3)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr
     losses = tensorboard_scalars(tmp_path / "run" / "tensorboard", "train/loss")
     assert max(losses) == info.update + 3
 
