@@ -86,3 +86,13 @@ def test_run_dir_of_another_model_is_refused(synthetic_bin, tmp_path):
     assert train_single([cfg]).returncode == 0
     proc = train_single([cfg, "--model.encoder_layers", "2"])
     assert proc.returncode == 2 and "holds checkpoints of another model" in proc.stderr
+
+
+def test_repeated_nonfinite_loss_stops_naming_the_update(synthetic_bin, tmp_path):
+    # an absurd learning rate without clipping blows the weights up after the first update
+    cfg = config(tmp_path, "run", synthetic_bin, train={"max_update": 40, "lr": 1.0e6, "clip_norm": 0.0,
+                                                        "max_nonfinite_steps": 2, "label_smoothing": 0.0})
+    proc = train_single([cfg])
+    assert proc.returncode == 1
+    assert "non-finite loss for 2 consecutive updates at update 2; stopping without saving" in proc.stderr
+    assert CheckpointDir(tmp_path / "run").latest_complete() is None
