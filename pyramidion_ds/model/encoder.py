@@ -80,6 +80,9 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.scorers = nn.ModuleList(nn.Linear(cfg.d_model, 1) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.normalize_before else None
+        #: layers followed by a pooling step at the full input width (the config's pyramid)
+        self.pooling_layers = {stage.layers[-1] for stage in self.stages(cfg.max_source_positions)
+                               if stage.pooled_width is not None}
         self.checkpoint_fn: Optional[CheckpointFn] = None
         self.checkpoint_granularity = "off"
 
@@ -116,6 +119,12 @@ class Encoder(nn.Module):
             source_positions = source_positions.gather(1, pooled.source_index)
             pooling.append(PoolingInfo(last, stage.width, stage.pooled_width, scores.detach(),
                                        pooled.scores.detach(), source_positions, real_mask))
+        skipped = self.pooling_layers - {info.after_layer for info in pooling}
+        if skipped and torch.is_grad_enabled():
+            # This batch is already narrower than some layers' configured width, so they pooled nothing.
+            # Touch their scorers anyway (a zero contribution): every batch then gives gradients for the
+            # same parameters, as data-parallel gradient reduction across ranks requires.
+            x = x + 0.0 * sum(self.scorers[i](x) for i in sorted(skipped))
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return EncoderOut(x, real_mask, source_positions, pooling)

@@ -12,7 +12,7 @@ def synthetic_bin(tmp_path_factory):
     """The synthetic corpus, binarized by the real pyramidion-preprocess with a real sentencepiece model."""
     from pyramidion_ds.data.synthetic import write_corpus
     root = tmp_path_factory.mktemp("synthetic")
-    paths = write_corpus(root / "raw", {"train": 96, "valid": 8, "test": 8}, seed=0, min_words=150, max_words=250)
+    paths = write_corpus(root / "raw", {"train": 96, "valid": 8, "test": 8}, seed=0, min_words=80, max_words=250)
     dest = root / "bin"
     files = ",".join(f"{split}={path}" for split, path in paths.items())
     proc = subprocess.run([sys.executable, "-m", "pyramidion_ds.cli.preprocess", "--source-files", files,

@@ -193,3 +193,22 @@ def test_no_distributed_imports_under_model():
         if "torch.distributed" in source or "import deepspeed" in source:
             offenders.append(f"{path.name}: mentions torch.distributed / deepspeed import")
     assert package.is_dir() and not offenders, offenders
+
+
+def test_same_parameters_get_gradients_whatever_the_batch_width():
+    """Data-parallel ranks reduce gradients of the same parameters even when one rank's batch is too
+    narrow for a pooling step (its scorer gets a zero gradient instead of none)."""
+    from pyramidion_ds.config import ModelConfig
+    from pyramidion_ds.model import PyramidionModel
+    cfg = ModelConfig(preset="debug", vocab_size=50, max_source_positions=256, chunk_size=32,
+                      pooling_schedule=[256, 128, 64], dropout=0.0)
+    model = PyramidionModel(cfg)
+    with_grad = []
+    for width in (256, 96):  # 96 < 128: the pooling after layer 1 has nothing to do
+        model.zero_grad(set_to_none=True)
+        src = torch.randint(4, 50, (2, width))
+        prev = torch.randint(4, 50, (2, 7))
+        model(src, torch.tensor([width, width]), prev).sum().backward()
+        with_grad.append({name for name, p in model.named_parameters() if p.grad is not None})
+    assert with_grad[0] == with_grad[1]
+    assert "encoder.scorers.1.weight" in with_grad[1]
