@@ -69,6 +69,34 @@ class EncoderOut:
                           self.source_positions.index_select(0, source_order), self.pooling)
 
 
+def pooling_layers(cfg, widths: Optional[list[int]] = None) -> set[int]:
+    """Encoder layers followed by a scorer + top-k in the configured pyramid."""
+    widths = cfg.encoder_widths() if widths is None else widths
+    previous = [cfg.max_source_positions] + widths[:-1]
+    return {i for i, (w_in, w_out) in enumerate(zip(previous, widths)) if w_out < w_in}
+
+
+def encoder_stages(cfg, input_width: int, widths: Optional[list[int]] = None,
+                   pooling: Optional[set[int]] = None) -> list[Stage]:
+    """Group the encoder's layers into stages for an input of ``input_width`` tokens (config only).
+
+    A stage ends at every configured pooling layer whatever the input width, so every batch runs the
+    same modules in the same order (ZeRO-3 gathers parameters module by module, collectively). A batch
+    already narrower than a layer's target gets ``pooled_width=None`` there.
+    """
+    widths = cfg.encoder_widths() if widths is None else widths
+    pooling = pooling_layers(cfg, widths) if pooling is None else pooling
+    full_attention = cfg.variant == "vanilla"
+    stages, layers, width = [], [], input_width
+    for index, target in enumerate(widths):
+        layers.append(index)
+        if index in pooling or index == len(widths) - 1:
+            chunk = width if full_attention else min(width, cfg.chunk_size)
+            stages.append(Stage(layers, width, chunk, target if target < width else None))
+            layers, width = [], min(width, target)
+    return stages
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -80,22 +108,13 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.scorers = nn.ModuleList(nn.Linear(cfg.d_model, 1) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.normalize_before else None
-        #: layers followed by a pooling step at the full input width (the config's pyramid)
-        self.pooling_layers = {stage.layers[-1] for stage in self.stages(cfg.max_source_positions)
-                               if stage.pooled_width is not None}
+        #: layers followed by a scorer + top-k in the configured pyramid (at the full input width)
+        self.pooling_layers = pooling_layers(cfg, self.widths)
         self.checkpoint_fn: Optional[CheckpointFn] = None
         self.checkpoint_granularity = "off"
 
     def stages(self, input_width: int) -> list[Stage]:
-        """Group layers into stages for an input of ``input_width`` tokens."""
-        stages, layers, width = [], [], input_width
-        for index, target in enumerate(self.widths):
-            layers.append(index)
-            if target < width or index == len(self.widths) - 1:
-                chunk = width if self.full_attention else min(width, self.cfg.chunk_size)
-                stages.append(Stage(layers, width, chunk, target if target < width else None))
-                layers, width = [], min(width, target)
-        return stages
+        return encoder_stages(self.cfg, input_width, self.widths, self.pooling_layers)
 
     def forward(self, embedded: Tensor, real_mask: Tensor) -> EncoderOut:
         """embedded: B×n×d scaled token embeddings; real_mask: B×n (True = token)."""
@@ -108,9 +127,14 @@ class Encoder(nn.Module):
         padded = not bool(real_mask.all())
         for stage in self.stages(n):
             x = self._run_stage(stage, x, real_mask if padded else None)
-            if stage.pooled_width is None:
-                continue
             last = stage.layers[-1]
+            if stage.pooled_width is None:
+                if last in self.pooling_layers:
+                    # the batch is already narrower than this layer's target, so nothing is pooled; the
+                    # scorer still runs (a zero contribution) so that every rank, whatever its batch
+                    # width, gathers and reduces the same parameters in the same order
+                    x = x + 0.0 * self.scorers[last](x)
+                continue
             scores = torch.sigmoid(self.scorers[last](x).squeeze(-1).float()) + 1e-5
             pooled = successive_halving_topk(x, scores, stage.pooled_width, base=self.cfg.topk_base,
                                              flip_right=self.cfg.flip_right, sort_back=self.cfg.sort_back,
@@ -119,12 +143,6 @@ class Encoder(nn.Module):
             source_positions = source_positions.gather(1, pooled.source_index)
             pooling.append(PoolingInfo(last, stage.width, stage.pooled_width, scores.detach(),
                                        pooled.scores.detach(), source_positions, real_mask))
-        skipped = self.pooling_layers - {info.after_layer for info in pooling}
-        if skipped and torch.is_grad_enabled():
-            # This batch is already narrower than some layers' configured width, so they pooled nothing.
-            # Touch their scorers anyway (a zero contribution): every batch then gives gradients for the
-            # same parameters, as data-parallel gradient reduction across ranks requires.
-            x = x + 0.0 * sum(self.scorers[i](x) for i in sorted(skipped))
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return EncoderOut(x, real_mask, source_positions, pooling)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .decoder import Decoder, DecoderCache
-from .encoder import Encoder, EncoderOut
+from .encoder import Encoder, EncoderOut, encoder_stages
 from .layers import TokenEmbedding
 
 GRANULARITIES = ("stage", "layer", "off")
@@ -91,25 +91,30 @@ class PyramidionModel(nn.Module):
         self.decoder.checkpoint_fn = checkpoint_fn
 
     def flops_per_step(self, batch_size: int, src_len: int, tgt_len: int) -> float:
-        """Analytic training FLOPs (forward + backward = 3× forward) of one batch, as this variant runs it.
+        """Analytic training FLOPs of one batch as this variant runs it (see :func:`training_flops`)."""
+        return training_flops(self.cfg, batch_size, src_len, tgt_len)
 
-        Counts matmuls (2 FLOPs per multiply-add) and attention score/value products over the chunk widths
-        actually used; the decoder cross-attends to the pooled width. Norms, softmax and top-k are ignored.
-        """
-        cfg, d, f = self.cfg, self.cfg.d_model, self.cfg.ffn_dim
-        encoder = 0
-        width = src_len
-        for stage in self.encoder.stages(src_len):
-            per_layer = 2 * stage.width * (4 * d * d + 2 * d * f) + 4 * stage.width * stage.chunk_size * d
-            encoder += per_layer * len(stage.layers)
-            if stage.pooled_width is not None:
-                encoder += 2 * stage.width * d  # scorer
-                width = stage.pooled_width
-        pooled = width
-        decoder_layer = (2 * tgt_len * (4 * d * d + 2 * d * f)   # self-attn projections + FFN
-                         + 4 * tgt_len * tgt_len * d              # causal self-attention (full square)
-                         + 2 * tgt_len * 2 * d * d + 2 * pooled * 2 * d * d  # cross q/out, k/v projections
-                         + 4 * tgt_len * pooled * d)              # cross-attention
-        output_projection = 2 * tgt_len * d * cfg.vocab_size
-        forward = encoder + cfg.decoder_layers * decoder_layer + output_projection
-        return float(3 * batch_size * forward)
+
+def training_flops(cfg, batch_size: int, src_len: int, tgt_len: int) -> float:
+    """Analytic training FLOPs (forward + backward = 3× forward) of one batch, as this variant runs it.
+
+    Counts matmuls (2 FLOPs per multiply-add) and attention score/value products over the chunk widths
+    actually used; the decoder cross-attends to the pooled width. Norms, softmax and top-k are ignored.
+    """
+    d, f = cfg.d_model, cfg.ffn_dim
+    encoder = 0
+    width = src_len
+    for stage in encoder_stages(cfg, src_len):
+        per_layer = 2 * stage.width * (4 * d * d + 2 * d * f) + 4 * stage.width * stage.chunk_size * d
+        encoder += per_layer * len(stage.layers)
+        if stage.pooled_width is not None:
+            encoder += 2 * stage.width * d  # scorer
+            width = stage.pooled_width
+    pooled = width
+    decoder_layer = (2 * tgt_len * (4 * d * d + 2 * d * f)   # self-attn projections + FFN
+                     + 4 * tgt_len * tgt_len * d              # causal self-attention (full square)
+                     + 2 * tgt_len * 2 * d * d + 2 * pooled * 2 * d * d  # cross q/out, k/v projections
+                     + 4 * tgt_len * pooled * d)              # cross-attention
+    output_projection = 2 * tgt_len * d * cfg.vocab_size
+    forward = encoder + cfg.decoder_layers * decoder_layer + output_projection
+    return float(3 * batch_size * forward)

@@ -195,19 +195,15 @@ def pooling_bytes(m, n: int, k: int, b: int) -> int:
 
 
 def encoder_stages(m, src_len: int):
-    """The model's own stage grouping (``Encoder.stages``) from the config alone: no model is built."""
-    from types import SimpleNamespace
-    from ..model.encoder import Encoder
-    shim = SimpleNamespace(widths=m.encoder_widths(), full_attention=m.variant == "vanilla", cfg=m)
-    return Encoder.stages(shim, src_len)
+    """The model's own stage grouping, from the config alone: no model is built."""
+    from ..model.encoder import encoder_stages as stages_of
+    return stages_of(m, src_len)
 
 
 def flops_per_step(m, batch_size: int, src_len: int, tgt_len: int) -> float:
     """``PyramidionModel.flops_per_step`` from the config alone (the model's own formula, no weights)."""
-    from types import SimpleNamespace
-    from ..model import PyramidionModel
-    shim = SimpleNamespace(cfg=m, encoder=SimpleNamespace(stages=lambda n: encoder_stages(m, n)))
-    return PyramidionModel.flops_per_step(shim, batch_size, src_len, tgt_len)
+    from ..model.model import training_flops
+    return training_flops(m, batch_size, src_len, tgt_len)
 
 
 def activation_bytes(m, batch_size: int, src_len: int, tgt_len: int, *, precision: str = "bf16",

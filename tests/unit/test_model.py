@@ -212,3 +212,24 @@ def test_same_parameters_get_gradients_whatever_the_batch_width():
         with_grad.append({name for name, p in model.named_parameters() if p.grad is not None})
     assert with_grad[0] == with_grad[1]
     assert "encoder.scorers.1.weight" in with_grad[1]
+
+
+def test_module_order_does_not_depend_on_the_batch_width():
+    """ZeRO-3 gathers parameters module by module, collectively: ranks with batches of different widths
+    must call the same modules in the same order, in forward and without gradients too."""
+    from pyramidion_ds.config import ModelConfig
+    from pyramidion_ds.model import PyramidionModel
+    cfg = ModelConfig(preset="debug", vocab_size=50, max_source_positions=256, chunk_size=32,
+                      pooling_schedule=[256, 128, 64], dropout=0.0)
+    model = PyramidionModel(cfg)
+    orders = []
+    for width in (256, 96, 40):
+        calls = []
+        hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: calls.append(name))
+                 for name, m in model.encoder.named_modules() if name]
+        with torch.no_grad():
+            model.encode(torch.randint(4, 50, (2, width)))
+        for h in hooks:
+            h.remove()
+        orders.append(calls)
+    assert orders[0] == orders[1] == orders[2]
