@@ -56,5 +56,9 @@ class PreemptionFlag:
         self.signal_name = signal.Signals(signum).name
 
     @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    @property
     def requested(self) -> bool:
         return self.signal_name is not None

@@ -16,6 +16,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +109,7 @@ class Meters:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, world):
+    def __init__(self, cfg: Config, world, preempt: PreemptionFlag | None = None):
         self.cfg, self.world = cfg, world
         self.run_dir = Path(cfg.train.save_dir)
         self.ckpt = CheckpointDir(self.run_dir)
@@ -120,7 +121,7 @@ class Trainer:
         self.bad_validations = 0
         self.valid_history: list[dict] = []
         self.nonfinite_streak = 0
-        self.preempt = PreemptionFlag()
+        self.preempt = preempt or PreemptionFlag()
         self.writer = None
 
     # ------------------------------------------------------------------ setup
@@ -298,7 +299,14 @@ class Trainer:
 
     def run(self) -> int:
         cfg = self.cfg.train
-        self.preempt.install()
+        owns_handlers = not self.preempt.installed
+        if owns_handlers:
+            self.preempt.install()
+        _, preempted = self._flags(False)
+        if preempted:  # asked to stop while starting up: nothing new to save
+            log.warning(f"received {self.preempt.signal_name or 'a stop signal on another rank'} before the "
+                        f"first update; exiting with code {EXIT_PREEMPTED} so the launcher can requeue")
+            return EXIT_PREEMPTED
         meters = Meters()
         progress = self._progress()
         iterator = self._epoch_iterator()
@@ -349,7 +357,8 @@ class Trainer:
             return EXIT_OK
         finally:
             progress.close()
-            self.preempt.uninstall()
+            if owns_handlers:
+                self.preempt.uninstall()
             if self.writer is not None:
                 self.writer.close()
 
@@ -523,15 +532,25 @@ def peak_memory_gib() -> float:
 
 def run_training(cfg: Config) -> int:
     from ..dist import init_distributed
-    world = init_distributed(None if cfg.distributed.backend == "auto" else cfg.distributed.backend,
-                             timeout_minutes=cfg.distributed.timeout_minutes)
-    setup_logging(world.rank)
-    trainer = Trainer(cfg, world)
-    trainer.check()  # bad input stops here, with nothing written
-    setup_logging(world.rank, Path(cfg.train.save_dir) / "train.log")
+    # DeepSpeed calls torch.distributed APIs torch has deprecated: one warning per rank per update
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*",
+                            category=FutureWarning)
+    # A stop signal can come before the first update (SLURM preempts whenever it likes): record it from
+    # the start, so startup is never killed half-way (e.g. inside DeepSpeed's op build, which would leave
+    # a stale lock behind) and the launcher still gets the "requeue me" code.
+    preempt = PreemptionFlag().install()
     try:
+        setup_logging(0)  # rank discovery logs on rank 0 only
+        world = init_distributed(None if cfg.distributed.backend == "auto" else cfg.distributed.backend,
+                                 timeout_minutes=cfg.distributed.timeout_minutes)
+        setup_logging(world.rank)
+        trainer = Trainer(cfg, world, preempt)
+        trainer.check()  # bad input stops here, with nothing written
+        setup_logging(world.rank, Path(cfg.train.save_dir) / "train.log")
         trainer.setup()
         return trainer.run()
     except TrainingError as err:
         log.error(str(err))
         return EXIT_ERROR
+    finally:
+        preempt.uninstall()
