@@ -142,6 +142,10 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
             self._spawn(f"slurmd-{node}", [find_binary("slurmd"), "-D", "-f", str(self.conf), "-N", node])
         self._wait_for(self._all_idle, "both nodes idle in sinfo", timeout)
 
+    def nodes_idle(self) -> bool:
+        """Both nodes idle: no job on them and none still completing (cleaning up)."""
+        return self._all_idle()
+
     def _all_idle(self) -> bool:
         out = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False).stdout.split()
         states = dict(zip(out[::2], out[1::2]))
@@ -258,12 +262,35 @@ def slurm_cluster():
             shutil.rmtree(root, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    # Manual use: bring the cluster up, print the SLURM_CONF to export, stop on Enter.
+def main() -> None:
+    """Manual use: bring the cluster up, print the SLURM_CONF to export, stop on Enter or Ctrl-C.
+
+    With stdin not a terminal (started in the background), it stays up until SIGTERM or SIGINT.
+    """
     cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="pyr-slurm-")))
+
+    def stop_on_signal(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
     try:
         cluster.start()
-        print(f"export SLURM_CONF={cluster.conf}\n(press Enter to stop)")
-        input()
+        print(f"export SLURM_CONF={cluster.conf}\n"
+              f"two nodes (node1, node2), partition debug; files and daemon logs in {cluster.root}",
+              flush=True)
+        if sys.stdin.isatty():
+            print("(press Enter or Ctrl-C to stop)", flush=True)
+            input()
+        else:
+            print(f"(stop with: kill {os.getpid()})", flush=True)
+            signal.pause()
+    except (KeyboardInterrupt, EOFError):
+        pass
     finally:
         cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+        print("slurm cluster stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()
