@@ -9,6 +9,7 @@ At most ``4 × workers`` chunks are in flight, so memory stays bounded however l
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -101,7 +102,11 @@ def _chunks(records: Iterable, max_docs: int = CHUNK_DOCS, max_chars: int = CHUN
 
 
 class _Encoder:
-    """Ordered, bounded parallel map of :func:`_encode_chunk` (in-process when workers <= 1)."""
+    """Ordered, bounded parallel map of :func:`_encode_chunk` (in-process when workers <= 1).
+
+    A process pool from ``concurrent.futures``: when a worker dies (killed, out of memory) the pending
+    results raise ``BrokenProcessPool`` instead of waiting forever, as ``multiprocessing.Pool`` would.
+    """
 
     def __init__(self, workers: int, init_args: tuple):
         self.workers = workers
@@ -112,7 +117,8 @@ class _Encoder:
             # unguarded __main__ script
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = context.Pool(workers, _init_worker, init_args)
+            self.pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                               initializer=_init_worker, initargs=init_args)
         else:
             _init_worker(*init_args)
 
@@ -121,17 +127,20 @@ class _Encoder:
             yield from map(_encode_chunk, chunks)
             return
         pending = collections.deque()
-        for chunk in chunks:
-            pending.append(self.pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= 4 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for chunk in chunks:
+                pending.append(self.pool.submit(_encode_chunk, chunk))
+                if len(pending) >= 4 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise DataError("a tokenizer worker process died (killed, or out of memory?); nothing was "
+                            "written; retry with fewer --workers") from None
 
     def close(self):
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------------

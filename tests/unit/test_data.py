@@ -305,3 +305,19 @@ def test_real_samples_pubmed_and_qmsum(shared_data, tmp_path):
     expected = sp.EncodeAsIds(row["document"])[:8191] + [EOS_ID]
     assert ds[4]["source"].tolist() == expected
     assert ds.tgt_sizes.max() <= 256
+
+
+def test_a_killed_tokenizer_worker_is_an_error_not_a_hang(data_dir):
+    import os
+    import signal
+    from pyramidion_ds.data.binarize import _Encoder
+    encoder = _Encoder(2, (str(data_dir / "spm.model"), "uint16", 512, 128, True))
+    try:
+        chunks = [[("a", "some text here .", "a summary .")]] * 8
+        first = next(encoder.map(iter(chunks[:1])))  # workers are up and working
+        assert first[0][0] == "ok"
+        os.kill(next(iter(encoder.pool._processes)), signal.SIGKILL)  # a real worker, really killed
+        with pytest.raises(DataError, match="tokenizer worker process died"):
+            list(encoder.map(iter(chunks)))
+    finally:
+        encoder.close()
