@@ -1,0 +1,644 @@
+"""pyramidion-bench learn: the four variants trained side by side; quality, selection recall, speed.
+
+One command, end to end, for one task::
+
+    corpus (synthetic: planted salient sentences | real: ../shared/data PubMed + QMSum, split here)
+      └─ pyramidion-preprocess ──> OUT/data-bin (sentencepiece + shards)
+           └─ for each variant (vanilla, blockwise, transpooler, pyramidion), same config / seed / data /
+              step budget: pyramidion-train ──> OUT/runs/<variant>   (tensorboard: loss vs wall clock)
+                └─ pyramidion-generate --gen-subset test (beam search) ──> OUT/generate/<variant> (ROUGE)
+                └─ selection recall (synthetic): planted tokens whose representation dominates a slot
+                   of the final pyramid stage (``EncoderOut.source_positions[mask]``)
+      └─ step time: the four models' fwd+bwd+optimizer step on one real batch, interleaved A B C D A ...
+      └─ OUT/learn.json, OUT/learn.md (tables + targets), OUT/learn.png (valid loss vs wall clock)
+
+The run configs are shipped: ``pyramidion_ds/configs/learn_synthetic.yaml`` / ``learn_real.yaml``
+(the variant, data dir, save dir and seed are set here). Corpus and vocabulary settings are
+:data:`TASKS`. The training budget is a number of updates (reproducible); ``--budget-minutes`` caps
+each variant's training wall clock (the trainer is sent SIGUSR1, saves, and stops).
+
+    pyramidion-bench learn --task synthetic --out results/learn/synthetic --seed 1
+    pyramidion-bench learn --task real --out results/learn/real --budget-minutes 10
+    pyramidion-bench learn --report-only --out results/learn/synthetic   # rebuild tables from the runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
+POOLING_VARIANTS = ("transpooler", "pyramidion")
+EXIT_PREEMPTED = 75  # pyramidion_ds.cli.common.EXIT_PREEMPTED (kept literal: no torch import at --help)
+
+
+@dataclass
+class TaskSpec:
+    """Corpus + vocabulary settings of one task (the run config lives in ``configs/learn_<task>.yaml``)."""
+    config: str                         #: shipped run config name
+    splits: dict                        #: split -> number of documents (synthetic)
+    min_words: int = 0                  #: synthetic document length (words); ~1.0 piece per word
+    max_words: int = 0
+    num_salient: tuple = (2, 4)         #: planted sentences per document (inclusive range)
+    spm_vocab_size: int = 1000
+    spm_model_type: str = "bpe"
+    spm_character_coverage: float = 1.0  #: digits are rare in the filler: keep every character
+    budget_minutes: float = 30.0        #: default wall-clock cap per variant's training
+
+
+TASKS = {
+    # documents of 2,080-2,460 pieces (>= 2,048), 2-4 planted sentences (summaries of 23-54 pieces)
+    "synthetic": TaskSpec(config="learn_synthetic", splits={"train": 1000, "valid": 20, "test": 20},
+                          min_words=2050, max_words=2400),
+    # ../shared/data: 50 PubMed + 70 QMSum pairs; test/valid/train by position in each file
+    "real": TaskSpec(config="learn_real", splits={}, spm_vocab_size=8000, spm_model_type="unigram",
+                     spm_character_coverage=0.9995, budget_minutes=10.0),
+}
+REAL_FILES = ("pubmed_sample.jsonl", "qmsum_sample.jsonl")
+
+
+# --------------------------------------------------------------------------------------------------
+# selection recall: planted-sentence tokens that dominate a slot of the final pyramid stage
+# --------------------------------------------------------------------------------------------------
+
+def piece_offsets(spm, text: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Sentencepiece ids of ``text`` and each piece's *character* [begin, end) in ``text``.
+
+    Sentencepiece reports byte offsets (``encode(..., out_type="immutable_proto")`` in older releases,
+    ``return_type="proto"`` in newer ones); they are mapped to character offsets here so spans computed
+    on the Python string compare directly. The ids are exactly ``spm.EncodeAsIds(text)``.
+    """
+    try:
+        proto = spm.encode(text, out_type="immutable_proto")
+    except (ValueError, TypeError):
+        proto = spm.encode(text, return_type="proto")
+    # character index of every byte offset 0..len(bytes) (exclusive ends land on the next character)
+    byte_to_char = np.empty(len(text.encode("utf-8")) + 1, dtype=np.int64)
+    position = 0
+    for index, character in enumerate(text):
+        width = len(character.encode("utf-8"))
+        byte_to_char[position:position + width] = index
+        position += width
+    byte_to_char[position] = len(text)
+    ids = [p.id for p in proto.pieces]
+    begins = byte_to_char[[p.begin for p in proto.pieces]] if ids else np.zeros(0, dtype=np.int64)
+    ends = byte_to_char[[p.end for p in proto.pieces]] if ids else np.zeros(0, dtype=np.int64)
+    return ids, begins, ends
+
+
+def salient_token_mask(begins: np.ndarray, ends: np.ndarray, spans: Sequence[Sequence[int]]) -> np.ndarray:
+    """n bool: piece i overlaps a salient character span [s, e) (a piece's leading space is outside
+    the span, so ``▁agent`` at a sentence start counts, and the filler piece after its ``.`` does not)."""
+    mask = np.zeros(len(begins), dtype=bool)
+    for start, end in spans:
+        mask |= (begins < end) & (ends > start) & (ends > begins)
+    return mask
+
+
+def selection_counts(salient: np.ndarray, kept_positions: Sequence[int]) -> tuple[int, int]:
+    """(salient tokens kept, salient tokens) for one document; ``kept_positions``: token positions that
+    dominate a real slot of the final stage. Positions beyond ``len(salient)`` (e.g. ``</s>``) are ignored."""
+    kept = np.zeros(len(salient), dtype=bool)
+    positions = np.asarray([p for p in kept_positions if 0 <= p < len(salient)], dtype=np.int64)
+    kept[positions] = True
+    return int((kept & salient).sum()), int(salient.sum())
+
+
+def measure_selection(model, spm, records: list[dict], pad_to_multiple: int, batch_size: int = 4) -> dict:
+    """Selection recall of ``model`` over ``records`` (jsonl dicts with ``document`` and ``salient_spans``).
+
+    Each document is encoded as preprocessing does (pieces + ``</s>``, cut to max_source_positions);
+    the final stage's kept positions are ``EncoderOut.source_positions[mask]``.
+    """
+    import torch
+
+    from ..generate.inputs import Example, truncate_ids
+    from ..generate.runner import collate_sources
+    cfg = model.cfg
+    docs = []
+    for index, record in enumerate(records):
+        ids, begins, ends = piece_offsets(spm, record["document"])
+        salient = salient_token_mask(begins, ends, record["salient_spans"])
+        source = truncate_ids(ids + [cfg.eos_id], cfg.max_source_positions, cfg.eos_id)
+        docs.append((Example(index, record.get("id", str(index)), source, None), salient))
+    hits = total = truncated = slots = salient_slots = 0
+    per_doc, widths = [], []
+    with torch.no_grad():
+        for start in range(0, len(docs), batch_size):
+            batch = docs[start:start + batch_size]
+            src, lengths = collate_sources([e for e, _ in batch], cfg.pad_id, pad_to_multiple,
+                                           cfg.max_source_positions, next(model.parameters()).device)
+            out = model.encode(src, lengths)
+            for row, (example, salient) in enumerate(batch):
+                kept = out.source_positions[row][out.mask[row]].tolist()
+                visible = len(example.source) - 1  # pieces the model saw (</s> excluded)
+                truncated += int(salient[visible:].sum())
+                h, t = selection_counts(salient, kept)
+                hits, total = hits + h, total + t
+                kept_set = set(kept)
+                slots += len(kept_set)
+                salient_slots += sum(1 for p in kept_set if p < len(salient) and salient[p])
+                widths.append((len(example.source), int(out.mask[row].sum())))
+                per_doc.append(h / max(t, 1))
+    mean_len = float(np.mean([n for n, _ in widths]))
+    mean_kept = float(np.mean([k for _, k in widths]))
+    return {"recall": hits / max(total, 1), "recall_mean_per_doc": float(np.mean(per_doc)),
+            "recall_min_doc": float(np.min(per_doc)), "salient_tokens": total, "salient_kept": hits,
+            "salient_truncated": truncated,
+            "precision": salient_slots / max(slots, 1),  # share of distinct kept positions that are planted
+            "final_slots_mean": mean_kept, "source_tokens_mean": mean_len,
+            "chance_recall": mean_kept / mean_len, "documents": len(docs)}
+
+
+# --------------------------------------------------------------------------------------------------
+# corpus + preprocessing
+# --------------------------------------------------------------------------------------------------
+
+def make_synthetic(raw_dir: Path, spec: TaskSpec, seed: int) -> dict[str, Path]:
+    from ..data.synthetic import write_corpus
+    return write_corpus(raw_dir, spec.splits, seed=seed, min_words=spec.min_words, max_words=spec.max_words,
+                        num_salient=tuple(spec.num_salient))
+
+
+def split_of(position: int) -> str:
+    """Deterministic split of the record at ``position`` in its file: every 10th test, the next valid."""
+    return {0: "test", 1: "valid"}.get(position % 10, "train")
+
+
+def make_real(raw_dir: Path, data_dir: Path) -> dict[str, Path]:
+    """``../shared/data`` samples split by position in each file (no shuffling: any clone splits alike)."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    rows = {"train": [], "valid": [], "test": []}
+    for name in REAL_FILES:
+        path = data_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: real sample missing (see ../shared/data/README.md)")
+        with open(path, encoding="utf-8") as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+        for position, record in enumerate(records):
+            rows[split_of(position)].append({"id": f"{path.stem}-{record['id']}", "document": record["document"],
+                                             "summary": record["summary"]})
+    written = {}
+    for split, items in rows.items():
+        path = raw_dir / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+        written[split] = path
+    return written
+
+
+def subprocess_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_logged(cmd: list[str], log_path: Path, env: dict, time_limit_s: Optional[float] = None) -> tuple[int, float, bool]:
+    """Run ``cmd`` with output to ``log_path``; (exit code, seconds, stopped by the time limit).
+
+    Past ``time_limit_s`` the process gets SIGUSR1 (the trainer saves a checkpoint and exits 75)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    signalled = False
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        while proc.poll() is None:
+            if time_limit_s is not None and not signalled and time.perf_counter() - started > time_limit_s:
+                proc.send_signal(signal.SIGUSR1)
+                signalled = True
+            time.sleep(1.0)
+    return proc.returncode, time.perf_counter() - started, signalled
+
+
+def preprocess(raw: dict[str, Path], dest: Path, spec: TaskSpec, env: dict, log_dir: Path) -> dict:
+    files = ",".join(f"{split}={path}" for split, path in raw.items())
+    cmd = [sys.executable, "-m", "pyramidion_ds.cli.preprocess", "--source-files", files, "--destdir", str(dest),
+           "--spm-vocab-size", str(spec.spm_vocab_size), "--spm-model-type", spec.spm_model_type,
+           "--spm-character-coverage", str(spec.spm_character_coverage), "--quiet"]
+    code, seconds, _ = run_logged(cmd, log_dir / "preprocess.log", env)
+    if code != 0:
+        raise RuntimeError(f"pyramidion-preprocess failed (exit {code}); see {log_dir / 'preprocess.log'}")
+    lengths = {}
+    for split in raw:
+        header = json.loads((dest / f"{split}.source.json").read_text())
+        lengths[split] = {"source": header["lengths"],
+                          "target": json.loads((dest / f"{split}.target.json").read_text())["lengths"],
+                          "examples": header["num_examples"]}
+    return {"seconds": seconds, "lengths": lengths}
+
+
+# --------------------------------------------------------------------------------------------------
+# train, generate, read curves
+# --------------------------------------------------------------------------------------------------
+
+def run_config_args(spec: TaskSpec, variant: str, data_bin: Path, run_dir: Path, seed: int,
+                    extra: Sequence[str]) -> list[str]:
+    return [spec.config, "--model.variant", variant, "--data.data", str(data_bin), "--train.save_dir", str(run_dir),
+            "--train.seed", str(seed), *extra]
+
+
+def train_variant(spec, variant, data_bin, run_dir, seed, extra, env, budget_minutes) -> dict:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "pyramidion_ds.cli.train",
+           *run_config_args(spec, variant, data_bin, run_dir, seed, extra), "--no-resume"]
+    code, seconds, stopped = run_logged(cmd, run_dir.parent / f"{variant}.train.log", env,
+                                        time_limit_s=budget_minutes * 60)
+    if code not in (0, EXIT_PREEMPTED):
+        raise RuntimeError(f"training {variant} failed (exit {code}); see {run_dir.parent / f'{variant}.train.log'}")
+    return {"exit_code": code, "process_seconds": seconds, "stopped_by_time_budget": stopped}
+
+
+def generate_variant(run_dir: Path, out_dir: Path, env: dict, gen_args: Sequence[str]) -> dict:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    cmd = [sys.executable, "-m", "pyramidion_ds.cli.generate", str(run_dir), "--gen-subset", "test",
+           "--results-path", str(out_dir), "--cpu", "--no-progress-bar", *gen_args]
+    code, seconds, _ = run_logged(cmd, out_dir.parent / f"{out_dir.name}.generate.log", env)
+    if code != 0:
+        raise RuntimeError(f"pyramidion-generate failed for {run_dir} (exit {code}); "
+                           f"see {out_dir.parent / f'{out_dir.name}.generate.log'}")
+    rouge = json.loads((out_dir / "rouge-test.json").read_text())
+    return {"seconds": seconds, "rouge": {k: v["fmeasure"] for k, v in rouge.items() if isinstance(v, dict)},
+            "documents": rouge.get("count")}
+
+
+def tensorboard_series(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """tag -> [(update, wall_time, value)] from the run's event files, plus 't0' (writer creation)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    series: dict[str, list] = {}
+    files = sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    t0 = None
+    for events in files:
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        first = acc.FirstEventTimestamp()
+        t0 = first if t0 is None else min(t0, first)
+        for tag in acc.Tags()["scalars"]:
+            series.setdefault(tag, []).extend((e.step, e.wall_time, e.value) for e in acc.Scalars(tag))
+    for values in series.values():
+        values.sort()
+    series["t0"] = t0
+    return series
+
+
+def curve_summary(series: dict, log_interval: int) -> dict:
+    t0 = series["t0"]
+    valid = [(step, wall - t0, value) for step, wall, value in series.get("valid/loss", [])]
+    train = series.get("train/loss", [])
+    # seconds per update between consecutive log lines (validation/checkpoint intervals included: median)
+    step_s = [(w2 - w1) / (s2 - s1) for (s1, w1, _), (s2, w2, _) in zip(train, train[1:]) if s2 > s1]
+    tokens = [v for _, _, v in series.get("train/tokens_per_s", [])]
+    last_update = max([s for s, _, _ in train] + [s for s, _, _ in valid] + [0])
+    return {"valid_curve": [{"update": s, "seconds": round(t, 3), "loss": v} for s, t, v in valid],
+            "final_valid_loss": valid[-1][2] if valid else None,
+            "best_valid_loss": min(v for _, _, v in valid) if valid else None,
+            "updates": last_update,
+            "train_seconds": (max(w for _, w, _ in train) - t0) if train else None,
+            "step_s_median": statistics.median(step_s) if step_s else None,
+            "tokens_per_s_median": statistics.median(tokens) if tokens else None,
+            "final_train_loss": train[-1][2] if train else None}
+
+
+# --------------------------------------------------------------------------------------------------
+# step time of the four models on one real batch, interleaved (shared CPUs drift: compare in one loop)
+# --------------------------------------------------------------------------------------------------
+
+def interleaved_step_time(spec: TaskSpec, data_bin: Path, seed: int, extra: Sequence[str], variants: Sequence[str],
+                          repeats: int = 5, warmup: int = 1) -> dict:
+    import torch
+
+    from ..config import load_config
+    from ..data import SummarizationDataset, collate
+    from ..engine import label_smoothed_nll_loss
+    from ..model import PyramidionModel
+    models, batch = {}, None
+    for variant in variants:
+        cfg = load_config(spec.config, run_config_args(spec, variant, data_bin, Path("unused"), seed, extra)[1:])
+        cfg.model.vocab_size = json.loads((data_bin / "meta.json").read_text())["vocab_size"]
+        torch.manual_seed(seed)
+        model = PyramidionModel(cfg.model).train()
+        models[variant] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), cfg)
+        if batch is None:
+            m = cfg.model
+            data = SummarizationDataset(str(data_bin), "train", m.max_source_positions, m.max_target_positions)
+            pad = cfg.data.pad_to_multiple or m.chunk_size
+            per_batch = max(1, cfg.data.max_tokens // m.max_source_positions)
+            batch = collate([data[i] for i in range(per_batch)], pad_id=m.pad_id, bos_id=m.bos_id,
+                            eos_id=m.eos_id, pad_to_multiple=pad)
+
+    def step(variant):
+        model, opt, cfg = models[variant]
+        logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
+        loss, _ = label_smoothed_nll_loss(logits, batch["target"], cfg.train.label_smoothing, cfg.model.pad_id)
+        (loss / batch["ntokens"]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {v: [] for v in variants}
+    for i in range(warmup + repeats):
+        for variant in variants:
+            start = time.perf_counter()
+            step(variant)
+            if i >= warmup:
+                times[variant].append(time.perf_counter() - start)
+    shape = list(batch["src_tokens"].shape)
+    return {"batch_src_shape": shape, "tgt_len": int(batch["target"].shape[1]), "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            # the minimum: on a shared machine other jobs only ever add time to a step
+            "step_s": {v: min(t) for v, t in times.items()},
+            "step_s_median": {v: statistics.median(t) for v, t in times.items()},
+            "step_s_all": {v: t for v, t in times.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+
+def machine() -> str:
+    import platform
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (load average {load:.1f} at report time)"
+
+
+def check_targets(rows: dict, task: str) -> list[dict]:
+    """The issue's targets for the Pyramidion variant (synthetic task), each with its measured value."""
+    if task != "synthetic" or "pyramidion" not in rows:
+        return []
+    pyr = rows["pyramidion"]
+    checks = [("ROUGE-L >= 0.9", pyr.get("rouge", {}).get("rougeL"), lambda v: v >= 0.9),
+              ("selection recall >= 0.9", pyr.get("selection", {}).get("recall"), lambda v: v >= 0.9)]
+    block = rows.get("blockwise")
+    if block and block.get("final_valid_loss") and pyr.get("final_valid_loss"):
+        ratio = pyr["final_valid_loss"] / block["final_valid_loss"]
+        checks.append(("valid loss <= 1.05 x blockwise", ratio, lambda v: v <= 1.05))
+    for base in ("blockwise", "vanilla"):
+        if base in rows and rows[base].get("step_s_bench") and pyr.get("step_s_bench"):
+            ratio = pyr["step_s_bench"] / rows[base]["step_s_bench"]
+            checks.append((f"step faster than {base} (interleaved bench)", ratio, lambda v: v < 1.0))
+        if base in rows and rows[base].get("step_s_median") and pyr.get("step_s_median"):
+            ratio = pyr["step_s_median"] / rows[base]["step_s_median"]
+            checks.append((f"step faster than {base} (training log)", ratio, lambda v: v < 1.0))
+    return [{"target": name, "value": value, "met": bool(value is not None and ok(value))}
+            for name, value, ok in checks]
+
+
+def _fmt(value, spec=".3f", none="–"):
+    return none if value is None else format(value, spec)
+
+
+def markdown(result: dict) -> str:
+    rows = result["variants"]
+    lines = [f"# pyramidion-bench learn — task `{result['task']}`", "",
+             f"Machine: {result['machine']}. Seed {result['seed']}. Command: `{result['command']}`.", "",
+             f"Corpus: {result['corpus']}", "",
+             "| variant | encoder widths | updates | train wall s | step s (log median) | step s (interleaved) "
+             "| tokens/s | valid loss (end) | ROUGE-1 | ROUGE-2 | ROUGE-L | selection recall | chance |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for variant, r in rows.items():
+        sel = r.get("selection") or {}
+        if variant in POOLING_VARIANTS and sel:
+            recall, chance = _fmt(sel.get("recall")), _fmt(sel.get("chance_recall"))
+        elif sel:
+            recall, chance = "1.000 (n/a: no pooling)", "1.000"
+        else:
+            recall, chance = "n/a", "n/a"
+        rouge = r.get("rouge", {})
+        lines.append(f"| {variant} | {r.get('encoder_widths')} | {r.get('updates')} | {_fmt(r.get('train_seconds'), '.0f')} "
+                     f"| {_fmt(r.get('step_s_median'))} | {_fmt(r.get('step_s_bench'))} "
+                     f"| {_fmt(r.get('tokens_per_s_median'), '.0f')} | {_fmt(r.get('final_valid_loss'))} "
+                     f"| {_fmt(rouge.get('rouge1'))} | {_fmt(rouge.get('rouge2'))} | {_fmt(rouge.get('rougeL'))} "
+                     f"| {recall} | {chance} |")
+    if result.get("targets"):
+        lines += ["", "Targets (Pyramidion):", ""]
+        lines += [f"- {'met' if t['met'] else 'NOT met'}: {t['target']} (measured {_fmt(t['value'])})"
+                  for t in result["targets"]]
+    lines += ["", "Notes: `valid loss (end)` = teacher-forced label-smoothed CE per target token on the valid split, "
+              "computed for each run's final weights (a run stopped by the time budget ends between two "
+              "validations). ROUGE = F1 (rouge-score, stemmed) of beam search on the test split. Selection recall = "
+              "share of the planted sentences' pieces whose representation dominates a real slot of the final "
+              "encoder stage; `chance` = final slots / source pieces (what a random choice keeps). "
+              "`step s (interleaved)` = fastest of N fwd+bwd+AdamW steps of each model on one real batch, the "
+              "four models run in turn in one process (plain torch; medians in the JSON); `step s (log median)` = median seconds per update in the "
+              "training runs (DeepSpeed engine, validation intervals included). The CPUs are shared with other "
+              "jobs: timings are noisy.", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, r in result["variants"].items():
+        curve = r.get("valid_curve") or []
+        if not curve:
+            continue
+        axes[0].plot([p["seconds"] for p in curve], [p["loss"] for p in curve], marker="o", ms=3, label=variant)
+        axes[1].plot([p["update"] for p in curve], [p["loss"] for p in curve], marker="o", ms=3, label=variant)
+    axes[0].set_xlabel("training wall clock (s)")
+    axes[1].set_xlabel("update")
+    for ax in axes:
+        ax.set_ylabel("validation loss (label-smoothed CE)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"pyramidion-bench learn, task {result['task']} ({result['machine_short']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict, out: Path) -> None:
+    (out / "learn.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    (out / "learn.md").write_text(markdown(result), encoding="utf-8")
+    plot(result, out / "learn.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyramidion-bench learn", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=tuple(TASKS), default="synthetic")
+    p.add_argument("--out", required=True, help="results directory (corpus, data-bin, runs, generate, report)")
+    p.add_argument("--seed", type=int, default=1, help="corpus seed and training seed (default %(default)s)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="wall-clock cap on each variant's training (default: the task's, 30 synthetic / 10 real)")
+    p.add_argument("--max-update", type=int, default=None, help="step budget (default: the shipped config's)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: all four)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
+    p.add_argument("--real-data", default=str(ROOT.parent / "shared" / "data"), help="dir of the real samples")
+    p.add_argument("--bench-repeats", type=int, default=15, help="interleaved step-time repeats; 0 = skip")
+    p.add_argument("--reuse", action="store_true", help="keep the corpus, data-bin and finished runs in OUT "
+                   "(train only variants without a run)")
+    p.add_argument("--report-only", action="store_true", help="rebuild OUT/learn.{json,md,png} from OUT/learn.json "
+                   "parts already measured")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config override for every variant, e.g. --set train.lr=0.002 (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        result = json.loads((out / "learn.json").read_text())
+        result["targets"] = check_targets(result["variants"], result["task"])
+        write_report(result, out)
+        print(markdown(result))
+        return 0
+    spec = TASKS[args.task]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"pyramidion-bench learn: error: unknown variants {unknown}, expected {VARIANTS}")
+    budget = args.budget_minutes if args.budget_minutes is not None else spec.budget_minutes
+    extra = []
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"pyramidion-bench learn: error: --set {item!r}: expected KEY=VALUE")
+        extra += [f"--{key}", value]
+    if args.max_update is not None:
+        extra += ["--train.max_update", str(args.max_update)]
+    env = subprocess_env(args.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    command = "pyramidion-bench learn " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.perf_counter()
+
+    raw_dir, data_bin = out / "corpus", out / "data-bin"
+    if not (args.reuse and (data_bin / "meta.json").is_file()):
+        print(f"[learn] corpus ({args.task}) -> {raw_dir}", flush=True)
+        raw = make_synthetic(raw_dir, spec, args.seed) if args.task == "synthetic" else \
+            make_real(raw_dir, Path(args.real_data))
+        if data_bin.exists():
+            shutil.rmtree(data_bin)
+        prep = preprocess(raw, data_bin, spec, env, logs)
+        (out / "preprocess.json").write_text(json.dumps(prep, indent=1))
+    prep = json.loads((out / "preprocess.json").read_text())
+
+    from ..config import load_config
+    result = {"benchmark": "learn", "task": args.task, "seed": args.seed, "command": command,
+              "machine": machine(), "machine_short": f"{os.cpu_count()}-core CPU, shared",
+              "budget_minutes_per_variant": budget, "task_spec": asdict(spec), "overrides": extra,
+              "preprocess": prep, "variants": {}}
+    lengths = prep["lengths"]
+    result["corpus"] = (f"{args.task}: " + ", ".join(f"{s} {v['examples']} docs" for s, v in lengths.items())
+                        + f"; test sources {lengths['test']['source']['min']}-{lengths['test']['source']['max']} "
+                        f"pieces (mean {lengths['test']['source']['mean']:.0f}), summaries "
+                        f"{lengths['test']['target']['min']}-{lengths['test']['target']['max']} pieces")
+    previous = {}
+    if args.reuse and (out / "learn.json").is_file():
+        previous = json.loads((out / "learn.json").read_text()).get("variants", {})
+    for variant in variants:
+        cfg = load_config(spec.config, run_config_args(spec, variant, data_bin, out / "runs" / variant, args.seed,
+                                                       extra)[1:])
+        run_dir = out / "runs" / variant
+        row = {"encoder_widths": cfg.model.encoder_widths(), "max_update": cfg.train.max_update}
+        finished = args.reuse and (run_dir / "checkpoints").is_dir() and any((run_dir / "tensorboard").rglob("events*"))
+        if finished:  # keep what the earlier invocation measured about the training process
+            row.update({k: v for k, v in previous.get(variant, {}).items()
+                        if k in ("exit_code", "process_seconds", "stopped_by_time_budget")})
+        else:
+            print(f"[learn] train {variant} ({cfg.train.max_update} updates, cap {budget:g} min)", flush=True)
+            row.update(train_variant(spec, variant, data_bin, run_dir, args.seed, extra, env, budget))
+        row.update(curve_summary(tensorboard_series(run_dir), cfg.train.log_interval))
+        end = valid_loss_at_end(run_dir)
+        row["last_logged_valid_loss"] = row["final_valid_loss"]
+        row["final_valid_loss"], row["final_valid_nll"] = end["loss"], end["nll_loss"]
+        print(f"[learn] generate {variant}", flush=True)
+        gen_dir = out / "generate" / variant
+        if args.reuse and finished and (gen_dir / "rouge-test.json").is_file():
+            rouge = json.loads((gen_dir / "rouge-test.json").read_text())
+            gen = {"rouge": {k: v["fmeasure"] for k, v in rouge.items() if isinstance(v, dict)},
+                   "seconds": previous.get(variant, {}).get("generate_seconds")}
+        else:
+            gen = generate_variant(run_dir, gen_dir, env, [])
+        row["rouge"], row["generate_seconds"] = gen["rouge"], gen["seconds"]
+        if args.task == "synthetic":
+            row["selection"] = selection_for_run(run_dir, raw_dir / "test.jsonl", cfg)
+        result["variants"][variant] = row
+        print(f"[learn] {variant}: valid loss {_fmt(row['final_valid_loss'])} ROUGE-L {_fmt(row['rouge'].get('rougeL'))}"
+              + (f" recall {_fmt(row['selection']['recall'])}" if 'selection' in row else ""), flush=True)
+        write_report(result, out)  # partial results survive an interruption
+    if args.bench_repeats > 0:
+        print("[learn] interleaved step time", flush=True)
+        import torch
+        torch.set_num_threads(args.threads)
+        bench = interleaved_step_time(spec, data_bin, args.seed, extra, variants, repeats=args.bench_repeats)
+        result["step_bench"] = {k: v for k, v in bench.items() if k not in ("step_s", "step_s_median")}
+        for variant, seconds in bench["step_s"].items():
+            result["variants"][variant]["step_s_bench"] = seconds
+            result["variants"][variant]["step_s_bench_median"] = bench["step_s_median"][variant]
+    result["targets"] = check_targets(result["variants"], args.task)
+    result["total_seconds"] = time.perf_counter() - started
+    result["machine"] = machine()
+    write_report(result, out)
+    print(markdown(result))
+    return 0
+
+
+def valid_loss_at_end(run_dir: Path, batch_docs: int = 2) -> dict:
+    """Teacher-forced validation loss of the run's newest checkpoint (as the trainer computes it: label-
+    smoothed CE summed over target tokens / tokens), so a run stopped by the time budget between two
+    validations still gets a loss for the weights it ends with."""
+    import torch
+
+    from ..data import SummarizationDataset, collate
+    from ..engine import label_smoothed_nll_loss
+    from ..generate.export import export_for, load_export
+    model, cfg, _ = load_export(export_for(run_dir))
+    m = cfg.model
+    data = SummarizationDataset(cfg.data.data, cfg.data.valid_subset, m.max_source_positions, m.max_target_positions,
+                                truncate=cfg.data.truncate_source)
+    pad = cfg.data.pad_to_multiple or m.chunk_size
+    loss_sum = nll_sum = tokens = 0.0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_docs):
+            batch = collate([data[i] for i in range(start, min(start + batch_docs, len(data)))], pad_id=m.pad_id,
+                            bos_id=m.bos_id, eos_id=m.eos_id, pad_to_multiple=pad)
+            logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
+            loss, nll = label_smoothed_nll_loss(logits, batch["target"], cfg.train.label_smoothing, m.pad_id)
+            loss_sum, nll_sum, tokens = loss_sum + float(loss), nll_sum + float(nll), tokens + float(batch["ntokens"])
+    return {"loss": loss_sum / max(tokens, 1), "nll_loss": nll_sum / max(tokens, 1)}
+
+
+def selection_for_run(run_dir: Path, test_jsonl: Path, cfg) -> dict:
+    from ..generate.export import export_for, load_export
+    model, run_cfg, spm = load_export(export_for(run_dir))
+    records = [json.loads(line) for line in test_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    pad = run_cfg.data.pad_to_multiple or run_cfg.model.chunk_size
+    return measure_selection(model, spm, records, pad)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
