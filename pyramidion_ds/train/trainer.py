@@ -133,6 +133,8 @@ class Trainer:
         check_run_dir(cfg, self.run_dir)
         raw_ds = read_ds_config(cfg.train.deepspeed_config)
         self.ds_config = resolve_ds_config(raw_ds, cfg, self.world_size, source=cfg.train.deepspeed_config)
+        if cfg.train.init_from:
+            self.check_init_from()
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -160,7 +162,7 @@ class Trainer:
 
         resumed = self.resume() if cfg.train.resume else False
         if not resumed and cfg.train.init_from:
-            self.init_from(cfg.train.init_from)
+            self.init_from()
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(cfg.train.tensorboard_logdir or str(self.run_dir / "tensorboard"))
@@ -251,18 +253,24 @@ class Trainer:
             self.engine.lr_scheduler.step()
         return True
 
-    def init_from(self, path: str) -> None:
-        """Weights only (pretrain -> fine-tune): from a run dir (ZeRO shards) or an export dir."""
-        from .weights import load_weights_for_init
-        state, saved_model, saved_spm = load_weights_for_init(path)
-        problem = architecture_mismatch(saved_model, to_dict(self.cfg.model))
+    def check_init_from(self) -> None:
+        """--init-from must be the same architecture and vocabulary (read before anything is written)."""
+        from .weights import init_source
+        path = self.cfg.train.init_from
+        self.init_source = init_source(path)
+        problem = architecture_mismatch(self.init_source.saved_model, to_dict(self.cfg.model))
         if problem:
             raise UsageError(f"train.init_from '{path}' is another architecture: {problem}")
+        saved_spm = self.init_source.spm_sha256
         if saved_spm and saved_spm != self.spm_hash:
             raise UsageError(f"train.init_from '{path}' used another sentencepiece vocabulary "
                              f"(spm sha256 {saved_spm[:12]}… vs {self.spm_hash[:12]}…)")
-        load_full_state_dict(self.model, state, zero3=self.bundle.zero_stage == 3)
-        log.info(f"initialized weights from {path}; optimizer, LR schedule and update count start fresh")
+
+    def init_from(self) -> None:
+        """Weights only (pretrain -> fine-tune): from a run dir (ZeRO shards) or an export dir."""
+        load_full_state_dict(self.model, self.init_source.state_dict(), zero3=self.bundle.zero_stage == 3)
+        log.info(f"initialized weights from {self.cfg.train.init_from}; optimizer, LR schedule and update "
+                 f"count start fresh")
 
     # ------------------------------------------------------------------ steps
     def _batch_to_device(self, batch: dict) -> dict:

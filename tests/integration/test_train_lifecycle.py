@@ -68,6 +68,7 @@ def test_pretrain_denoising_then_finetune_with_init_from(synthetic_bin, tmp_path
     proc = train_single([other])
     assert proc.returncode == 2
     assert "is another architecture: model.d_model is 64 there, 32 here" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -96,3 +97,23 @@ def test_repeated_nonfinite_loss_stops_naming_the_update(synthetic_bin, tmp_path
     assert proc.returncode == 1
     assert "non-finite loss for 2 consecutive updates at update 2; stopping without saving" in proc.stderr
     assert CheckpointDir(tmp_path / "run").latest_complete() is None
+
+
+def test_init_from_another_vocabulary_is_refused(synthetic_bin, tmp_path):
+    """Same vocabulary size, other pieces: the sentencepiece hash tells them apart."""
+    from pyramidion_ds.data.synthetic import write_corpus
+    paths = write_corpus(tmp_path / "raw", {"train": 40, "valid": 4}, seed=7, min_words=80, max_words=200)
+    other_bin = tmp_path / "other-bin"
+    files = ",".join(f"{split}={path}" for split, path in paths.items())
+    proc = subprocess.run([sys.executable, "-m", "pyramidion_ds.cli.preprocess", "--source-files", files,
+                           "--destdir", str(other_bin), "--spm-vocab-size", "256", "--spm-model-type", "bpe",
+                           "--max-source-positions", "512", "--max-target-positions", "128", "--quiet"],
+                          capture_output=True, text=True, env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pre = config(tmp_path, "pre", synthetic_bin, train={"max_update": 1})
+    assert train_single([pre]).returncode == 0
+    fine = config(tmp_path, "fine", other_bin, train={"max_update": 1, "init_from": str(tmp_path / "pre")})
+    proc = train_single([fine])
+    assert proc.returncode == 2
+    assert "used another sentencepiece vocabulary" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "fine").exists()  # refused before anything was written
