@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..model.encoder import encoder_stages  # the model's own stage grouping, from the config alone
+
 GIB = 2 ** 30
 
 #: bytes per activation element for train.precision
@@ -192,18 +194,6 @@ def pooling_bytes(m, n: int, k: int, b: int) -> int:
         width = max(k, (width + 1) // 2)
         rounds += 1
     return n * m.d_model * b + n * (POOL_BYTES_PER_POSITION + POOL_BYTES_PER_ROUND * rounds + b)
-
-
-def encoder_stages(m, src_len: int):
-    """The model's own stage grouping, from the config alone: no model is built."""
-    from ..model.encoder import encoder_stages as stages_of
-    return stages_of(m, src_len)
-
-
-def flops_per_step(m, batch_size: int, src_len: int, tgt_len: int) -> float:
-    """``PyramidionModel.flops_per_step`` from the config alone (the model's own formula, no weights)."""
-    from ..model.model import training_flops
-    return training_flops(m, batch_size, src_len, tgt_len)
 
 
 def activation_bytes(m, batch_size: int, src_len: int, tgt_len: int, *, precision: str = "bf16",

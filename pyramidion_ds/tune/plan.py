@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from .memory import ACTIVATION_BYTES, GIB, ParamCount, activation_bytes, count_parameters, flops_per_step, \
+from ..model.model import training_flops  # the model's own FLOPs formula, from the config alone
+from .memory import ACTIVATION_BYTES, GIB, ParamCount, activation_bytes, count_parameters, \
     model_states
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +108,7 @@ def update_time(m, cand: Candidate, params: ParamCount, cluster: Cluster, src_le
     world, total = cluster.world_size, params.total
     tokens = cand.micro_batch * src_len
     efficiency = tokens / (tokens + HALF_EFFICIENCY_TOKENS)
-    flops = flops_per_step(m, cand.micro_batch, src_len, tgt_len)
+    flops = training_flops(m, cand.micro_batch, src_len, tgt_len)
     if cand.checkpointing != "off":
         flops *= CHECKPOINT_RECOMPUTE
     compute = cand.update_freq * flops / (GPU_TFLOPS * 1e12 * efficiency)
