@@ -119,7 +119,8 @@ def measure_throughput(args, variant: str, stage: int) -> dict:
     else:
         import resource
         row["process_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    engine.destroy() if hasattr(engine, "destroy") else None
+    if hasattr(engine, "destroy"):
+        engine.destroy()
     del engine, model, bundle
     gc.collect()
     if cuda:
@@ -193,6 +194,13 @@ def zero3_worker(out: str, preset: str, vocab: int) -> None:
     dist.barrier()
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def zero3_memory(args) -> dict:
     results = {}
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
@@ -202,7 +210,7 @@ def zero3_memory(args) -> dict:
         for world_size in (1, 2):
             out = Path(tmp) / f"w{world_size}.json"
             cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(world_size),
-                   "--master_port", str(29600 + world_size), "--module", "pyramidion_ds.bench.train",
+                   "--master_port", str(_free_port()), "--module", "pyramidion_ds.bench.train",
                    "--zero3-worker", str(out), "--preset", args.preset, "--vocab", str(args.vocab)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode != 0:

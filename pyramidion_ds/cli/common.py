@@ -11,7 +11,6 @@ from ..config import Config, ConfigError, field_help
 EXIT_OK = 0
 EXIT_ERROR = 1          # a run failed
 EXIT_USAGE = 2          # bad input: config, flags, files
-EXIT_NOT_BUILT = 3      # the command's issue has not landed yet
 EXIT_PREEMPTED = 75     # a signal asked us to stop, a checkpoint was saved: requeue and resume
 
 
@@ -53,7 +52,3 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="YAML config file, or the name of a shipped config (see --list-configs)")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     return parser
-
-
-def not_built(prog: str, issue: int, what: str) -> NoReturn:
-    fail(prog, f"{what} is not built yet (issue #{issue}); nothing was run", EXIT_NOT_BUILT)

@@ -1,10 +1,8 @@
-"""Console scripts: real help, honest 'not built yet', one-line errors."""
+"""Console scripts: real help, one-line errors."""
 import subprocess
 import sys
 
 import pytest
-
-from pyramidion_ds.cli.common import EXIT_NOT_BUILT
 
 
 def run(module, *args):
@@ -35,11 +33,3 @@ def test_train_validates_config_before_anything():
 def test_list_configs():
     proc = run("train", "--list-configs")
     assert proc.returncode == 0 and proc.stdout.startswith("debug\t")
-
-
-def test_not_built_is_plain_and_nonzero():
-    proc = subprocess.run([sys.executable, "-c", "from pyramidion_ds.cli.common import run_main, not_built; "
-                           "run_main('pyramidion-x', lambda: not_built('pyramidion-x', 9, 'the thing'))"],
-                          capture_output=True, text=True)
-    assert proc.returncode == EXIT_NOT_BUILT
-    assert proc.stderr.strip() == "pyramidion-x: error: the thing is not built yet (issue #9); nothing was run"
