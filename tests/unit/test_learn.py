@@ -132,3 +132,41 @@ def test_targets():
                    "step faster than blockwise (interleaved bench)": True}
     assert check_targets(rows, "real") == []
     assert set(VARIANTS) == {"vanilla", "blockwise", "transpooler", "pyramidion"}
+
+
+def _probe_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "tools" / "experiments" / "probe_copy.py"
+    spec = importlib.util.spec_from_file_location("probe_copy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_oracle_scorer_keeps_every_planted_piece_unmixed(spm_and_docs):
+    """tools/experiments/probe_copy.py --selection oracle: the claim its conclusions rest on."""
+    probe = _probe_module()
+    spm, docs = spm_and_docs
+    cfg = load_config(None, ["--model.preset", "debug", "--model.variant", "pyramidion", "--model.vocab_size",
+                             str(spm.GetPieceSize()), "--model.max_source_positions", "1024",
+                             "--model.pooling_schedule", "[1024, 128, 128]", "--model.chunk_size", "64"])
+    torch.manual_seed(0)
+    model = PyramidionModel(cfg.model).eval()
+    oracles = [probe.OracleScorer(linear) for linear in model.encoder.scorers]
+    model.encoder.scorers = torch.nn.ModuleList(oracles)
+    examples = probe.encode_records([d.to_json() for d in docs[:3]], spm, cfg.model)
+    batch = probe.batch_of(examples, cfg.model, 64)
+    for oracle in oracles:
+        oracle.salient = batch["salient"]
+    with torch.no_grad():
+        out = model.encode(batch["src_tokens"], batch["src_lengths"])
+    (info,) = out.pooling
+    for row, example in enumerate(examples):
+        planted = set(torch.nonzero(example["salient"]).flatten().tolist())
+        assert planted and len(planted) < 128
+        kept = out.source_positions[row][out.mask[row]].tolist()
+        assert planted <= set(kept)
+        slots = [i for i, p in enumerate(out.source_positions[row].tolist()) if out.mask[row, i] and p in planted]
+        # a planted piece wins its pairs outright: its slot's pooled score stays ~1 (nothing mixed in)
+        assert info.pooled_scores[row, slots].min() > 0.999

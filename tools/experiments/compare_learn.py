@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-METRICS = [("final_valid_loss", "valid loss"), ("rouge.rouge1", "ROUGE-1"), ("rouge.rouge2", "ROUGE-2"),
+METRICS = [("updates", "updates"), ("final_valid_loss", "valid loss"), ("rouge.rouge1", "ROUGE-1"), ("rouge.rouge2", "ROUGE-2"),
            ("rouge.rougeL", "ROUGE-L"), ("selection.recall", "selection recall"),
            ("step_s_median", "step s (log)"), ("step_s_bench", "step s (interleaved)")]
 
