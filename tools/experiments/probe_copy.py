@@ -97,6 +97,7 @@ def main(argv=None):
     p.add_argument("--train-docs", type=int, default=1000, help="with --words: training documents")
     p.add_argument("--batch-docs", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="default: the config's train.lr")
+    p.add_argument("--scorer-lr-scale", type=float, default=1.0, help="scorers' lr = lr x this")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--max-update", type=int, default=10 ** 9)
@@ -130,7 +131,10 @@ def main(argv=None):
         oracles = [OracleScorer(linear) for linear in model.encoder.scorers]
         model.encoder.scorers = torch.nn.ModuleList(oracles)
     lr = a.lr or cfg.train.lr
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=cfg.train.weight_decay)
+    scorer_ids = {id(q) for q in model.encoder.scorers.parameters()}
+    groups = [{"params": [q for q in model.parameters() if id(q) not in scorer_ids], "scale": 1.0},
+              {"params": list(model.encoder.scorers.parameters()), "scale": a.scorer_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.train.weight_decay)
     pad = cfg.data.pad_to_multiple or m.chunk_size
     print(json.dumps({"variant": m.variant, "widths": m.encoder_widths(), "d_model": m.d_model,
                       "selection": a.selection, "train_docs": len(train_t), "lr": lr}), flush=True)
@@ -167,7 +171,7 @@ def main(argv=None):
         batch = batch_of([train_t[order.pop()] for _ in range(min(a.batch_docs, len(order)))], m, pad)
         set_salient(batch)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (update + 1) / a.warmup)
+            group["lr"] = lr * group["scale"] * min(1.0, (update + 1) / a.warmup)
         logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
         loss, nll = label_smoothed_nll_loss(logits, batch["target"], cfg.train.label_smoothing, m.pad_id)
         opt.zero_grad()
