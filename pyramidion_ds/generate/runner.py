@@ -53,7 +53,7 @@ def search_options(gen: GenerationConfig, use_cache: bool = True) -> SearchOptio
     return SearchOptions(beam=gen.beam, nbest=min(gen.nbest, gen.beam), lenpen=gen.lenpen, min_len=gen.min_len,
                          max_len_a=gen.max_len_a, max_len_b=gen.max_len_b,
                          no_repeat_ngram_size=gen.no_repeat_ngram_size, sampling=gen.sampling,
-                         temperature=gen.temperature, use_cache=use_cache)
+                         temperature=gen.temperature, use_cache=use_cache, cuda_graph=not gen.no_cuda_graph)
 
 
 def collate_sources(batch: list[Example], pad_id: int, pad_to_multiple: int, max_width: int,

@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .cuda_graph import GraphedDecodeStep
+
 
 @dataclass
 class SearchOptions:
@@ -44,6 +46,8 @@ class SearchOptions:
     sampling: bool = False
     temperature: float = 1.0
     use_cache: bool = True   #: False decodes the whole prefix every step (the benchmark's baseline)
+    static_cache: bool = False  #: preallocated KV cache, one fixed kernel sequence per step (any device)
+    cuda_graph: bool = False    #: on CUDA: static cache, each step replayed from a CUDA graph (CPU: ignored)
     generator: Optional[torch.Generator] = field(default=None, repr=False)  #: sampling RNG
 
 
@@ -94,11 +98,19 @@ def generate(model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions
         scores[:, 1:] = -math.inf  # step 0: all beams are equal, expand beam 0 only
     alive = torch.arange(num_sources, device=device)  # batch row -> original source index
     finalized: list[list[Hypothesis]] = [[] for _ in range(num_sources)]
-    cache = model.new_cache() if opts.use_cache else None
+    decode = model.decode_step
+    if not opts.use_cache:
+        cache = None
+    elif opts.static_cache or (opts.cuda_graph and device.type == "cuda"):
+        cache = model.new_static_cache(encoder_out, num_sources * K, steps)
+        if opts.cuda_graph and device.type == "cuda":
+            decode = GraphedDecodeStep(model)
+    else:
+        cache = model.new_cache()
 
     for step in range(steps):
         B = alive.numel()
-        logits = model.decode_step(tokens[:, :step + 1], encoder_out, cache).float()
+        logits = decode(tokens[:, :step + 1], encoder_out, cache).float()
         if opts.temperature != 1.0:
             logits = logits / opts.temperature
         lprobs = torch.log_softmax(logits, dim=-1)

@@ -11,13 +11,26 @@ K/V are computed once per source and never copied per beam.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 KeyValue = tuple[Tensor, Tensor]  # each B×H×L×dh
+
+
+@dataclass
+class StaticKeyValue:
+    """A preallocated self-attention cache: K/V of R×H×T×dh, the next position written at ``position``.
+
+    ``position`` is a 1-element long tensor on the device, so a decoding step has fixed shapes and reads
+    no Python state: the same kernels every step, which is what a CUDA graph replays.
+    """
+    key: Tensor
+    value: Tensor
+    position: Tensor
 
 
 class MultiheadAttention(nn.Module):
@@ -77,14 +90,24 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out[:, :n] if pad else out)
 
     # -- decoder self-attention ------------------------------------------------------------------------
-    def causal(self, x: Tensor, past: Optional[KeyValue] = None) -> tuple[Tensor, KeyValue]:
+    def causal(self, x: Tensor, past: Union[KeyValue, StaticKeyValue, None] = None
+               ) -> tuple[Tensor, Union[KeyValue, StaticKeyValue]]:
         """Causal self-attention of the t new positions x (B×t×d) after ``past`` (B×H×L0×dh each).
 
-        Returns the output B×t×d and the K/V of all L0 + t positions (the next step's ``past``).
+        Returns the output B×t×d and the K/V of all L0 + t positions (the next step's ``past``). With a
+        :class:`StaticKeyValue` (one new position) the K/V are written into it in place and it is returned.
         """
         q = self.split_heads(self.q_proj(x))
         k = self.split_heads(self.k_proj(x))
         v = self.split_heads(self.v_proj(x))
+        if isinstance(past, StaticKeyValue):
+            if x.size(1) != 1:
+                raise ValueError(f"static KV cache: one new position per step, got {x.size(1)}")
+            past.key.index_copy_(2, past.position, k)
+            past.value.index_copy_(2, past.position, v)
+            visible = torch.arange(past.key.size(2), device=x.device) <= past.position  # T
+            out = self._sdpa(q, past.key, past.value, attn_mask=visible.view(1, 1, 1, -1))
+            return self.out_proj(self.merge_heads(out)), past
         past_length = 0
         if past is not None:
             past_length = past[0].size(2)

@@ -6,6 +6,11 @@ The beam cache::
       self_kv[layer]   (B·beam)×H×t×dh   grows by one position per step; reorder_cache picks rows
       source_kv[layer] B×H×k×dh          computed on the first step from EncoderOut, one row per source,
                                          shared by that source's beams (rows b·beam .. b·beam+beam-1)
+
+The static cache (:class:`StaticDecoderCache`, for CUDA-graph decoding) holds the same things in
+buffers allocated once for the longest output: self_kv[layer] is (B·beam)×H×T×dh written at a position
+tensor, and a beam reorder is only recorded (``order``) and applied at the start of the next step, so
+every step is the same fixed sequence of kernels with no host synchronisation.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .attention import KeyValue
+from .attention import KeyValue, StaticKeyValue
 from .encoder import EncoderOut
 from .layers import DecoderLayer, PositionEmbedding
 
@@ -36,6 +41,49 @@ class DecoderCache:
         if self.source_kv is not None:
             self.source_kv = [(k.index_select(0, source_order), v.index_select(0, source_order))
                               for k, v in self.source_kv]
+
+
+class StaticDecoderCache(DecoderCache):
+    """Fixed-shape cache (build it with :meth:`Decoder.new_static_cache`); decode with one position a step.
+
+    ``reorder`` of the same number of rows only records the order (applied inside the next step); fewer
+    rows (finished sources dropped) reallocate the buffers and bump ``version``, as does
+    ``select_sources``: a captured CUDA graph is valid for one ``version``.
+    """
+
+    def __init__(self, self_kv: list[StaticKeyValue], source_kv: list[KeyValue]):
+        super().__init__(self_kv=self_kv, source_kv=source_kv)
+        rows, device = self_kv[0].key.size(0), self_kv[0].key.device
+        self.position = self_kv[0].position
+        self.identity = torch.arange(rows, device=device)
+        self.order = self.identity.clone()  #: new row i = current row order[i], applied by the next step
+        self.version = 0
+
+    @property
+    def rows(self) -> int:
+        return self.identity.numel()
+
+    def reorder(self, new_order: Tensor) -> None:
+        order = self.order.index_select(0, new_order)  # composed with an order not yet applied
+        if order.numel() == self.rows:
+            self.order.copy_(order)
+            return
+        self.self_kv = [StaticKeyValue(kv.key.index_select(0, order), kv.value.index_select(0, order), self.position)
+                        for kv in self.self_kv]
+        self.identity = torch.arange(order.numel(), device=order.device)
+        self.order = self.identity.clone()
+        self.version += 1
+
+    def select_sources(self, source_order: Tensor) -> None:
+        super().select_sources(source_order)
+        self.version += 1
+
+    def apply_order(self) -> None:
+        """Gather every layer's K/V rows by ``order``, then reset it (fixed kernels: part of a step)."""
+        for kv in self.self_kv:
+            kv.key.copy_(kv.key.index_select(0, self.order))
+            kv.value.copy_(kv.value.index_select(0, self.order))
+        self.order.copy_(self.identity)
 
 
 class Decoder(nn.Module):
@@ -73,6 +121,30 @@ class Decoder(nn.Module):
                     cache.self_kv[index] = present
         if cache is not None:
             cache.length += embedded.size(1)
+        return self.layer_norm(x) if self.layer_norm is not None else x
+
+
+    def new_static_cache(self, encoder_out: EncoderOut, rows: int, max_length: int) -> StaticDecoderCache:
+        """A :class:`StaticDecoderCache` for ``rows`` decoder rows (source-major beams over the sources of
+        ``encoder_out``) and up to ``max_length`` positions; the cross-attention K/V are computed here."""
+        if max_length > self.positions.max_positions:
+            raise ValueError(f"static decoder cache: {max_length} positions requested, the model has "
+                             f"{self.positions.max_positions} (max_target_positions)")
+        source_kv = [layer.encoder_attn.source_key_value(encoder_out.hidden) for layer in self.layers]
+        key = source_kv[0][0]
+        shape = (rows, key.size(1), max_length, key.size(3))
+        position = torch.zeros(1, dtype=torch.long, device=key.device)
+        self_kv = [StaticKeyValue(key.new_zeros(shape), key.new_zeros(shape), position) for _ in self.layers]
+        return StaticDecoderCache(self_kv, source_kv)
+
+    def static_step(self, embedded: Tensor, source_mask: Tensor, cache: StaticDecoderCache) -> Tensor:
+        """One position for every row: embedded R×1×d → hidden R×1×d. Tensor operations only (no host
+        sync, no Python-side state: ``cache.length`` is the caller's), so it can be captured and replayed."""
+        cache.apply_order()
+        x = self.dropout(embedded + self.positions.at(cache.position).to(embedded.dtype))
+        for layer, source_kv, self_kv in zip(self.layers, cache.source_kv, cache.self_kv):
+            x, _ = layer(x, source_kv, source_mask, self_kv)
+        cache.position.add_(1)
         return self.layer_norm(x) if self.layer_norm is not None else x
 
 

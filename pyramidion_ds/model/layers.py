@@ -60,6 +60,11 @@ class PositionEmbedding(nn.Module):
         weight = self.weight if hasattr(self, "weight") else self.table
         return weight[offset:offset + length]
 
+    def at(self, position: Tensor) -> Tensor:
+        """Embedding of the position held in a 1-element long tensor: 1×d (no host sync, no bounds check)."""
+        weight = self.weight if hasattr(self, "weight") else self.table
+        return weight.index_select(0, position)
+
 
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int, activation: str, activation_dropout: float):

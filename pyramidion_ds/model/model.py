@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .decoder import Decoder, DecoderCache
+from .decoder import Decoder, DecoderCache, StaticDecoderCache
 from .encoder import Encoder, EncoderOut, encoder_stages
 from .layers import TokenEmbedding
 
@@ -49,6 +49,10 @@ class PyramidionModel(nn.Module):
     def new_cache(self) -> DecoderCache:
         return DecoderCache()
 
+    def new_static_cache(self, encoder_out: EncoderOut, rows: int, max_length: int) -> StaticDecoderCache:
+        """A fixed-shape cache for ``rows`` decoder rows and ``max_length`` positions (CUDA-graph decoding)."""
+        return self.decoder.new_static_cache(encoder_out, rows, max_length)
+
     def decode_step(self, prev_tokens: Tensor, encoder_out: EncoderOut,
                     cache: Optional[DecoderCache] = None) -> Tensor:
         """Logits (B·beam)×V of the last position of ``prev_tokens`` ((B·beam)×t, all tokens so far).
@@ -56,13 +60,26 @@ class PyramidionModel(nn.Module):
         With a cache only the positions not yet in it are run (normally the last one) and the cache is
         updated in place; without one the whole prefix is decoded. ``encoder_out`` may hold one row per
         source (its beams are rows b·beam .. b·beam+beam-1 of ``prev_tokens``) or one per decoder row.
+        A :class:`StaticDecoderCache` takes exactly one new position per call.
         """
         new_tokens = prev_tokens if cache is None else prev_tokens[:, cache.length:]
         if new_tokens.size(1) == 0:
             raise ValueError(f"decode_step: the cache already holds {cache.length} positions and prev_tokens "
                              f"has {prev_tokens.size(1)}; nothing new to decode")
+        if isinstance(cache, StaticDecoderCache):
+            logits = self.static_step(new_tokens, encoder_out.mask, cache)
+            cache.length += 1
+            return logits
         hidden = self.decoder(self.embed_tokens(new_tokens), encoder_out, cache)
         return self.embed_tokens(hidden[:, -1:], project=True).squeeze(1)
+
+    def static_step(self, last_tokens: Tensor, source_mask: Tensor, cache: StaticDecoderCache) -> Tensor:
+        """Logits R×V after the tokens R×1 at the cache's position: the CUDA-graph-capturable step
+        (tensor operations only; the caller keeps ``cache.length``)."""
+        if last_tokens.size(1) != 1:
+            raise ValueError(f"static decoding: one new token per row and step, got {last_tokens.size(1)}")
+        hidden = self.decoder.static_step(self.embed_tokens(last_tokens), source_mask, cache)
+        return self.embed_tokens(hidden, project=True).squeeze(1)
 
     @staticmethod
     def reorder_cache(cache: DecoderCache, new_order: Tensor) -> DecoderCache:

@@ -40,6 +40,24 @@ def test_kv_cache_changes_nothing_and_lengths_are_respected():
             assert 0 not in h.tokens and 1 not in h.tokens
 
 
+@pytest.mark.parametrize("sampling", [False, True])
+def test_static_cache_gives_the_same_hypotheses(sampling):
+    """The fixed-shape cache (the CUDA-graph path, run eagerly here) decodes exactly as the growing one,
+    including sources that finish at different steps (the cache shrinks and drops their rows)."""
+    model = tiny_model(1)
+    src, lengths = tiny_sources(1)
+    results = []
+    for static in (False, True):
+        opts = SearchOptions(beam=3, nbest=3, min_len=1, max_len_a=0.5, max_len_b=1, sampling=sampling,
+                             static_cache=static, generator=torch.Generator().manual_seed(0))
+        results.append(generate(model, src, lengths, opts))
+    dynamic, static = results
+    assert [[h.tokens for h in s] for s in static] == [[h.tokens for h in s] for s in dynamic]
+    for x, y in zip(static, dynamic):
+        assert [h.score for h in x] == pytest.approx([h.score for h in y], abs=1e-5)
+    assert len({len(s[0].tokens) for s in dynamic}) > 1  # sources did finish at different lengths
+
+
 def test_no_repeat_ngram_blocking():
     model = tiny_model(0)
     src, lengths = tiny_sources(0)

@@ -108,6 +108,37 @@ def test_beams_share_source_kv_and_reorder():
     torch.testing.assert_close(step, model.decode_step(rows[:, :4], encoder_out), atol=1e-5, rtol=1e-4)
 
 
+def test_static_cache_decodes_like_the_growing_cache():
+    """Beam reorders are deferred into the next step, dropping rows reallocates; logits stay the same."""
+    model = make_model("pyramidion", positions="learned")
+    src, lengths, prev = batch(model.cfg, [512, 250], tgt_len=6)
+    beam = 3
+    encoder_out = model.encode(src, lengths)
+    rows = prev.repeat_interleave(beam, dim=0)
+    rows[1::beam, 1:] = torch.randint(4, VOCAB, rows[1::beam, 1:].shape)
+    growing, static = model.new_cache(), model.new_static_cache(encoder_out, rows.size(0), 6)
+    for t in range(3):
+        torch.testing.assert_close(model.decode_step(rows[:, :t + 1], encoder_out, static),
+                                   model.decode_step(rows[:, :t + 1], encoder_out, growing), atol=1e-5, rtol=1e-4)
+    new_order = torch.tensor([1, 1, 0, 5, 3, 4])
+    for cache in (growing, static):
+        cache.reorder(new_order)
+    assert static.version == 0  # same number of rows: recorded, applied by the next step
+    rows = rows[new_order]
+    torch.testing.assert_close(model.decode_step(rows[:, :4], encoder_out, static),
+                               model.decode_step(rows[:, :4], encoder_out, growing), atol=1e-5, rtol=1e-4)
+    keep = torch.tensor([1])  # source 0 finished: its beams leave both caches
+    for cache in (growing, static):
+        cache.reorder(torch.tensor([5, 4, 3]))
+        cache.select_sources(keep)
+    assert static.version == 2 and static.self_kv[0].key.size(0) == 3
+    rows, encoder_out = rows[[5, 4, 3]], encoder_out.select(keep)
+    torch.testing.assert_close(model.decode_step(rows[:, :5], encoder_out, static),
+                               model.decode_step(rows[:, :5], encoder_out, growing), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="max_target_positions"):
+        model.new_static_cache(encoder_out, 3, model.cfg.max_target_positions + 1)
+
+
 def test_variants_share_state_dict_layout():
     layouts = {}
     for variant in ["vanilla", "blockwise", "transpooler", "pyramidion"]:
