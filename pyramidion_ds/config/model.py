@@ -65,6 +65,10 @@ class ModelConfig:
     flip_right: bool = option(True, "pair the best-scored half with the worst (else rank i with rank i)")
     sort_back: bool = option(False, "after each top-k round put survivors back in document order")
     hard_topk: bool = option(False, "inference: exact top-k selection with no mixing")
+    scorer_input: str = option("hidden", "what each top-k scorer reads: hidden (the residual stream as it is) "
+                               "or layer_norm (its layer-normalised copy, no affine parameters: stops the "
+                               "scores saturating as the residual stream grows); no new parameters, so "
+                               "checkpoints load with either", choices=("hidden", "layer_norm"))
     positions: str = option("sinusoidal", "position embeddings", choices=("sinusoidal", "learned"))
     normalize_before: bool = option(True, "pre-norm layers (LayerNorm before attention/FFN)")
     dropout: float = option(0.1, "dropout on residual branches and embeddings", min=0.0, max=1.0)

@@ -23,6 +23,8 @@ class TrainConfig:
     adam_betas: list[float] = option([0.9, 0.98], "Adam betas", min=0.0, max=1.0)
     adam_eps: float = option(1e-8, "Adam epsilon", greater_than=0.0)
     weight_decay: float = option(0.01, "decoupled weight decay", min=0.0)
+    scorer_lr_scale: float = option(1.0, "the top-k scorers' parameters (encoder.scorers.*) learn at lr x this "
+                                    "(0.1 keeps their ranking stable on the synthetic task)", greater_than=0.0)
     clip_norm: float = option(1.0, "clip gradients to this global norm; 0 = off", min=0.0)
     lr_scheduler: str = option("polynomial_decay", "learning-rate schedule",
                                choices=("polynomial_decay", "inverse_sqrt", "fixed"))

@@ -9,21 +9,44 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and embeddings' positions (1-D tensors)."""
-    decay, no_decay = [], []
+#: parameters of the encoder's top-k scorers (``model.encoder.scorers``), whatever wraps the model
+SCORER_PARAMS = ".encoder.scorers."
+
+
+def is_scorer_param(name: str) -> bool:
+    """True for a parameter of a top-k scorer, by its ``named_parameters`` name (ZeRO-3 keeps names)."""
+    return SCORER_PARAMS in f".{name}"
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                 scorer_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and embeddings' positions (1-D tensors).
+
+    With ``scorer_lr_scale`` != 1 the scorers' parameters get groups of their own at ``lr × scale``
+    (after the model's groups, so group 0 still carries the model's lr); a schedule multiplies every
+    group's own lr, so the ratio holds at every step. At 1 the groups stay the two of old, and so does
+    the optimizer state of existing checkpoints. Empty groups are left out.
+    """
+    split = scorer_lr_scale != 1.0
+    groups = {(scorer, decays): [] for scorer in (False, True) for decays in (True, False)}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         # under ZeRO-3 a partitioned parameter is flat; ds_shape keeps its real shape
         shape = getattr(param, "ds_shape", param.shape)
-        (no_decay if len(shape) < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups[(split and is_scorer_param(name), len(shape) >= 2)].append(param)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr": lr * scorer_lr_scale if scorer else lr}
+            for (scorer, decays), params in groups.items() if params]
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, offload: bool) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW: DeepSpeedCPUAdam under optimizer offload, FusedAdam on CUDA where it builds, else torch's."""
-    groups = param_groups(model, cfg.weight_decay)
+    """AdamW: DeepSpeedCPUAdam under optimizer offload, FusedAdam on CUDA where it builds, else torch's.
+
+    Every group carries its own lr (see :func:`param_groups`); DeepSpeed's ZeRO and mixed-precision
+    wrappers keep these groups, and the client schedule (:func:`make_scheduler`) scales each of them.
+    """
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.scorer_lr_scale)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -66,6 +89,7 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """LambdaLR: every group's lr is its own initial lr × :func:`lr_lambda` (group ratios hold)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 

@@ -3,7 +3,7 @@
 ::
 
     tokens B×n ─ embed + positions ─> B×n×d
-      stage 0: layers at width n ──> scorer (Linear(d,1) → sigmoid + 1e-5) ──> top-k to w1 ──┐
+      stage 0: layers at width n ─> scorer ([LN] → Linear(d,1) → σ + 1e-5) ──> top-k to w1 ──┐
       stage 1: layers at width w1 ─> scorer ──> top-k to w2 ─────────────────────────────────┤
       ...                                                                                    │
       last stage ──> (final LayerNorm when pre-norm) ──> EncoderOut: hidden B×k×d, mask B×k <┘
@@ -13,6 +13,11 @@ input width ends a stage. Inputs shorter than ``max_source_positions`` pool to m
 (no pooling once the current width is already small enough). Variants differ only in that list and in
 the chunk size (vanilla: one chunk = the whole sequence), so every variant has the same parameters: a
 scorer exists for every layer, used only where that layer pools.
+
+A scorer reads the residual stream as it is (``model.scorer_input: hidden``) or its parameter-free
+layer-normalised copy, ``[LN]`` above (``layer_norm``): the stream grows layer by layer, and read raw
+the scores saturate in the sigmoid and the ranking between slots is lost. Neither choice adds
+parameters, so one checkpoint loads with either.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import EncoderLayer, PositionEmbedding
@@ -107,6 +113,7 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.scorers = nn.ModuleList(nn.Linear(cfg.d_model, 1) for _ in range(cfg.encoder_layers))
+        self.scorer_reads_layer_norm = cfg.scorer_input == "layer_norm"
         self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.normalize_before else None
         #: layers followed by a scorer + top-k in the configured pyramid (at the full input width)
         self.pooling_layers = pooling_layers(cfg, self.widths)
@@ -115,6 +122,12 @@ class Encoder(nn.Module):
 
     def stages(self, input_width: int) -> list[Stage]:
         return encoder_stages(self.cfg, input_width, self.widths, self.pooling_layers)
+
+    def score_logits(self, layer: int, x: Tensor) -> Tensor:
+        """The scorer after ``layer`` applied to x: B×n×d → B×n×1 logits (before the sigmoid)."""
+        if self.scorer_reads_layer_norm:
+            x = F.layer_norm(x, x.shape[-1:])  # no affine parameters: the weights layout is unchanged
+        return self.scorers[layer](x)
 
     def forward(self, embedded: Tensor, real_mask: Tensor) -> EncoderOut:
         """embedded: B×n×d scaled token embeddings; real_mask: B×n (True = token)."""
@@ -133,9 +146,9 @@ class Encoder(nn.Module):
                     # the batch is already narrower than this layer's target, so nothing is pooled; the
                     # scorer still runs (a zero contribution) so that every rank, whatever its batch
                     # width, gathers and reduces the same parameters in the same order
-                    x = x + 0.0 * self.scorers[last](x)
+                    x = x + 0.0 * self.score_logits(last, x)
                 continue
-            scores = torch.sigmoid(self.scorers[last](x).squeeze(-1).float()) + 1e-5
+            scores = torch.sigmoid(self.score_logits(last, x).squeeze(-1).float()) + 1e-5
             pooled = successive_halving_topk(x, scores, stage.pooled_width, base=self.cfg.topk_base,
                                              flip_right=self.cfg.flip_right, sort_back=self.cfg.sort_back,
                                              mask=real_mask, hard=self.cfg.hard_topk)

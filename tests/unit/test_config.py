@@ -65,6 +65,8 @@ def test_nested_section_override():
     ("model: {d_model: 66, num_heads: 4}", [], "model.d_model: got 66, expected a multiple of model.num_heads"),
     ("model: 3", [], "model: got 3, expected a mapping"),
     ("", ["--model.pooling_schedule", "{0: 2048, 7: 512}"], "layer 7 does not exist"),
+    ("model: {scorer_input: foo}", [], "model.scorer_input: got 'foo', expected one of hidden, layer_norm"),
+    ("train: {scorer_lr_scale: 0}", [], "train.scorer_lr_scale: got 0.0, expected a value > 0.0"),
     ("", ["model.chunk_size", "3"], "unexpected argument 'model.chunk_size'"),
     ("", ["--model.chunk_size"], "missing value"),
 ])

@@ -144,13 +144,16 @@ def _probe_module():
     return module
 
 
-def test_probe_oracle_scorer_keeps_every_planted_piece_unmixed(spm_and_docs):
-    """tools/experiments/probe_copy.py --selection oracle: the claim its conclusions rest on."""
+@pytest.mark.parametrize("scorer_input", ["hidden", "layer_norm"])
+def test_probe_oracle_scorer_keeps_every_planted_piece_unmixed(spm_and_docs, scorer_input):
+    """tools/experiments/probe_copy.py --selection oracle: the claim its conclusions rest on (whatever
+    the scorers read: learn_synthetic sets model.scorer_input=layer_norm)."""
     probe = _probe_module()
     spm, docs = spm_and_docs
     cfg = load_config(None, ["--model.preset", "debug", "--model.variant", "pyramidion", "--model.vocab_size",
                              str(spm.GetPieceSize()), "--model.max_source_positions", "1024",
-                             "--model.pooling_schedule", "[1024, 128, 128]", "--model.chunk_size", "64"])
+                             "--model.pooling_schedule", "[1024, 128, 128]", "--model.chunk_size", "64",
+                             "--model.scorer_input", scorer_input])
     torch.manual_seed(0)
     model = PyramidionModel(cfg.model).eval()
     oracles = [probe.OracleScorer(linear) for linear in model.encoder.scorers]

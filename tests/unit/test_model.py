@@ -150,6 +150,31 @@ def test_variants_share_state_dict_layout():
         make_model(variant).load_state_dict(pyramidion.state_dict(), strict=True)
 
 
+def test_scorer_input_keeps_the_state_dict_layout():
+    hidden, normed = make_model(), make_model(seed=1, scorer_input="layer_norm")
+    assert ({k: v.shape for k, v in hidden.state_dict().items()}
+            == {k: v.shape for k, v in normed.state_dict().items()})
+    hidden.load_state_dict(normed.state_dict(), strict=True)
+    normed.load_state_dict(make_model(seed=2).state_dict(), strict=True)
+
+
+def test_layer_norm_scorer_ignores_the_scale_of_the_stream():
+    """Read raw, a growing residual stream drives the scores into the sigmoid's flat ends; read through
+    the layer norm, the scores do not depend on the stream's scale (nor on a common offset)."""
+    hidden, normed = make_model(), make_model(scorer_input="layer_norm")  # same seed: same weights
+    x = torch.randn(2, 40, hidden.cfg.d_model)
+    with torch.no_grad():
+        torch.testing.assert_close(normed.encoder.score_logits(1, 8.0 * x + 3.0), normed.encoder.score_logits(1, x),
+                                   atol=1e-4, rtol=1e-4)
+        bias = hidden.encoder.scorers[1].bias
+        torch.testing.assert_close(hidden.encoder.score_logits(1, 8.0 * x) - bias,
+                                   8.0 * (hidden.encoder.score_logits(1, x) - bias))
+        src, lengths, prev = batch(hidden.cfg, [512, 300])
+        raw_scores = hidden.encode(src, lengths).pooling[0].input_scores
+        normed_scores = normed.encode(src, lengths).pooling[0].input_scores
+    assert not torch.allclose(raw_scores, normed_scores)
+
+
 def test_tied_embedding_is_one_parameter():
     model = make_model()
     names = [name for name, p in model.named_parameters() if p is model.embed_tokens.weight]
@@ -226,13 +251,14 @@ def test_no_distributed_imports_under_model():
     assert package.is_dir() and not offenders, offenders
 
 
-def test_same_parameters_get_gradients_whatever_the_batch_width():
+@pytest.mark.parametrize("scorer_input", ["hidden", "layer_norm"])
+def test_same_parameters_get_gradients_whatever_the_batch_width(scorer_input):
     """Data-parallel ranks reduce gradients of the same parameters even when one rank's batch is too
     narrow for a pooling step (its scorer gets a zero gradient instead of none)."""
     from pyramidion_ds.config import ModelConfig
     from pyramidion_ds.model import PyramidionModel
     cfg = ModelConfig(preset="debug", vocab_size=50, max_source_positions=256, chunk_size=32,
-                      pooling_schedule=[256, 128, 64], dropout=0.0)
+                      pooling_schedule=[256, 128, 64], dropout=0.0, scorer_input=scorer_input)
     model = PyramidionModel(cfg)
     with_grad = []
     for width in (256, 96):  # 96 < 128: the pooling after layer 1 has nothing to do

@@ -1,11 +1,12 @@
-"""fairseq's schedules and label-smoothed loss."""
+"""Optimizer groups, fairseq's schedules and label-smoothed loss."""
 import math
 
 import pytest
 import torch
 
 from pyramidion_ds.config import load_config
-from pyramidion_ds.engine import label_smoothed_nll_loss, lr_lambda
+from pyramidion_ds.engine import label_smoothed_nll_loss, lr_lambda, make_optimizer, make_scheduler, param_groups
+from pyramidion_ds.model import PyramidionModel
 
 
 def test_polynomial_decay_with_warmup():
@@ -43,3 +44,44 @@ def test_label_smoothing_matches_fairseq_formula():
     smooth_ref = -lprobs.sum()
     eps_i = eps / 6
     assert loss.item() == pytest.approx(((1 - eps - eps_i) * nll_ref + eps_i * smooth_ref).item(), rel=1e-5)
+
+
+def debug_model(cfg):
+    torch.manual_seed(0)
+    return PyramidionModel(cfg.model)
+
+
+def test_scorers_learn_at_their_own_lr_through_the_schedule():
+    cfg = load_config(None, ["--model.vocab_size", "50", "--train.lr", "0.01", "--train.scorer_lr_scale", "0.1",
+                             "--train.warmup_updates", "3", "--train.max_update", "8",
+                             "--train.end_learning_rate", "0.001"])
+    model = debug_model(cfg)
+    optimizer, _ = make_optimizer(model, cfg.train, offload=False)
+    scheduler = make_scheduler(optimizer, cfg.train)
+    names = {id(p): name for name, p in model.named_parameters()}
+    group_names = [{names[id(p)] for p in group["params"]} for group in optimizer.param_groups]
+    is_scorer = [all(n.startswith("encoder.scorers.") for n in g) for g in group_names]
+    assert all(group_names) and not is_scorer[0]  # no empty group; group 0 (the logged lr) is the model's
+    assert {n for g, scorer in zip(group_names, is_scorer) if scorer for n in g} == {
+        n for n in names.values() if n.startswith("encoder.scorers.")}
+    assert not any(n.startswith("encoder.scorers.") for g, scorer in zip(group_names, is_scorer) if not scorer
+                   for n in g)
+    # the decay split holds inside the scorers' groups: weights decay, biases do not
+    assert sorted((g["weight_decay"], sorted({n.rsplit(".", 1)[1] for n in names_}))
+                  for g, names_, scorer in zip(optimizer.param_groups, group_names, is_scorer) if scorer) == [
+        (0.0, ["bias"]), (cfg.train.weight_decay, ["weight"])]
+    for step in range(10):
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        for lr, scorer in zip(lrs, is_scorer):
+            assert lr == pytest.approx(lrs[0] * (0.1 if scorer else 1.0)), step
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)  # the end of the decay
+
+
+def test_scorer_lr_scale_one_keeps_the_two_groups_of_old():
+    cfg = load_config(None, ["--model.vocab_size", "50"])
+    model = debug_model(cfg)
+    groups = param_groups(model, 0.01, 1e-3)
+    assert [(g["weight_decay"], g["lr"]) for g in groups] == [(0.01, 1e-3), (0.0, 1e-3)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

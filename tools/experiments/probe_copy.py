@@ -6,9 +6,12 @@ accuracy and selection recall as training goes, and the scorers' score ranges at
 ``--selection oracle`` replaces every scorer of the first pooling step with the answer (logit +10 on
 the planted sentences' pieces, -10 elsewhere; later pooling steps see equal scores), so the pooled
 encoder output is known to hold every planted piece unmixed. If the model still does not learn to copy
-with the oracle, selection is not what limits it: the decoder's copying is. ``--selection learned-ln``
-scores the layer-normalised representation instead of the raw pre-norm residual stream (an experiment:
-the model's scorer reads the raw stream).
+with the oracle, selection is not what limits it: the decoder's copying is. ``--selection learned`` runs
+the model's scorers as configured (``model.scorer_input``; the optimizer groups and the scorers' lr,
+``train.scorer_lr_scale``, come from ``pyramidion_ds.engine.param_groups``); ``--selection learned-ln``
+is short for ``--set model.scorer_input=layer_norm`` and ``--scorer-lr-scale X`` for
+``--set train.scorer_lr_scale=X``. The raw scorer of old: ``--set model.scorer_input=hidden
+--set train.scorer_lr_scale=1``.
 
     python tools/experiments/probe_copy.py --learn-dir results/learn/repro-seed1-a --minutes 6 \\
         --selection oracle --set model.pooling_schedule=[2560,128,128]
@@ -34,7 +37,7 @@ from pyramidion_ds.config import load_config
 from pyramidion_ds.data import collate
 from pyramidion_ds.data.spm import load_spm
 from pyramidion_ds.data.synthetic import make_example
-from pyramidion_ds.engine import label_smoothed_nll_loss
+from pyramidion_ds.engine import label_smoothed_nll_loss, param_groups
 from pyramidion_ds.model import PyramidionModel
 
 
@@ -52,17 +55,6 @@ class OracleScorer(torch.nn.Module):
         if self.salient is None or self.salient.size(1) != x.size(1):
             return zero
         return zero + (self.salient.to(x.dtype) * 20.0 - 10.0).unsqueeze(-1)
-
-
-class NormedScorer(torch.nn.Module):
-    """The scorer applied to the layer-normalised representation (no affine parameters)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x):
-        return self.linear(torch.nn.functional.layer_norm(x, x.shape[-1:]))
 
 
 def encode_records(records, spm, cfg):
@@ -91,13 +83,16 @@ def main(argv=None):
     p.add_argument("--learn-dir", required=True, help="a `pyramidion-bench learn --task synthetic` output dir")
     p.add_argument("--config", default="learn_synthetic", help="run config (default %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--selection", choices=("learned", "learned-ln", "oracle"), default="learned")
+    p.add_argument("--selection", choices=("learned", "learned-ln", "oracle"), default="learned",
+                   help="learned: the configured scorers; learned-ln: = --set model.scorer_input=layer_norm; "
+                   "oracle: the first pooling step keeps the planted pieces")
     p.add_argument("--words", type=int, nargs=2, default=None, help="make an in-memory corpus: min max words")
     p.add_argument("--salient", type=int, nargs=2, default=(2, 4), help="with --words: planted sentences")
     p.add_argument("--train-docs", type=int, default=1000, help="with --words: training documents")
     p.add_argument("--batch-docs", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="default: the config's train.lr")
-    p.add_argument("--scorer-lr-scale", type=float, default=1.0, help="scorers' lr = lr x this")
+    p.add_argument("--scorer-lr-scale", type=float, default=None,
+                   help="= --set train.scorer_lr_scale=X (scorers' lr = lr x this); default: the config's")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--max-update", type=int, default=10 ** 9)
@@ -113,6 +108,10 @@ def main(argv=None):
     for item in a.set:
         key, _, value = item.partition("=")
         overrides += [f"--{key}", value]
+    if a.selection == "learned-ln":
+        overrides += ["--model.scorer_input", "layer_norm"]
+    if a.scorer_lr_scale is not None:
+        overrides += ["--train.scorer_lr_scale", str(a.scorer_lr_scale)]
     cfg = load_config(a.config, overrides + ["--model.vocab_size", str(spm.GetPieceSize())])
     m = cfg.model
     if a.words:
@@ -125,19 +124,18 @@ def main(argv=None):
     train_t, valid_t = encode_records(train, spm, m), encode_records(valid, spm, m)
     model = PyramidionModel(m)
     oracles = []
-    if a.selection == "learned-ln":
-        model.encoder.scorers = torch.nn.ModuleList(NormedScorer(linear) for linear in model.encoder.scorers)
     if a.selection == "oracle":
         oracles = [OracleScorer(linear) for linear in model.encoder.scorers]
         model.encoder.scorers = torch.nn.ModuleList(oracles)
-    lr = a.lr or cfg.train.lr
-    scorer_ids = {id(q) for q in model.encoder.scorers.parameters()}
-    groups = [{"params": [q for q in model.parameters() if id(q) not in scorer_ids], "scale": 1.0},
-              {"params": list(model.encoder.scorers.parameters()), "scale": a.scorer_lr_scale}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.train.weight_decay)
+    t = cfg.train
+    lr = a.lr or t.lr
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay, lr, t.scorer_lr_scale), lr=lr,
+                            betas=tuple(t.adam_betas), eps=t.adam_eps)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda update: min(1.0, (update + 1) / a.warmup))
     pad = cfg.data.pad_to_multiple or m.chunk_size
     print(json.dumps({"variant": m.variant, "widths": m.encoder_widths(), "d_model": m.d_model,
-                      "selection": a.selection, "train_docs": len(train_t), "lr": lr}), flush=True)
+                      "selection": a.selection, "scorer_input": m.scorer_input,
+                      "scorer_lr_scale": t.scorer_lr_scale, "train_docs": len(train_t), "lr": lr}), flush=True)
 
     def set_salient(batch):
         for oracle in oracles:
@@ -170,14 +168,13 @@ def main(argv=None):
             random.Random(a.seed + update).shuffle(order)
         batch = batch_of([train_t[order.pop()] for _ in range(min(a.batch_docs, len(order)))], m, pad)
         set_salient(batch)
-        for group in opt.param_groups:
-            group["lr"] = lr * group["scale"] * min(1.0, (update + 1) / a.warmup)
         logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
         loss, nll = label_smoothed_nll_loss(logits, batch["target"], cfg.train.label_smoothing, m.pad_id)
         opt.zero_grad()
         (loss / batch["ntokens"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_norm or 1.0)
         opt.step()
+        warmup.step()
         update += 1
         train_nll = float(nll.detach()) / batch["ntokens"]
         if update % a.eval_every == 0:
