@@ -65,7 +65,8 @@ def lr_lambda(cfg: TrainConfig):
     """Multiplier of ``cfg.lr`` at update ``step`` (0-based), fairseq's schedules.
 
     polynomial_decay: linear warmup to lr, then (lr - end) * (1 - t/T)**power + end until
-    total_num_update (default max_update); inverse_sqrt: warmup, then lr * sqrt(warmup / step).
+    total_num_update (default max_update); inverse_sqrt: warmup, then lr * sqrt(warmup / step);
+    fixed: warmup, then lr.
     """
     warmup = cfg.warmup_updates
     total = cfg.total_num_update or cfg.max_update
@@ -84,8 +85,10 @@ def lr_lambda(cfg: TrainConfig):
             return (step + 1) / warmup
         return math.sqrt(max(1, warmup) / max(1, step + 1))
 
-    return {"polynomial_decay": polynomial, "inverse_sqrt": inverse_sqrt,
-            "fixed": lambda step: 1.0}[cfg.lr_scheduler]
+    def fixed(step: int) -> float:  # fairseq's fixed schedule: constant after the linear warmup
+        return (step + 1) / warmup if warmup and step < warmup else 1.0
+
+    return {"polynomial_decay": polynomial, "inverse_sqrt": inverse_sqrt, "fixed": fixed}[cfg.lr_scheduler]
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):

@@ -25,6 +25,12 @@ def test_inverse_sqrt():
     assert f(3) == pytest.approx(1.0) and f(15) == pytest.approx(math.sqrt(4 / 16))
 
 
+def test_fixed_schedule_warms_up_then_holds():
+    cfg = load_config(None, ["--train.lr_scheduler", "fixed", "--train.warmup_updates", "4"]).train
+    f = lr_lambda(cfg)
+    assert [f(s) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
 def test_label_smoothing_zero_is_cross_entropy():
     logits = torch.randn(2, 5, 11)
     target = torch.randint(4, 11, (2, 5))
