@@ -54,13 +54,15 @@ def ds_config_for(cfg, stage: int, precision: str) -> dict:
     return resolve_ds_config(raw, cfg, world_size=1, source=path.name)
 
 
-def measure_throughput(args, variant: str, stage: int) -> dict:
+def measure_throughput(args, variant: str, stage: int, overflow_check: bool = True) -> dict:
     from ..engine import build_engine, build_model, label_smoothed_nll_loss
     cfg = model_config(args.preset, variant, args.src_len, args.tgt_len, args.vocab, args.override)
     cfg.train.activation_checkpointing = args.checkpointing
     cfg.train.compile = args.compile
     cfg.data.max_sentences = args.batch
     ds = ds_config_for(cfg, stage, args.precision)
+    if not overflow_check:  # bf16 needs no loss scale: skip DeepSpeed's per-gradient overflow scan
+        ds["bf16"]["check_grad_overflow"] = False
     torch.manual_seed(0)
     bundle = build_engine(cfg, ds, build_model(cfg, ds))
     engine, model = bundle.engine, bundle.model
@@ -107,6 +109,7 @@ def measure_throughput(args, variant: str, stage: int) -> dict:
                    "kernel_launches": sum(e.count for e in events if e.key.startswith("cuda") and "Launch" in e.key)}
     flops = model.flops_per_step(args.batch, args.src_len, args.tgt_len)
     row = {"variant": variant, "zero_stage": stage, "precision": bundle.precision, "compile": args.compile,
+           "overflow_check": overflow_check,
            "checkpointing": args.checkpointing, "step_s": seconds,
            "tokens_per_s": args.batch * (args.src_len + args.tgt_len) / seconds,
            "source_tokens_per_s": args.batch * args.src_len / seconds,
@@ -121,7 +124,7 @@ def measure_throughput(args, variant: str, stage: int) -> dict:
         row["process_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if hasattr(engine, "destroy"):
         engine.destroy()
-    del engine, model, bundle
+    engine = model = bundle = None  # drop the references before collecting (not `del`: step() closes over them)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -131,12 +134,21 @@ def measure_throughput(args, variant: str, stage: int) -> dict:
 def throughput(args) -> dict:
     from ..dist import init_distributed
     init_distributed()
-    rows = [measure_throughput(args, variant, stage) for stage in args.stages for variant in args.variants]
+    checks = {"on": [True], "off": [False], "both": [True, False]}[args.overflow_check]
+    if args.precision != "bf16":
+        checks = [True]  # fp16 always checks (loss scaling); fp32 never does
+    rows = [measure_throughput(args, variant, stage, check)
+            for stage in args.stages for check in checks for variant in args.variants]
     for row in rows:
+        same = [r for r in rows if r["zero_stage"] == row["zero_stage"]]
         for base in ("vanilla", "blockwise"):
-            ref = next((r for r in rows if r["variant"] == base and r["zero_stage"] == row["zero_stage"]), None)
+            ref = next((r for r in same if r["variant"] == base and r["overflow_check"] == row["overflow_check"]), None)
             if ref is not None:
                 row[f"speedup_vs_{base}"] = row["tokens_per_s"] / ref["tokens_per_s"]
+        if not row["overflow_check"]:
+            ref = next((r for r in same if r["variant"] == row["variant"] and r["overflow_check"]), None)
+            if ref is not None:
+                row["speedup_vs_overflow_check"] = row["tokens_per_s"] / ref["tokens_per_s"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     return {"benchmark": "train", "device": device, "preset": args.preset, "src_len": args.src_len,
             "tgt_len": args.tgt_len, "batch": args.batch, "vocab": args.vocab, "rows": rows}
@@ -241,6 +253,9 @@ def build_parser():
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile one step and report the N busiest operators (host and device)")
     p.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) the model")
+    p.add_argument("--overflow-check", default="on", choices=("on", "off", "both"),
+                   help="bf16 with ZeRO 1/2: DeepSpeed's per-gradient overflow check (bf16.check_grad_overflow); "
+                        "'both' measures each variant with and without it")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense: 989)")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. --model.chunk_size=256")
     p.add_argument("--zero3-memory", action="store_true", help="measure ZeRO-3 state bytes per rank, 1 vs 2 ranks")
