@@ -69,13 +69,13 @@ def encode_records(records, spm, cfg):
     return out
 
 
-def batch_of(examples, cfg, pad):
+def batch_of(examples, cfg, pad, device="cpu"):
     batch = collate(examples, pad_id=cfg.pad_id, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_to_multiple=pad)
     salient = torch.zeros_like(batch["src_tokens"], dtype=torch.bool)
     for row, example in enumerate(examples):
         salient[row, :len(example["salient"])] = example["salient"]
     batch["salient"] = salient
-    return batch
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def main(argv=None):
@@ -98,6 +98,7 @@ def main(argv=None):
     p.add_argument("--max-update", type=int, default=10 ** 9)
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -127,6 +128,7 @@ def main(argv=None):
     if a.selection == "oracle":
         oracles = [OracleScorer(linear) for linear in model.encoder.scorers]
         model.encoder.scorers = torch.nn.ModuleList(oracles)
+    model.to(a.device)
     t = cfg.train
     lr = a.lr or t.lr
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay, lr, t.scorer_lr_scale), lr=lr,
@@ -146,7 +148,7 @@ def main(argv=None):
         tokens = nll_sum = correct = 0
         with torch.no_grad():
             for start in range(0, len(valid_t), 4):
-                batch = batch_of(valid_t[start:start + 4], m, pad)
+                batch = batch_of(valid_t[start:start + 4], m, pad, a.device)
                 set_salient(batch)
                 logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
                 _, nll = label_smoothed_nll_loss(logits, batch["target"], 0.0, m.pad_id)
@@ -166,7 +168,7 @@ def main(argv=None):
         if not order:
             order = list(range(len(train_t)))
             random.Random(a.seed + update).shuffle(order)
-        batch = batch_of([train_t[order.pop()] for _ in range(min(a.batch_docs, len(order)))], m, pad)
+        batch = batch_of([train_t[order.pop()] for _ in range(min(a.batch_docs, len(order)))], m, pad, a.device)
         set_salient(batch)
         logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
         loss, nll = label_smoothed_nll_loss(logits, batch["target"], cfg.train.label_smoothing, m.pad_id)
@@ -176,13 +178,13 @@ def main(argv=None):
         opt.step()
         warmup.step()
         update += 1
-        train_nll = float(nll.detach()) / batch["ntokens"]
+        train_nll = float(nll.detach()) / float(batch["ntokens"])
         if update % a.eval_every == 0:
             evaluate(update, time.perf_counter() - started, train_nll)
     evaluate(update, time.perf_counter() - started, train_nll)
     with torch.no_grad():
         model.eval()
-        batch = batch_of(valid_t[:2], m, pad)
+        batch = batch_of(valid_t[:2], m, pad, a.device)
         set_salient(batch)
         out = model.encode(batch["src_tokens"], batch["src_lengths"])
         for info in out.pooling:
