@@ -59,6 +59,9 @@ def assert_two_ranks(out_dir: Path, launcher_name: str, result: subprocess.Compl
         assert (record["local_rank"], record["local_world_size"]) == (rank, 2)
         assert record["all_reduce_sum"] == 3.0
     assert len({(r["master_addr"], r["master_port"]) for r in ranks.values()}) == 1
+    # DeepSpeed's CPU shm all-reduce segments (66 MB each) are released when the ranks exit
+    port = ranks[0]["master_port"]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert f"launcher={launcher_name} world_size=2 rank=0" in output
 
 
