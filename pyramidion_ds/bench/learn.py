@@ -4,8 +4,10 @@ One command, end to end, for one task::
 
     corpus (synthetic: planted salient sentences | real: ../shared/data PubMed + QMSum, split here)
       └─ pyramidion-preprocess ──> OUT/data-bin (sentencepiece + shards)
+      └─ synthetic: a warm-up corpus of short documents, same vocabulary ──> OUT/data-bin-curriculum
            └─ for each variant (vanilla, blockwise, transpooler, pyramidion), same config / seed / data /
-              step budget: pyramidion-train ──> OUT/runs/<variant>   (tensorboard: loss vs wall clock)
+              step budget: [warm-up: pyramidion-train on the short documents ──> OUT/runs/<variant>.curriculum]
+              pyramidion-train (--train.init_from the warm-up) ──> OUT/runs/<variant>   (tensorboard)
                 └─ pyramidion-generate --gen-subset test (beam search) ──> OUT/generate/<variant> (ROUGE)
                 └─ selection recall (synthetic): planted tokens whose representation dominates a slot
                    of the final pyramid stage (``EncoderOut.source_positions[mask]``)
@@ -13,8 +15,8 @@ One command, end to end, for one task::
       └─ OUT/learn.json, OUT/learn.md (tables + targets), OUT/learn.png (valid loss vs wall clock)
 
 The run configs are shipped: ``pyramidion_ds/configs/learn_synthetic.yaml`` / ``learn_real.yaml``
-(the variant, data dir, save dir and seed are set here). Corpus and vocabulary settings are
-:data:`TASKS`. The training budget is a number of updates (reproducible); ``--budget-minutes`` caps
+(the variant, data dir, save dir and seed are set here). Corpus, vocabulary and warm-up settings are
+:data:`TASKS` (``--curriculum-updates 0`` skips the warm-up). The training budget is a number of updates (reproducible); ``--budget-minutes`` caps
 each variant's training wall clock (the trainer is sent SIGUSR1, saves, and stops).
 
     pyramidion-bench learn --task synthetic --out results/learn/synthetic --seed 1
@@ -32,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,6 +44,18 @@ ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
 POOLING_VARIANTS = ("transpooler", "pyramidion")
 EXIT_PREEMPTED = 75  # pyramidion_ds.cli.common.EXIT_PREEMPTED (kept literal: no torch import at --help)
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """A warm-up on short documents of the same task, trained before the main corpus with the same run
+    config; the main run starts from its weights (``train.init_from``), with a fresh optimizer and
+    warmup. Every variant gets the same warm-up, and its time counts against the variant's budget."""
+    min_words: int                      #: warm-up document length (words)
+    max_words: int
+    splits: dict                        #: split -> documents
+    updates: int                        #: updates on the warm-up corpus
+    max_tokens: int                     #: its batch token budget (data.max_tokens; padded source tokens)
 
 
 @dataclass
@@ -56,13 +70,19 @@ class TaskSpec:
     spm_model_type: str = "bpe"
     spm_character_coverage: float = 1.0  #: digits are rare in the filler: keep every character
     budget_minutes: float = 30.0        #: default wall-clock cap per variant's training
+    curriculum: Optional[Curriculum] = None
 
 
 TASKS = {
     # documents of 2,080-2,460 pieces (>= 2,048), 2-4 planted sentences (summaries of 23-54 pieces)
     # 8,000 training documents: with 1,000 the models memorise summaries (train NLL 1.34 vs valid 1.52)
+    # Warm-up on 200-300-word documents (~4 per update): there the scorer finds the planted sentences
+    # within a few hundred updates and keeps them (128 of ~330 slots survive), and the decoder learns to
+    # copy; trained on the long documents from the start, the scorer's choice drifted back and forth.
     "synthetic": TaskSpec(config="learn_synthetic", splits={"train": 8000, "valid": 20, "test": 20},
-                          min_words=2050, max_words=2400),
+                          min_words=2050, max_words=2400,
+                          curriculum=Curriculum(min_words=200, max_words=300, splits={"train": 4000, "valid": 20},
+                                                updates=8000, max_tokens=1536)),
     # ../shared/data: 50 PubMed + 70 QMSum pairs; test/valid/train by position in each file
     "real": TaskSpec(config="learn_real", splits={}, spm_vocab_size=8000, spm_model_type="unigram",
                      spm_character_coverage=0.9995, budget_minutes=10.0),
@@ -173,6 +193,14 @@ def make_synthetic(raw_dir: Path, spec: TaskSpec, seed: int) -> dict[str, Path]:
                         num_salient=tuple(spec.num_salient))
 
 
+def make_curriculum(raw_dir: Path, spec: TaskSpec, seed: int) -> dict[str, Path]:
+    """The warm-up corpus: the same generator at ``spec.curriculum``'s document length."""
+    from ..data.synthetic import write_corpus
+    cur = spec.curriculum
+    return write_corpus(raw_dir, cur.splits, seed=seed, min_words=cur.min_words, max_words=cur.max_words,
+                        num_salient=tuple(spec.num_salient))
+
+
 def split_of(position: int) -> str:
     """Deterministic split of the record at ``position`` in its file: every 10th test, the next valid."""
     return {0: "test", 1: "valid"}.get(position % 10, "train")
@@ -225,14 +253,19 @@ def run_logged(cmd: list[str], log_path: Path, env: dict, time_limit_s: Optional
     return proc.returncode, time.perf_counter() - started, signalled
 
 
-def preprocess(raw: dict[str, Path], dest: Path, spec: TaskSpec, env: dict, log_dir: Path) -> dict:
+def preprocess(raw: dict[str, Path], dest: Path, spec: TaskSpec, env: dict, log_dir: Path,
+               spm_model: Optional[Path] = None) -> dict:
+    """pyramidion-preprocess of ``raw`` into ``dest``: a new sentencepiece model, or ``spm_model``'s."""
     files = ",".join(f"{split}={path}" for split, path in raw.items())
     cmd = [sys.executable, "-m", "pyramidion_ds.cli.preprocess", "--source-files", files, "--destdir", str(dest),
-           "--spm-vocab-size", str(spec.spm_vocab_size), "--spm-model-type", spec.spm_model_type,
-           "--spm-character-coverage", str(spec.spm_character_coverage), "--quiet"]
-    code, seconds, _ = run_logged(cmd, log_dir / "preprocess.log", env)
+           "--quiet"]
+    cmd += ["--spm-model", str(spm_model)] if spm_model else [
+        "--spm-vocab-size", str(spec.spm_vocab_size), "--spm-model-type", spec.spm_model_type,
+        "--spm-character-coverage", str(spec.spm_character_coverage)]
+    log_path = log_dir / f"preprocess-{dest.name}.log"
+    code, seconds, _ = run_logged(cmd, log_path, env)
     if code != 0:
-        raise RuntimeError(f"pyramidion-preprocess failed (exit {code}); see {log_dir / 'preprocess.log'}")
+        raise RuntimeError(f"pyramidion-preprocess failed (exit {code}); see {log_path}")
     lengths = {}
     for split in raw:
         header = json.loads((dest / f"{split}.source.json").read_text())
@@ -257,11 +290,17 @@ def train_variant(spec, variant, data_bin, run_dir, seed, extra, env, budget_min
         shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "pyramidion_ds.cli.train",
            *run_config_args(spec, variant, data_bin, run_dir, seed, extra), "--no-resume"]
-    code, seconds, stopped = run_logged(cmd, run_dir.parent / f"{variant}.train.log", env,
-                                        time_limit_s=budget_minutes * 60)
+    log_path = run_dir.parent / f"{run_dir.name}.train.log"
+    code, seconds, stopped = run_logged(cmd, log_path, env, time_limit_s=budget_minutes * 60)
     if code not in (0, EXIT_PREEMPTED):
-        raise RuntimeError(f"training {variant} failed (exit {code}); see {run_dir.parent / f'{variant}.train.log'}")
+        raise RuntimeError(f"training {run_dir.name} failed (exit {code}); see {log_path}")
     return {"exit_code": code, "process_seconds": seconds, "stopped_by_time_budget": stopped}
+
+
+def curriculum_args(spec: TaskSpec, updates: int) -> list[str]:
+    """Run-config overrides of the warm-up stage (on top of the shared ones)."""
+    cur = spec.curriculum
+    return ["--train.max_update", str(updates), "--data.max_tokens", str(cur.max_tokens)]
 
 
 def generate_variant(run_dir: Path, out_dir: Path, env: dict, gen_args: Sequence[str]) -> dict:
@@ -297,8 +336,10 @@ def tensorboard_series(run_dir: Path) -> dict[str, list[tuple[int, float, float]
     return series
 
 
-def curve_summary(series: dict, log_interval: int) -> dict:
-    t0 = series["t0"]
+def curve_summary(series: dict, log_interval: int, offset_s: float = 0.0) -> dict:
+    """Curves and speed of one training run; ``offset_s`` (a warm-up stage's training time) is added to
+    the validation curve's clock and to ``train_seconds``."""
+    t0 = series["t0"] - offset_s
     valid = [(step, wall - t0, value) for step, wall, value in series.get("valid/loss", [])]
     train = series.get("train/loss", [])
     # seconds per update between consecutive log lines (validation/checkpoint intervals included: median)
@@ -427,7 +468,10 @@ def markdown(result: dict) -> str:
         else:
             recall, chance = "n/a", "n/a"
         rouge = r.get("rouge", {})
-        lines.append(f"| {variant} | {r.get('encoder_widths')} | {r.get('updates')} | {_fmt(r.get('train_seconds'), '.0f')} "
+        updates = r.get("updates")
+        if r.get("curriculum"):
+            updates = f"{r['curriculum'].get('updates')} warm-up + {updates}"
+        lines.append(f"| {variant} | {r.get('encoder_widths')} | {updates} | {_fmt(r.get('train_seconds'), '.0f')} "
                      f"| {_fmt(r.get('step_s_median'))} | {_fmt(r.get('step_s_bench'))} "
                      f"| {_fmt(r.get('tokens_per_s_median'), '.0f')} | {_fmt(r.get('final_valid_loss'))} "
                      f"| {_fmt(rouge.get('rouge1'))} | {_fmt(rouge.get('rouge2'))} | {_fmt(rouge.get('rougeL'))} "
@@ -436,6 +480,13 @@ def markdown(result: dict) -> str:
         lines += ["", "Targets (Pyramidion):", ""]
         lines += [f"- {'met' if t['met'] else 'NOT met'}: {t['target']} (measured {_fmt(t['value'])})"
                   for t in result["targets"]]
+    if result.get("curriculum_updates"):
+        cur = result["task_spec"]["curriculum"]
+        lines += ["", f"Warm-up: each variant first trains {result['curriculum_updates']} updates on "
+                  f"{cur['splits'].get('train')} documents of {cur['min_words']}-{cur['max_words']} words (same task, "
+                  f"same run config, batches of {cur['max_tokens']} padded source tokens), then starts the main run from "
+                  "those weights with a fresh optimizer; `train wall s` and the plot's clock include the warm-up, "
+                  "the plot's updates count the main run only."]
     lines += ["", "Notes: `valid loss (end)` = teacher-forced label-smoothed CE per target token on the valid split, "
               "computed for each run's final weights (a run stopped by the time budget ends between two "
               "validations). ROUGE = F1 (rouge-score, stemmed) of beam search on the test split. Selection recall = "
@@ -494,6 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="wall-clock cap on each variant's training (default: the task's, 30 synthetic / 10 real)")
     p.add_argument("--max-update", type=int, default=None, help="step budget (default: the shipped config's)")
+    p.add_argument("--train-docs", type=int, default=None,
+                   help="synthetic: training documents (default: the task's, 8,000); fewer for a quick look")
+    p.add_argument("--curriculum-updates", type=int, default=None,
+                   help="updates on the task's short-document warm-up corpus before the main one (default: the "
+                   "task's; 0 = none)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: all four)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
     p.add_argument("--real-data", default=str(ROOT.parent / "shared" / "data"), help="dir of the real samples")
@@ -517,11 +573,23 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(result))
         return 0
     spec = TASKS[args.task]
+    if args.train_docs is not None:
+        if args.task != "synthetic" or args.train_docs < 1:
+            raise SystemExit(f"pyramidion-bench learn: error: --train-docs {args.train_docs}: expected a positive "
+                             "number, for --task synthetic (the real task's split is fixed)")
+        spec = replace(spec, splits={**spec.splits, "train": args.train_docs})
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"pyramidion-bench learn: error: unknown variants {unknown}, expected {VARIANTS}")
     budget = args.budget_minutes if args.budget_minutes is not None else spec.budget_minutes
+    cur_updates = args.curriculum_updates if args.curriculum_updates is not None else \
+        (spec.curriculum.updates if spec.curriculum else 0)
+    if cur_updates < 0:
+        raise SystemExit(f"pyramidion-bench learn: error: --curriculum-updates {cur_updates}: expected >= 0")
+    if cur_updates and spec.curriculum is None:
+        raise SystemExit(f"pyramidion-bench learn: error: --curriculum-updates {cur_updates}: task {args.task} has "
+                         "no warm-up corpus, expected 0")
     extra = []
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -546,11 +614,21 @@ def main(argv: list[str] | None = None) -> int:
         prep = preprocess(raw, data_bin, spec, env, logs)
         (out / "preprocess.json").write_text(json.dumps(prep, indent=1))
     prep = json.loads((out / "preprocess.json").read_text())
+    cur_bin = out / "data-bin-curriculum"
+    if cur_updates and not (args.reuse and (cur_bin / "meta.json").is_file()):
+        print(f"[learn] warm-up corpus ({spec.curriculum.min_words}-{spec.curriculum.max_words} words) -> "
+              f"{out / 'corpus-curriculum'}", flush=True)
+        raw = make_curriculum(out / "corpus-curriculum", spec, args.seed)
+        if cur_bin.exists():
+            shutil.rmtree(cur_bin)
+        cur_prep = preprocess(raw, cur_bin, spec, env, logs, spm_model=data_bin / "spm.model")
+        (out / "preprocess-curriculum.json").write_text(json.dumps(cur_prep, indent=1))
 
     from ..config import load_config
     result = {"benchmark": "learn", "task": args.task, "seed": args.seed, "command": command,
               "machine": machine(), "machine_short": f"{os.cpu_count()}-core CPU, shared",
               "budget_minutes_per_variant": budget, "task_spec": asdict(spec), "overrides": extra,
+              "curriculum_updates": cur_updates,
               "preprocess": prep, "variants": {}}
     lengths = prep["lengths"]
     result["corpus"] = (f"{args.task}: " + ", ".join(f"{s} {v['examples']} docs" for s, v in lengths.items())
@@ -566,13 +644,26 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / "runs" / variant
         row = {"encoder_widths": cfg.model.encoder_widths(), "max_update": cfg.train.max_update}
         finished = args.reuse and (run_dir / "checkpoints").is_dir() and any((run_dir / "tensorboard").rglob("events*"))
+        cur_dir = out / "runs" / f"{variant}.curriculum"
         if finished:  # keep what the earlier invocation measured about the training process
             row.update({k: v for k, v in previous.get(variant, {}).items()
-                        if k in ("exit_code", "process_seconds", "stopped_by_time_budget")})
+                        if k in ("exit_code", "process_seconds", "stopped_by_time_budget", "curriculum")})
         else:
-            print(f"[learn] train {variant} ({cfg.train.max_update} updates, cap {budget:g} min)", flush=True)
-            row.update(train_variant(spec, variant, data_bin, run_dir, args.seed, extra, env, budget))
-        row.update(curve_summary(tensorboard_series(run_dir), cfg.train.log_interval))
+            main_extra, left = list(extra), budget
+            if cur_updates:
+                print(f"[learn] warm up {variant} ({cur_updates} updates on short documents)", flush=True)
+                cur = train_variant(spec, variant, cur_bin, cur_dir, args.seed, extra + curriculum_args(spec, cur_updates),
+                                    env, budget)
+                cur.update(curve_summary(tensorboard_series(cur_dir), cfg.train.log_interval))
+                row["curriculum"] = {k: cur[k] for k in ("exit_code", "process_seconds", "stopped_by_time_budget",
+                                                         "updates", "train_seconds", "final_valid_loss")}
+                main_extra += ["--train.init_from", str(cur_dir)]
+                left = max(budget - cur["process_seconds"] / 60, 0.1)
+            print(f"[learn] train {variant} ({cfg.train.max_update} updates, cap {left:g} min)", flush=True)
+            row.update(train_variant(spec, variant, data_bin, run_dir, args.seed, main_extra, env, left))
+        warm_up = row.get("curriculum") or {}
+        row.update(curve_summary(tensorboard_series(run_dir), cfg.train.log_interval,
+                                 offset_s=warm_up.get("train_seconds") or warm_up.get("process_seconds") or 0.0))
         end = valid_loss_at_end(run_dir)
         row["last_logged_valid_loss"] = row["final_valid_loss"]
         row["final_valid_loss"], row["final_valid_nll"] = end["loss"], end["nll_loss"]

@@ -18,6 +18,9 @@ is short for ``--set model.scorer_input=layer_norm`` and ``--scorer-lr-scale X``
     python tools/experiments/probe_copy.py --learn-dir results/learn/repro-seed1-a --words 200 300 \\
         --salient 1 1 --set model.variant=blockwise --batch-docs 4     # short documents, one sentence
 
+``--curriculum-words 200 300 --curriculum-updates 5000`` first trains on short in-memory documents (the
+warm-up of ``pyramidion-bench learn``), then on the long corpus.
+
 It reads ``LEARN_DIR/data-bin/spm.model`` and ``LEARN_DIR/corpus/{train,valid}.jsonl`` (or, with
 ``--words``, makes a fresh in-memory synthetic corpus of that length with the same vocabulary).
 """
@@ -89,6 +92,10 @@ def main(argv=None):
     p.add_argument("--words", type=int, nargs=2, default=None, help="make an in-memory corpus: min max words")
     p.add_argument("--salient", type=int, nargs=2, default=(2, 4), help="with --words: planted sentences")
     p.add_argument("--train-docs", type=int, default=1000, help="with --words: training documents")
+    p.add_argument("--curriculum-words", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="first train on in-memory documents of MIN..MAX words (--curriculum-updates of them)")
+    p.add_argument("--curriculum-updates", type=int, default=0)
+    p.add_argument("--curriculum-docs", type=int, default=4000, help="warm-up training documents (cycled)")
     p.add_argument("--batch-docs", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="default: the config's train.lr")
     p.add_argument("--scorer-lr-scale", type=float, default=None,
@@ -123,6 +130,12 @@ def main(argv=None):
         read = lambda split: [json.loads(line) for line in (learn / "corpus" / f"{split}.jsonl").open(encoding="utf-8")]
         train, valid = read("train"), read("valid")[:16]
     train_t, valid_t = encode_records(train, spm, m), encode_records(valid, spm, m)
+    short_t = []
+    if a.curriculum_words and a.curriculum_updates:
+        kw = dict(seed=a.seed, min_words=a.curriculum_words[0], max_words=a.curriculum_words[1],
+                  num_salient=tuple(a.salient))
+        short_t = encode_records([make_example(i, split="curriculum", **kw).to_json()
+                                  for i in range(a.curriculum_docs)], spm, m)
     model = PyramidionModel(m)
     oracles = []
     if a.selection == "oracle":
@@ -165,10 +178,14 @@ def main(argv=None):
 
     update, order, started, train_nll = 0, [], time.perf_counter(), float("nan")
     while time.perf_counter() - started < a.minutes * 60 and update < a.max_update:
-        if not order:
-            order = list(range(len(train_t)))
-            random.Random(a.seed + update).shuffle(order)
-        batch = batch_of([train_t[order.pop()] for _ in range(min(a.batch_docs, len(order)))], m, pad, a.device)
+        if update < a.curriculum_updates and short_t:
+            first = update * a.batch_docs
+            batch = batch_of([short_t[(first + i) % len(short_t)] for i in range(a.batch_docs)], m, pad, a.device)
+        else:
+            if not order:
+                order = list(range(len(train_t)))
+                random.Random(a.seed + update).shuffle(order)
+            batch = batch_of([train_t[order.pop()] for _ in range(min(a.batch_docs, len(order)))], m, pad, a.device)
         set_salient(batch)
         logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
         loss, nll = label_smoothed_nll_loss(logits, batch["target"], cfg.train.label_smoothing, m.pad_id)
