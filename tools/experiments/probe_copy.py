@@ -96,6 +96,8 @@ def main(argv=None):
                    help="first train on in-memory documents of MIN..MAX words (--curriculum-updates of them)")
     p.add_argument("--curriculum-updates", type=int, default=0)
     p.add_argument("--curriculum-docs", type=int, default=4000, help="warm-up training documents (cycled)")
+    p.add_argument("--curriculum-fresh-optimizer", action="store_true",
+                   help="new AdamW + lr warmup after the warm-up, as pyramidion-bench learn's train.init_from does")
     p.add_argument("--batch-docs", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="default: the config's train.lr")
     p.add_argument("--scorer-lr-scale", type=float, default=None,
@@ -144,9 +146,12 @@ def main(argv=None):
     model.to(a.device)
     t = cfg.train
     lr = a.lr or t.lr
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay, lr, t.scorer_lr_scale), lr=lr,
-                            betas=tuple(t.adam_betas), eps=t.adam_eps)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda update: min(1.0, (update + 1) / a.warmup))
+    def new_optimizer():
+        opt = torch.optim.AdamW(param_groups(model, t.weight_decay, lr, t.scorer_lr_scale), lr=lr,
+                                betas=tuple(t.adam_betas), eps=t.adam_eps)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda update: min(1.0, (update + 1) / a.warmup))
+
+    opt, warmup = new_optimizer()
     pad = cfg.data.pad_to_multiple or m.chunk_size
     print(json.dumps({"variant": m.variant, "widths": m.encoder_widths(), "d_model": m.d_model,
                       "selection": a.selection, "scorer_input": m.scorer_input,
@@ -178,6 +183,8 @@ def main(argv=None):
 
     update, order, started, train_nll = 0, [], time.perf_counter(), float("nan")
     while time.perf_counter() - started < a.minutes * 60 and update < a.max_update:
+        if short_t and update == a.curriculum_updates and a.curriculum_fresh_optimizer:
+            opt, warmup = new_optimizer()
         if update < a.curriculum_updates and short_t:
             first = update * a.batch_docs
             batch = batch_of([short_t[(first + i) % len(short_t)] for i in range(a.batch_docs)], m, pad, a.device)
