@@ -4,10 +4,11 @@ One command, end to end, for one task::
 
     corpus (synthetic: planted salient sentences | real: ../shared/data PubMed + QMSum, split here)
       └─ pyramidion-preprocess ──> OUT/data-bin (sentencepiece + shards)
-      └─ synthetic: a warm-up corpus of short documents, same vocabulary ──> OUT/data-bin-curriculum
+      └─ synthetic: warm-up corpora of shorter documents, same vocabulary ──> OUT/data-bin-warmup-<k>
            └─ for each variant (vanilla, blockwise, transpooler, pyramidion), same config / seed / data /
-              step budget: [warm-up: pyramidion-train on the short documents ──> OUT/runs/<variant>.curriculum]
-              pyramidion-train (--train.init_from the warm-up) ──> OUT/runs/<variant>   (tensorboard)
+              step budget: [warm-up stages k = 1.., shortest documents first, each from the previous
+              one's weights: pyramidion-train ──> OUT/runs/<variant>.warmup-<k>]
+              pyramidion-train (--train.init_from the last stage) ──> OUT/runs/<variant>   (tensorboard)
                 └─ pyramidion-generate --gen-subset test (beam search) ──> OUT/generate/<variant> (ROUGE)
                 └─ selection recall (synthetic): planted tokens whose representation dominates a slot
                    of the final pyramid stage (``EncoderOut.source_positions[mask]``)
@@ -16,8 +17,9 @@ One command, end to end, for one task::
 
 The run configs are shipped: ``pyramidion_ds/configs/learn_synthetic.yaml`` / ``learn_real.yaml``
 (the variant, data dir, save dir and seed are set here). Corpus, vocabulary and warm-up settings are
-:data:`TASKS` (``--curriculum-updates 0`` skips the warm-up). The training budget is a number of updates (reproducible); ``--budget-minutes`` caps
-each variant's training wall clock (the trainer is sent SIGUSR1, saves, and stops).
+:data:`TASKS` (``--curriculum-updates 0`` skips the warm-up). The training budget is a number of updates
+(reproducible); ``--budget-minutes`` caps each variant's training wall clock, warm-up included (the trainer
+is sent SIGUSR1, saves, and stops).
 
     pyramidion-bench learn --task synthetic --out results/learn/synthetic --seed 1
     pyramidion-bench learn --task real --out results/learn/real --budget-minutes 10
@@ -47,15 +49,28 @@ EXIT_PREEMPTED = 75  # pyramidion_ds.cli.common.EXIT_PREEMPTED (kept literal: no
 
 
 @dataclass(frozen=True)
-class Curriculum:
-    """A warm-up on short documents of the same task, trained before the main corpus with the same run
-    config; the main run starts from its weights (``train.init_from``), with a fresh optimizer and
-    warmup. Every variant gets the same warm-up, and its time counts against the variant's budget."""
-    min_words: int                      #: warm-up document length (words)
+class Stage:
+    """One warm-up stage: the same task at documents of ``min_words``..``max_words`` words."""
+    min_words: int
     max_words: int
-    splits: dict                        #: split -> documents
-    updates: int                        #: updates on the warm-up corpus
-    max_tokens: int                     #: its batch token budget (data.max_tokens; padded source tokens)
+    train_docs: int                     #: training documents (fewer than updates x docs_per_update: cycled)
+    updates: int                        #: updates on this stage's corpus
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Warm-up stages of growing document length, trained in order before the main corpus with the same run
+    config. Each stage starts from the previous one's weights (``train.init_from``; the main run from the
+    last stage's), with a fresh optimizer and lr warmup. Every variant gets the same warm-up, and its time
+    counts against the variant's budget."""
+    stages: tuple                       #: :class:`Stage` s, shortest documents first
+    valid_docs: int = 20                #: validation documents per stage
+    docs_per_update: int = 4            #: batch = this many documents (data.max_sentences; data.max_tokens =
+                                        #: this x the stage's longest source, padded)
+
+    def scaled(self, updates: int) -> "Curriculum":
+        """The same stages with ``updates`` updates each (``--curriculum-updates``)."""
+        return replace(self, stages=tuple(replace(stage, updates=updates) for stage in self.stages))
 
 
 @dataclass
@@ -76,13 +91,19 @@ class TaskSpec:
 TASKS = {
     # documents of 2,080-2,460 pieces (>= 2,048), 2-4 planted sentences (summaries of 23-54 pieces)
     # 8,000 training documents: with 1,000 the models memorise summaries (train NLL 1.34 vs valid 1.52)
-    # Warm-up on 200-300-word documents (~4 per update): there the scorer finds the planted sentences
-    # within a few hundred updates and keeps them (128 of ~330 slots survive), and the decoder learns to
-    # copy; trained on the long documents from the start, the scorer's choice drifted back and forth.
+    # Warm-up in six stages of growing length, 4 documents per update (README, "Pooling learns"):
+    # - 60-100 words: the whole document fits the 128 final slots, so the decoder learns to copy the planted
+    #   sentences in order without depending on the scorer (two of two seeds by update ~1,000; at 200-300
+    #   words the copying transition came at 1,000-3,000 updates in some seeds and not by 8,000 in others)
+    # - 200-300: the scorer learns to keep the planted pieces (128 of ~330 slots survive)
+    # - 400-600 ... 1,600-2,000: sinusoidal positions the shorter stages never showed. A model that copies
+    #   at 200-300 words fell to token accuracy 0.83 at 400-500 words and 0.64 at 1,500-1,700, and trained
+    #   straight on 2,050-2,400 words went back to the template plateau; 300 updates a step kept it >= 0.96.
     "synthetic": TaskSpec(config="learn_synthetic", splits={"train": 8000, "valid": 20, "test": 20},
                           min_words=2050, max_words=2400,
-                          curriculum=Curriculum(min_words=200, max_words=300, splits={"train": 4000, "valid": 20},
-                                                updates=8000, max_tokens=1536)),
+                          curriculum=Curriculum(stages=(Stage(60, 100, 4000, 1500), Stage(200, 300, 4000, 1000),
+                                                        Stage(400, 600, 1200, 300), Stage(700, 1000, 1200, 300),
+                                                        Stage(1100, 1500, 1200, 300), Stage(1600, 2000, 1200, 300)))),
     # ../shared/data: 50 PubMed + 70 QMSum pairs; test/valid/train by position in each file
     "real": TaskSpec(config="learn_real", splits={}, spm_vocab_size=8000, spm_model_type="unigram",
                      spm_character_coverage=0.9995, budget_minutes=10.0),
@@ -187,17 +208,11 @@ def measure_selection(model, spm, records: list[dict], pad_to_multiple: int, bat
 # corpus + preprocessing
 # --------------------------------------------------------------------------------------------------
 
-def make_synthetic(raw_dir: Path, spec: TaskSpec, seed: int) -> dict[str, Path]:
+def make_synthetic(raw_dir: Path, splits: dict, min_words: int, max_words: int, spec: TaskSpec,
+                   seed: int) -> dict[str, Path]:
+    """The planted-sentence corpus at ``min_words``..``max_words`` words (the main one or a warm-up stage's)."""
     from ..data.synthetic import write_corpus
-    return write_corpus(raw_dir, spec.splits, seed=seed, min_words=spec.min_words, max_words=spec.max_words,
-                        num_salient=tuple(spec.num_salient))
-
-
-def make_curriculum(raw_dir: Path, spec: TaskSpec, seed: int) -> dict[str, Path]:
-    """The warm-up corpus: the same generator at ``spec.curriculum``'s document length."""
-    from ..data.synthetic import write_corpus
-    cur = spec.curriculum
-    return write_corpus(raw_dir, cur.splits, seed=seed, min_words=cur.min_words, max_words=cur.max_words,
+    return write_corpus(raw_dir, splits, seed=seed, min_words=min_words, max_words=max_words,
                         num_salient=tuple(spec.num_salient))
 
 
@@ -297,10 +312,13 @@ def train_variant(spec, variant, data_bin, run_dir, seed, extra, env, budget_min
     return {"exit_code": code, "process_seconds": seconds, "stopped_by_time_budget": stopped}
 
 
-def curriculum_args(spec: TaskSpec, updates: int) -> list[str]:
-    """Run-config overrides of the warm-up stage (on top of the shared ones)."""
-    cur = spec.curriculum
-    return ["--train.max_update", str(updates), "--data.max_tokens", str(cur.max_tokens)]
+def stage_args(cur: Curriculum, stage: Stage, prep: dict, pad_to_multiple: int) -> list[str]:
+    """Run-config overrides of one warm-up stage (on top of the shared ones): its updates, and batches of
+    ``cur.docs_per_update`` documents (a token budget that fits that many of its longest, padded)."""
+    from ..data.batching import padded_length
+    longest = max(split["source"]["max"] for split in prep["lengths"].values())
+    return ["--train.max_update", str(stage.updates), "--data.max_sentences", str(cur.docs_per_update),
+            "--data.max_tokens", str(cur.docs_per_update * padded_length(longest, pad_to_multiple))]
 
 
 def generate_variant(run_dir: Path, out_dir: Path, env: dict, gen_args: Sequence[str]) -> dict:
@@ -336,8 +354,8 @@ def tensorboard_series(run_dir: Path) -> dict[str, list[tuple[int, float, float]
     return series
 
 
-def curve_summary(series: dict, log_interval: int, offset_s: float = 0.0) -> dict:
-    """Curves and speed of one training run; ``offset_s`` (a warm-up stage's training time) is added to
+def curve_summary(series: dict, offset_s: float = 0.0) -> dict:
+    """Curves and speed of one training run; ``offset_s`` (the warm-up stages' training time) is added to
     the validation curve's clock and to ``train_seconds``."""
     t0 = series["t0"] - offset_s
     valid = [(step, wall - t0, value) for step, wall, value in series.get("valid/loss", [])]
@@ -469,8 +487,8 @@ def markdown(result: dict) -> str:
             recall, chance = "n/a", "n/a"
         rouge = r.get("rouge", {})
         updates = r.get("updates")
-        if r.get("curriculum"):
-            updates = f"{r['curriculum'].get('updates')} warm-up + {updates}"
+        if r.get("warmup"):
+            updates = f"{sum(st.get('updates') or 0 for st in r['warmup'])} warm-up + {updates}"
         lines.append(f"| {variant} | {r.get('encoder_widths')} | {updates} | {_fmt(r.get('train_seconds'), '.0f')} "
                      f"| {_fmt(r.get('step_s_median'))} | {_fmt(r.get('step_s_bench'))} "
                      f"| {_fmt(r.get('tokens_per_s_median'), '.0f')} | {_fmt(r.get('final_valid_loss'))} "
@@ -480,13 +498,14 @@ def markdown(result: dict) -> str:
         lines += ["", "Targets (Pyramidion):", ""]
         lines += [f"- {'met' if t['met'] else 'NOT met'}: {t['target']} (measured {_fmt(t['value'])})"
                   for t in result["targets"]]
-    if result.get("curriculum_updates"):
-        cur = result["task_spec"]["curriculum"]
-        lines += ["", f"Warm-up: each variant first trains {result['curriculum_updates']} updates on "
-                  f"{cur['splits'].get('train')} documents of {cur['min_words']}-{cur['max_words']} words (same task, "
-                  f"same run config, batches of {cur['max_tokens']} padded source tokens), then starts the main run from "
-                  "those weights with a fresh optimizer; `train wall s` and the plot's clock include the warm-up, "
-                  "the plot's updates count the main run only."]
+    cur = result.get("curriculum")
+    if cur:
+        stages = ", ".join(f"{st['updates']} on {st['min_words']}-{st['max_words']}" for st in cur["stages"])
+        lines += ["", f"Warm-up: each variant first trains in {len(cur['stages'])} stages of growing document length "
+                  f"(updates on words per document: {stages}; same task, same run config, "
+                  f"{cur['docs_per_update']} documents per update), each stage and then the main run starting from the "
+                  "previous one's weights with a fresh optimizer; `train wall s` and the plot's clock include the "
+                  "warm-up, the plot's updates count the main run only."]
     lines += ["", "Notes: `valid loss (end)` = teacher-forced label-smoothed CE per target token on the valid split, "
               "computed for each run's final weights (a run stopped by the time budget ends between two "
               "validations). ROUGE = F1 (rouge-score, stemmed) of beam search on the test split. Selection recall = "
@@ -548,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-docs", type=int, default=None,
                    help="synthetic: training documents (default: the task's, 8,000); fewer for a quick look")
     p.add_argument("--curriculum-updates", type=int, default=None,
-                   help="updates on the task's short-document warm-up corpus before the main one (default: the "
-                   "task's; 0 = none)")
+                   help="updates in each warm-up stage, the shorter documents trained before the main corpus "
+                   "(default: the task's; 0 = no warm-up)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: all four)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
     p.add_argument("--real-data", default=str(ROOT.parent / "shared" / "data"), help="dir of the real samples")
@@ -583,13 +602,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"pyramidion-bench learn: error: unknown variants {unknown}, expected {VARIANTS}")
     budget = args.budget_minutes if args.budget_minutes is not None else spec.budget_minutes
-    cur_updates = args.curriculum_updates if args.curriculum_updates is not None else \
-        (spec.curriculum.updates if spec.curriculum else 0)
-    if cur_updates < 0:
-        raise SystemExit(f"pyramidion-bench learn: error: --curriculum-updates {cur_updates}: expected >= 0")
-    if cur_updates and spec.curriculum is None:
-        raise SystemExit(f"pyramidion-bench learn: error: --curriculum-updates {cur_updates}: task {args.task} has "
-                         "no warm-up corpus, expected 0")
+    cur = spec.curriculum
+    if args.curriculum_updates is not None:
+        if args.curriculum_updates < 0:
+            raise SystemExit(f"pyramidion-bench learn: error: --curriculum-updates {args.curriculum_updates}: "
+                             "expected >= 0")
+        if args.curriculum_updates and cur is None:
+            raise SystemExit(f"pyramidion-bench learn: error: --curriculum-updates {args.curriculum_updates}: task "
+                             f"{args.task} has no warm-up corpus, expected 0")
+        cur = cur.scaled(args.curriculum_updates) if args.curriculum_updates else None
     extra = []
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -607,28 +628,32 @@ def main(argv: list[str] | None = None) -> int:
     raw_dir, data_bin = out / "corpus", out / "data-bin"
     if not (args.reuse and (data_bin / "meta.json").is_file()):
         print(f"[learn] corpus ({args.task}) -> {raw_dir}", flush=True)
-        raw = make_synthetic(raw_dir, spec, args.seed) if args.task == "synthetic" else \
-            make_real(raw_dir, Path(args.real_data))
+        raw = make_synthetic(raw_dir, spec.splits, spec.min_words, spec.max_words, spec, args.seed) \
+            if args.task == "synthetic" else make_real(raw_dir, Path(args.real_data))
         if data_bin.exists():
             shutil.rmtree(data_bin)
         prep = preprocess(raw, data_bin, spec, env, logs)
         (out / "preprocess.json").write_text(json.dumps(prep, indent=1))
     prep = json.loads((out / "preprocess.json").read_text())
-    cur_bin = out / "data-bin-curriculum"
-    if cur_updates and not (args.reuse and (cur_bin / "meta.json").is_file()):
-        print(f"[learn] warm-up corpus ({spec.curriculum.min_words}-{spec.curriculum.max_words} words) -> "
-              f"{out / 'corpus-curriculum'}", flush=True)
-        raw = make_curriculum(out / "corpus-curriculum", spec, args.seed)
-        if cur_bin.exists():
-            shutil.rmtree(cur_bin)
-        cur_prep = preprocess(raw, cur_bin, spec, env, logs, spm_model=data_bin / "spm.model")
-        (out / "preprocess-curriculum.json").write_text(json.dumps(cur_prep, indent=1))
+    warmups = []  # (stage, data-bin, preprocess summary) of each warm-up stage
+    for k, stage in enumerate(cur.stages if cur else (), 1):
+        stage_bin, stage_prep = out / f"data-bin-warmup-{k}", out / f"preprocess-warmup-{k}.json"
+        if not (args.reuse and (stage_bin / "meta.json").is_file()):
+            print(f"[learn] warm-up corpus {k}/{len(cur.stages)} ({stage.min_words}-{stage.max_words} words) -> "
+                  f"{out / f'corpus-warmup-{k}'}", flush=True)
+            raw = make_synthetic(out / f"corpus-warmup-{k}", {"train": stage.train_docs, "valid": cur.valid_docs},
+                                 stage.min_words, stage.max_words, spec, args.seed)
+            if stage_bin.exists():
+                shutil.rmtree(stage_bin)
+            stage_prep.write_text(json.dumps(preprocess(raw, stage_bin, spec, env, logs,
+                                                        spm_model=data_bin / "spm.model"), indent=1))
+        warmups.append((stage, stage_bin, json.loads(stage_prep.read_text())))
 
     from ..config import load_config
     result = {"benchmark": "learn", "task": args.task, "seed": args.seed, "command": command,
               "machine": machine(), "machine_short": f"{os.cpu_count()}-core CPU, shared",
               "budget_minutes_per_variant": budget, "task_spec": asdict(spec), "overrides": extra,
-              "curriculum_updates": cur_updates,
+              "curriculum": asdict(cur) if cur else None,
               "preprocess": prep, "variants": {}}
     lengths = prep["lengths"]
     result["corpus"] = (f"{args.task}: " + ", ".join(f"{s} {v['examples']} docs" for s, v in lengths.items())
@@ -644,26 +669,28 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / "runs" / variant
         row = {"encoder_widths": cfg.model.encoder_widths(), "max_update": cfg.train.max_update}
         finished = args.reuse and (run_dir / "checkpoints").is_dir() and any((run_dir / "tensorboard").rglob("events*"))
-        cur_dir = out / "runs" / f"{variant}.curriculum"
         if finished:  # keep what the earlier invocation measured about the training process
             row.update({k: v for k, v in previous.get(variant, {}).items()
-                        if k in ("exit_code", "process_seconds", "stopped_by_time_budget", "curriculum")})
+                        if k in ("exit_code", "process_seconds", "stopped_by_time_budget", "warmup")})
         else:
-            main_extra, left = list(extra), budget
-            if cur_updates:
-                print(f"[learn] warm up {variant} ({cur_updates} updates on short documents)", flush=True)
-                cur = train_variant(spec, variant, cur_bin, cur_dir, args.seed, extra + curriculum_args(spec, cur_updates),
-                                    env, budget)
-                cur.update(curve_summary(tensorboard_series(cur_dir), cfg.train.log_interval))
-                row["curriculum"] = {k: cur[k] for k in ("exit_code", "process_seconds", "stopped_by_time_budget",
-                                                         "updates", "train_seconds", "final_valid_loss")}
-                main_extra += ["--train.init_from", str(cur_dir)]
-                left = max(budget - cur["process_seconds"] / 60, 0.1)
-            print(f"[learn] train {variant} ({cfg.train.max_update} updates, cap {left:g} min)", flush=True)
+            main_extra, left, row["warmup"] = list(extra), budget, []
+            pad = cfg.data.pad_to_multiple or cfg.model.chunk_size
+            for k, (stage, stage_bin, stage_prep) in enumerate(warmups, 1):
+                stage_dir = out / "runs" / f"{variant}.warmup-{k}"
+                print(f"[learn] warm up {variant}: stage {k}/{len(warmups)}, {stage.updates} updates on "
+                      f"{stage.min_words}-{stage.max_words}-word documents (cap {left:.3g} min)", flush=True)
+                stage_extra = main_extra + stage_args(cur, stage, stage_prep, pad)
+                done = train_variant(spec, variant, stage_bin, stage_dir, args.seed, stage_extra, env, left)
+                done.update(curve_summary(tensorboard_series(stage_dir)))
+                row["warmup"].append({"words": [stage.min_words, stage.max_words], **{
+                    key: done[key] for key in ("exit_code", "process_seconds", "stopped_by_time_budget", "updates",
+                                         "train_seconds", "final_valid_loss")}})
+                main_extra = extra + ["--train.init_from", str(stage_dir)]
+                left = max(left - done["process_seconds"] / 60, 0.1)
+            print(f"[learn] train {variant} ({cfg.train.max_update} updates, cap {left:.3g} min)", flush=True)
             row.update(train_variant(spec, variant, data_bin, run_dir, args.seed, main_extra, env, left))
-        warm_up = row.get("curriculum") or {}
-        row.update(curve_summary(tensorboard_series(run_dir), cfg.train.log_interval,
-                                 offset_s=warm_up.get("train_seconds") or warm_up.get("process_seconds") or 0.0))
+        warm_up_s = sum(st.get("train_seconds") or st.get("process_seconds") or 0.0 for st in row.get("warmup") or [])
+        row.update(curve_summary(tensorboard_series(run_dir), offset_s=warm_up_s))
         end = valid_loss_at_end(run_dir)
         row["last_logged_valid_loss"] = row["final_valid_loss"]
         row["final_valid_loss"], row["final_valid_nll"] = end["loss"], end["nll_loss"]
