@@ -4,7 +4,7 @@
     DenoisingDataset[i]     = {"id": i, "source": noise(document) + </s>, "target": document + </s>}
 
 Both truncate on read to the positions the model has (keeping the final ``</s>``) and expose
-``src_sizes``/``tgt_sizes`` for :func:`make_batches`. The shard readers are lazy memmaps, so a dataset
+``src_sizes`` (for :func:`make_batches`) and ``tgt_sizes``. The shard readers are lazy memmaps, so a dataset
 is cheap to pickle into ``DataLoader`` workers.
 """
 from __future__ import annotations

@@ -117,6 +117,6 @@ def batches_for_rank(examples: list[Example], batch_size: int, max_tokens: int, 
     """This rank's batches (round-robin over one length-sorted batching of all examples)."""
     from ..data.batching import make_batches
     sizes = [len(e.source) for e in examples]
-    batches = make_batches(sizes, sizes, max_tokens=max_tokens or None, max_sentences=batch_size,
+    batches = make_batches(sizes, max_tokens=max_tokens or None, max_sentences=batch_size,
                            pad_to_multiple=pad_to_multiple, seed=0, epoch=0)
     return [[examples[i] for i in batch] for batch in batches[rank::world_size]]

@@ -183,7 +183,7 @@ class Trainer:
         self.pad_multiple = cfg.data.pad_to_multiple or m.chunk_size
 
         def batches_for(ds, shuffle_seed):
-            return lambda epoch: make_batches(ds.src_sizes, ds.tgt_sizes, max_tokens=cfg.data.max_tokens,
+            return lambda epoch: make_batches(ds.src_sizes, max_tokens=cfg.data.max_tokens,
                                               max_sentences=cfg.data.max_sentences,
                                               pad_to_multiple=self.pad_multiple, seed=shuffle_seed, epoch=epoch)
 

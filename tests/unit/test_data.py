@@ -113,36 +113,49 @@ def test_collate_fairseq_layout():
 # --- batching and sampling ---------------------------------------------------------------------------
 
 def sizes(n=203, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.integers(10, 500, n), rng.integers(5, 60, n)
+    return np.random.default_rng(seed).integers(10, 500, n)
 
 
 @pytest.mark.parametrize("pad", [0, 64])
 def test_make_batches_respects_budget_and_covers_once(pad):
-    src, tgt = sizes()
-    batches = make_batches(src, tgt, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3, epoch=1)
+    src = sizes()
+    batches = make_batches(src, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3, epoch=1)
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(len(src)))
     for batch in batches:
         longest = max(src[batch])
         padded = -(-longest // pad) * pad if pad else longest
         assert len(batch) * padded <= 2048 and len(batch) <= 16
-    assert batches == make_batches(src, tgt, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3,
+    assert batches == make_batches(src, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3,
                                    epoch=1)
-    assert batches != make_batches(src, tgt, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3,
+    assert batches != make_batches(src, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3,
                                    epoch=2)
+
+
+def test_make_batches_mixes_lengths_inside_a_padded_length():
+    # 1,000 examples of 97-256 tokens: with padding to 128, two buckets; a batch never straddles them
+    # more than once, so padding costs what exact-length sorting costs, but its members are drawn across
+    # the bucket instead of being neighbours in length
+    src = np.random.default_rng(1).integers(97, 257, 1000)
+    batches = make_batches(src, max_sentences=4, pad_to_multiple=128, seed=0, epoch=0)
+    padded = -(-src // 128) * 128
+    assert sum(len(set(padded[b])) > 1 for b in batches) <= 1
+    spread = [int(src[b].max() - src[b].min()) for b in batches if len(set(padded[b])) == 1]
+    assert np.median(spread) > 30  # exact-length sorting: 0 or 1
+    exact = make_batches(src, max_sentences=4, pad_to_multiple=0, seed=0, epoch=0)
+    assert np.median([int(src[b].max() - src[b].min()) for b in exact]) <= 1
 
 
 def test_make_batches_errors():
     with pytest.raises(DataError, match="max_tokens or max_sentences"):
-        make_batches([3], [3])
+        make_batches([3])
     with pytest.raises(DataError, match="example 1 has 900 source tokens"):
-        make_batches([10, 900], [3, 3], max_tokens=512)
+        make_batches([10, 900], max_tokens=512)
 
 
 def test_sampler_two_ranks_cover_every_example_once_each_epoch():
-    src, tgt = sizes()
-    fn = lambda epoch: make_batches(src, tgt, max_tokens=1500, seed=1, epoch=epoch)
+    src = sizes()
+    fn = lambda epoch: make_batches(src, max_tokens=1500, seed=1, epoch=epoch)
     for epoch in (0, 1):
         ranks = [ShardedBatchSampler(fn, rank=r, world_size=2, seed=1) for r in range(2)]
         for sampler in ranks:
@@ -159,8 +172,8 @@ def test_sampler_two_ranks_cover_every_example_once_each_epoch():
 
 
 def test_sampler_resumes_exactly():
-    src, tgt = sizes(150)
-    fn = lambda epoch: make_batches(src, tgt, max_tokens=1000, seed=5, epoch=epoch)
+    src = sizes(150)
+    fn = lambda epoch: make_batches(src, max_tokens=1000, seed=5, epoch=epoch)
     full = ShardedBatchSampler(fn, rank=1, world_size=2, seed=5)
     full.set_epoch(2)
     expected = list(full)
