@@ -18,8 +18,20 @@ is short for ``--set model.scorer_input=layer_norm`` and ``--scorer-lr-scale X``
     python tools/experiments/probe_copy.py --learn-dir results/learn/repro-seed1-a --words 200 300 \\
         --salient 1 1 --set model.variant=blockwise --batch-docs 4     # short documents, one sentence
 
-``--curriculum-words 200 300 --curriculum-updates 5000`` first trains on short in-memory documents (the
-warm-up of ``pyramidion-bench learn``), then on the long corpus.
+``--stage MIN MAX UPDATES`` (repeatable) first trains on in-memory documents of MIN..MAX words, stage after
+stage, then on the corpus: the warm-up of ``pyramidion-bench learn``. Each stage and the corpus start with a
+fresh AdamW and lr warmup, as there (``--keep-optimizer``: one AdamW throughout). ``--eval-words MIN MAX``
+(repeatable) adds validation sets of other lengths; ``--eval-placement front|back`` puts all their planted
+sentences in the first or last ~250 words, so a drop with length can be told apart from one with position.
+``--init-from RUN_DIR`` starts from a run's weights (and its config)::
+
+    # the shipped warm-up, from scratch, one line per stage
+    python tools/experiments/probe_copy.py --learn-dir results/learn/staged-a --batch-docs 4 --max-update 4300 \
+        --minutes 60 --eval-every 100000 --stage 60 100 1500 --stage 200 300 1000 --stage 400 600 300 \
+        --stage 700 1000 300 --stage 1100 1500 300 --stage 1600 2000 300 --eval-words 200 300 --eval-words 700 800
+    # how a warm-up checkpoint copes with longer documents and later planted sentences (no training)
+    python tools/experiments/probe_copy.py --learn-dir results/learn/staged-a --init-from RUN_DIR --max-update 0 \
+        --eval-words 200 300 --eval-words 700 800 --eval-words 1500 1700 --eval-placement back
 
 It reads ``LEARN_DIR/data-bin/spm.model`` and ``LEARN_DIR/corpus/{train,valid}.jsonl`` (or, with
 ``--words``, makes a fresh in-memory synthetic corpus of that length with the same vocabulary).
@@ -81,6 +93,27 @@ def batch_of(examples, cfg, pad, device="cpu"):
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
+def placed_example(index: int, seed: int, min_words: int, max_words: int, num_salient: tuple,
+                   placement: str) -> dict:
+    """A synthetic record of min..max filler words; ``placement`` front/back moves all its planted sentences
+    (those of a 200-250-word example) to the start / end of the document."""
+    if placement == "random":
+        return make_example(index, seed=seed, min_words=min_words, max_words=max_words, split="eval",
+                            num_salient=num_salient).to_json()
+    planted = make_example(index, seed=seed, min_words=200, max_words=250, split="eval-planted",
+                           num_salient=num_salient)
+    filler = make_example(index, seed=seed, min_words=min_words, max_words=max_words, split="eval-filler",
+                          num_salient=(1, 1))
+    start, end = filler.salient_spans[0]
+    filler_text = (filler.document[:start] + filler.document[end + 1:]).strip()  # its own planted one dropped
+    if placement == "front":
+        return {"document": planted.document + " " + filler_text, "summary": planted.summary,
+                "salient_spans": [list(span) for span in planted.salient_spans]}
+    shift = len(filler_text) + 1
+    return {"document": filler_text + " " + planted.document, "summary": planted.summary,
+            "salient_spans": [[s + shift, e + shift] for s, e in planted.salient_spans]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--learn-dir", required=True, help="a `pyramidion-bench learn --task synthetic` output dir")
@@ -92,12 +125,19 @@ def main(argv=None):
     p.add_argument("--words", type=int, nargs=2, default=None, help="make an in-memory corpus: min max words")
     p.add_argument("--salient", type=int, nargs=2, default=(2, 4), help="with --words: planted sentences")
     p.add_argument("--train-docs", type=int, default=1000, help="with --words: training documents")
-    p.add_argument("--curriculum-words", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="first train on in-memory documents of MIN..MAX words (--curriculum-updates of them)")
-    p.add_argument("--curriculum-updates", type=int, default=0)
-    p.add_argument("--curriculum-docs", type=int, default=4000, help="warm-up training documents (cycled)")
-    p.add_argument("--curriculum-fresh-optimizer", action="store_true",
-                   help="new AdamW + lr warmup after the warm-up, as pyramidion-bench learn's train.init_from does")
+    p.add_argument("--stage", type=int, nargs=3, action="append", default=[], metavar=("MIN", "MAX", "UPDATES"),
+                   help="before the corpus, UPDATES updates on in-memory documents of MIN..MAX words (repeatable)")
+    p.add_argument("--stage-docs", type=int, default=4000, help="documents per stage at most (cycled)")
+    p.add_argument("--keep-optimizer", action="store_true",
+                   help="one AdamW across the stages and the corpus (default: a fresh one each, as "
+                   "pyramidion-bench learn's train.init_from)")
+    p.add_argument("--init-from", default=None, help="start from this run dir's weights; its config.yaml "
+                   "replaces --config")
+    p.add_argument("--eval-words", type=int, nargs=2, action="append", default=[], metavar=("MIN", "MAX"),
+                   help="also validate on 16 in-memory documents of MIN..MAX words (repeatable)")
+    p.add_argument("--eval-placement", choices=("random", "front", "back"), default="random",
+                   help="--eval-words documents: planted sentences where the generator puts them, or all in the "
+                   "first / last ~250 words")
     p.add_argument("--batch-docs", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="default: the config's train.lr")
     p.add_argument("--scorer-lr-scale", type=float, default=None,
@@ -122,7 +162,8 @@ def main(argv=None):
         overrides += ["--model.scorer_input", "layer_norm"]
     if a.scorer_lr_scale is not None:
         overrides += ["--train.scorer_lr_scale", str(a.scorer_lr_scale)]
-    cfg = load_config(a.config, overrides + ["--model.vocab_size", str(spm.GetPieceSize())])
+    config = str(Path(a.init_from) / "config.yaml") if a.init_from else a.config
+    cfg = load_config(config, overrides + ["--model.vocab_size", str(spm.GetPieceSize())])
     m = cfg.model
     if a.words:
         kw = dict(seed=a.seed, min_words=a.words[0], max_words=a.words[1], num_salient=tuple(a.salient))
@@ -131,14 +172,21 @@ def main(argv=None):
     else:
         read = lambda split: [json.loads(line) for line in (learn / "corpus" / f"{split}.jsonl").open(encoding="utf-8")]
         train, valid = read("train"), read("valid")[:16]
-    train_t, valid_t = encode_records(train, spm, m), encode_records(valid, spm, m)
-    short_t = []
-    if a.curriculum_words and a.curriculum_updates:
-        kw = dict(seed=a.seed, min_words=a.curriculum_words[0], max_words=a.curriculum_words[1],
-                  num_salient=tuple(a.salient))
-        short_t = encode_records([make_example(i, split="curriculum", **kw).to_json()
-                                  for i in range(a.curriculum_docs)], spm, m)
+    train_t = encode_records(train, spm, m)
+    valid_sets = {"valid": (valid, encode_records(valid, spm, m))}
+    for lo, hi in a.eval_words:
+        records = [placed_example(i, a.seed, lo, hi, tuple(a.salient), a.eval_placement) for i in range(16)]
+        valid_sets[f"{lo}-{hi}"] = (records, encode_records(records, spm, m))
+    phases = []  # (examples, updates): the stages, then the corpus
+    for lo, hi, updates in a.stage:
+        kw = dict(seed=a.seed, min_words=lo, max_words=hi, num_salient=tuple(a.salient))
+        phases.append((encode_records([make_example(i, split=f"stage-{lo}-{hi}", **kw).to_json()
+                                       for i in range(min(a.stage_docs, updates * a.batch_docs))], spm, m), updates))
+    phases.append((train_t, None))
     model = PyramidionModel(m)
+    if a.init_from:
+        from pyramidion_ds.train.weights import init_source
+        model.load_state_dict(init_source(a.init_from).state_dict())
     oracles = []
     if a.selection == "oracle":
         oracles = [OracleScorer(linear) for linear in model.encoder.scorers]
@@ -163,52 +211,56 @@ def main(argv=None):
 
     def evaluate(update, seconds, train_nll):
         model.eval()
-        tokens = nll_sum = correct = 0
-        with torch.no_grad():
-            for start in range(0, len(valid_t), 4):
-                batch = batch_of(valid_t[start:start + 4], m, pad, a.device)
-                set_salient(batch)
-                logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
-                _, nll = label_smoothed_nll_loss(logits, batch["target"], 0.0, m.pad_id)
-                keep = batch["target"].ne(m.pad_id)
-                correct += int((logits.argmax(-1).eq(batch["target"]) & keep).sum())
-                tokens, nll_sum = tokens + int(keep.sum()), nll_sum + float(nll)
-            recall = None
-            if m.variant in ("transpooler", "pyramidion") and not oracles:
-                recall = measure_selection(model, spm, valid, pad)["recall"]
+        line = {"update": update, "seconds": round(seconds, 1), "train_nll": round(train_nll, 3)}
+        for name, (records, examples) in valid_sets.items():
+            tokens = nll_sum = correct = 0
+            with torch.no_grad():
+                for start in range(0, len(examples), 4):
+                    batch = batch_of(examples[start:start + 4], m, pad, a.device)
+                    set_salient(batch)
+                    logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
+                    _, nll = label_smoothed_nll_loss(logits, batch["target"], 0.0, m.pad_id)
+                    keep = batch["target"].ne(m.pad_id)
+                    correct += int((logits.argmax(-1).eq(batch["target"]) & keep).sum())
+                    tokens, nll_sum = tokens + int(keep.sum()), nll_sum + float(nll)
+                recall = None
+                if m.variant in ("transpooler", "pyramidion") and not oracles:
+                    recall = measure_selection(model, spm, records, pad)["recall"]
+            prefix = "" if name == "valid" else f"{name}_"
+            line.update({f"{prefix}valid_nll": round(nll_sum / tokens, 3),
+                         f"{prefix}valid_token_acc": round(correct / tokens, 3), f"{prefix}selection_recall": recall})
         model.train()
-        print(json.dumps({"update": update, "seconds": round(seconds, 1), "train_nll": round(train_nll, 3),
-                          "valid_nll": round(nll_sum / tokens, 3), "valid_token_acc": round(correct / tokens, 3),
-                          "selection_recall": recall}), flush=True)
+        print(json.dumps(line), flush=True)
 
-    update, order, started, train_nll = 0, [], time.perf_counter(), float("nan")
-    while time.perf_counter() - started < a.minutes * 60 and update < a.max_update:
-        if short_t and update == a.curriculum_updates and a.curriculum_fresh_optimizer:
+    update, started, train_nll = 0, time.perf_counter(), float("nan")
+    for number, (examples, updates) in enumerate(phases):
+        if number and not a.keep_optimizer:
             opt, warmup = new_optimizer()
-        if update < a.curriculum_updates and short_t:
-            first = update * a.batch_docs
-            batch = batch_of([short_t[(first + i) % len(short_t)] for i in range(a.batch_docs)], m, pad, a.device)
-        else:
+        end = a.max_update if updates is None else update + updates
+        order = []
+        while time.perf_counter() - started < a.minutes * 60 and update < min(end, a.max_update):
             if not order:
-                order = list(range(len(train_t)))
+                order = list(range(len(examples)))
                 random.Random(a.seed + update).shuffle(order)
-            batch = batch_of([train_t[order.pop()] for _ in range(min(a.batch_docs, len(order)))], m, pad, a.device)
-        set_salient(batch)
-        logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
-        loss, nll = label_smoothed_nll_loss(logits, batch["target"], cfg.train.label_smoothing, m.pad_id)
-        opt.zero_grad()
-        (loss / batch["ntokens"]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_norm or 1.0)
-        opt.step()
-        warmup.step()
-        update += 1
-        train_nll = float(nll.detach()) / float(batch["ntokens"])
-        if update % a.eval_every == 0:
-            evaluate(update, time.perf_counter() - started, train_nll)
+            batch = batch_of([examples[order.pop()] for _ in range(min(a.batch_docs, len(order)))], m, pad, a.device)
+            set_salient(batch)
+            logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
+            loss, nll = label_smoothed_nll_loss(logits, batch["target"], cfg.train.label_smoothing, m.pad_id)
+            opt.zero_grad()
+            (loss / batch["ntokens"]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_norm or 1.0)
+            opt.step()
+            warmup.step()
+            update += 1
+            train_nll = float(nll.detach()) / float(batch["ntokens"])
+            if update % a.eval_every == 0:
+                evaluate(update, time.perf_counter() - started, train_nll)
+        if updates is not None and update == end and update % a.eval_every:
+            evaluate(update, time.perf_counter() - started, train_nll)  # the end of each stage
     evaluate(update, time.perf_counter() - started, train_nll)
     with torch.no_grad():
         model.eval()
-        batch = batch_of(valid_t[:2], m, pad, a.device)
+        batch = batch_of(valid_sets["valid"][1][:2], m, pad, a.device)
         set_salient(batch)
         out = model.encode(batch["src_tokens"], batch["src_lengths"])
         for info in out.pooling:
