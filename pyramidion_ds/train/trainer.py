@@ -269,6 +269,12 @@ class Trainer:
     def init_from(self) -> None:
         """Weights only (pretrain -> fine-tune): from a run dir (ZeRO shards) or an export dir."""
         load_full_state_dict(self.model, self.init_source.state_dict(), zero3=self.bundle.zero_stage == 3)
+        # ZeRO 1-3 and the bf16/fp16 optimizers step an fp32 master copy of the weights, taken from the module
+        # at deepspeed.initialize, and copy it back after each step: without a refresh the first update
+        # would put the random initialisation back (the loaded weights lasted until update 1).
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
         log.info(f"initialized weights from {self.cfg.train.init_from}; optimizer, LR schedule and update "
                  f"count start fresh")
 

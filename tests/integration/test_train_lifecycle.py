@@ -51,6 +51,26 @@ def test_sigusr1_saves_and_exits_for_requeue_then_resume_finishes(synthetic_bin,
     assert max(losses) == info.update + 3
 
 
+def weights(run_dir):
+    from pyramidion_ds.train.weights import init_source
+    return init_source(run_dir).state_dict()
+
+
+@pytest.mark.parametrize("ds_config", ["zero2_cpu.json", "zero3_cpu.json"])
+def test_init_from_weights_survive_the_first_update(synthetic_bin, tmp_path, ds_config):
+    # ZeRO keeps an fp32 master copy of the weights, taken at deepspeed.initialize; loaded weights must
+    # reach it, or the first optimizer step puts the random initialisation back
+    ds = str(ROOT / "ds_configs" / ds_config)
+    pre = config(tmp_path, "pre", synthetic_bin, train={"max_update": 3, "deepspeed_config": ds})
+    run_deepspeed([pre])
+    fine = config(tmp_path, "fine", synthetic_bin, train={"max_update": 1, "lr": 1e-7, "warmup_updates": 0,
+                                                          "deepspeed_config": ds, "seed": 7})
+    run_deepspeed([fine, "--init-from", str(tmp_path / "pre")])
+    before, after = weights(tmp_path / "pre"), weights(tmp_path / "fine")
+    drift = max(float((after[name] - before[name]).abs().max()) for name in before)
+    assert drift < 1e-4, f"weights moved by {drift} in one update at lr 1e-7: the initialisation came back"
+
+
 def test_pretrain_denoising_then_finetune_with_init_from(synthetic_bin, tmp_path):
     pre = config(tmp_path, "pre", synthetic_bin, data={"task": "denoising"}, train={"max_update": 6})
     run_deepspeed([pre])
