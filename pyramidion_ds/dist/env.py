@@ -155,10 +155,9 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
 SHM_SEGMENT_PREFIX = "deepspeed_allreduce_buffer"
 
 
-def cpu_shm_segment(world: World, uid: int | None = None) -> str:
+def cpu_shm_segment(world: World) -> str:
     """Path of the /dev/shm segment DeepSpeed's CPU shm all-reduce creates for ``world.rank``."""
-    uid = os.getuid() if uid is None else uid
-    return f"/dev/shm/{SHM_SEGMENT_PREFIX}_{uid}_{world.master_addr}_{world.master_port}_{world.rank}"
+    return f"/dev/shm/{SHM_SEGMENT_PREFIX}_{os.getuid()}_{world.master_addr}_{world.master_port}_{world.rank}"
 
 
 def release_cpu_shm_segment(world: World) -> None:
