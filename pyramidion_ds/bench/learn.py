@@ -500,7 +500,7 @@ def markdown(result: dict) -> str:
         lines += [f"- {'met' if t['met'] else 'NOT met'}: {t['target']} (measured {_fmt(t['value'])})"
                   for t in result["targets"]]
     cur = result.get("curriculum")
-    if cur:
+    if cur and cur.get("stages"):  # results of before the staged warm-up have no stages
         stages = ", ".join(f"{st['updates']} on {st['min_words']}-{st['max_words']}" for st in cur["stages"])
         lines += ["", f"Warm-up: each variant first trains in {len(cur['stages'])} stages of growing document length "
                   f"(updates on words per document: {stages}; same task, same run config, "
