@@ -244,8 +244,7 @@ class Trainer:
         log.warning(f"checkpoint {info.path} was written by {info.world_size} ranks, this run has "
                     f"{self.world_size}: loading consolidated weights, resetting optimizer state and the "
                     f"data position (update count and LR schedule continue)")
-        state = consolidated_state_dict(info)
-        load_full_state_dict(self.model, state, zero3=self.bundle.zero_stage == 3)
+        self.load_weights(consolidated_state_dict(info))
         self.update = info.update
         self.epoch = int(info.manifest.get("epoch", 1))
         self.train_sampler.load_state_dict({"epoch": self.epoch, "position": 0})
@@ -266,15 +265,20 @@ class Trainer:
             raise UsageError(f"train.init_from '{path}' used another sentencepiece vocabulary "
                              f"(spm sha256 {saved_spm[:12]}… vs {self.spm_hash[:12]}…)")
 
-    def init_from(self) -> None:
-        """Weights only (pretrain -> fine-tune): from a run dir (ZeRO shards) or an export dir."""
-        load_full_state_dict(self.model, self.init_source.state_dict(), zero3=self.bundle.zero_stage == 3)
-        # ZeRO 1-3 and the bf16/fp16 optimizers step an fp32 master copy of the weights, taken from the module
-        # at deepspeed.initialize, and copy it back after each step: without a refresh the first update
-        # would put the random initialisation back (the loaded weights lasted until update 1).
+    def load_weights(self, state: dict) -> None:
+        """Full weights into the engine's model (init-from, resume on another world size).
+
+        ZeRO 1-3 and the bf16/fp16 optimizers step an fp32 master copy of the weights, taken from the module
+        at deepspeed.initialize, and copy it back after each step: without the refresh the first update
+        would put the random initialisation back (the loaded weights lasted until update 1)."""
+        load_full_state_dict(self.model, state, zero3=self.bundle.zero_stage == 3)
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
+
+    def init_from(self) -> None:
+        """Weights only (pretrain -> fine-tune): from a run dir (ZeRO shards) or an export dir."""
+        self.load_weights(self.init_source.state_dict())
         log.info(f"initialized weights from {self.cfg.train.init_from}; optimizer, LR schedule and update "
                  f"count start fresh")
 
