@@ -209,12 +209,12 @@ def measure_selection(model, spm, records: list[dict], pad_to_multiple: int, bat
 # corpus + preprocessing
 # --------------------------------------------------------------------------------------------------
 
-def make_synthetic(raw_dir: Path, splits: dict, min_words: int, max_words: int, spec: TaskSpec,
+def make_synthetic(raw_dir: Path, splits: dict, min_words: int, max_words: int, num_salient: tuple,
                    seed: int) -> dict[str, Path]:
     """The planted-sentence corpus at ``min_words``..``max_words`` words (the main one or a warm-up stage's)."""
     from ..data.synthetic import write_corpus
     return write_corpus(raw_dir, splits, seed=seed, min_words=min_words, max_words=max_words,
-                        num_salient=tuple(spec.num_salient))
+                        num_salient=tuple(num_salient))
 
 
 def split_of(position: int) -> str:
@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_dir, data_bin = out / "corpus", out / "data-bin"
     if not (args.reuse and (data_bin / "meta.json").is_file()):
         print(f"[learn] corpus ({args.task}) -> {raw_dir}", flush=True)
-        raw = make_synthetic(raw_dir, spec.splits, spec.min_words, spec.max_words, spec, args.seed) \
+        raw = make_synthetic(raw_dir, spec.splits, spec.min_words, spec.max_words, spec.num_salient, args.seed) \
             if args.task == "synthetic" else make_real(raw_dir, Path(args.real_data))
         if data_bin.exists():
             shutil.rmtree(data_bin)
@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[learn] warm-up corpus {k}/{len(cur.stages)} ({stage.min_words}-{stage.max_words} words) -> "
                   f"{out / f'corpus-warmup-{k}'}", flush=True)
             raw = make_synthetic(out / f"corpus-warmup-{k}", {"train": stage.train_docs, "valid": cur.valid_docs},
-                                 stage.min_words, stage.max_words, spec, args.seed)
+                                 stage.min_words, stage.max_words, spec.num_salient, args.seed)
             if stage_bin.exists():
                 shutil.rmtree(stage_bin)
             stage_prep.write_text(json.dumps(preprocess(raw, stage_bin, spec, env, logs,

@@ -34,8 +34,7 @@ def make_batches(src_sizes: Sequence[int], max_tokens: Optional[int] = None, max
         raise DataError("batching needs max_tokens or max_sentences (or both)")
     src = np.asarray(src_sizes, dtype=np.int64)
     rng = np.random.default_rng((seed, epoch))
-    padded = -(-src // pad_to_multiple) * pad_to_multiple if pad_to_multiple and pad_to_multiple > 0 else src
-    order = np.lexsort((rng.permutation(len(src)), padded))
+    order = np.lexsort((rng.permutation(len(src)), padded_length(src, pad_to_multiple)))  # elementwise on arrays
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
