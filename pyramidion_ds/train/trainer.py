@@ -168,13 +168,13 @@ class Trainer:
             self.writer = SummaryWriter(cfg.train.tensorboard_logdir or str(self.run_dir / "tensorboard"))
 
     def build_data(self) -> None:
-        from ..data import DenoisingDataset, ShardedBatchSampler, SummarizationDataset, make_batches
+        from ..data import ShardedBatchSampler, SummarizationDataset, make_batches, pretraining_dataset
         cfg, m = self.cfg, self.cfg.model
 
         def dataset(split):
-            if cfg.data.task == "denoising":
-                return DenoisingDataset(cfg.data.data, split, m.max_source_positions, m.max_target_positions,
-                                        cfg.data.denoising, seed=cfg.train.seed)
+            if cfg.data.task != "summarization":
+                return pretraining_dataset(cfg.data.task, cfg.data.data, split, m.max_source_positions,
+                                           m.max_target_positions, cfg.data, seed=cfg.train.seed)
             return SummarizationDataset(cfg.data.data, split, m.max_source_positions, m.max_target_positions,
                                         truncate=cfg.data.truncate_source)
 

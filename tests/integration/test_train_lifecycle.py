@@ -71,8 +71,8 @@ def test_init_from_weights_survive_the_first_update(synthetic_bin, tmp_path, ds_
     assert drift < 1e-4, f"weights moved by {drift} in one update at lr 1e-7: the initialisation came back"
 
 
-def test_pretrain_denoising_then_finetune_with_init_from(synthetic_bin, tmp_path):
-    pre = config(tmp_path, "pre", synthetic_bin, data={"task": "denoising"}, train={"max_update": 6})
+def test_pretrain_gap_sentences_then_finetune_with_init_from(synthetic_bin, tmp_path):
+    pre = config(tmp_path, "pre", synthetic_bin, data={"task": "gap_sentences"}, train={"max_update": 6})
     run_deepspeed([pre])
     assert CheckpointDir(tmp_path / "pre").latest_complete().update == 6
     fine = config(tmp_path, "fine", synthetic_bin, train={"max_update": 4, "activation_checkpointing": "stage"})
