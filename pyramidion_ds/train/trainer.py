@@ -130,6 +130,10 @@ class Trainer:
         cfg = self.cfg
         self.vocab_size, self.spm_hash = fill_vocab(cfg)
         cfg.model.validate()
+        unused = cfg.model.drop_unused_pooling()
+        if unused and self.rank == 0:
+            log.warning(f"model.variant {cfg.model.variant} does not pool: ignoring {', '.join(unused)} (the "
+                        f"saved config.yaml records the defaults it ran with)")
         check_run_dir(cfg, self.run_dir)
         raw_ds = read_ds_config(cfg.train.deepspeed_config)
         self.ds_config = resolve_ds_config(raw_ds, cfg, self.world_size, source=cfg.train.deepspeed_config)
