@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training pieces sampled by sentencepiece (input_sentence_size) (default: %(default)s)")
     spm.add_argument("--spm-user-symbols", default="<mask>", help="comma-separated user-defined symbols "
                      "(default: %(default)s)")
+    spm.add_argument("--spm-sentinels", type=_positive, default=None, metavar="N",
+                     help="also add the N sentinel pieces <extra_id_0> ... <extra_id_N-1> that pretraining with "
+                     "data.task span_corruption needs (T5 uses 100) (default: none)")
     return parser
 
 
@@ -103,6 +106,12 @@ def main(argv: list[str] | None = None):
                 vocab_size=args.spm_vocab_size, model_type=args.spm_model_type,
                 character_coverage=args.spm_character_coverage, sample_size=args.spm_sample_size)
             spm_options["user_symbols"] = tuple(s.strip() for s in args.spm_user_symbols.split(",") if s.strip())
+            if args.spm_sentinels:
+                if args.spm_model:
+                    raise UsageError("--spm-sentinels adds pieces to a new vocabulary; with --spm-model the "
+                                     "vocabulary is given as it is")
+                from ..data.denoise import SENTINEL_FORMAT
+                spm_options["user_symbols"] += tuple(SENTINEL_FORMAT.format(k) for k in range(args.spm_sentinels))
             meta = preprocess(sources, args.destdir, spm_model=args.spm_model, spm_options=spm_options,
                               max_source_positions=args.max_source_positions,
                               max_target_positions=args.max_target_positions,

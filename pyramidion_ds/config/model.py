@@ -22,6 +22,8 @@ from typing import Optional, Union
 from .core import ConfigError, option
 
 VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
+#: settings of the scorer and top-k, which only the pooling variants (transpooler, pyramidion) use
+POOLING_KEYS = ("pooling_schedule", "topk_base", "flip_right", "sort_back", "hard_topk", "scorer_input")
 
 #: Size presets. A field the user sets explicitly wins over the preset's value.
 MODEL_PRESETS: dict[str, dict] = {
@@ -92,6 +94,21 @@ class ModelConfig:
         if self.vocab_size and self.vocab_size <= max(self.pad_id, self.bos_id, self.eos_id, self.unk_id):
             raise ConfigError(f"model.vocab_size: got {self.vocab_size}, expected more than the special ids")
         self.encoder_widths()  # raises on a bad schedule
+
+    def drop_unused_pooling(self) -> list[str]:
+        """Reset the pooling settings a variant without pooling (vanilla, blockwise) ignores.
+
+        So the saved config says what the run used, and the caller can warn once. Returns the dotted keys
+        that were set to something else than their defaults."""
+        if self.variant not in ("vanilla", "blockwise"):
+            return []
+        defaults = ModelConfig(preset=self.preset)
+        dropped = []
+        for key in POOLING_KEYS:
+            if getattr(self, key) != getattr(defaults, key):
+                dropped.append(f"model.{key}")
+                setattr(self, key, getattr(defaults, key))
+        return dropped
 
     def encoder_widths(self) -> list[int]:
         """Output width of every encoder layer, resolved for the variant (see the module docstring)."""

@@ -1,7 +1,7 @@
-"""Data: sentencepiece, binarized mmap shards, datasets, token-budget batching, denoising.
+"""Data: sentencepiece, binarized mmap shards, datasets, token-budget batching, pretraining objectives.
 
     pyramidion-preprocess ─ sources.py (HF name | files | in.tsv) ─ spm.py ─ binarize.py ─ indexed.py
-    pyramidion-train      ─ dataset.py (Summarization/Denoising, collate) ─ batching.py (batches, sampler)
+    pyramidion-train      ─ dataset.py (summarization, pretraining objectives, collate) ─ batching.py (batches, sampler)
 
 Names are imported lazily, so ``pyramidion-preprocess`` does not pay for torch, nor the trainer for
 ``datasets``.
@@ -16,9 +16,11 @@ _EXPORTS = {
     "load_spm": "spm", "spm_sha256": "spm", "vocab_size": "spm", "train_spm": "spm",
     "ShardReader": "indexed", "ShardWriter": "indexed",
     "preprocess": "binarize", "read_meta": "binarize",
-    "SummarizationDataset": "dataset", "DenoisingDataset": "dataset", "collate": "dataset",
+    "SummarizationDataset": "dataset", "DenoisingDataset": "dataset", "GapSentencesDataset": "dataset",
+    "SpanCorruptionDataset": "dataset", "pretraining_dataset": "dataset", "collate": "dataset",
     "make_batches": "batching", "ShardedBatchSampler": "batching",
     "add_noise": "denoise", "text_infill": "denoise", "permute_sentences": "denoise",
+    "gap_sentences": "denoise", "span_corruption": "denoise",
 }
 
 __all__ = sorted(_EXPORTS)

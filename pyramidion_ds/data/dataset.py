@@ -1,7 +1,10 @@
 """Torch datasets over the shards, and ``collate`` into the tensors the model takes.
 
-    SummarizationDataset[i] = {"id": i, "source": document ids + </s>, "target": summary ids + </s>}
-    DenoisingDataset[i]     = {"id": i, "source": noise(document) + </s>, "target": document + </s>}
+    SummarizationDataset[i]  = {"id": i, "source": document ids + </s>, "target": summary ids + </s>}
+    DenoisingDataset[i]      = {"id": i, "source": noise(document) + </s>, "target": document + </s>}
+    GapSentencesDataset[i]   = {"id": i, "source": document, gaps masked + </s>, "target": gaps + </s>}
+    SpanCorruptionDataset[i] = {"id": i, "source": document, spans -> sentinels + </s>,
+                                "target": sentinel span ... + </s>}
 
 Both truncate on read to the positions the model has (keeping the final ``</s>``) and expose
 ``src_sizes`` (for :func:`make_batches`) and ``tgt_sizes``. The shard readers are lazy memmaps, so a dataset
@@ -17,9 +20,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config.data import DenoisingConfig
+from ..config.data import DenoisingConfig, GapSentencesConfig, SpanCorruptionConfig
 from .binarize import read_meta
-from .denoise import add_noise, sentence_end_table
+from .denoise import SENTINEL_FORMAT, add_noise, gap_sentences, sentence_end_table, span_corruption
 from .errors import DataError
 from .indexed import ShardReader
 from .spm import BOS_ID, EOS_ID, PAD_ID, load_spm, spm_sha256
@@ -98,45 +101,145 @@ class SummarizationDataset(_ShardDataset):
                 "target": torch.from_numpy(truncate(self.target[j], self.max_target_positions))}
 
 
-class DenoisingDataset(_ShardDataset):
-    """Unlabeled documents for pretraining: source = noised document, target = the document.
+class _PretrainingDataset(_ShardDataset):
+    """Unlabeled documents for pretraining: (source, target) made from the document by an objective.
 
-    Noise is a pure function of ``(seed, epoch, index)``; call :meth:`set_epoch` before each epoch (before
-    the ``DataLoader`` iterator is created, so workers get the new epoch). ``src_sizes`` are upper bounds:
-    a noised source is never longer than the (truncated) document.
+    The objective is a pure function of ``(seed, epoch, index)``; call :meth:`set_epoch` before each epoch
+    (before the ``DataLoader`` iterator is created, so workers get the new epoch). The document is first
+    cut to the encoder's positions; ``src_sizes`` are upper bounds (no objective lengthens a source).
     """
 
     def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int,
-                 cfg: DenoisingConfig | None = None, seed: int = 0):
+                 seed: int = 0):
         super().__init__(data_dir, split, max_source_positions, max_target_positions)
-        self.cfg = cfg or DenoisingConfig()
         self.seed, self.epoch = seed, 0
+        # the vocabulary is read here only (not kept: the dataset is pickled into DataLoader workers)
         proc = load_spm(data_dir)
-        self.mask_id = int(proc.PieceToId(self.cfg.mask_token))
-        if self.mask_id == proc.unk_id():
-            raise DataError(f"{data_dir}/spm.model: no piece for mask token {self.cfg.mask_token!r} "
-                            f"(add it with --spm-user-symbols)")
         self.sentence_end = sentence_end_table(proc)
-        sizes = self.source.sizes
-        self.src_sizes = np.minimum(sizes, max_source_positions)
-        self.tgt_sizes = np.minimum(sizes, max_target_positions)
+        self.src_sizes = np.minimum(self.source.sizes, max_source_positions)
+        self.read_vocabulary(proc)
+
+    def read_vocabulary(self, proc) -> None:
+        """Take the ids of the pieces the objective needs from the sentencepiece model."""
+
+    def piece_id(self, proc, piece: str, key: str) -> int:
+        """The id of a user-defined piece the objective needs; one line naming ``key`` when missing."""
+        piece_id = int(proc.PieceToId(piece))
+        if piece_id == proc.unk_id():
+            raise DataError(f"{self.data_dir}/spm.model: no piece for {key} {piece!r} (re-run "
+                            f"pyramidion-preprocess with --spm-user-symbols including it)")
+        return piece_id
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def make_pair(self, body: np.ndarray, document: np.ndarray, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(source, target) without their ``</s>``; ``body`` is the truncated document without ``</s>``."""
+        raise NotImplementedError
+
     def noised(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         document = self.source[int(self.indices[i])]
-        source = truncate(document, self.max_source_positions)
+        body = truncate(document, self.max_source_positions)[:-1]
         rng = np.random.default_rng((self.seed, self.epoch, int(i)))
-        body = add_noise(source[:-1], mask_id=self.mask_id, sentence_end=self.sentence_end,
-                         mask_ratio=self.cfg.mask_ratio, poisson_lambda=self.cfg.poisson_lambda,
-                         permute_ratio=self.cfg.permute_sentences, rng=rng)
-        noised = np.append(body[:len(source) - 1], EOS_ID).astype(np.int64)
-        return noised, truncate(document, self.max_target_positions)
+        source, target = self.make_pair(body, document, rng)
+        source = np.append(source[:len(body)], EOS_ID).astype(np.int64)  # BART's infilling may insert
+        target = np.append(target[:self.max_target_positions - 1], EOS_ID).astype(np.int64)
+        return source, target
 
     def __getitem__(self, i: int) -> dict:
         source, target = self.noised(i)
         return {"id": i, "source": torch.from_numpy(source), "target": torch.from_numpy(target)}
+
+
+class DenoisingDataset(_PretrainingDataset):
+    """BART: source = the document with sentences permuted and spans infilled, target = the document
+    (its first ``max_target_positions`` tokens: on long documents most of the text is never a target)."""
+
+    def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int,
+                 cfg: DenoisingConfig | None = None, seed: int = 0):
+        self.cfg = cfg or DenoisingConfig()
+        super().__init__(data_dir, split, max_source_positions, max_target_positions, seed)
+        self.tgt_sizes = np.minimum(self.source.sizes, max_target_positions)
+
+    def make_pair(self, body, document, rng):
+        noised = add_noise(body, mask_id=self.mask_id, sentence_end=self.sentence_end,
+                           mask_ratio=self.cfg.mask_ratio, poisson_lambda=self.cfg.poisson_lambda,
+                           permute_ratio=self.cfg.permute_sentences, rng=rng)
+        return noised, document[:-1]
+
+    def read_vocabulary(self, proc) -> None:
+        self.mask_id = self.piece_id(proc, self.cfg.mask_token, "data.denoising.mask_token")
+
+
+class GapSentencesDataset(_PretrainingDataset):
+    """PEGASUS: the most representative sentences of the (encoder-length) document, each masked by one
+    token in the source, are the target, in document order (:func:`~.denoise.gap_sentences`)."""
+
+    def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int,
+                 cfg: GapSentencesConfig | None = None, seed: int = 0):
+        self.cfg = cfg or GapSentencesConfig()
+        super().__init__(data_dir, split, max_source_positions, max_target_positions, seed)
+        self.tgt_sizes = np.minimum(self.src_sizes, max_target_positions)
+
+    def make_pair(self, body, document, rng):
+        source, target, _ = gap_sentences(body, sentence_end=self.sentence_end, mask_id=self.mask_id,
+                                          ratio=self.cfg.ratio, score_noise=self.cfg.score_noise,
+                                          max_target_tokens=self.max_target_positions - 1, rng=rng)
+        return source, target
+
+    def read_vocabulary(self, proc) -> None:
+        self.mask_id = self.piece_id(proc, self.cfg.mask_token, "data.gap_sentences.mask_token")
+
+
+def sentinel_ids(proc, limit: int) -> np.ndarray:
+    """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ... as far as the vocabulary has them (at most ``limit``)."""
+    ids = []
+    for k in range(limit):
+        piece_id = int(proc.PieceToId(SENTINEL_FORMAT.format(k)))
+        if piece_id == proc.unk_id():
+            break
+        ids.append(piece_id)
+    return np.array(ids, dtype=np.int64)
+
+
+class SpanCorruptionDataset(_PretrainingDataset):
+    """T5: random spans of the (encoder-length) document become sentinels in the source; the target
+    lists each sentinel and its span (:func:`~.denoise.span_corruption`)."""
+
+    def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int,
+                 cfg: SpanCorruptionConfig | None = None, seed: int = 0):
+        self.cfg = cfg or SpanCorruptionConfig()
+        super().__init__(data_dir, split, max_source_positions, max_target_positions, seed)
+        self.tgt_sizes = np.minimum(self.src_sizes, max_target_positions)
+
+    def read_vocabulary(self, proc) -> None:
+        self.sentinel_ids = sentinel_ids(proc, self.cfg.max_sentinels)
+        if len(self.sentinel_ids) == 0:
+            raise DataError(f"{self.data_dir}/spm.model: no sentinel pieces ({SENTINEL_FORMAT.format(0)}, ...) "
+                            f"for data.task span_corruption; re-run pyramidion-preprocess with --spm-sentinels "
+                            f"{self.cfg.max_sentinels}")
+
+    def make_pair(self, body, document, rng):
+        return span_corruption(body, sentinel_ids=self.sentinel_ids, noise_density=self.cfg.noise_density,
+                               mean_span=self.cfg.mean_noise_span_length,
+                               max_target_tokens=self.max_target_positions - 1, rng=rng)
+
+
+def pretraining_dataset(task: str, data_dir, split: str, max_source_positions: int, max_target_positions: int,
+                        data_cfg, seed: int = 0) -> _PretrainingDataset:
+    """The dataset of pretraining objective ``task`` (``data.task``), with its config section."""
+    if task == "denoising":
+        return DenoisingDataset(data_dir, split, max_source_positions, max_target_positions,
+                                data_cfg.denoising, seed)
+    if task == "gap_sentences":
+        return GapSentencesDataset(data_dir, split, max_source_positions, max_target_positions,
+                                   data_cfg.gap_sentences, seed)
+    if task == "span_corruption":
+        return SpanCorruptionDataset(data_dir, split, max_source_positions, max_target_positions,
+                                     data_cfg.span_corruption, seed)
+    raise DataError(f"data.task: {task!r} is not a pretraining objective (denoising, gap_sentences, "
+                    f"span_corruption)")
 
 
 def collate(samples: list[dict], pad_id: int = PAD_ID, bos_id: int = BOS_ID, eos_id: int = EOS_ID,

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 from ..cli.common import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, UsageError
-from ..config import Config, ConfigError, save_resolved, to_dict
+from ..config import Config, ConfigError, ModelConfig, config_from_dict, save_resolved, to_dict
 from ..config.core import read_yaml
+from ..config.model import POOLING_KEYS
 from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
                       read_ds_config, resolve_ds_config)
 from ..logs import setup_logging
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 #: model fields that must agree between a checkpoint and the model it is loaded into
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "ffn_dim", "encoder_layers", "decoder_layers", "vocab_size",
                      "positions", "normalize_before", "activation", "pad_id", "bos_id", "eos_id")
+#: model fields that change what the same weights compute: a resume must keep them (init-from may change them)
+COMPUTATION_KEYS = ("variant", "chunk_size", "topk_base", "flip_right", "sort_back", "scorer_input")
 #: known dense bf16 peaks (TFLOP/s) for MFU when train.peak_tflops is 0
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -59,16 +62,38 @@ def architecture_mismatch(saved: dict, current: dict) -> str | None:
     return None
 
 
+def computation_mismatch(saved: dict, current: ModelConfig) -> str | None:
+    """What makes the model saved as ``saved`` compute otherwise than ``current``: the architecture, and
+    what the same weights would do differently (variant, pooling widths, chunks, top-k settings)."""
+    problem = architecture_mismatch(saved, to_dict(current))
+    if problem:
+        return problem
+    pools = current.variant not in ("vanilla", "blockwise")
+    for key in COMPUTATION_KEYS:
+        if key in POOLING_KEYS and not pools:  # ignored by this variant (and the same variant saved)
+            continue
+        if key in saved and saved[key] != getattr(current, key):
+            return f"model.{key} is {saved[key]!r} there, {getattr(current, key)!r} here"
+    try:
+        saved_widths = config_from_dict({"model": saved}).model.encoder_widths()
+    except ConfigError:
+        saved_widths = None
+    if saved_widths != current.encoder_widths():
+        return f"encoder widths (model.pooling_schedule) are {saved_widths} there, {current.encoder_widths()} here"
+    return None
+
+
 def check_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Refuse a run dir that holds another model's checkpoints."""
+    """Refuse a run dir whose checkpoints another model wrote: resuming would train them as this one."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file() or not (run_dir / "checkpoints").is_dir():
         return
     saved = read_yaml(saved_path).get("model", {})
-    problem = architecture_mismatch(saved, to_dict(cfg.model))
+    problem = computation_mismatch(saved, cfg.model)
     if problem:
         raise UsageError(f"train.save_dir '{run_dir}' holds checkpoints of another model ({problem}); "
-                         f"choose another save_dir")
+                         f"resume with its settings, choose another save_dir, or start from its weights "
+                         f"with --train.init_from {run_dir}")
 
 
 def fill_vocab(cfg: Config) -> tuple[int, str]:
@@ -130,6 +155,10 @@ class Trainer:
         cfg = self.cfg
         self.vocab_size, self.spm_hash = fill_vocab(cfg)
         cfg.model.validate()
+        unused = cfg.model.drop_unused_pooling()
+        if unused and self.rank == 0:
+            log.warning(f"model.variant {cfg.model.variant} does not pool: ignoring {', '.join(unused)} (the "
+                        f"saved config.yaml records the defaults it ran with)")
         check_run_dir(cfg, self.run_dir)
         raw_ds = read_ds_config(cfg.train.deepspeed_config)
         self.ds_config = resolve_ds_config(raw_ds, cfg, self.world_size, source=cfg.train.deepspeed_config)
@@ -168,13 +197,13 @@ class Trainer:
             self.writer = SummaryWriter(cfg.train.tensorboard_logdir or str(self.run_dir / "tensorboard"))
 
     def build_data(self) -> None:
-        from ..data import DenoisingDataset, ShardedBatchSampler, SummarizationDataset, make_batches
+        from ..data import ShardedBatchSampler, SummarizationDataset, make_batches, pretraining_dataset
         cfg, m = self.cfg, self.cfg.model
 
         def dataset(split):
-            if cfg.data.task == "denoising":
-                return DenoisingDataset(cfg.data.data, split, m.max_source_positions, m.max_target_positions,
-                                        cfg.data.denoising, seed=cfg.train.seed)
+            if cfg.data.task != "summarization":
+                return pretraining_dataset(cfg.data.task, cfg.data.data, split, m.max_source_positions,
+                                           m.max_target_positions, cfg.data, seed=cfg.train.seed)
             return SummarizationDataset(cfg.data.data, split, m.max_source_positions, m.max_target_positions,
                                         truncate=cfg.data.truncate_source)
 

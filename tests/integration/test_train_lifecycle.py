@@ -71,8 +71,8 @@ def test_init_from_weights_survive_the_first_update(synthetic_bin, tmp_path, ds_
     assert drift < 1e-4, f"weights moved by {drift} in one update at lr 1e-7: the initialisation came back"
 
 
-def test_pretrain_denoising_then_finetune_with_init_from(synthetic_bin, tmp_path):
-    pre = config(tmp_path, "pre", synthetic_bin, data={"task": "denoising"}, train={"max_update": 6})
+def test_pretrain_gap_sentences_then_finetune_with_init_from(synthetic_bin, tmp_path):
+    pre = config(tmp_path, "pre", synthetic_bin, data={"task": "gap_sentences"}, train={"max_update": 6})
     run_deepspeed([pre])
     assert CheckpointDir(tmp_path / "pre").latest_complete().update == 6
     fine = config(tmp_path, "fine", synthetic_bin, train={"max_update": 4, "activation_checkpointing": "stage"})
@@ -107,6 +107,18 @@ def test_run_dir_of_another_model_is_refused(synthetic_bin, tmp_path):
     assert train_single([cfg]).returncode == 0
     proc = train_single([cfg, "--model.encoder_layers", "2"])
     assert proc.returncode == 2 and "holds checkpoints of another model" in proc.stderr
+    # same parameters, another computation: refused before anything is written, nothing deleted
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+    for overrides, problem in ((["--model.variant", "blockwise"], "model.variant is 'pyramidion' there, "
+                                                                  "'blockwise' here"),
+                               (["--model.pooling_schedule", "[512, 256, 256]"], "encoder widths"),
+                               (["--model.chunk_size", "128"], "model.chunk_size is 64 there, 128 here")):
+        proc = train_single([cfg, *overrides, "--train.keep_last_checkpoints", "1", "--train.max_update", "3"])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert problem in proc.stderr and f"--train.init_from {tmp_path / 'run'}" in proc.stderr
+        after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*")
+                 if p.is_file() and "tensorboard" not in p.parts}
+        assert after == before
 
 
 def test_repeated_nonfinite_loss_stops_naming_the_update(synthetic_bin, tmp_path):

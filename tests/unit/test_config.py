@@ -127,3 +127,13 @@ def test_yaml_off_keeps_its_word(tmp_path):
     assert cfg.train.activation_checkpointing == "off"
     cfg = load_config(None, ["--train.activation_checkpointing", "off"])
     assert cfg.train.activation_checkpointing == "off"
+
+
+def test_pooling_settings_of_a_variant_without_pooling_are_dropped_and_named():
+    cfg = load_config(None, ["--model.variant", "blockwise", "--model.pooling_schedule", "[512, 128, 32]",
+                             "--model.topk_base", "1000", "--model.scorer_input", "layer_norm"])
+    assert cfg.model.drop_unused_pooling() == ["model.pooling_schedule", "model.topk_base", "model.scorer_input"]
+    assert cfg.model.pooling_schedule is None and cfg.model.topk_base == 20.0
+    assert cfg.model.scorer_input == "hidden" and cfg.model.drop_unused_pooling() == []
+    kept = load_config(None, ["--model.variant", "transpooler", "--model.pooling_schedule", "[512, 128, 32]"])
+    assert kept.model.drop_unused_pooling() == [] and kept.model.pooling_schedule == [512, 128, 32]
