@@ -148,7 +148,7 @@ def test_streamed_safetensors_round_trip(tmp_path):
                                                                   float(tensors["c"].bfloat16().float().sum()))
 
 
-def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, tmp_path, caplog):
+def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, tmp_path, caplog, capsys):
     """References of a binarized split are the raw summaries preprocess kept, not the decoded targets
     (cut to max_target_positions, and ⁇ where the vocabulary cannot spell a character): the same
     hypotheses get the same ROUGE from --gen-subset as from --input on the same jsonl."""
@@ -179,6 +179,8 @@ def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, 
     assert [e.reference for e in subset.examples] == [e.reference for e in given.examples] == [r["summary"] for r in rows]
     assert [e.id for e in subset.examples] == [e.id for e in given.examples]
     assert rouge(subset) == rouge(given)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line]  # multi-line summaries: one T- line
+    assert all(line[:2] in ("T-", "H-", "P-") or line.startswith("test: ROUGE") for line in printed)
     # a data dir written before preprocess kept the summaries: decoded targets, with a warning
     (out / "test.summaries.jsonl").unlink()
     with caplog.at_level("WARNING"):
