@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -294,9 +295,9 @@ def _first_file(path: Path) -> Optional[Path]:
 def check_destdir(destdir: str | os.PathLike, overwrite: bool) -> None:
     """Refuse, in one :class:`DataError` line, a ``destdir`` that is a file or lies under one, or that holds
     something while ``overwrite`` is off (cheap: the command checks this before reading any input)."""
-    destdir = Path(destdir).absolute()
-    blocking = _first_file(destdir)
-    if blocking == destdir:
+    destdir = Path(destdir)
+    blocking = _first_file(destdir.absolute())
+    if blocking == destdir.absolute():
         raise DataError(f"--destdir {destdir}: is a file, expected a directory (or a path that does not exist)")
     if blocking is not None:
         raise DataError(f"--destdir {destdir}: {blocking} is a file, not a directory")
@@ -312,7 +313,13 @@ def _temporary_destdir(destdir: Path, overwrite: bool) -> Path:
     parent = destdir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{destdir.name}.tmp-", dir=parent))
+        while True:  # not tempfile.mkdtemp: that makes it 0700, and a data-bin is often shared (umask applies)
+            tmp = parent / f"{destdir.name}.tmp-{secrets.token_hex(4)}"
+            try:
+                tmp.mkdir()
+                return tmp
+            except FileExistsError:
+                continue
     except OSError as err:
         raise DataError(f"--destdir {destdir}: cannot write in {parent} ({err.strerror or type(err).__name__})"
                         ) from None

@@ -195,6 +195,8 @@ def test_existing_destdir_needs_overwrite_and_is_replaced_whole(layouts, tsv_out
     code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}",
                            "--destdir", tmp_path / "empty", "--spm-model", tsv_out / "spm.model")
     assert code == 0 and (tmp_path / "empty" / "meta.json").is_file(), err
+    (tmp_path / "plain").mkdir()  # the data-bin gets the permissions of a plain mkdir (umask), not 0700
+    assert dest.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_a_failing_rerun_leaves_the_old_data_bin_intact(layouts, tsv_out, tmp_path, capsys):
