@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -292,18 +293,31 @@ def _first_file(path: Path) -> Optional[Path]:
     return None
 
 
+#: the names a data-bin's entries have (with the temporaries of an interrupted older version)
+_DATA_BIN_ENTRY = re.compile(r"(spm\.(model|vocab)|meta\.json|[^/]+\.(source|target)\.(bin|idx|json)|[^/]+\.ids\.json"
+                             r"|[^/]+\.summaries\.jsonl)(\.tmp)?|\.spm-.*")
+
+
 def check_destdir(destdir: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse, in one :class:`DataError` line, a ``destdir`` that is a file or lies under one, or that holds
-    something while ``overwrite`` is off (cheap: the command checks this before reading any input)."""
+    """Refuse, in one :class:`DataError` line, a ``destdir`` that is a file or lies under one, that holds
+    something while ``overwrite`` is off, or that holds anything but a data-bin's files (even with
+    ``overwrite``: it replaces the whole directory). Cheap: the command checks this before reading input."""
     destdir = Path(destdir)
     blocking = _first_file(destdir.absolute())
     if blocking == destdir.absolute():
         raise DataError(f"--destdir {destdir}: is a file, expected a directory (or a path that does not exist)")
     if blocking is not None:
         raise DataError(f"--destdir {destdir}: {blocking} is a file, not a directory")
-    if destdir.is_dir() and any(destdir.iterdir()) and not overwrite:
+    if not destdir.is_dir() or not any(destdir.iterdir()):
+        return
+    if not overwrite:
         raise DataError(f"--destdir {destdir}: already exists and is not empty; pass --overwrite to replace it "
                         f"(the old one is kept until the new one is complete) or choose another directory")
+    foreign = sorted(entry.name for entry in destdir.iterdir() if not _DATA_BIN_ENTRY.fullmatch(entry.name))
+    if foreign:  # --overwrite replaces the whole directory: never one that holds anything else
+        raise DataError(f"--destdir {destdir}: holds {foreign[0]!r}"
+                        + (f" and {len(foreign) - 1} more entries" if len(foreign) > 1 else "")
+                        + " that pyramidion-preprocess did not write; refusing to replace it even with --overwrite")
 
 
 def _temporary_destdir(destdir: Path, overwrite: bool) -> Path:
@@ -325,12 +339,13 @@ def _temporary_destdir(destdir: Path, overwrite: bool) -> Path:
                         ) from None
 
 
-def _move_into_place(tmp: Path, destdir: Path) -> None:
+def _move_into_place(tmp: Path, destdir: Path, overwrite: bool) -> None:
     """Rename the finished ``tmp`` to ``destdir``; an existing ``destdir`` is moved aside first and removed
     once the new one is in (and moved back if the rename fails)."""
     old = None
     if destdir.is_dir():
         if any(destdir.iterdir()):
+            check_destdir(destdir, overwrite)  # something else may have filled it meanwhile
             old = Path(tempfile.mkdtemp(prefix=f"{destdir.name}.old-", dir=destdir.parent))
             os.rename(destdir, old / destdir.name)
         else:
@@ -357,14 +372,14 @@ def preprocess(sources: dict[str, SplitSource], destdir: str | os.PathLike, *, s
     ``destdir`` must not exist, be empty, or (with ``overwrite``) hold anything: it keeps its old content
     until the new one is complete, whatever happens before.
     """
-    destdir = Path(os.path.realpath(destdir)) if Path(destdir).is_symlink() else Path(destdir).absolute()
+    destdir = Path(os.path.realpath(destdir) if Path(destdir).is_symlink() else os.path.abspath(destdir))
     tmp = _temporary_destdir(destdir, overwrite)
     try:
         meta = _preprocess_into(tmp, sources, spm_model=spm_model, spm_options=spm_options,
                                 max_source_positions=max_source_positions, max_target_positions=max_target_positions,
                                 truncate_source=truncate_source, unlabeled=unlabeled, workers=workers,
                                 progress=progress, describe=describe)
-        _move_into_place(tmp, destdir)
+        _move_into_place(tmp, destdir, overwrite)
     finally:  # also on KeyboardInterrupt: no temporary directory is left behind
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

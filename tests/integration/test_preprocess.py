@@ -275,3 +275,14 @@ def test_raw_summaries_are_kept_for_scoring(layouts, tsv_out):
     kept = [json.loads(line) for line in (tsv_out / "valid.summaries.jsonl").read_text().splitlines()]
     assert kept == [{"id": f"valid-{i}", "summary": r["summary"]} for i, r in enumerate(rows)]
     assert json.loads((tsv_out / "meta.json").read_text())["splits"]["valid"]["summaries"] == "valid.summaries.jsonl"
+
+
+def test_overwrite_never_replaces_a_directory_that_is_not_a_data_bin(layouts, tsv_out, tmp_path, capsys):
+    dest = tmp_path / "project"
+    shutil.copytree(tsv_out, dest)
+    (dest / "notes.txt").write_text("mine")
+    before = snapshot(dest)
+    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}", "--destdir", dest,
+                           "--spm-model", tsv_out / "spm.model", "--overwrite")
+    assert code == 2 and "holds 'notes.txt' that pyramidion-preprocess did not write; refusing to replace it" in err
+    assert snapshot(dest) == before
