@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--destdir", required=True, help="output directory; written beside it under a temporary "
                      "name and renamed into place when complete")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --destdir (it is "
-                     "kept until the new one is complete)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing data-bin at --destdir (kept "
+                     "until the new one is complete; a directory holding other files is never replaced)")
     out.add_argument("--workers", type=_positive, default=1, help="tokenizer processes (default: %(default)s)")
     out.add_argument("--max-source-positions", type=_positive, default=None,
                      help="cut (or drop, with --no-truncate-source) longer documents; </s> included")

@@ -49,23 +49,26 @@ def truncate_ids(ids: list[int] | np.ndarray, limit: int, eos_id: int) -> np.nda
     return out
 
 
-def raw_references(data_dir: str | Path, split: str, num_examples: int) -> Optional[list[str]]:
-    """The raw summaries pyramidion-preprocess kept for ``split`` (``<split>.summaries.jsonl``), or None
-    for a data dir written before it kept them."""
+def raw_references(data_dir: str | Path, split: str, ids: Optional[list]) -> Optional[list[str]]:
+    """The raw summaries pyramidion-preprocess kept for ``split`` (``<split>.summaries.jsonl``), checked
+    against the split's ``ids`` (one per example, in shard order), or None for a data dir written before
+    preprocess kept them."""
     from ..data.binarize import SUMMARIES
     path = Path(data_dir) / SUMMARIES.format(split=split)
     if not path.is_file():
         return None
-    references = []
+    references, summary_ids = [], []
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             try:
-                references.append(json.loads(line)["summary"])
-            except (json.JSONDecodeError, KeyError, TypeError):
+                record = json.loads(line)
+                references.append(record["summary"])
+                summary_ids.append(record.get("id"))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise DataError(f"{path}: line {line_no}: expected an object with a \"summary\"") from None
-    if len(references) != num_examples:
-        raise DataError(f"{path}: {len(references)} summaries, expected {num_examples} (one per example of "
-                        f"the {split} shards); re-run pyramidion-preprocess")
+    if ids is not None and summary_ids != ids:
+        raise DataError(f"{path}: {len(references)} summaries that are not those of the {len(ids)} examples in "
+                        f"{split}.ids.json; re-run pyramidion-preprocess")
     return references
 
 
@@ -87,7 +90,12 @@ def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, s
         target = None  # unlabeled: generate without references
     ids_path = Path(data_dir) / f"{split}.ids.json"
     ids = json.loads(ids_path.read_text(encoding="utf-8")) if ids_path.is_file() else None
-    references = raw_references(data_dir, split, len(source)) if target is not None else None
+    if ids is not None and len(ids) != len(source):
+        raise DataError(f"{ids_path}: {len(ids)} ids, but the {split} shards hold {len(source)} examples")
+    references = raw_references(data_dir, split, ids) if target is not None else None
+    if references is not None and len(references) != len(source):
+        raise DataError(f"{data_dir}: {len(references)} raw summaries for {len(source)} {split} examples; re-run "
+                        f"pyramidion-preprocess")
     if target is not None and references is None:
         log.warning(f"{data_dir}: no {split}.summaries.jsonl (written by pyramidion-preprocess before it kept the "
                     f"raw summaries); scoring against the decoded targets, which are truncated and lose "

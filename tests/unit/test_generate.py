@@ -154,7 +154,7 @@ def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, 
     hypotheses get the same ROUGE from --gen-subset as from --input on the same jsonl."""
     import json
     from pyramidion_ds.config import GenerationConfig
-    from pyramidion_ds.data import load_spm
+    from pyramidion_ds.data import DataError, load_spm
     from pyramidion_ds.data.binarize import preprocess
     from pyramidion_ds.data.sources import file_sources
     from pyramidion_ds.generate.inputs import from_data_dir, from_file
@@ -181,6 +181,11 @@ def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, 
     assert rouge(subset) == rouge(given)
     printed = [line for line in capsys.readouterr().out.splitlines() if line]  # multi-line summaries: one T- line
     assert all(line[:2] in ("T-", "H-", "P-") or line.startswith("test: ROUGE") for line in printed)
+    # summaries that are not those of the shards (another run's file): refused
+    kept = (out / "test.summaries.jsonl").read_text()
+    (out / "test.summaries.jsonl").write_text("".join(kept.splitlines(keepends=True)[::-1]))
+    with pytest.raises(DataError, match="test.summaries.jsonl: 12 summaries that are not those of the 12 examples"):
+        from_data_dir(out, "test", 512, spm, 2)
     # a data dir written before preprocess kept the summaries: decoded targets, with a warning
     (out / "test.summaries.jsonl").unlink()
     with caplog.at_level("WARNING"):
