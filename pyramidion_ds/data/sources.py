@@ -206,11 +206,11 @@ def file_sources(spec: dict[str, str], document_column: str = "document", summar
         if suffix not in FILE_FORMATS:
             raise DataError(f"{path}: unknown file type {suffix!r}, expected one of {', '.join(FILE_FORMATS)}")
         fmt = FILE_FORMATS[suffix]
-        if path.stat().st_size == 0:
+        if suffix == ".jsonl":  # an empty one included
+            check_jsonl(path, (document_column,) + (() if unlabeled else (summary_column,)))
+        elif path.stat().st_size == 0:
             raise DataError(f"{path}: empty file, expected examples with columns {document_column!r}"
                             + ("" if unlabeled else f" and {summary_column!r}"))
-        if suffix == ".jsonl":
-            check_jsonl(path, (document_column,) + (() if unlabeled else (summary_column,)))
         elif fmt != "parquet":
             check_utf8(path)
         ds = _load(lambda: datasets.load_dataset(fmt, data_files={"data": str(path)}, split="data"), str(path))

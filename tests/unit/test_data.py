@@ -298,9 +298,9 @@ def test_a_number_or_a_bad_line_is_one_error_naming_the_row(tmp_path):
         "broken.jsonl": ('{"document": "a", "summary": "b"}\n\n{"document": "c", \n',
                          r"broken.jsonl: line 3: not valid JSON \(Expecting property name"),
         "array.jsonl": ('["a", "b"]\n', r"array.jsonl: line 1: a list, expected a JSON object per line"),
-        "empty.jsonl": ("", r"empty.jsonl: empty file"),
+        "empty.jsonl": ("", r"empty.jsonl: empty file, expected one JSON object per line"),
         "blank.jsonl": ("\n  \n", r"blank.jsonl: empty file, expected one JSON object per line"),
-        "empty.csv": ("", r"empty.csv: empty file"),
+        "empty.csv": ("", r"empty.csv: empty file, expected examples with columns .document. and .summary."),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
