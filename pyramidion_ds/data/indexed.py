@@ -146,16 +146,17 @@ class ShardReader:
         if offsets[-1] != num_tokens:
             raise DataError(f"{paths['idx']}: last offset {int(offsets[-1])}, expected {num_tokens} (the header's "
                             f"num_tokens; an index of another shard?)")
-        # a zero-length file cannot be memory-mapped
-        tokens = np.memmap(paths["bin"], dtype=dtype, mode="r") if data_len else np.zeros(0, dtype=dtype)
-        if n:
-            ends = np.flatnonzero(tokens[np.asarray(offsets[1:]) - 1] != EOS_ID)
+        if n:  # through a mapping of its own, unmapped right away: the reader's stays untouched
+            check = np.memmap(paths["bin"], dtype=dtype, mode="r")
+            ends = np.flatnonzero(check[np.asarray(offsets[1:]) - 1] != EOS_ID)
+            del check
             if len(ends):
                 raise DataError(f"{paths['bin']}: example {int(ends[0])} (of {n}; {len(ends)} in all) does not end "
                                 f"with </s> (id {EOS_ID}); the .idx does not belong to this .bin")
         self._header = header
         self._offsets = offsets
-        self._tokens = tokens
+        # a zero-length file cannot be memory-mapped
+        self._tokens = np.memmap(paths["bin"], dtype=dtype, mode="r") if data_len else np.zeros(0, dtype=dtype)
 
     @property
     def header(self) -> dict:
