@@ -82,7 +82,8 @@ def time_binarize(source_fn, destdir: Path, spm_model: Path, workers: int) -> di
     from pyramidion_ds.data.indexed import ShardReader
     sources = source_fn()
     start = time.perf_counter()
-    meta = preprocess(sources, destdir, spm_model=str(spm_model), workers=workers, progress=False)
+    meta = preprocess(sources, destdir, spm_model=str(spm_model), workers=workers, progress=False,
+                      overwrite=True)  # a rerun with --workdir replaces the last one
     seconds = time.perf_counter() - start
     docs = sum(info["counts"]["examples"] for info in meta["splits"].values())
     tokens = sum(int(ShardReader(destdir / f"{split}.{side}").sizes.sum())

@@ -3,7 +3,9 @@
 Exactly one input: ``--source-dataset NAME`` (Hugging Face, offline cache honoured), ``--source-files
 train=PATH,...`` (jsonl/json/csv/parquet) or ``--tsv-dir DIR`` (the original release's
 ``<split>/in.tsv`` + ``expected.tsv``). Output: ``DESTDIR/spm.model``, ``spm.vocab``, per split and side
-``<split>.<side>.{bin,idx,json}``, ``<split>.ids.json`` and, written last, ``meta.json``.
+``<split>.<side>.{bin,idx,json}``, ``<split>.ids.json``, ``<split>.summaries.jsonl`` (the raw summaries
+generation scores against) and, written last, ``meta.json``. All of it is written into ``DESTDIR.tmp-XXXX``
+and renamed into place when complete; an existing DESTDIR is replaced only with ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -44,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--unlabeled", action="store_true", help="documents only (denoising pretraining); "
                      "summaries are neither needed nor written")
     out = parser.add_argument_group("output")
-    out.add_argument("--destdir", required=True, help="output directory")
+    out.add_argument("--destdir", required=True, help="output directory; written beside it under a temporary "
+                     "name and renamed into place when complete")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing data-bin at --destdir (kept "
+                     "until the new one is complete; a directory holding other files is never replaced)")
     out.add_argument("--workers", type=_positive, default=1, help="tokenizer processes (default: %(default)s)")
     out.add_argument("--max-source-positions", type=_positive, default=None,
                      help="cut (or drop, with --no-truncate-source) longer documents; </s> included")
@@ -63,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     spm.add_argument("--spm-character-coverage", type=float, default=0.9995, help="(default: %(default)s)")
     spm.add_argument("--spm-sample-size", type=_positive, default=2_000_000,
                      help="training pieces sampled by sentencepiece (input_sentence_size) (default: %(default)s)")
+    spm.add_argument("--spm-byte-fallback", action=argparse.BooleanOptionalAction, default=None,
+                     help="spell characters outside the vocabulary as UTF-8 byte pieces, so any text round-trips "
+                     "(takes 256 pieces) (default: on when --spm-vocab-size has room for it, else off with a "
+                     "warning)")
     spm.add_argument("--spm-user-symbols", default="<mask>", help="comma-separated user-defined symbols "
                      "(default: %(default)s)")
     spm.add_argument("--spm-sentinels", type=_positive, default=None, metavar="N",
@@ -96,15 +105,17 @@ def sources_from_args(args):
 def main(argv: list[str] | None = None):
     def body():
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        from ..data.binarize import preprocess, summary_table
+        from ..data.binarize import check_destdir, preprocess, summary_table
         from ..data.errors import DataError
-        if not 0 < args.spm_character_coverage <= 1:
+        if not 0 < args.spm_character_coverage <= 1:  # also refuses nan
             raise UsageError(f"--spm-character-coverage: got {args.spm_character_coverage}, expected 0 < x <= 1")
         try:
+            check_destdir(args.destdir, args.overwrite)  # before reading a large input
             sources, describe = sources_from_args(args)
             spm_options = {} if args.spm_model else dict(
                 vocab_size=args.spm_vocab_size, model_type=args.spm_model_type,
-                character_coverage=args.spm_character_coverage, sample_size=args.spm_sample_size)
+                character_coverage=args.spm_character_coverage, sample_size=args.spm_sample_size,
+                byte_fallback=args.spm_byte_fallback)
             spm_options["user_symbols"] = tuple(s.strip() for s in args.spm_user_symbols.split(",") if s.strip())
             if args.spm_sentinels:
                 if args.spm_model:
@@ -116,7 +127,8 @@ def main(argv: list[str] | None = None):
                               max_source_positions=args.max_source_positions,
                               max_target_positions=args.max_target_positions,
                               truncate_source=args.truncate_source, unlabeled=args.unlabeled,
-                              workers=args.workers, progress=not args.quiet, describe=describe)
+                              workers=args.workers, progress=not args.quiet, describe=describe,
+                              overwrite=args.overwrite)
         except DataError as err:
             raise UsageError(str(err)) from None
         print(f"{PROG}: wrote {args.destdir} (vocab {meta['vocab_size']}, {meta['dtype']}, spm "

@@ -1,8 +1,13 @@
 """Binarize split sources into shards: tokenize in parallel, truncate, count, write atomically.
 
     SplitSource records ──(chunks of ≤64 docs / 256k chars)──> worker pool: spm encode + </s> + truncate
-        ──(in order)──> ShardWriter train.source / train.target  +  train.ids.json
+        ──(in order)──> ShardWriter train.source / train.target  +  train.ids.json + train.summaries.jsonl
     ... every split ...  ──> meta.json (written last: vocab size, spm sha256, splits, counts)
+
+Everything is written into a temporary directory beside the destination (``DESTDIR.tmp-XXXX``, same
+filesystem) that is renamed into place only when complete; an existing destination is replaced only with
+``overwrite`` (moved aside, the new one renamed in, then the old one removed). A failure or an interrupt
+at any point leaves the old data-bin as it was and no temporary directory behind.
 
 At most ``4 × workers`` chunks are in flight, so memory stays bounded however large the corpus is.
 """
@@ -12,8 +17,12 @@ import collections
 import concurrent.futures
 import json
 import multiprocessing
+import logging
 import os
+import re
+import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -25,7 +34,11 @@ from .sources import SplitSource
 from .spm import EOS_ID, SPM_MODEL, SPM_VOCAB, SPECIAL_IDS, check_special_ids, load_spm, spm_sha256, \
     train_spm
 
+log = logging.getLogger(__name__)
+
 META = "meta.json"
+#: per labeled split: the raw summaries, one JSON object {"id", "summary"} per line, in shard order
+SUMMARIES = "{split}.summaries.jsonl"
 META_FORMAT = "pyramidion-data-v1"
 #: a chunk sent to a worker closes at this many documents or characters, whichever comes first
 CHUNK_DOCS = 64
@@ -153,25 +166,32 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def has_byte_fallback(proc) -> bool:
+    """Whether a sentencepiece model spells unknown characters as UTF-8 byte pieces (``<0x00>``...)."""
+    piece = proc.PieceToId("<0x00>")
+    return piece != proc.unk_id() and bool(proc.IsByte(piece))
+
+
 def prepare_spm(destdir: Path, sources: dict[str, SplitSource], *, spm_model: str | None = None,
                 vocab_size: int = 32000, model_type: str = "unigram", character_coverage: float = 0.9995,
                 sample_size: int = 2_000_000, user_symbols: tuple[str, ...] = ("<mask>",),
-                workers: int = 1, progress: bool = True) -> Path:
-    """Copy a given model into ``destdir`` (checking its special ids) or train one on the train split."""
+                byte_fallback: Optional[bool] = None, workers: int = 1, progress: bool = True) -> Path:
+    """Copy a given model into ``destdir`` (checking its special ids) or train one on the train split.
+
+    ``byte_fallback``: None (the default) = on when the vocabulary has room for the 256 byte pieces,
+    else off with a warning; True = on or a one-line error; False = off.
+    """
     from tqdm import tqdm
     destdir.mkdir(parents=True, exist_ok=True)
     if spm_model:
         src = Path(spm_model)
         proc = load_spm(src)
         check_special_ids(proc, str(src), user_symbols)
-        if src.resolve() != (destdir / SPM_MODEL).resolve():
-            tmp = destdir / (SPM_MODEL + ".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, destdir / SPM_MODEL)
-            vocab = src.with_suffix(".vocab")
-            lines = (vocab.read_text(encoding="utf-8") if vocab.is_file() else
-                     "".join(f"{proc.IdToPiece(i)}\t{proc.GetScore(i)}\n" for i in range(proc.GetPieceSize())))
-            (destdir / SPM_VOCAB).write_text(lines, encoding="utf-8")
+        shutil.copyfile(src, destdir / SPM_MODEL)
+        vocab = src.with_suffix(".vocab")
+        lines = (vocab.read_text(encoding="utf-8") if vocab.is_file() else
+                 "".join(f"{proc.IdToPiece(i)}\t{proc.GetScore(i)}\n" for i in range(proc.GetPieceSize())))
+        (destdir / SPM_VOCAB).write_text(lines, encoding="utf-8")
         return destdir / SPM_MODEL
     if "train" not in sources:
         raise DataError("no train split to learn sentencepiece from; give one or pass --spm-model")
@@ -188,27 +208,40 @@ def prepare_spm(destdir: Path, sources: dict[str, SplitSource], *, spm_model: st
         print(f"training sentencepiece ({model_type}, vocab {vocab_size}) on {train.description}", flush=True)
     return train_spm(texts(), destdir, vocab_size=vocab_size, model_type=model_type,
                      character_coverage=character_coverage, sample_size=sample_size,
-                     user_symbols=user_symbols, num_threads=workers)
+                     user_symbols=user_symbols, byte_fallback=byte_fallback, num_threads=workers)
 
 
 def binarize_split(source: SplitSource, destdir: Path, *, vocab: int, sha: str,
                    max_source_positions: Optional[int] = None, max_target_positions: Optional[int] = None,
                    truncate_source: bool = True, unlabeled: bool = False, workers: int = 1,
                    progress: bool = True, require_examples: bool = False) -> dict:
-    """Write ``<split>.source``, ``<split>.target`` (unless unlabeled) and ``<split>.ids.json``."""
+    """Write ``<split>.source``, ``<split>.target`` and ``<split>.summaries.jsonl`` (unless unlabeled) and
+    ``<split>.ids.json``. The raw summaries are what generation scores against: the targets are cut to
+    ``max_target_positions`` and pass through the vocabulary, the summaries are the input's text."""
     from tqdm import tqdm
     split = source.split
     sides = ("source",) if unlabeled else ("source", "target")
     writers = {side: ShardWriter(destdir / f"{split}.{side}", vocab, sha) for side in sides}
+    summaries_path = destdir / SUMMARIES.format(split=split)
+    summaries = None if unlabeled else open(summaries_path.with_name(summaries_path.name + ".tmp"), "w",
+                                            encoding="utf-8")
     counts = dict.fromkeys(COUNT_KEYS, 0)
     ids: list[str] = []
     encoder = _Encoder(workers, (str(destdir / SPM_MODEL), dtype_for_vocab(vocab).name, max_source_positions,
                                  max_target_positions, truncate_source))
+    in_flight = collections.deque()  # the chunks sent, in order: results come back in the same order
+
+    def sent(chunks):
+        for chunk in chunks:
+            in_flight.append(chunk)
+            yield chunk
+
     ok = False
     try:
         bar = tqdm(total=source.num_rows, desc=f"binarize {split}", unit="doc", disable=not progress)
-        for results in encoder.map(_chunks(source.records())):
-            for status, ex_id, src, tgt, src_cut, tgt_cut in results:
+        for results in encoder.map(sent(_chunks(source.records()))):
+            chunk = in_flight.popleft()
+            for (status, ex_id, src, tgt, src_cut, tgt_cut), record in zip(results, chunk):
                 counts["input"] += 1
                 if status == "bad_text":
                     raise DataError(f"{source.description}: example {ex_id!r}: text cannot be tokenized ({src})")
@@ -221,6 +254,7 @@ def binarize_split(source: SplitSource, destdir: Path, *, vocab: int, sha: str,
                 writers["source"].add(src)
                 if not unlabeled:
                     writers["target"].add(tgt)
+                    summaries.write(json.dumps({"id": ex_id, "summary": record[2]}, ensure_ascii=False) + "\n")
                 counts["examples"] += 1
                 counts["truncated_source"] += int(src_cut)
                 counts["truncated_target"] += int(tgt_cut)
@@ -233,6 +267,9 @@ def binarize_split(source: SplitSource, destdir: Path, *, vocab: int, sha: str,
         for writer in writers.values():
             writer.finish({"split": split, "max_positions": max_source_positions if writer is writers["source"]
                            else max_target_positions})
+        if summaries is not None:
+            summaries.close()
+            os.replace(summaries.name, summaries_path)
         _write_json(destdir / f"{split}.ids.json", ids)
         ok = True
     finally:
@@ -240,18 +277,118 @@ def binarize_split(source: SplitSource, destdir: Path, *, vocab: int, sha: str,
         if not ok:
             for writer in writers.values():
                 writer.abort()
+            if summaries is not None:
+                summaries.close()
+                Path(summaries.name).unlink(missing_ok=True)
     return counts
+
+
+def _first_file(path: Path) -> Optional[Path]:
+    """The first existing ancestor of ``path`` (or ``path``) that is not a directory, if any."""
+    for candidate in reversed([path, *path.parents]):
+        if candidate.exists() and not candidate.is_dir():
+            return candidate
+        if not candidate.exists():
+            return None
+    return None
+
+
+#: the names a data-bin's entries have (with the temporaries of an interrupted older version)
+_DATA_BIN_ENTRY = re.compile(r"(spm\.(model|vocab)|meta\.json|[^/]+\.(source|target)\.(bin|idx|json)|[^/]+\.ids\.json"
+                             r"|[^/]+\.summaries\.jsonl)(\.tmp)?|\.spm-.*")
+
+
+def check_destdir(destdir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, in one :class:`DataError` line, a ``destdir`` that is a file or lies under one, that holds
+    something while ``overwrite`` is off, or that holds anything but a data-bin's files (even with
+    ``overwrite``: it replaces the whole directory). Cheap: the command checks this before reading input."""
+    destdir = Path(destdir)
+    blocking = _first_file(destdir.absolute())
+    if blocking == destdir.absolute():
+        raise DataError(f"--destdir {destdir}: is a file, expected a directory (or a path that does not exist)")
+    if blocking is not None:
+        raise DataError(f"--destdir {destdir}: {blocking} is a file, not a directory")
+    if not destdir.is_dir() or not any(destdir.iterdir()):
+        return
+    if not overwrite:
+        raise DataError(f"--destdir {destdir}: already exists and is not empty; pass --overwrite to replace it "
+                        f"(the old one is kept until the new one is complete) or choose another directory")
+    foreign = sorted(entry.name for entry in destdir.iterdir() if not _DATA_BIN_ENTRY.fullmatch(entry.name))
+    if foreign:  # --overwrite replaces the whole directory: never one that holds anything else
+        raise DataError(f"--destdir {destdir}: holds {foreign[0]!r}"
+                        + (f" and {len(foreign) - 1} more entries" if len(foreign) > 1 else "")
+                        + " that pyramidion-preprocess did not write; refusing to replace it even with --overwrite")
+
+
+def _temporary_destdir(destdir: Path, overwrite: bool) -> Path:
+    """Check ``destdir`` and make the empty directory beside it that preprocessing fills:
+    ``DESTDIR.tmp-XXXX`` in the same parent, so the final rename stays on one filesystem."""
+    check_destdir(destdir, overwrite)
+    parent = destdir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        while True:  # not tempfile.mkdtemp: that makes it 0700, and a data-bin is often shared (umask applies)
+            tmp = parent / f"{destdir.name}.tmp-{secrets.token_hex(4)}"
+            try:
+                tmp.mkdir()
+                return tmp
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise DataError(f"--destdir {destdir}: cannot write in {parent} ({err.strerror or type(err).__name__})"
+                        ) from None
+
+
+def _move_into_place(tmp: Path, destdir: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``destdir``; an existing ``destdir`` is moved aside first and removed
+    once the new one is in (and moved back if the rename fails)."""
+    old = None
+    if destdir.is_dir():
+        if any(destdir.iterdir()):
+            check_destdir(destdir, overwrite)  # something else may have filled it meanwhile
+            old = Path(tempfile.mkdtemp(prefix=f"{destdir.name}.old-", dir=destdir.parent))
+            os.rename(destdir, old / destdir.name)
+        else:
+            destdir.rmdir()
+    try:
+        os.rename(tmp, destdir)
+    except BaseException:
+        if old is not None:
+            os.rename(old / destdir.name, destdir)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def preprocess(sources: dict[str, SplitSource], destdir: str | os.PathLike, *, spm_model: str | None = None,
                spm_options: dict | None = None, max_source_positions: Optional[int] = None,
                max_target_positions: Optional[int] = None, truncate_source: bool = True,
                unlabeled: bool = False, workers: int = 1, progress: bool = True,
-               describe: str = "") -> dict:
-    """The whole of ``pyramidion-preprocess``: spm model, every split, then ``meta.json``. Returns meta."""
-    destdir = Path(destdir)
-    destdir.mkdir(parents=True, exist_ok=True)
-    (destdir / META).unlink(missing_ok=True)     # no meta.json until every shard is written
+               describe: str = "", overwrite: bool = False) -> dict:
+    """The whole of ``pyramidion-preprocess``: spm model, every split, then ``meta.json``, all written into
+    a temporary directory that replaces ``destdir`` at the end. Returns meta.
+
+    ``destdir`` must not exist, be empty, or (with ``overwrite``) hold anything: it keeps its old content
+    until the new one is complete, whatever happens before.
+    """
+    destdir = Path(os.path.realpath(destdir) if Path(destdir).is_symlink() else os.path.abspath(destdir))
+    tmp = _temporary_destdir(destdir, overwrite)
+    try:
+        meta = _preprocess_into(tmp, sources, spm_model=spm_model, spm_options=spm_options,
+                                max_source_positions=max_source_positions, max_target_positions=max_target_positions,
+                                truncate_source=truncate_source, unlabeled=unlabeled, workers=workers,
+                                progress=progress, describe=describe)
+        _move_into_place(tmp, destdir, overwrite)
+    finally:  # also on KeyboardInterrupt: no temporary directory is left behind
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _preprocess_into(destdir: Path, sources: dict[str, SplitSource], *, spm_model, spm_options,
+                     max_source_positions, max_target_positions, truncate_source, unlabeled, workers, progress,
+                     describe) -> dict:
     spm_options = dict(spm_options or {})
     user_symbols = tuple(spm_options.get("user_symbols", ("<mask>",)))
     prepare_spm(destdir, sources, spm_model=spm_model, workers=workers, progress=progress, **spm_options)
@@ -265,9 +402,12 @@ def preprocess(sources: dict[str, SplitSource], destdir: str | os.PathLike, *, s
                                 require_examples=split == "train")
         splits[split] = {"sides": ["source"] if unlabeled else ["source", "target"], "source": source.description,
                          "counts": counts}
+        if not unlabeled:
+            splits[split]["summaries"] = SUMMARIES.format(split=split)
     meta = {"format": META_FORMAT, "shard_format": FORMAT, "vocab_size": vocab, "spm_sha256": sha,
             "dtype": dtype_for_vocab(vocab).name, "special_ids": SPECIAL_IDS,
             "user_symbols": [s for s in user_symbols if proc.PieceToId(s) != proc.unk_id()],
+            "byte_fallback": has_byte_fallback(proc),
             "unlabeled": unlabeled, "max_source_positions": max_source_positions,
             "max_target_positions": max_target_positions, "truncate_source": truncate_source,
             "input": describe, "splits": splits}

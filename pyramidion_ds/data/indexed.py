@@ -9,6 +9,12 @@ One shard per (split, side), e.g. ``train.source``::
 Every token sequence ends with ``</s>``. The writer fills ``*.tmp`` files and renames them only when the
 shard is complete (header last), so a crash never leaves a shard that looks valid. The reader maps the
 files lazily on first access and can be pickled into data-loader workers (the maps are re-opened there).
+
+Opening a shard checks that its three files belong together, in one line naming the file when not: the
+``.bin`` holds exactly the header's ``num_tokens``, the ``.idx`` has ``num_examples + 1`` offsets rising
+from 0 to ``num_tokens``, and every example is non-empty and ends with ``</s>`` (one vectorized gather
+of the last tokens: a page per example, never the whole ``.bin``). An index copied from another shard,
+a truncated or appended data file, or a header of another split is refused before training reads it.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .spm import EOS_ID
 
 FORMAT = "pyramidion-shard-v1"
 SIDES = ("source", "target")
@@ -116,23 +123,40 @@ class ShardReader:
         for kind in ("bin", "idx"):
             if not paths[kind].is_file():
                 raise DataError(f"{paths[kind]}: missing (header present, data absent)")
-        dtype = np.dtype(header["dtype"])
-        n = int(header["num_examples"])
+        try:
+            dtype = np.dtype(header["dtype"])
+            n, num_tokens = int(header["num_examples"]), int(header["num_tokens"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{paths['json']}: incomplete shard header ({type(err).__name__}: {err})") from None
         if paths["idx"].stat().st_size != 8 * (n + 1):
             raise DataError(f"{paths['idx']}: {paths['idx'].stat().st_size} bytes, expected {8 * (n + 1)} "
                             f"for {n} examples")
         offsets = np.memmap(paths["idx"], dtype=np.int64, mode="r")
-        data_len = paths["bin"].stat().st_size // dtype.itemsize
-        if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-            raise DataError(f"{paths['idx']}: offsets are not increasing from 0 (corrupt index)")
+        bin_bytes = paths["bin"].stat().st_size
+        data_len = bin_bytes // dtype.itemsize
+        if offsets[0] != 0 or np.any(np.diff(offsets) <= 0):
+            raise DataError(f"{paths['idx']}: offsets are not strictly increasing from 0 (corrupt index; every "
+                            f"example holds at least </s>)")
         if offsets[-1] > data_len:
             raise DataError(f"{paths['idx']}: index points past the data file (offset {int(offsets[-1])} > "
                             f"{data_len} tokens in {paths['bin'].name})")
+        if bin_bytes != num_tokens * dtype.itemsize:
+            raise DataError(f"{paths['bin']}: {bin_bytes} bytes, expected {num_tokens * dtype.itemsize} "
+                            f"({num_tokens} {dtype.name} tokens, as its header says)")
+        if offsets[-1] != num_tokens:
+            raise DataError(f"{paths['idx']}: last offset {int(offsets[-1])}, expected {num_tokens} (the header's "
+                            f"num_tokens; an index of another shard?)")
+        if n:  # through a mapping of its own, unmapped right away: the reader's stays untouched
+            check = np.memmap(paths["bin"], dtype=dtype, mode="r")
+            ends = np.flatnonzero(check[np.asarray(offsets[1:]) - 1] != EOS_ID)
+            del check
+            if len(ends):
+                raise DataError(f"{paths['bin']}: example {int(ends[0])} (of {n}; {len(ends)} in all) does not end "
+                                f"with </s> (id {EOS_ID}); the .idx does not belong to this .bin")
         self._header = header
         self._offsets = offsets
         # a zero-length file cannot be memory-mapped
-        self._tokens = (np.memmap(paths["bin"], dtype=dtype, mode="r") if data_len
-                        else np.zeros(0, dtype=dtype))
+        self._tokens = np.memmap(paths["bin"], dtype=dtype, mode="r") if data_len else np.zeros(0, dtype=dtype)
 
     @property
     def header(self) -> dict:

@@ -2,8 +2,10 @@
 
 Every source becomes, per split of ours (``train``, ``valid``, ``test``), a :class:`SplitSource` that
 yields ``(id, document, summary)`` records (``summary`` is None for unlabeled data). Problems a user can
-fix (missing file, missing column, bytes that are not UTF-8, unreadable file) are one-line
-:class:`DataError`s raised before any tokenization starts.
+fix (missing or empty file, missing column, bytes that are not UTF-8, a JSON line that does not parse, a
+document that is a number, unreadable file) are one-line :class:`DataError`s that name the file and the
+line or row, raised before any tokenization starts (a non-text value in a csv/parquet row: when the row
+is read).
 """
 from __future__ import annotations
 
@@ -68,6 +70,42 @@ def check_utf8(path: Path) -> None:
         pass
 
 
+def json_kind(value) -> str:
+    """How a user would name a JSON value's type: 'a number', 'a list', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def check_jsonl(path: Path, text_fields: tuple[str, ...]) -> int:
+    """Read a JSON-lines file once before the datasets library does, so that a bad line is one error
+    naming its line: not UTF-8, not JSON, not an object, or a text field holding something other than
+    text (or null). Returns the number of objects; an empty file (no objects) is an error too."""
+    import json
+    rows = 0
+    for line_no, line in enumerate(utf8_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {line_no}: {json_kind(record)}, expected a JSON object per line")
+        for name in text_fields:
+            value = record.get(name)
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{path}: line {line_no}: field {name!r} is {json_kind(value)}, expected text")
+        rows += 1
+    if rows == 0:
+        raise DataError(f"{path}: empty file, expected one JSON object per line")
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # the original release: <split>/in.tsv (documents) + <split>/expected.tsv (summaries), one per line
 # --------------------------------------------------------------------------------------------------
@@ -94,6 +132,8 @@ def tsv_sources(tsv_dir: str | os.PathLike, unlabeled: bool = False) -> dict[str
         if not unlabeled and not sums.is_file():
             raise DataError(f"{sums}: missing (summaries for {docs}); pass --unlabeled for documents only")
         n_docs = _count_lines(docs)
+        if docs.stat().st_size == 0:
+            raise DataError(f"{docs}: empty file, expected one document per line")
         if not unlabeled:
             n_sums = _count_lines(sums)
             if n_sums != n_docs:
@@ -126,11 +166,16 @@ def _dataset_records(ds, split: str, where: str, document_column: str, summary_c
     has_id = id_column in columns
     keep = needed + ([id_column] if has_id else [])
 
+    def text(row, column, i):
+        value = row[column]
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{where}: row {i + 1}: column {column!r} is {json_kind(value)}, expected text")
+        return value or ""
+
     def records():
         for i, row in enumerate(ds.select_columns(keep)):
-            summary = None if unlabeled else row[summary_column]
-            yield (str(row[id_column]) if has_id else f"{split}-{i}", row[document_column] or "",
-                   None if unlabeled else (summary or ""))
+            yield (str(row[id_column]) if has_id else f"{split}-{i}", text(row, document_column, i),
+                   None if unlabeled else text(row, summary_column, i))
 
     return SplitSource(split, where, len(ds), records)
 
@@ -161,7 +206,12 @@ def file_sources(spec: dict[str, str], document_column: str = "document", summar
         if suffix not in FILE_FORMATS:
             raise DataError(f"{path}: unknown file type {suffix!r}, expected one of {', '.join(FILE_FORMATS)}")
         fmt = FILE_FORMATS[suffix]
-        if fmt != "parquet":
+        if suffix == ".jsonl":  # an empty one included
+            check_jsonl(path, (document_column,) + (() if unlabeled else (summary_column,)))
+        elif path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file, expected examples with columns {document_column!r}"
+                            + ("" if unlabeled else f" and {summary_column!r}"))
+        elif fmt != "parquet":
             check_utf8(path)
         ds = _load(lambda: datasets.load_dataset(fmt, data_files={"data": str(path)}, split="data"), str(path))
         sources[split] = _dataset_records(ds, split, str(path), document_column, summary_column, unlabeled)

@@ -11,11 +11,12 @@ are tens of thousands of characters, so training text is cut into pieces of at m
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from .errors import DataError
 
@@ -93,10 +94,14 @@ def training_pieces(text: str, max_chars: int = TRAIN_PIECE_CHARS) -> Iterable[s
 def train_spm(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 32000,
               model_type: str = "unigram", character_coverage: float = 0.9995,
               sample_size: int = 2_000_000, user_symbols: Iterable[str] = ("<mask>",),
-              num_threads: int = 1) -> Path:
+              byte_fallback: Optional[bool] = None, num_threads: int = 1) -> Path:
     """Train ``out_dir/spm.model`` (+ ``spm.vocab``) on ``texts`` (documents and summaries).
 
     ``sample_size`` is the number of training pieces sentencepiece samples (``input_sentence_size``).
+    ``byte_fallback``: characters the vocabulary lacks are spelled as UTF-8 byte pieces, so any text
+    round-trips (no ``⁇``); it takes 256 pieces. None (the default): on, unless the vocabulary is too
+    small to hold the byte pieces and the characters it needs (then off, with a warning); True: on, and
+    a vocabulary too small is an error; False: off.
     The model appears complete or not at all: it is trained under a temporary prefix, then renamed.
     """
     import sentencepiece as spm
@@ -114,17 +119,35 @@ def train_spm(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: i
         if lines == 0:
             raise DataError("no training text for sentencepiece (every document and summary is empty)")
         prefix = Path(tmp) / "spm"
-        try:
+
+        def train(with_bytes: bool) -> None:
             spm.SentencePieceTrainer.Train(
                 input=str(text_path), model_prefix=str(prefix), vocab_size=vocab_size,
                 model_type=model_type, character_coverage=character_coverage,
                 input_sentence_size=sample_size, shuffle_input_sentence=True,
-                bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+                bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, byte_fallback=with_bytes,
                 user_defined_symbols=user_symbols, max_sentence_length=4 * TRAIN_PIECE_CHARS + 64,
                 num_threads=max(1, num_threads), minloglevel=2)
+
+        try:
+            try:
+                train(byte_fallback is not False)
+            except RuntimeError as err:
+                # "Vocabulary size is smaller than required_chars. 256 vs 310.": no room for the byte pieces
+                if byte_fallback is not None or "required_chars" not in str(err):
+                    raise
+                needed = re.search(r"\d+ vs (\d+)", str(err))
+                logging.getLogger(__name__).warning(
+                    f"sentencepiece: a vocabulary of {vocab_size} has no room for byte fallback's 256 byte "
+                    f"pieces{f' (it would need {needed.group(1)})' if needed else ''}; trained without it, so "
+                    f"characters outside the vocabulary become <unk>. Raise --spm-vocab-size, or pass "
+                    f"--no-spm-byte-fallback to silence this")
+                train(False)
         except RuntimeError as err:
             message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             hint = "; lower --spm-vocab-size" if "vocab" in message.lower() and "Please set" not in message else ""
+            if byte_fallback and "required_chars" in message:
+                hint = "; byte fallback takes 256 pieces: raise --spm-vocab-size or pass --no-spm-byte-fallback"
             raise DataError(f"sentencepiece training failed: {message}{hint}") from None
         os.replace(f"{prefix}.vocab", out / SPM_VOCAB)
         os.replace(f"{prefix}.model", out / SPM_MODEL)

@@ -49,9 +49,35 @@ def truncate_ids(ids: list[int] | np.ndarray, limit: int, eos_id: int) -> np.nda
     return out
 
 
+def raw_references(data_dir: str | Path, split: str, ids: Optional[list]) -> Optional[list[str]]:
+    """The raw summaries pyramidion-preprocess kept for ``split`` (``<split>.summaries.jsonl``), checked
+    against the split's ``ids`` (one per example, in shard order), or None for a data dir written before
+    preprocess kept them."""
+    from ..data.binarize import SUMMARIES
+    path = Path(data_dir) / SUMMARIES.format(split=split)
+    if not path.is_file():
+        return None
+    references, summary_ids = [], []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            try:
+                record = json.loads(line)
+                references.append(record["summary"])
+                summary_ids.append(record.get("id"))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise DataError(f"{path}: line {line_no}: expected an object with a \"summary\"") from None
+    if ids is not None and summary_ids != ids:
+        raise DataError(f"{path}: {len(references)} summaries that are not those of the {len(ids)} examples in "
+                        f"{split}.ids.json; re-run pyramidion-preprocess")
+    return references
+
+
 def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, spm, eos_id: int,
                   expected_spm_sha256: Optional[str] = None) -> Inputs:
-    """Split ``split`` of a pyramidion-preprocess output; references are the detokenized targets."""
+    """Split ``split`` of a pyramidion-preprocess output. References are the raw summaries preprocess kept
+    (what ``--input FILE.jsonl`` scores against too); a data dir written before it kept them falls back to
+    the detokenized targets, which are cut to ``max_target_positions`` and lose what the vocabulary
+    cannot spell (a warning says so)."""
     from ..data.dataset import open_shard
     from ..data.spm import spm_sha256
     if expected_spm_sha256 and spm_sha256(data_dir) != expected_spm_sha256:
@@ -64,12 +90,24 @@ def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, s
         target = None  # unlabeled: generate without references
     ids_path = Path(data_dir) / f"{split}.ids.json"
     ids = json.loads(ids_path.read_text(encoding="utf-8")) if ids_path.is_file() else None
+    if ids is not None and len(ids) != len(source):
+        raise DataError(f"{ids_path}: {len(ids)} ids, but the {split} shards hold {len(source)} examples")
+    references = raw_references(data_dir, split, ids) if target is not None else None
+    if references is not None and len(references) != len(source):
+        raise DataError(f"{data_dir}: {len(references)} raw summaries for {len(source)} {split} examples; re-run "
+                        f"pyramidion-preprocess")
+    if target is not None and references is None:
+        log.warning(f"{data_dir}: no {split}.summaries.jsonl (written by pyramidion-preprocess before it kept the "
+                    f"raw summaries); scoring against the decoded targets, which are truncated and lose "
+                    f"characters the vocabulary lacks: re-run pyramidion-preprocess for honest ROUGE")
     examples, lengths = [], []
     for i in range(len(source)):
         tokens = source[i]
         lengths.append(len(tokens))
         reference = None
-        if target is not None:
+        if references is not None:
+            reference = references[i]
+        elif target is not None:
             body = [int(t) for t in target[i] if t != eos_id]
             reference = spm.DecodeIds(body)
         examples.append(Example(i, str(ids[i]) if ids else str(i), truncate_ids(tokens, max_source_positions, eos_id),
@@ -79,7 +117,7 @@ def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, s
 
 def from_file(path: str | Path, max_source_positions: int, spm, eos_id: int) -> Inputs:
     """One document per line (plain text), or jsonl objects with "document" [+ "summary", "id"]."""
-    from ..data.sources import _tsv_lines
+    from ..data.sources import _tsv_lines, json_kind
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--input {path}: no such file")
@@ -95,9 +133,12 @@ def from_file(path: str | Path, max_source_positions: int, spm, eos_id: int) -> 
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: line {line_no}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("document"), str):
-                raise DataError(f"{path}: line {line_no}: expected an object with a \"document\" string")
+                got = json_kind(record.get("document")) if isinstance(record, dict) else json_kind(record)
+                raise DataError(f"{path}: line {line_no}: expected an object with a \"document\" string, got {got}")
             document = record["document"]
             reference = record.get("summary")
+            if reference is not None and not isinstance(reference, str):
+                raise DataError(f"{path}: line {line_no}: field 'summary' is {json_kind(reference)}, expected text")
             example_id = str(record.get("id", example_id))
         else:
             document = line

@@ -194,11 +194,14 @@ def run_generation(req: GenerateRequest, overrides: dict) -> int:
 
 
 def write_outputs(results: list[Result], gen: GenerationConfig, name: str, elapsed: float) -> Optional[dict]:
-    """fairseq-style lines (S/T/H/D/P), the best hypothesis per line, ROUGE when references exist."""
+    """fairseq-style lines (S/T/H/D/P), the best hypothesis per line, ROUGE when references exist.
+
+    References are scored as given (their newlines mark sentences for ROUGE-Lsum); in the line-oriented
+    files a newline inside a reference becomes a space."""
     lines = []
     for r in results:
         if r.reference is not None:
-            lines.append(f"T-{r.index}\t{r.reference}")
+            lines.append(f"T-{r.index}\t{_one_line(r.reference)}")
         for h in r.hypotheses:
             lines.append(f"H-{r.index}\t{h['score']:.4f}\t{h['text']}")
             lines.append("P-{}\t{}".format(r.index, " ".join(f"{p:.4f}" for p in h["positional_scores"])))
@@ -213,7 +216,7 @@ def write_outputs(results: list[Result], gen: GenerationConfig, name: str, elaps
         (out / f"generate-{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         (out / f"{name}.hyp").write_text("".join(h.replace("\n", " ") + "\n" for h in best), encoding="utf-8")
         if scores is not None:
-            (out / f"{name}.ref").write_text("".join(r.reference.replace("\n", " ") + "\n" for r in results),
+            (out / f"{name}.ref").write_text("".join(_one_line(r.reference) + "\n" for r in results),
                                              encoding="utf-8")
             (out / f"rouge-{name}.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
         log.info(f"{summary}; hypotheses in {out / f'{name}.hyp'}")
@@ -223,6 +226,10 @@ def write_outputs(results: list[Result], gen: GenerationConfig, name: str, elaps
     if scores is not None:
         print(f"{name}: {format_rouge(scores)}")
     return scores
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
 
 
 def _barrier() -> None:

@@ -4,8 +4,12 @@ Runs the command's ``main`` in-process (the console script is a thin wrapper; ``
 runs it as a subprocess) except for one real subprocess with 2 workers.
 """
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -157,3 +161,128 @@ def test_swapped_spm_model_rejected_on_reuse(tmp_path, layouts, capsys):
     code, _, err = run_cli(capsys, "--tsv-dir", layouts / "tsv", "--destdir", tmp_path / "out",
                            "--spm-model", f"{prefix}.model")
     assert code == 2 and "special ids bos=1 (expected 0), pad=-1 (expected 1)" in err
+
+
+# --- the destination: written atomically, replaced only when asked --------------------------------
+
+def snapshot(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f"{name}.tmp-") or
+                  p.name.startswith(f"{name}.old-"))
+
+
+def test_existing_destdir_needs_overwrite_and_is_replaced_whole(layouts, tsv_out, tmp_path, capsys):
+    dest = tmp_path / "bin"
+    shutil.copytree(tsv_out, dest)
+    before = snapshot(dest)
+    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}", "--destdir", dest,
+                           "--spm-model", tsv_out / "spm.model")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "already exists and is not empty; pass --overwrite to replace it" in err
+    assert snapshot(dest) == before
+    # with --overwrite: only the new splits remain (no stale valid/test shards), nothing left beside it
+    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}", "--destdir", dest,
+                           "--spm-model", tsv_out / "spm.model", "--overwrite")
+    assert code == 0, err
+    assert not list(dest.glob("valid.*")) and not list(dest.glob("test.*"))
+    assert list(json.loads((dest / "meta.json").read_text())["splits"]) == ["train"]
+    assert leftovers(tmp_path, "bin") == []
+    # an empty directory (made by a job script, say) is fine without --overwrite
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}",
+                           "--destdir", tmp_path / "empty", "--spm-model", tsv_out / "spm.model")
+    assert code == 0 and (tmp_path / "empty" / "meta.json").is_file(), err
+    (tmp_path / "plain").mkdir()  # the data-bin gets the permissions of a plain mkdir (umask), not 0700
+    assert dest.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_a_failing_rerun_leaves_the_old_data_bin_intact(layouts, tsv_out, tmp_path, capsys):
+    dest = tmp_path / "bin"
+    shutil.copytree(tsv_out, dest)
+    before = snapshot(dest)
+    (tmp_path / "empty_docs.jsonl").write_text('{"document": " ", "summary": "a"}\n')
+    # fails after the spm model was copied and while binarizing: the old data-bin must not notice
+    code, _, err = run_cli(capsys, "--source-files", f"train={tmp_path / 'empty_docs.jsonl'}", "--destdir", dest,
+                           "--spm-model", tsv_out / "spm.model", "--overwrite")
+    assert code == 2 and "no examples left (1 empty, 0 too long)" in err
+    assert snapshot(dest) == before and leftovers(tmp_path, "bin") == []
+    SummarizationDataset(dest, "valid", 300, 64)   # still usable
+
+    # an interrupt (Ctrl-C) half-way through a split: the same
+    from pyramidion_ds.data.binarize import preprocess
+    from pyramidion_ds.data.sources import SplitSource, file_sources
+    real = file_sources({"train": str(layouts / "jsonl" / "train.jsonl")})["train"]
+
+    def interrupted():
+        for i, record in enumerate(real.records()):
+            if i == 10:
+                raise KeyboardInterrupt
+            yield record
+    with pytest.raises(KeyboardInterrupt):
+        preprocess({"train": SplitSource("train", "interrupted", real.num_rows, interrupted)}, dest,
+                   spm_model=str(tsv_out / "spm.model"), progress=False, overwrite=True)
+    assert snapshot(dest) == before and leftovers(tmp_path, "bin") == []
+
+
+def can_write(directory):
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=directory))
+        return True
+    except OSError:
+        return False
+
+
+def test_unwritable_destdir_is_one_line(layouts, tsv_out, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if can_write(read_only):  # root ignores permission bits: try a directory the kernel refuses
+        read_only = Path("/sys")
+    if can_write(read_only):
+        pytest.skip("no read-only directory to try")
+    cases = [(tmp_path / "a_file", "is a file, expected a directory"),
+             (tmp_path / "a_file" / "bin", "a_file is a file, not a directory"),
+             (read_only / "bin", f"cannot write in {read_only}")]
+    for dest, message in cases:
+        code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}",
+                               "--destdir", dest, "--spm-model", tsv_out / "spm.model")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (dest, err)
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_bad_rows_and_empty_files_are_one_line(tmp_path, tsv_out, capsys):
+    (tmp_path / "num.jsonl").write_text('{"document": "fine", "summary": "ok"}\n{"document": 3, "summary": "x"}\n')
+    (tmp_path / "cut.jsonl").write_text('{"document": "fine", "summary": "ok"}\n{"document": "c", "summ\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    cases = [("num.jsonl", "num.jsonl: line 2: field 'document' is a number (3), expected text"),
+             ("cut.jsonl", "cut.jsonl: line 2: not valid JSON"),
+             ("empty.jsonl", "empty.jsonl: empty file")]
+    for name, message in cases:
+        code, _, err = run_cli(capsys, "--source-files", f"train={tmp_path / name}", "--destdir", tmp_path / "out",
+                               "--spm-model", tsv_out / "spm.model")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (name, err)
+        assert not (tmp_path / "out").exists()
+
+
+def test_raw_summaries_are_kept_for_scoring(layouts, tsv_out):
+    rows = [json.loads(line) for line in (layouts / "jsonl" / "valid.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (tsv_out / "valid.summaries.jsonl").read_text().splitlines()]
+    assert kept == [{"id": f"valid-{i}", "summary": r["summary"]} for i, r in enumerate(rows)]
+    assert json.loads((tsv_out / "meta.json").read_text())["splits"]["valid"]["summaries"] == "valid.summaries.jsonl"
+
+
+def test_overwrite_never_replaces_a_directory_that_is_not_a_data_bin(layouts, tsv_out, tmp_path, capsys):
+    dest = tmp_path / "project"
+    shutil.copytree(tsv_out, dest)
+    (dest / "notes.txt").write_text("mine")
+    before = snapshot(dest)
+    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}", "--destdir", dest,
+                           "--spm-model", tsv_out / "spm.model", "--overwrite")
+    assert code == 2 and "holds 'notes.txt' that pyramidion-preprocess did not write; refusing to replace it" in err
+    assert snapshot(dest) == before

@@ -267,6 +267,54 @@ def test_index_past_data_and_missing_header(data_dir, tmp_path):
         SummarizationDataset(bad, "test", 128, 32)
 
 
+def test_shard_files_that_do_not_belong_together_are_refused(data_dir, tmp_path):
+    bad = fresh_copy(data_dir, tmp_path)
+    # an index copied from another shard with the same number of examples
+    shutil.copy(bad / "valid.target.idx", bad / "valid.source.idx")
+    with pytest.raises(DataError, match=r"valid.source.idx: last offset \d+, expected \d+ \(the header's num_tokens"):
+        SummarizationDataset(bad, "valid", 128, 32)
+    shutil.copy(data_dir / "valid.source.idx", bad / "valid.source.idx")
+    # the same last offset, but example boundaries moved: examples no longer end with </s>
+    offsets = np.fromfile(bad / "valid.source.idx", dtype=np.int64)
+    offsets[2] += 1
+    offsets.tofile(bad / "valid.source.idx")
+    with pytest.raises(DataError, match=r"valid.source.bin: example 1 \(of 6; 1 in all\) does not end with </s>"):
+        SummarizationDataset(bad, "valid", 128, 32)
+    shutil.copy(data_dir / "valid.source.idx", bad / "valid.source.idx")
+    # tokens appended to the data file
+    with open(bad / "valid.target.bin", "ab") as fh:
+        fh.write(np.array([5, 6, EOS_ID], dtype=np.uint16).tobytes())
+    with pytest.raises(DataError, match=r"valid.target.bin: \d+ bytes, expected \d+ \(\d+ uint16 tokens, as its "
+                                        r"header says\)"):
+        SummarizationDataset(bad, "valid", 128, 32)
+    SummarizationDataset(bad, "train", 128, 32)  # the other split is untouched and still opens
+
+
+def test_a_number_or_a_bad_line_is_one_error_naming_the_row(tmp_path):
+    cases = {
+        "num.jsonl": ('{"document": "fine text", "summary": "ok"}\n{"document": 42, "summary": "x"}\n',
+                      r"num.jsonl: line 2: field 'document' is a number \(42\), expected text"),
+        "sum.jsonl": ('{"document": "fine text", "summary": ["a"]}\n', r"line 1: field 'summary' is a list"),
+        "broken.jsonl": ('{"document": "a", "summary": "b"}\n\n{"document": "c", \n',
+                         r"broken.jsonl: line 3: not valid JSON \(Expecting property name"),
+        "array.jsonl": ('["a", "b"]\n', r"array.jsonl: line 1: a list, expected a JSON object per line"),
+        "empty.jsonl": ("", r"empty.jsonl: empty file, expected one JSON object per line"),
+        "blank.jsonl": ("\n  \n", r"blank.jsonl: empty file, expected one JSON object per line"),
+        "empty.csv": ("", r"empty.csv: empty file, expected examples with columns .document. and .summary."),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=message):
+            sources = file_sources({"train": str(tmp_path / name)})
+            list(sources["train"].records())
+    # csv/parquet cells are typed by the reader (a column of numbers stays numbers): refused when the row is
+    # read, named by row
+    (tmp_path / "num.csv").write_text("document,summary\n7,ok\n8,x\n")
+    records = file_sources({"train": str(tmp_path / "num.csv")})["train"].records()
+    with pytest.raises(DataError, match=r"num.csv: row 1: column 'document' is a number \(7\), expected text"):
+        next(records)
+
+
 def test_empty_documents_are_counted_skips(tmp_path, data_dir):
     rows = [{"id": "a", "document": "the board met .", "summary": "met ."},
             {"id": "b", "document": "   ", "summary": "nothing"},
@@ -307,6 +355,17 @@ def test_real_samples_pubmed_and_qmsum(shared_data, tmp_path):
                       max_source_positions=2048, max_target_positions=256, progress=False)
     counts = meta["splits"]["train"]["counts"]
     assert counts["examples"] == 50 and counts["truncated_source"] > 0
+    # byte fallback (on by default): characters the 1,000 pieces cannot spell still round-trip, no ⁇
+    assert meta["byte_fallback"] is True
+    sp = load_spm(tmp_path / "pubmed")
+    pieces = "".join(sp.IdToPiece(i) for i in range(sp.GetPieceSize()))
+    rows = [json.loads(line) for line in (shared_data / "pubmed_sample.jsonl").read_text().splitlines()]
+    texts = [r["document"] for r in rows] + [r["summary"] for r in rows]
+    outside = [t for t in texts if any(c not in pieces for c in set(t) - set(" \n\t"))]
+    assert len(outside) >= 20
+    for text in outside:
+        decoded = sp.DecodeIds(sp.EncodeAsIds(text))
+        assert "\u2047" not in decoded and decoded == " ".join(text.split())  # sentencepiece folds whitespace
     qmsum = file_sources({"valid": str(shared_data / "qmsum_sample.jsonl")})
     meta = preprocess(qmsum, tmp_path / "qmsum", spm_model=str(tmp_path / "pubmed" / "spm.model"),
                       max_source_positions=8192, max_target_positions=256, workers=2, progress=False)
@@ -318,6 +377,22 @@ def test_real_samples_pubmed_and_qmsum(shared_data, tmp_path):
     expected = sp.EncodeAsIds(row["document"])[:8191] + [EOS_ID]
     assert ds[4]["source"].tolist() == expected
     assert ds.tgt_sizes.max() <= 256
+
+
+def test_byte_fallback_needs_room_in_the_vocabulary(tmp_path, caplog):
+    from pyramidion_ds.data.binarize import has_byte_fallback
+    from pyramidion_ds.data.spm import train_spm
+    texts = [make_example(i, min_words=200, max_words=300).document for i in range(20)]
+    with caplog.at_level("WARNING"):
+        train_spm(texts, tmp_path / "auto", vocab_size=200)  # the default: off, with a warning, when too small
+    assert "has no room for byte fallback's 256 byte pieces" in caplog.text
+    assert not has_byte_fallback(load_spm(tmp_path / "auto"))
+    with pytest.raises(DataError, match="byte fallback takes 256 pieces: raise --spm-vocab-size or pass "
+                                        "--no-spm-byte-fallback"):
+        train_spm(texts, tmp_path / "on", vocab_size=200, byte_fallback=True)
+    caplog.clear()
+    train_spm(texts, tmp_path / "big", vocab_size=400)
+    assert has_byte_fallback(load_spm(tmp_path / "big")) and not caplog.text
 
 
 def test_a_killed_tokenizer_worker_is_an_error_not_a_hang(data_dir):

@@ -146,3 +146,74 @@ def test_streamed_safetensors_round_trip(tmp_path):
     torch.testing.assert_close(back["a"], tensors["a"].bfloat16())
     assert torch.equal(back["b"], tensors["b"]) and math.isclose(float(back["c"].float().sum()),
                                                                   float(tensors["c"].bfloat16().float().sum()))
+
+
+def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, tmp_path, caplog, capsys):
+    """References of a binarized split are the raw summaries preprocess kept, not the decoded targets
+    (cut to max_target_positions, and ⁇ where the vocabulary cannot spell a character): the same
+    hypotheses get the same ROUGE from --gen-subset as from --input on the same jsonl."""
+    import json
+    from pyramidion_ds.config import GenerationConfig
+    from pyramidion_ds.data import DataError, load_spm
+    from pyramidion_ds.data.binarize import preprocess
+    from pyramidion_ds.data.sources import file_sources
+    from pyramidion_ds.generate.inputs import from_data_dir, from_file
+    from pyramidion_ds.generate.runner import Result, write_outputs
+    rows = [json.loads(line) for line in (shared_data / "pubmed_sample.jsonl").read_text().splitlines()[:12]]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps({"id": r["id"], "document": r["document"][:3000],
+                                        "summary": r["summary"]}) + "\n" for r in rows))
+    out = tmp_path / "bin"
+    preprocess(file_sources({"train": str(path), "test": str(path)}), out, progress=False, max_target_positions=48,
+               spm_options=dict(vocab_size=256, sample_size=20_000, byte_fallback=False))
+    spm = load_spm(out)
+    gen = GenerationConfig()
+
+    def rouge(inputs):
+        results = [Result(e.index, e.id, len(e.source), e.reference,
+                          [{"text": " ".join(rows[e.index]["document"].split()[:60]), "tokens": [], "score": 0.0,
+                            "positional_scores": []}]) for e in inputs.examples]
+        return write_outputs(results, gen, "test", 0.0)
+
+    subset, given = from_data_dir(out, "test", 512, spm, 2), from_file(path, 512, spm, 2)
+    assert [e.reference for e in subset.examples] == [e.reference for e in given.examples] == [r["summary"] for r in rows]
+    assert [e.id for e in subset.examples] == [e.id for e in given.examples]
+    assert rouge(subset) == rouge(given)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line]  # multi-line summaries: one T- line
+    assert all(line[:2] in ("T-", "H-", "P-") or line.startswith("test: ROUGE") for line in printed)
+    # summaries that are not those of the shards (another run's file): refused
+    kept = (out / "test.summaries.jsonl").read_text()
+    (out / "test.summaries.jsonl").write_text("".join(kept.splitlines(keepends=True)[::-1]))
+    with pytest.raises(DataError, match="test.summaries.jsonl: 12 summaries that are not those of the 12 examples"):
+        from_data_dir(out, "test", 512, spm, 2)
+    # a data dir written before preprocess kept the summaries: decoded targets, with a warning
+    (out / "test.summaries.jsonl").unlink()
+    with caplog.at_level("WARNING"):
+        legacy = from_data_dir(out, "test", 512, spm, 2)
+    assert "no test.summaries.jsonl" in caplog.text
+    decoded = [e.reference for e in legacy.examples]
+    assert all(len(r) < len(x["summary"]) for r, x in zip(decoded, rows))  # cut to 48 tokens
+    assert rouge(legacy)["rouge1"]["recall"] != rouge(given)["rouge1"]["recall"]
+
+
+def test_non_finite_and_out_of_range_generation_settings_are_refused():
+    from pyramidion_ds.config import ConfigError, GenerationConfig
+    from pyramidion_ds.config.core import build
+    for key, value, message in [("lenpen", float("nan"), "generation.lenpen: got nan, expected a finite number"),
+                                ("lenpen", "nan", "generation.lenpen: got nan"),   # as YAML gives it
+                                ("max_len_a", float("inf"), "generation.max_len_a: got inf, expected a finite"),
+                                ("temperature", float("nan"), "generation.temperature: got nan"),
+                                ("beam", 0, "generation.beam: got 0, expected a value >= 1"),
+                                ("min_len", -1, "generation.min_len: got -1, expected a value >= 0")]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            build(GenerationConfig, {key: value}, prefix="generation.")
+
+
+@pytest.mark.parametrize("flag", [["--lenpen", "nan"], ["--beam", "0"], ["--max-len-a", "inf"],
+                                  ["--temperature", "-1"]])
+def test_generation_flags_are_checked_before_any_work(flag, tmp_path, capsys):
+    from pyramidion_ds.cli.generate import main
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "no_such_run"), "--input", str(tmp_path / "x.txt"), *flag])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("pyramidion-generate: error: generation.")
