@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -97,14 +98,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: got {value!r}, expected an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: got {value!r}, expected a number")
+        if number is None:
+            raise ConfigError(f"{key}: got {value!r}, expected a number")
+        if not math.isfinite(number):  # nan passes every bound check (all comparisons are false)
+            raise ConfigError(f"{key}: got {number}, expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

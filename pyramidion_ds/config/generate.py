@@ -1,11 +1,9 @@
 """Generation section of the config (flags named like fairseq-generate)."""
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 
-from .core import ConfigError, option
+from .core import option
 
 
 @dataclass
@@ -29,11 +27,3 @@ class GenerationConfig:
     explain: int = option(0, "write an HTML selection map for the first N documents", min=0)
     seed: int = option(1, "sampling seed (a batch's draws depend on it and the batch only)")
     progress: bool = option(True, "progress bar on rank 0")
-
-    def validate(self) -> None:
-        """Numbers must be finite: ``nan`` passes every bound (all comparisons are false) and ``inf`` would
-        make every length or score meaningless."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"generation.{f.name}: got {value!r}, expected a finite number")

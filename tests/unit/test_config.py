@@ -137,3 +137,10 @@ def test_pooling_settings_of_a_variant_without_pooling_are_dropped_and_named():
     assert cfg.model.scorer_input == "hidden" and cfg.model.drop_unused_pooling() == []
     kept = load_config(None, ["--model.variant", "transpooler", "--model.pooling_schedule", "[512, 128, 32]"])
     assert kept.model.drop_unused_pooling() == [] and kept.model.pooling_schedule == [512, 128, 32]
+
+
+@pytest.mark.parametrize("flag,value", [("--train.lr", "nan"), ("--train.clip_norm", "inf"),
+                                        ("--data.denoising.mask_ratio", "nan"), ("--generation.lenpen", "-inf")])
+def test_non_finite_numbers_are_refused_in_every_section(flag, value):
+    with pytest.raises(ConfigError, match=rf"^{flag[2:]}: got '?{value}'?, expected a finite number$"):
+        load_config(None, [flag, value])
