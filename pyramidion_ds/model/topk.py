@@ -20,6 +20,7 @@ source (the higher-weighted member at every level), reported as ``source_index``
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -77,9 +78,39 @@ def successive_halving_topk(x: Tensor, scores: Tensor, k: int, *, base: float = 
     scores = torch.where(mask, scores.to(compute_dtype), 0.0)
     if hard:
         return _hard_topk(x, scores, mask, k, sort_back)
+    if _use_triton(x, compute_dtype):
+        from . import topk_triton
+        return TopKOutput(*topk_triton.pool(x, scores, mask, k, base, flip_right, sort_back))
     members, weights, pooled_scores, pooled_mask = _pooling_plan(scores, mask, k, base, flip_right, sort_back)
     values = _MixMembers.apply(x, weights, members)
     return TopKOutput(values, pooled_scores, pooled_mask, members[..., 0])
+
+
+#: environment variable choosing the implementation: auto (Triton on CUDA, torch elsewhere), torch, triton
+BACKEND_ENV = "PYRAMIDION_TOPK"
+
+
+def _use_triton(x: Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether this call runs the Triton kernels (see ``docs/topk_kernels.md``).
+
+    ``auto``: CUDA tensors with float32 ranking (bf16/fp16/fp32 scores) when triton imports. ``triton`` forces
+    the kernels (CPU tensors then run in Triton's interpreter: tests only); ``torch`` forces the torch path.
+    """
+    choice = os.environ.get(BACKEND_ENV, "auto")
+    if choice == "torch":
+        return False
+    if choice not in ("auto", "triton"):
+        raise ValueError(f"{BACKEND_ENV}={choice!r}: expected auto, torch or triton")
+    if choice == "auto" and not x.is_cuda:
+        return False
+    from . import topk_triton
+    supported = compute_dtype == torch.float32 and x.dtype != torch.float64
+    if choice == "triton":
+        if not topk_triton.AVAILABLE or not supported:
+            raise ValueError(f"{BACKEND_ENV}=triton: needs an importable triton and float32 (or narrower) "
+                             f"scores and x, got scores in {compute_dtype} and x in {x.dtype}")
+        return True
+    return x.is_cuda and supported and topk_triton.AVAILABLE
 
 
 def _hard_topk(x: Tensor, scores: Tensor, mask: Tensor, k: int, sort_back: bool) -> TopKOutput:
