@@ -20,6 +20,7 @@ source (the higher-weighted member at every level), reported as ``source_index``
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -137,9 +138,9 @@ def _pooling_plan(scores: Tensor, mask: Tensor, k: int, base: float, flip_right:
         width = scores.size(1)
         num_pass, num_pairs = 2 * new_width - width, width - new_width
         logits = torch.where(mask, torch.pow(base, scores), PAD_LOGIT)
-        # padding ranks by position (no ties, so every device pairs the same way); stable for real ties
-        rank_key = torch.where(mask, logits, PAD_LOGIT - torch.arange(width, device=device, dtype=logits.dtype))
-        order = rank_key.argsort(dim=1, descending=True, stable=True)
+        # rank by score (as stated, not by base**score, which can round distinct scores together); the stable
+        # sort puts real ties and all padding (-inf) in position order, on every device and in the Triton path
+        order = torch.where(mask, scores, -math.inf).argsort(dim=1, descending=True, stable=True)
         left = order[:, num_pass:num_pass + num_pairs]
         right = order[:, num_pass + num_pairs:]
         if flip_right:

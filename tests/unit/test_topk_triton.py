@@ -167,12 +167,34 @@ def _opcheck():
         tl.sort = real_sort
 
 
+def _compiled():
+    """torch.compile(fullgraph=True) over the dispatching function on the Triton path: largest differences."""
+    import triton.language as tl
+
+    from pyramidion_ds.model import topk
+    real_sort, tl.sort = tl.sort, _fast_sort
+    os.environ[topk.BACKEND_ENV] = "triton"
+    try:
+        x, scores, mask = case_inputs(batch=2, n=12, k=5, d=3)
+        outputs = []
+        for fn in (topk.successive_halving_topk, torch.compile(topk.successive_halving_topk, backend="eager",
+                                                              fullgraph=True)):
+            xs, ss = x.clone().requires_grad_(True), scores.clone().requires_grad_(True)
+            out = fn(xs, ss, 5, mask=mask, sort_back=True)
+            (out.values.square().sum() + out.scores.sum()).backward()
+            outputs.append((out.values, out.scores, xs.grad, ss.grad))
+        return [(a - b).abs().max().item() for a, b in zip(*outputs)]
+    finally:
+        tl.sort = real_sort
+        os.environ.pop("PYRAMIDION_TOPK", None)
+
+
 def main():
     """Child process (TRITON_INTERPRET=1): every case, the dispatch counts and opcheck, as one JSON line."""
     from pyramidion_ds.model import topk_triton
     assert topk_triton.interpreted(), "run with TRITON_INTERPRET=1 set before triton is imported"
     report = {"cases": {name: _run_case(name, spec) for name, spec in CASES.items()},
-              "dispatch": _dispatch_counts(), "opcheck": _opcheck()}
+              "dispatch": _dispatch_counts(), "opcheck": _opcheck(), "compiled": _compiled()}
     print(json.dumps(report))
 
 
@@ -215,6 +237,11 @@ def test_triton_launch_budget(interpreted):
     assert len(counts["ops"]) <= TRITON_DISPATCH_BUDGET, (
         f"one Triton top-k forward+backward dispatched {len(counts['ops'])} torch operators, budget "
         f"{TRITON_DISPATCH_BUDGET}: {counts['ops']}")
+
+
+def test_full_graph_compile_of_triton_path(interpreted):
+    """dynamo traces through the custom ops (fake implementations, registered autograd) without a break."""
+    assert max(interpreted["compiled"]) <= 1e-6, interpreted["compiled"]
 
 
 @pytest.mark.parametrize("op", ["topk_plan", "topk_mix"])
