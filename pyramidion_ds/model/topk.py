@@ -17,6 +17,10 @@ with a weight-0 dummy). The representations B×n×d are then gathered and mixed 
 (:class:`_MixMembers`), whose backward needs only a gather of the output gradient per input position:
 each input position belongs to exactly one output slot. Member ``[..., 0]`` is the slot's dominant
 source (the higher-weighted member at every level), reported as ``source_index``.
+
+On CUDA the same plan and mix run as four Triton kernels (:mod:`.topk_triton`, two forward, two
+backward); ``PYRAMIDION_TOPK=auto|torch|triton`` chooses (``docs/topk_kernels.md``). ``hard`` mode stays
+on torch's ``topk`` + ``gather`` in both (three operators).
 """
 from __future__ import annotations
 
