@@ -80,12 +80,12 @@ def successive_halving_topk(x: Tensor, scores: Tensor, k: int, *, base: float = 
         return TopKOutput(x, scores, mask, positions)
     # ranking and mixing weights in at least float32 whatever the activations' dtype
     compute_dtype = torch.promote_types(scores.dtype, torch.float32)
+    if not hard and _use_triton(x, compute_dtype):  # the kernels read padding scores as 0 themselves
+        from . import topk_triton
+        return TopKOutput(*topk_triton.pool(x, scores.to(compute_dtype), mask, k, base, flip_right, sort_back))
     scores = torch.where(mask, scores.to(compute_dtype), 0.0)
     if hard:
         return _hard_topk(x, scores, mask, k, sort_back)
-    if _use_triton(x, compute_dtype):
-        from . import topk_triton
-        return TopKOutput(*topk_triton.pool(x, scores, mask, k, base, flip_right, sort_back))
     members, weights, pooled_scores, pooled_mask = _pooling_plan(scores, mask, k, base, flip_right, sort_back)
     values = _MixMembers.apply(x, weights, members)
     return TopKOutput(values, pooled_scores, pooled_mask, members[..., 0])

@@ -32,7 +32,8 @@ inside c) swept forward and Q(c) = product of c's later pair weights swept back,
 pair weight is Q·T + grad_score·score, then the two-way softmax and d(base**s)/ds = ln(base)·base**s.
 
 Kernels run compiled on CUDA tensors, or on CPU tensors through Triton's interpreter when the process
-imported triton with ``TRITON_INTERPRET=1`` (tests compare them with the torch path there). ``triton`` is imported guardedly: :data:`AVAILABLE` is False without it.
+imported triton with ``TRITON_INTERPRET=1`` (tests compare them with the torch path there). ``triton``
+is imported guardedly: :data:`AVAILABLE` is False without it.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ except Exception:  # pragma: no cover - depends on the install
 PAD_LOGIT = -1.0e4
 #: Triton kernel launches made by this module (read by the launch-budget test and the benchmark)
 launch_count = 0
+#: True while a kernel runs (read by operator counters: the interpreter dispatches torch operators)
+launching = False
 
 
 def round_widths(n: int, k: int) -> list[int]:
@@ -89,8 +92,8 @@ def _plan_forward(scores_ptr, mask_ptr, members_ptr, wpos_ptr, slot_ptr, pooled_
     order_ptr = scratch_ptr + row * 2 * BLOCK
     rank_ptr = order_ptr + BLOCK
 
-    score = tl.load(scores_ptr + row * n + idx, mask=in_row, other=0.0).to(tl.float32)
     real = tl.load(mask_ptr + row * n + idx, mask=in_row, other=0) != 0
+    score = tl.where(real, tl.load(scores_ptr + row * n + idx, mask=in_row, other=0.0).to(tl.float32), 0.0)
     tl.store(plan_score + idx, score, mask=in_row)
     tl.store(plan_mask + idx, real.to(tl.int32), mask=in_row)
     # every input position follows its slot: slot index, weight product, left/right bits
@@ -128,8 +131,8 @@ def _plan_forward(scores_ptr, mask_ptr, members_ptr, wpos_ptr, slot_ptr, pooled_
         partner = tl.load(order_ptr + partner_rank, mask=paired, other=0)
         partner_score = tl.load(plan_score + offset + partner, mask=paired, other=0.0)
         partner_real = tl.load(plan_mask + offset + partner, mask=paired, other=0) != 0
-        logit = tl.where(real, tl.exp2(score * log2_base), PAD_LOGIT)
-        partner_logit = tl.where(partner_real, tl.exp2(partner_score * log2_base), PAD_LOGIT)
+        logit = tl.where(real, tl.exp2(score * log2_base), -1.0e4)  # -1.0e4: PAD_LOGIT
+        partner_logit = tl.where(partner_real, tl.exp2(partner_score * log2_base), -1.0e4)
         top_logit = tl.maximum(logit, partner_logit)
         e_self = tl.exp(logit - top_logit)
         e_partner = tl.exp(partner_logit - top_logit)
@@ -299,12 +302,16 @@ def interpreted() -> bool:
 
 
 def _launch(fn, grid, *args, **meta):
-    global launch_count
+    global launch_count, launching
     if not args[0].is_cuda and not interpreted():
         raise RuntimeError("the Triton top-k kernels take CPU tensors only in Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before triton is imported")
     launch_count += 1
-    _kernel(fn)[grid](*args, **meta)
+    launching = True  # the interpreter runs torch operators of its own; counters skip those
+    try:
+        _kernel(fn)[grid](*args, **meta)
+    finally:
+        launching = False
 
 
 def _row_block(n: int) -> int:
@@ -315,48 +322,122 @@ def _row_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+# ------------------------------------------------------------------------------------------- launchers
+
+def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool, sort_back: bool):
+    """The rounds on scores. scores: B×n float32 (padding entries are read as 0), mask: B×n bool.
+
+    Returns members B×k×G int32 (dummy = n), weight_of_position B×n float32, slot_of_position B×n int32
+    (flat b·k + slot), pooled scores B×k float32, pooled mask B×k bool, source_index B×k int64, and the
+    saved plan: index B×3×L int32 and values B×2×L float32 (L = :func:`plan_length`).
+    """
+    batch, n = scores.shape
+    if n >= 2 ** 24:
+        raise ValueError(f"Triton top-k: at most 2**24 positions per row, got {n}")
+    num_rounds = len(round_widths(n, k))
+    group, length, block = 2 ** num_rounds, plan_length(n, k), _row_block(n)
+    device = scores.device
+    members = torch.empty(batch, k, group, dtype=torch.int32, device=device)
+    weight_of_position = torch.empty(batch, n, dtype=torch.float32, device=device)
+    slot_of_position = torch.empty(batch, n, dtype=torch.int32, device=device)
+    pooled_scores = torch.empty(batch, k, dtype=torch.float32, device=device)
+    pooled_mask = torch.empty(batch, k, dtype=torch.bool, device=device)
+    source_index = torch.empty(batch, k, dtype=torch.int64, device=device)
+    plan_index = torch.empty(batch, 3, length, dtype=torch.int32, device=device)
+    plan_value = torch.empty(batch, 2, length, dtype=torch.float32, device=device)
+    scratch = torch.empty(batch, 2, block, dtype=torch.int32, device=device)
+    _launch(_plan_forward, (batch,), scores.contiguous(), mask.contiguous(), members, weight_of_position,
+            slot_of_position, pooled_scores, pooled_mask, source_index, plan_index, plan_value, scratch, n, k,
+            num_rounds, group, length, math.log2(base), FLIP=flip_right, SORT_BACK=sort_back, BLOCK=block,
+            num_warps=_row_warps(block))
+    return (members, weight_of_position, slot_of_position, pooled_scores, pooled_mask, source_index, plan_index,
+            plan_value)
+
+
+def plan_backward(grad_weight_of_position: Tensor, grad_pooled_scores: Tensor, plan_index: Tensor,
+                  plan_value: Tensor, k: int, base: float) -> Tensor:
+    """Gradient of the scores (B×n float32) from those of weight_of_position (B×n) and pooled scores (B×k)."""
+    batch, n = grad_weight_of_position.shape
+    length, block = plan_index.size(2), _row_block(n)
+    grad_scores = torch.empty(batch, n, dtype=torch.float32, device=plan_index.device)
+    work = torch.empty(batch, 3, length, dtype=torch.float32, device=plan_index.device)
+    _launch(_plan_backward, (batch,), grad_weight_of_position.float().contiguous(),
+            grad_pooled_scores.float().contiguous(), plan_index, plan_value, work, grad_scores, n, k,
+            len(round_widths(n, k)), length, math.log2(base), math.log(base), BLOCK=block,
+            num_warps=_row_warps(block))
+    return grad_scores
+
+
+def mix_forward(x: Tensor, weight_of_position: Tensor, members: Tensor) -> Tensor:
+    """values[b, j] = Σ_g W[b, members[b, j, g]] · x[b, members[b, j, g]]  (B×n×d → B×k×d; dummy = n)."""
+    batch, n, dim = x.shape
+    k, group = members.shape[1:]
+    values = x.new_empty(batch, k, dim)
+    block_dim = min(128, triton.next_power_of_2(dim))
+    grid = (triton.cdiv(batch * k, 32), triton.cdiv(dim, block_dim))
+    _launch(_mix_forward, grid, x.contiguous(), weight_of_position, members, values, n, k, dim, group, batch * k,
+            BLOCK_SLOTS=32, BLOCK_DIM=block_dim)
+    return values
+
+
+def mix_backward(grad_values: Tensor, x: Tensor, weight_of_position: Tensor, slot_of_position: Tensor):
+    """grad_x[p] = W(p)·grad_values[slot(p)] (B×n×d) and grad_W[p] = <x[p], grad_values[slot(p)]> (B×n)."""
+    batch, n, dim = x.shape
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad_weight = weight_of_position.new_empty(batch, n)
+    block_dim = min(128, triton.next_power_of_2(dim))
+    _launch(_mix_backward, (triton.cdiv(batch * n, 32),), x.contiguous(), grad_values.contiguous(),
+            weight_of_position, slot_of_position, grad_x, grad_weight, batch * n, dim, BLOCK_POSITIONS=32,
+            BLOCK_DIM=block_dim)
+    return grad_x, grad_weight
+
+
+class _TopK(torch.autograd.Function):
+    """Eager autograd over the launchers: two launches forward, two backward, little Python between."""
+
+    @staticmethod
+    def forward(ctx, x, scores, mask, k, base, flip_right, sort_back):
+        members, weight_of_position, slot_of_position, pooled_scores, pooled_mask, source_index, plan_index, \
+            plan_value = plan_forward(scores, mask, k, base, flip_right, sort_back)
+        values = mix_forward(x, weight_of_position, members)
+        ctx.k, ctx.base = k, base
+        ctx.save_for_backward(x, weight_of_position, slot_of_position, plan_index, plan_value)
+        ctx.mark_non_differentiable(pooled_mask, source_index)
+        ctx.set_materialize_grads(False)  # no zero gradients built for the mask and source_index
+        return values, pooled_scores, pooled_mask, source_index
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_pooled_scores, _grad_mask, _grad_source):
+        x, weight_of_position, slot_of_position, plan_index, plan_value = ctx.saved_tensors
+        if grad_values is None:
+            grad_values = x.new_zeros(x.size(0), ctx.k, x.size(2))
+        if grad_pooled_scores is None:
+            grad_pooled_scores = plan_index.new_zeros(x.size(0), ctx.k, dtype=torch.float32)
+        grad_x, grad_weight = mix_backward(grad_values, x, weight_of_position, slot_of_position)
+        grad_scores = None
+        if ctx.needs_input_grad[1]:
+            grad_scores = plan_backward(grad_weight, grad_pooled_scores, plan_index, plan_value, ctx.k, ctx.base)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_scores, None, None, None, None, None
+
+
 # ------------------------------------------------------------------------------------------- custom ops
-# Registered for every device; the CPU implementation is the interpreter (tests only: the dispatcher in
-# topk.py sends CPU tensors to the torch path unless told otherwise).
+# The same launchers as torch custom ops, for torch.compile: dynamo cannot trace a Triton launch, but it
+# records a custom op (shapes from the fake implementation) and its registered autograd. Eager calls use
+# _TopK instead: a custom op's Python dispatch costs several times an autograd.Function's per call.
+# Registered for every device; CPU tensors need the interpreter (tests).
 
 if AVAILABLE:
     @torch.library.custom_op("pyramidion::topk_plan", mutates_args=())
     def topk_plan(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool,
                   sort_back: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The rounds on scores. scores: B×n float32 (0 at padding), mask: B×n bool.
-
-        Returns members B×k×G int32 (dummy = n), weight_of_position B×n float32, slot_of_position B×n int32
-        (flat b·k + slot), pooled scores B×k float32, pooled mask B×k bool, source_index B×k int64, and the
-        saved plan: index B×3×L int32 and values B×2×L float32 (L = :func:`plan_length`).
-        """
-        batch, n = scores.shape
-        num_rounds = len(round_widths(n, k))
-        group, length = 2 ** num_rounds, plan_length(n, k)
-        block = _row_block(n)
-        if n >= 2 ** 24:
-            raise ValueError(f"topk_plan: at most 2**24 positions per row, got {n}")
-        device = scores.device
-        members = torch.empty(batch, k, group, dtype=torch.int32, device=device)
-        weight_of_position = torch.empty(batch, n, dtype=torch.float32, device=device)
-        slot_of_position = torch.empty(batch, n, dtype=torch.int32, device=device)
-        pooled_scores = torch.empty(batch, k, dtype=torch.float32, device=device)
-        pooled_mask = torch.empty(batch, k, dtype=torch.bool, device=device)
-        source_index = torch.empty(batch, k, dtype=torch.int64, device=device)
-        plan_index = torch.empty(batch, 3, length, dtype=torch.int32, device=device)
-        plan_value = torch.empty(batch, 2, length, dtype=torch.float32, device=device)
-        scratch = torch.empty(batch, 2, block, dtype=torch.int32, device=device)
-        _launch(_plan_forward, (batch,), scores.contiguous(), mask.contiguous(), members, weight_of_position,
-                slot_of_position, pooled_scores, pooled_mask, source_index, plan_index, plan_value, scratch, n, k,
-                num_rounds, group, length, math.log2(base), FLIP=flip_right, SORT_BACK=sort_back, BLOCK=block,
-                num_warps=_row_warps(block))
-        return (members, weight_of_position, slot_of_position, pooled_scores, pooled_mask, source_index, plan_index,
-                plan_value)
+        """:func:`plan_forward` as a custom op."""
+        return plan_forward(scores, mask, k, base, flip_right, sort_back)
 
     @topk_plan.register_fake
     def _(scores, mask, k, base, flip_right, sort_back):
         batch, n = scores.shape
         group, length = 2 ** len(round_widths(n, k)), plan_length(n, k)
-        new = functools.partial(scores.new_empty)
+        new = scores.new_empty
         return (new(batch, k, group, dtype=torch.int32), new(batch, n, dtype=torch.float32),
                 new(batch, n, dtype=torch.int32), new(batch, k, dtype=torch.float32), new(batch, k, dtype=torch.bool),
                 new(batch, k, dtype=torch.int64), new(batch, 3, length, dtype=torch.int32),
@@ -365,17 +446,8 @@ if AVAILABLE:
     @torch.library.custom_op("pyramidion::topk_plan_backward", mutates_args=())
     def topk_plan_backward(grad_weight_of_position: Tensor, grad_pooled_scores: Tensor, plan_index: Tensor,
                            plan_value: Tensor, k: int, base: float) -> Tensor:
-        """Gradient of the scores (B×n float32) from those of weight_of_position (B×n) and pooled scores (B×k)."""
-        batch, n = grad_weight_of_position.shape
-        length = plan_index.size(2)
-        block = _row_block(n)
-        grad_scores = torch.empty(batch, n, dtype=torch.float32, device=plan_index.device)
-        work = torch.empty(batch, 3, length, dtype=torch.float32, device=plan_index.device)
-        _launch(_plan_backward, (batch,), grad_weight_of_position.float().contiguous(),
-                grad_pooled_scores.float().contiguous(), plan_index, plan_value, work, grad_scores, n, k,
-                len(round_widths(n, k)), length, math.log2(base), math.log(base), BLOCK=block,
-                num_warps=_row_warps(block))
-        return grad_scores
+        """:func:`plan_backward` as a custom op."""
+        return plan_backward(grad_weight_of_position, grad_pooled_scores, plan_index, plan_value, k, base)
 
     @topk_plan_backward.register_fake
     def _(grad_weight_of_position, grad_pooled_scores, plan_index, plan_value, k, base):
@@ -403,15 +475,8 @@ if AVAILABLE:
 
     @torch.library.custom_op("pyramidion::topk_mix", mutates_args=())
     def topk_mix(x: Tensor, weight_of_position: Tensor, members: Tensor, slot_of_position: Tensor) -> Tensor:
-        """values[b, j] = Σ_g W[b, members[b, j, g]] · x[b, members[b, j, g]]  (B×n×d → B×k×d; dummy = n)."""
-        batch, n, dim = x.shape
-        k, group = members.shape[1:]
-        values = x.new_empty(batch, k, dim)
-        block_dim = min(128, triton.next_power_of_2(dim))
-        grid = (triton.cdiv(batch * k, 32), triton.cdiv(dim, block_dim))
-        _launch(_mix_forward, grid, x.contiguous(), weight_of_position, members, values, n, k, dim, group, batch * k,
-                BLOCK_SLOTS=32, BLOCK_DIM=block_dim)
-        return values
+        """:func:`mix_forward` as a custom op (slot_of_position is kept for the backward)."""
+        return mix_forward(x, weight_of_position, members)
 
     @topk_mix.register_fake
     def _(x, weight_of_position, members, slot_of_position):
@@ -420,19 +485,13 @@ if AVAILABLE:
     @torch.library.custom_op("pyramidion::topk_mix_backward", mutates_args=())
     def topk_mix_backward(grad_values: Tensor, x: Tensor, weight_of_position: Tensor,
                           slot_of_position: Tensor) -> tuple[Tensor, Tensor]:
-        """grad_x[p] = W(p)·grad_values[slot(p)] (B×n×d) and grad_W[p] = <x[p], grad_values[slot(p)]> (B×n)."""
-        batch, n, dim = x.shape
-        grad_x = torch.empty_like(x)
-        grad_weight = weight_of_position.new_empty(batch, n)
-        block_dim = min(128, triton.next_power_of_2(dim))
-        _launch(_mix_backward, (triton.cdiv(batch * n, 32),), x.contiguous(), grad_values.contiguous(),
-                weight_of_position, slot_of_position, grad_x, grad_weight, batch * n, dim, BLOCK_POSITIONS=32,
-                BLOCK_DIM=block_dim)
-        return grad_x, grad_weight
+        """:func:`mix_backward` as a custom op."""
+        return mix_backward(grad_values, x, weight_of_position, slot_of_position)
 
     @topk_mix_backward.register_fake
     def _(grad_values, x, weight_of_position, slot_of_position):
-        return torch.empty_like(x), weight_of_position.new_empty(weight_of_position.shape)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), weight_of_position.new_empty(
+            weight_of_position.shape)
 
     def _mix_setup_context(ctx, inputs, output):
         x, weight_of_position, members, slot_of_position = inputs
@@ -447,10 +506,13 @@ if AVAILABLE:
 
 
 def pool(x: Tensor, scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool, sort_back: bool):
-    """The Triton path of the top-k: x B×n×d, scores B×n float32 (0 at padding), mask B×n bool, k < n.
+    """The Triton path of the top-k: x B×n×d, scores B×n float32 (padding read as 0, no gradient), mask B×n
+    bool, k < n.
 
     Returns (values B×k×d, pooled scores B×k, pooled mask B×k, source_index B×k), like the torch path.
     """
+    if not torch.compiler.is_compiling():
+        return _TopK.apply(x, scores, mask, k, base, flip_right, sort_back)
     members, weight_of_position, slot_of_position, pooled_scores, pooled_mask, source_index, _, _ = topk_plan(
         scores, mask, k, base, flip_right, sort_back)
     values = topk_mix(x, weight_of_position, members, slot_of_position)

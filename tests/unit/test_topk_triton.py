@@ -40,7 +40,7 @@ CASES = {
 #: launch budgets for one forward + backward (n > k, soft): Triton kernels, and torch operators dispatched
 #: around them (dtype casts, masking, the custom ops themselves, autograd's gradient accumulation)
 TRITON_KERNEL_BUDGET = 4
-TRITON_DISPATCH_BUDGET = 24
+TRITON_DISPATCH_BUDGET = 20
 
 
 def case_inputs(batch, n, d, *, pad=True, ties=False, one_real=False, seed=0, **_):
@@ -123,7 +123,8 @@ def _dispatch_counts():
             self.ops = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
+            if not topk_triton.launching:  # not the interpreter's own operators inside a kernel
+                self.ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
     import triton.language as tl
