@@ -245,6 +245,47 @@ def test_full_graph_compile_of_triton_path(interpreted):
     assert max(interpreted["compiled"]) <= 1e-6, interpreted["compiled"]
 
 
+def test_kernels_compile_for_hopper():
+    """Compiled mode is stricter than the interpreter (types carried through loops, constexpr globals): build
+    every kernel for sm_90 with triton's bundled ptxas, no GPU needed (small blocks, to stay fast)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pyramidion_ds.model import topk_triton
+    if topk_triton.interpreted():
+        pytest.skip("this process runs triton's interpreter")
+    f32, i32 = "*fp32", "*i32"
+    plan = dict(scores_ptr=f32, mask_ptr="*i1", members_ptr=i32, wpos_ptr=f32, slot_ptr=i32, pooled_scores_ptr=f32,
+                pooled_mask_ptr="*i1", source_ptr="*i64", plan_index_ptr=i32, plan_value_ptr=f32, scratch_ptr=i32,
+                n="i32", k="i32", num_rounds="i32", group="i32", plan_len="i32", log2_base="fp32")
+    plan_back = dict(grad_wpos_ptr=f32, grad_pooled_ptr=f32, plan_index_ptr=i32, plan_value_ptr=f32, work_ptr=f32,
+                     grad_scores_ptr=f32, n="i32", k="i32", num_rounds="i32", plan_len="i32", log2_base="fp32",
+                     ln_base="fp32")
+    mix = dict(x_ptr="*bf16", wpos_ptr=f32, members_ptr=i32, values_ptr="*bf16", n="i32", k="i32", dim="i32",
+               group="i32", total_slots="i32")
+    mix_back = dict(x_ptr="*bf16", grad_values_ptr="*bf16", wpos_ptr=f32, slot_ptr=i32, grad_x_ptr="*bf16",
+                    grad_wpos_ptr=f32, total_positions="i32", dim="i32")
+    tiles = dict(BLOCK_DIM=topk_triton.MIX_COLUMNS)
+    kernels = [(topk_triton._plan_forward, plan, dict(FLIP=True, SORT_BACK=True, BLOCK=64)),
+               (topk_triton._plan_forward, plan, dict(FLIP=False, SORT_BACK=False, BLOCK=64)),
+               (topk_triton._plan_backward, plan_back, dict(BLOCK=64)),
+               (topk_triton._mix_forward, mix, dict(BLOCK_SLOTS=topk_triton.MIX_ROWS, **tiles)),
+               (topk_triton._mix_backward, mix_back, dict(BLOCK_POSITIONS=topk_triton.MIX_ROWS, **tiles))]
+    for fn, signature, constants in kernels:
+        source = ASTSource(fn=topk_triton._kernel(fn), signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                           constexprs=constants)
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        except Exception as err:  # a missing toolchain is not our failure; a compile error is
+            if "ptxas" in str(err) and "not found" in str(err).lower():
+                pytest.skip(f"no ptxas: {err}")
+            raise
+        assert compiled.asm["cubin"], fn.__name__
+
+
 @pytest.mark.parametrize("op", ["topk_plan", "topk_mix"])
 def test_custom_ops_pass_opcheck(interpreted, op):
     failures = {test: value for test, value in interpreted["opcheck"][op].items() if value != "SUCCESS"}
