@@ -271,7 +271,10 @@ def test_kernels_compile_for_hopper():
     tiles = dict(BLOCK_DIM=topk_triton.MIX_COLUMNS)
     kernels = [(topk_triton._plan_forward, plan, dict(FLIP=True, SORT_BACK=True, BLOCK=64)),
                (topk_triton._plan_forward, plan, dict(FLIP=False, SORT_BACK=False, BLOCK=64)),
+               # triton specializes integer arguments equal to 1 into constants: k = 1, a single round
+               (topk_triton._plan_forward, plan, dict(FLIP=True, SORT_BACK=False, BLOCK=64, k=1, num_rounds=1)),
                (topk_triton._plan_backward, plan_back, dict(BLOCK=64)),
+               (topk_triton._plan_backward, plan_back, dict(BLOCK=64, k=1, num_rounds=1)),
                (topk_triton._mix_forward, mix, dict(BLOCK_SLOTS=topk_triton.MIX_ROWS, **tiles)),
                (topk_triton._mix_backward, mix_back, dict(BLOCK_POSITIONS=topk_triton.MIX_ROWS, **tiles))]
     for fn, signature, constants in kernels:
