@@ -36,6 +36,8 @@ CASES = {
     "hard": dict(batch=2, n=12, k=5, d=3, hard=True, sort_back=True),
     "k_not_smaller": dict(batch=2, n=6, k=6, d=3),
     "real_tl_sort": dict(batch=2, n=8, k=3, d=3, sort_back=True, real_sort=True),
+    # d over one 128-column tile, n over one 8-row mix tile, five rounds ending partial
+    "wide_d_many_rounds": dict(batch=3, n=300, k=11, d=200, sort_back=True),
 }
 #: launch budgets for one forward + backward (n > k, soft): Triton kernels, and torch operators dispatched
 #: around them (dtype casts, masking, the custom ops themselves, autograd's gradient accumulation)
@@ -220,13 +222,14 @@ def test_triton_kernels_equal_torch_path(interpreted, name):
     report = interpreted["cases"][name]
     assert report["mask"] and report["source_index"], f"{name}: pairing differs from the torch path: {report}"
     assert report["source_index_dtype"] == "torch.int64"
-    for field in ("values", "scores", "grad_x"):
-        assert report[field] <= 1e-6, f"{name}: {field} differs by {report[field]:.3g}"
-    # the scores' gradient carries ln(base)·base**s factors (~60 at base 20): in float32 the torch path itself
-    # is off float64 by up to ~1e-6 relative, so Triton must agree with it, and with float64, to 1e-5 relative
-    scale = max(report["grad_scores_scale"], 1.0)
-    assert report["grad_scores"] <= 1e-5 * scale, f"{name}: grad_scores differs by {report['grad_scores']:.3g}"
-    assert report["grad_scores_triton_error"] <= 1e-5 * scale, f"{name}: grad_scores off float64: {report}"
+    # float32 against float32: 1e-6, or the torch path's own distance from float64 where that is larger (the
+    # deep case mixes 32 members per slot); and Triton at least as close to float64 as that. The scores'
+    # gradient carries ln(base)·base**s factors (~60 at base 20): 1e-5 relative to its largest entry
+    for field in ("values", "scores", "grad_x", "grad_scores"):
+        floor = 1e-5 * max(report[field + "_scale"], 1.0) if field == "grad_scores" else 1e-6
+        torch_error = report[field + "_torch_error"]
+        assert report[field] <= max(floor, torch_error), f"{name}: {field} differs by {report[field]:.3g}: {report}"
+        assert report[field + "_triton_error"] <= max(floor, 1.5 * torch_error), f"{name}: {field}: {report}"
     hard_or_identity = CASES[name].get("hard") or CASES[name]["k"] >= CASES[name]["n"]
     assert report["launches"] == (0 if hard_or_identity else TRITON_KERNEL_BUDGET)
 
