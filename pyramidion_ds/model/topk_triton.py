@@ -1,4 +1,4 @@
-"""Successive-halving top-k in four Triton kernels (two forward, two backward), behind torch custom ops.
+"""Successive-halving top-k in four Triton kernels (two forward, two backward).
 
 The same operator as :func:`pyramidion_ds.model.topk.successive_halving_topk` (see that module for the
 rounds), computed so that the B×n×d tensor is read once forward and once backward::
@@ -31,9 +31,11 @@ The backward of the rounds needs no division by weights: with T(c) = Σ_{p in c}
 inside c) swept forward and Q(c) = product of c's later pair weights swept back, the gradient into a
 pair weight is Q·T + grad_score·score, then the two-way softmax and d(base**s)/ds = ln(base)·base**s.
 
-Kernels run compiled on CUDA tensors, or on CPU tensors through Triton's interpreter when the process
-imported triton with ``TRITON_INTERPRET=1`` (tests compare them with the torch path there). ``triton``
-is imported guardedly: :data:`AVAILABLE` is False without it.
+Eager calls run them from one autograd.Function; under torch.compile they are torch custom ops (fake
+shapes, registered autograd), so dynamo traces through without a graph break. Kernels run compiled on
+CUDA tensors, or on CPU tensors through Triton's interpreter when the process imported triton with
+``TRITON_INTERPRET=1`` (tests compare them with the torch path there). ``triton`` is imported
+guardedly: :data:`AVAILABLE` is False without it.
 """
 from __future__ import annotations
 
