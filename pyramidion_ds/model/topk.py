@@ -20,7 +20,7 @@ source (the higher-weighted member at every level), reported as ``source_index``
 
 On CUDA the same plan and mix run as four Triton kernels (:mod:`.topk_triton`, two forward, two
 backward); ``PYRAMIDION_TOPK=auto|torch|triton`` chooses (``docs/topk_kernels.md``). ``hard`` mode stays
-on torch's ``topk`` + ``gather`` in both (three operators).
+on torch in both: ``topk`` and a few ``gather``s.
 """
 from __future__ import annotations
 
