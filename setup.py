@@ -28,6 +28,7 @@ setup(
         "tqdm>=4.66",           # progress bars on every long step
         "safetensors>=0.4",     # export format that never unpickles
         "rouge-score>=0.1.2",   # Google's reference ROUGE implementation (stemming, Lsum)
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",  # top-k kernels on CUDA
     ],
     extras_require={
         "dev": ["pytest>=8", "mpich>=4.2", "ninja>=1.11"],

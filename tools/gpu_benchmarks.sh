@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Run the GPU benchmarks and GPU tests, one JSON (or text) file each, into OUT (default results/gpu).
 #   OUT=results/gpu bash tools/gpu_benchmarks.sh [STEP ...]   (default: every step)
-# Steps: tests_gpu topk encoder encoder_compile train train_compile train_overflow train_compile_overflow
+# Steps: tests_gpu topk topk_profile encoder encoder_compile train train_compile train_overflow train_compile_overflow
 #        generate generate_hard calibrate.
 # Each has its own time limit so one slow step cannot starve the rest.
 set -u
 out=${OUT:-results/gpu}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-wanted=" ${*:-tests_gpu topk encoder encoder_compile train train_compile train_overflow train_compile_overflow generate generate_hard calibrate} "
+wanted=" ${*:-tests_gpu topk topk_profile encoder encoder_compile train train_compile train_overflow train_compile_overflow generate generate_hard calibrate} "
 step() {  # step NAME SECONDS -- command...
   local name=$1 limit=$2; shift 3
   [[ $wanted == *" $name "* ]] || return 0
@@ -17,8 +17,11 @@ step() {  # step NAME SECONDS -- command...
   echo "$name: exit $? in $((SECONDS - start)) s"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/device.txt" 2>&1
-step tests_gpu 150 -- "$py" -m pytest -q tests/gpu -p no:cacheprovider -rs
-step topk 120 -- "$py" -m pyramidion_ds.cli.bench topk --device cuda --dtype bf16 --compile
+step tests_gpu 240 -- "$py" -m pytest -q tests/gpu -p no:cacheprovider -rs
+# topk: torch path (eager, compiled) and the Triton kernels, first call compiling them; topk_profile: Triton's
+step topk 240 -- "$py" -m pyramidion_ds.cli.bench topk --device cuda --dtype bf16 --compile
+step topk_profile 120 -- "$py" -m pyramidion_ds.cli.bench topk --device cuda --dtype bf16 --shape 8x8192x2048x512 \
+  --profile --backend triton
 step encoder 150 -- "$py" -m pyramidion_ds.cli.bench encoder --device cuda --dtype bf16 --lengths 8192,16384 \
   --batch-size 8 --repeats 5 --warmup 2 --variants vanilla,blockwise,pyramidion,pyramidion_default_schedule
 step encoder_compile 200 -- "$py" -m pyramidion_ds.cli.bench encoder --device cuda --dtype bf16 --lengths 8192 \

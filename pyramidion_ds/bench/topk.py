@@ -3,18 +3,23 @@
 The reference is written here the way the fairseq original runs: a Python loop over the batch, and in
 each example one round at a time, gathering and mixing the representations every round. Both run on
 the same inputs in the same process; the JSON reports milliseconds per forward+backward and the speedup.
+On CUDA the Triton kernels (``ours_triton``) are timed beside the torch path (``ours``, and
+``ours_compiled`` with --compile), with the operators dispatched and kernels launched per call.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
 from typing import Callable
 
 import torch
 
-from pyramidion_ds.model.topk import successive_halving_topk
+from pyramidion_ds.model import topk_triton
+from pyramidion_ds.model.topk import BACKEND_ENV, successive_halving_topk
 
 #: (batch, n, k, d): the issue's two shapes
 DEFAULT_SHAPES = ((8, 8192, 2048, 512), (8, 2048, 512, 256))
@@ -45,9 +50,51 @@ def per_example_topk(x: torch.Tensor, scores: torch.Tensor, k: int, base: float 
     return torch.cat(pooled_x), torch.cat(pooled_scores)
 
 
+@contextlib.contextmanager
+def backend(name: str):
+    """Force the top-k implementation (torch or triton) inside the block."""
+    previous = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BACKEND_ENV)
+        else:
+            os.environ[BACKEND_ENV] = previous
+
+
 def ours(x, scores, k, **kwargs):
-    out = successive_halving_topk(x, scores, k, **kwargs)
+    """The torch path."""
+    with backend("torch"):
+        out = successive_halving_topk(x, scores, k, **kwargs)
     return out.values, out.scores
+
+
+def ours_triton(x, scores, k, **kwargs):
+    """The Triton kernels."""
+    with backend("triton"):
+        out = successive_halving_topk(x, scores, k, **kwargs)
+    return out.values, out.scores
+
+
+def dispatch_counts(fn, x, scores, k, **kwargs) -> dict:
+    """Torch operators dispatched (views included) and Triton kernels launched by one forward + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    x_in, s_in = x.detach().requires_grad_(True), scores.detach().requires_grad_(True)
+    kernels = topk_triton.launch_count
+    with Count():
+        values, pooled = fn(x_in, s_in, k, **kwargs)
+        torch.autograd.backward([values, pooled], [torch.ones_like(values), torch.ones_like(pooled)])
+    return {"ops": Count.ops, "triton_kernels": topk_triton.launch_count - kernels}
 
 
 _compiled = None
@@ -58,7 +105,8 @@ def ours_compiled(x, scores, k, **kwargs):
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(successive_halving_topk, dynamic=False)
-    out = _compiled(x, scores, k, **kwargs)
+    with backend("torch"):
+        out = _compiled(x, scores, k, **kwargs)
     return out.values, out.scores
 
 
@@ -99,7 +147,12 @@ def bench_shape(batch: int, n: int, k: int, d: int, *, device="cpu", dtype=torch
     scores = (torch.rand(batch, n, generator=generator) + 1e-5).to(device)
     options = dict(base=base, flip_right=flip_right, sort_back=sort_back)
     result = {"batch": batch, "n": n, "k": k, "d": d, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-              "ours": time_fwd_bwd(ours, x, scores, k, repeats=repeats, warmup=warmup, **options)}
+              "ours": time_fwd_bwd(ours, x, scores, k, repeats=repeats, warmup=warmup, **options),
+              "dispatch": {"torch": dispatch_counts(ours, x, scores, k, **options)}}
+    if torch.device(device).type == "cuda" and topk_triton.AVAILABLE:
+        result["ours_triton"] = time_fwd_bwd(ours_triton, x, scores, k, repeats=repeats, warmup=warmup, **options)
+        result["dispatch"]["triton"] = dispatch_counts(ours_triton, x, scores, k, **options)
+        result["triton_speedup_vs_torch"] = round(result["ours"]["ms"] / result["ours_triton"]["ms"], 2)
     if compiled:
         try:
             result["ours_compiled"] = time_fwd_bwd(ours_compiled, x, scores, k, repeats=repeats, warmup=warmup,
@@ -191,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time the op under torch.compile")
     parser.add_argument("--profile", action="store_true",
                         help="print a profiler table (and CUDA-graph GPU-only time) for the first shape instead")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                        help="top-k implementation profiled by --profile (auto: Triton on CUDA)")
     args = parser.parse_args(argv)
     if args.profile:
-        report = profile_op(*(args.shape or DEFAULT_SHAPES)[0], device=args.device, dtype=DTYPES[args.dtype])
+        with backend(args.backend):
+            report = profile_op(*(args.shape or DEFAULT_SHAPES)[0], device=args.device, dtype=DTYPES[args.dtype])
         print(report.pop("table"))
         print(json.dumps(report, indent=2))
         return 0

@@ -17,9 +17,15 @@ with a weight-0 dummy). The representations B×n×d are then gathered and mixed 
 (:class:`_MixMembers`), whose backward needs only a gather of the output gradient per input position:
 each input position belongs to exactly one output slot. Member ``[..., 0]`` is the slot's dominant
 source (the higher-weighted member at every level), reported as ``source_index``.
+
+On CUDA the same plan and mix run as four Triton kernels (:mod:`.topk_triton`, two forward, two
+backward); ``PYRAMIDION_TOPK=auto|torch|triton`` chooses (``docs/topk_kernels.md``). ``hard`` mode stays
+on torch in both: ``topk`` and a few ``gather``s.
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -74,12 +80,42 @@ def successive_halving_topk(x: Tensor, scores: Tensor, k: int, *, base: float = 
         return TopKOutput(x, scores, mask, positions)
     # ranking and mixing weights in at least float32 whatever the activations' dtype
     compute_dtype = torch.promote_types(scores.dtype, torch.float32)
+    if not hard and _use_triton(x, compute_dtype):  # the kernels read padding scores as 0 themselves
+        from . import topk_triton
+        return TopKOutput(*topk_triton.pool(x, scores.to(compute_dtype), mask, k, base, flip_right, sort_back))
     scores = torch.where(mask, scores.to(compute_dtype), 0.0)
     if hard:
         return _hard_topk(x, scores, mask, k, sort_back)
     members, weights, pooled_scores, pooled_mask = _pooling_plan(scores, mask, k, base, flip_right, sort_back)
     values = _MixMembers.apply(x, weights, members)
     return TopKOutput(values, pooled_scores, pooled_mask, members[..., 0])
+
+
+#: environment variable choosing the implementation: auto (Triton on CUDA, torch elsewhere), torch, triton
+BACKEND_ENV = "PYRAMIDION_TOPK"
+
+
+def _use_triton(x: Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether this call runs the Triton kernels (see ``docs/topk_kernels.md``).
+
+    ``auto``: CUDA tensors with float32 ranking (bf16/fp16/fp32 scores) when triton imports. ``triton`` forces
+    the kernels (CPU tensors then run in Triton's interpreter: tests only); ``torch`` forces the torch path.
+    """
+    choice = os.environ.get(BACKEND_ENV, "auto")
+    if choice == "torch":
+        return False
+    if choice not in ("auto", "triton"):
+        raise ValueError(f"{BACKEND_ENV}={choice!r}: expected auto, torch or triton")
+    if choice == "auto" and not x.is_cuda:
+        return False
+    from . import topk_triton
+    supported = compute_dtype == torch.float32 and x.dtype != torch.float64
+    if choice == "triton":
+        if not topk_triton.AVAILABLE or not supported:
+            raise ValueError(f"{BACKEND_ENV}=triton: needs an importable triton and float32 (or narrower) "
+                             f"scores and x, got scores in {compute_dtype} and x in {x.dtype}")
+        return True
+    return x.is_cuda and supported and topk_triton.AVAILABLE
 
 
 def _hard_topk(x: Tensor, scores: Tensor, mask: Tensor, k: int, sort_back: bool) -> TopKOutput:
@@ -106,9 +142,9 @@ def _pooling_plan(scores: Tensor, mask: Tensor, k: int, base: float, flip_right:
         width = scores.size(1)
         num_pass, num_pairs = 2 * new_width - width, width - new_width
         logits = torch.where(mask, torch.pow(base, scores), PAD_LOGIT)
-        # padding ranks by position (no ties, so every device pairs the same way); stable for real ties
-        rank_key = torch.where(mask, logits, PAD_LOGIT - torch.arange(width, device=device, dtype=logits.dtype))
-        order = rank_key.argsort(dim=1, descending=True, stable=True)
+        # rank by score (as stated, not by base**score, which can round distinct scores together); the stable
+        # sort puts real ties and all padding (-inf) in position order, on every device and in the Triton path
+        order = torch.where(mask, scores, -math.inf).argsort(dim=1, descending=True, stable=True)
         left = order[:, num_pass:num_pass + num_pairs]
         right = order[:, num_pass + num_pairs:]
         if flip_right:
