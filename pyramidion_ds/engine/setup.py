@@ -70,8 +70,13 @@ def build_engine(cfg: Config, ds_config: dict, model: torch.nn.Module | None = N
 def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, zero3: bool) -> None:
     """Copy a full (consolidated) state dict into ``model``, gathering ZeRO-3 partitions as needed.
 
-    Raises ``ValueError`` naming the first missing/unexpected/mis-shaped tensor.
+    A state dict of an older parameter layout is upgraded first (``model.upgrade_state_dict``: separate
+    q/k/v attention projections become the fused ones). Raises ``ValueError`` naming the first
+    missing/unexpected/mis-shaped tensor.
     """
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    if upgrade is not None:
+        state_dict = upgrade(state_dict)
     params = dict(model.named_parameters())
     buffers = {name: buf for name, buf in model.named_buffers() if name in state_dict}
     missing = sorted(set(params) - set(state_dict))
