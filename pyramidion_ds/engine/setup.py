@@ -62,9 +62,40 @@ def build_engine(cfg: Config, ds_config: dict, model: torch.nn.Module | None = N
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     if cfg.train.compile:
-        engine.compile()
+        compile_engine(engine, cfg)
     return Engine(engine=engine, model=engine.module, optimizer_name=optimizer_name,
                   zero_stage=zero_stage(ds_config), precision=precision_of(ds_config), ds_config=ds_config)
+
+
+def recompile_limit(cfg: Config) -> int:
+    """How many graphs one compiled forward may need: every bucketed batch shape (see
+    :func:`pyramidion_ds.data.batching.shape_bound`), in training and in evaluation mode, plus slack for
+    the few batches that evening out across ranks splits."""
+    from ..data.batching import shape_bound, shape_buckets
+    batch_multiple, target_multiple = shape_buckets(cfg)
+    m = cfg.model
+    shapes = shape_bound(cfg.data.max_tokens, cfg.data.max_sentences, m.max_source_positions,
+                         cfg.data.pad_to_multiple or m.chunk_size, batch_multiple, m.max_target_positions,
+                         target_multiple)
+    return 2 * shapes + 8
+
+
+def compile_engine(engine, cfg: Config) -> None:
+    """``engine.compile`` with static shapes (one graph per bucketed shape, no dynamic-shape guards that
+    the top-k's Python loop over widths would break) and ``train.compile_mode``; raises Dynamo's
+    recompile limit to what the shape buckets need (its default, 8, would silently fall back to eager)."""
+    import torch._dynamo
+    limit = recompile_limit(cfg)
+    for name in ("recompile_limit", "cache_size_limit"):  # torch >= 2.6 / older name
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               limit)
+    kwargs = {"dynamic": False}
+    if cfg.train.compile_mode != "default":
+        kwargs["mode"] = cfg.train.compile_mode
+    engine.compile(compile_kwargs=kwargs)
 
 
 def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, zero3: bool) -> None:

@@ -169,6 +169,7 @@ class Trainer:
 
     def build_data(self) -> None:
         from ..data import DenoisingDataset, ShardedBatchSampler, SummarizationDataset, make_batches
+        from ..data.batching import shape_buckets
         cfg, m = self.cfg, self.cfg.model
 
         def dataset(split):
@@ -181,11 +182,13 @@ class Trainer:
         self.train_data = dataset(cfg.data.train_subset)
         self.valid_data = dataset(cfg.data.valid_subset)
         self.pad_multiple = cfg.data.pad_to_multiple or m.chunk_size
+        self.batch_multiple, self.target_multiple = shape_buckets(cfg)  # few shapes: bounded recompiles
 
         def batches_for(ds, shuffle_seed):
             return lambda epoch: make_batches(ds.src_sizes, max_tokens=cfg.data.max_tokens,
                                               max_sentences=cfg.data.max_sentences,
-                                              pad_to_multiple=self.pad_multiple, seed=shuffle_seed, epoch=epoch)
+                                              pad_to_multiple=self.pad_multiple, seed=shuffle_seed, epoch=epoch,
+                                              required_batch_size_multiple=self.batch_multiple)
 
         self.train_sampler = ShardedBatchSampler(batches_for(self.train_data, cfg.train.seed), self.rank,
                                                  self.world_size, cfg.train.seed)
@@ -196,11 +199,13 @@ class Trainer:
 
     def _loader(self, dataset, batches):
         from ..data import collate
+        from ..data.batching import pad_target
         m = self.cfg.model
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
-            collate_fn=lambda samples: collate(samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id,
-                                               pad_to_multiple=self.pad_multiple),
+            collate_fn=lambda samples: pad_target(collate(samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id,
+                                                          pad_to_multiple=self.pad_multiple),
+                                                  self.target_multiple, m.pad_id),
             # its own generator: creating a loader iterator must not draw from the global RNG that
             # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one
             generator=torch.Generator().manual_seed(self.cfg.train.seed), persistent_workers=False)
