@@ -27,7 +27,7 @@ from ..cli.common import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, UsageError
 from ..config import Config, ConfigError, save_resolved, to_dict
 from ..config.core import read_yaml
 from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
-                      read_ds_config, resolve_ds_config)
+                      read_ds_config, resolve_ds_config, stale_layout_problem)
 from ..logs import setup_logging
 from .checkpoint import CheckpointDir, consolidated_state_dict, tag_for, write_text_atomic
 from .state import PreemptionFlag, rng_state, seed_everything, set_rng_state
@@ -232,6 +232,9 @@ class Trainer:
                              f"(spm sha256 differs from {self.cfg.data.data})")
         if info.world_size != self.world_size:
             return self._resume_other_world(info)
+        problem = stale_layout_problem(self.model, info.path)
+        if problem:
+            raise UsageError(problem)
         _, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=info.tag)
         if client is None:
             raise UsageError(f"checkpoint {info.path} could not be loaded")

@@ -92,3 +92,21 @@ def test_fused_projections_cut_the_parameter_tensors():
     """base: 269 parameter tensors with separate projections; 4 fewer per self-attention, 2 per cross."""
     model = PyramidionModel(ModelConfig(preset="base", vocab_size=100))
     assert len(list(model.parameters())) == 269 - 4 * (6 + 6) - 2 * 6
+
+
+def test_resuming_a_pre_fusion_zero_checkpoint_is_refused_with_the_way_out():
+    """Its flat optimizer partitions would load without error into the permuted parameter order."""
+    from pyramidion_ds.engine import stale_layout_problem
+    checkpoint = FIXTURE.parent / "pre_fused_zero2" / "old"
+    problem = stale_layout_problem(_fixture_model(), checkpoint)
+    assert problem is not None and "\n" not in problem
+    assert "written before the attention projections were fused" in problem
+    assert f"--train.init_from {checkpoint.parent.parent}" in problem
+
+
+def test_a_checkpoint_of_the_fused_layout_resumes(tmp_path):
+    from pyramidion_ds.engine import stale_layout_problem
+    model = _fixture_model()
+    torch.save({"module": model.state_dict(), "param_shapes": [{n: p.shape for n, p in model.named_parameters()}]},
+               tmp_path / "mp_rank_00_model_states.pt")
+    assert stale_layout_problem(model, tmp_path) is None
