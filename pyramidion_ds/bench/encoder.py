@@ -71,6 +71,9 @@ def run(lengths=DEFAULT_LENGTHS, *, preset="base", variants=VARIANTS, batch_size
                 encoder = compiled
             row[variant] = time_encoder(encoder, batch_size, length, repeats=repeats, warmup=warmup)
             del encoder
+        for variant in ("blockwise", "pyramidion"):
+            if variant in row and "vanilla" in row:
+                row[f"{variant}_over_vanilla"] = round(row[variant]["tokens_per_s"] / row["vanilla"]["tokens_per_s"], 2)
         if "pyramidion" in row and "blockwise" in row:
             row["pyramidion_over_blockwise"] = round(row["pyramidion"]["tokens_per_s"]
                                                      / row["blockwise"]["tokens_per_s"], 2)
@@ -78,7 +81,8 @@ def run(lengths=DEFAULT_LENGTHS, *, preset="base", variants=VARIANTS, batch_size
             row["default_schedule_over_blockwise"] = round(row["pyramidion_default_schedule"]["tokens_per_s"]
                                                            / row["blockwise"]["tokens_per_s"], 2)
         results.append(row)
-    return {"benchmark": "encoder", "preset": preset, "device": str(device), "dtype": dtype, "compile": compile,
+    device_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else str(device)
+    return {"benchmark": "encoder", "preset": preset, "device": device_name, "dtype": dtype, "compile": compile,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
 
 
