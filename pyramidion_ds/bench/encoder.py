@@ -86,7 +86,7 @@ def run(lengths=DEFAULT_LENGTHS, *, preset="base", variants=VARIANTS, batch_size
             "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyramidion-bench encoder", description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                         help="comma-separated source lengths in tokens")
@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="time the encoder under torch.compile")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         lengths = tuple(int(v) for v in args.lengths.split(","))
