@@ -16,7 +16,10 @@ budget=${BUDGET_S:-470}
 steps="tests_gpu topk encoder train train_compile"
 wanted=" ${*:-$steps} "
 for name in $wanted; do
-  [[ " $steps " == *" $name "* ]] || { echo "gpu_benchmarks: unknown step '$name', expected some of: $steps" >&2; exit 2; }
+  if [[ " $steps " != *" $name "* ]]; then
+    echo "gpu_benchmarks: unknown step '$name', expected some of: $steps" >&2
+    exit 2
+  fi
 done
 started=$SECONDS
 summary=""

@@ -73,7 +73,8 @@ def run(lengths=DEFAULT_LENGTHS, *, preset="base", variants=VARIANTS, batch_size
             del encoder
         for variant in ("blockwise", "pyramidion"):
             if variant in row and "vanilla" in row:
-                row[f"{variant}_over_vanilla"] = round(row[variant]["tokens_per_s"] / row["vanilla"]["tokens_per_s"], 2)
+                ratio = row[variant]["tokens_per_s"] / row["vanilla"]["tokens_per_s"]
+                row[f"{variant}_over_vanilla"] = round(ratio, 2)
         if "pyramidion" in row and "blockwise" in row:
             row["pyramidion_over_blockwise"] = round(row["pyramidion"]["tokens_per_s"]
                                                      / row["blockwise"]["tokens_per_s"], 2)
