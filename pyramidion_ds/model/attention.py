@@ -48,7 +48,7 @@ class MultiheadAttention(nn.Module):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"attention: d_model {d_model} is not a multiple of num_heads {num_heads}")
-        self.num_heads, self.head_dim, self.d_model = num_heads, d_model // num_heads, d_model
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.attention_dropout = attention_dropout
         self.is_cross = cross
         if cross:
