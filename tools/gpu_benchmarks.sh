@@ -2,7 +2,9 @@
 # One prepared GPU run, inside 8 minutes on one GPU: the GPU tests, then the top-k, encoder and training
 # benchmarks. Each step writes OUT/STEP.json (the tests: OUT/tests_gpu.txt); OUT/device.json names the
 # GPU; OUT/summary.json gives every step's exit code and seconds.
-#   OUT=results/gpu bash tools/gpu_benchmarks.sh [--dry-run] [STEP ...]   (default: every step)
+#   OUT=results/gpu bash tools/gpu_benchmarks.sh [--dry-run] [STEP ...]
+# Default steps: tests_gpu topk encoder train train_compile. Run only when named (they do not fit the 8
+# minutes together with the defaults): encoder_compile train_overflow generate generate_hard calibrate.
 # --dry-run prints the planned commands with their time limits and runs nothing.
 # Each step has its own time limit, and no step runs past the whole budget (BUDGET_S, default 470 s), so
 # one slow step cannot eat the others' time; the train step writes its JSON after every row, so a step
@@ -14,10 +16,11 @@ out=${OUT:-results/gpu}
 py=${PYTHON:-python3}
 budget=${BUDGET_S:-470}
 steps="tests_gpu topk encoder train train_compile"
+optional="encoder_compile train_overflow generate generate_hard calibrate"
 wanted=" ${*:-$steps} "
 for name in $wanted; do
-  if [[ " $steps " != *" $name "* ]]; then
-    echo "gpu_benchmarks: unknown step '$name', expected some of: $steps" >&2
+  if [[ " $steps $optional " != *" $name "* ]]; then
+    echo "gpu_benchmarks: unknown step '$name', expected some of: $steps $optional" >&2
     exit 2
   fi
 done
@@ -59,6 +62,15 @@ step train 180 -- "$py" "${train[@]}" --src-len 8192 16384 --stages 2 3 --varian
   --output "$out/train.json"
 step train_compile 110 -- "$py" "${train[@]}" --src-len 8192 --stages 2 --variants pyramidion --compile \
   --output "$out/train_compile.json"
+# only when named
+step encoder_compile 200 -- "$py" -m pyramidion_ds.cli.bench encoder --device cuda --dtype bf16 --lengths 8192 \
+  --batch-size 8 --repeats 5 --warmup 3 --variants blockwise,pyramidion,pyramidion_default_schedule --compile
+step train_overflow 240 -- "$py" "${train[@]}" --src-len 8192 --stages 2 --variants vanilla blockwise pyramidion \
+  --overflow-check both --profile 4 --output "$out/train_overflow.json"
+step generate 150 -- "$py" -m pyramidion_ds.cli.bench generate --device cuda --dtype bf16 --repeats 3
+step generate_hard 90 -- "$py" -m pyramidion_ds.cli.bench generate --device cuda --dtype bf16 --repeats 3 \
+  --hard-topk --skip-exactness --skip-nocache --skip-hf
+step calibrate 150 -- "$py" -m pyramidion_ds.tune.calibrate --device cuda --dtype bf16
 
 if (( ! dry )); then
   echo "{${summary%, }}" > "$out/summary.json"
