@@ -71,6 +71,10 @@ def run(lengths=DEFAULT_LENGTHS, *, preset="base", variants=VARIANTS, batch_size
                 encoder = compiled
             row[variant] = time_encoder(encoder, batch_size, length, repeats=repeats, warmup=warmup)
             del encoder
+        for variant in ("blockwise", "pyramidion"):
+            if variant in row and "vanilla" in row:
+                ratio = row[variant]["tokens_per_s"] / row["vanilla"]["tokens_per_s"]
+                row[f"{variant}_over_vanilla"] = round(ratio, 2)
         if "pyramidion" in row and "blockwise" in row:
             row["pyramidion_over_blockwise"] = round(row["pyramidion"]["tokens_per_s"]
                                                      / row["blockwise"]["tokens_per_s"], 2)
@@ -78,11 +82,12 @@ def run(lengths=DEFAULT_LENGTHS, *, preset="base", variants=VARIANTS, batch_size
             row["default_schedule_over_blockwise"] = round(row["pyramidion_default_schedule"]["tokens_per_s"]
                                                            / row["blockwise"]["tokens_per_s"], 2)
         results.append(row)
-    return {"benchmark": "encoder", "preset": preset, "device": str(device), "dtype": dtype, "compile": compile,
+    device_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else str(device)
+    return {"benchmark": "encoder", "preset": preset, "device": device_name, "dtype": dtype, "compile": compile,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyramidion-bench encoder", description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                         help="comma-separated source lengths in tokens")
@@ -94,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="time the encoder under torch.compile")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         lengths = tuple(int(v) for v in args.lengths.split(","))

@@ -5,7 +5,9 @@ Two parts, both printing JSON:
 * throughput (default): for each variant x ZeRO stage, a real DeepSpeed engine (world of 1, in this
   process) trains on random tokens; reports tokens/s, achieved TFLOP/s, MFU (FLOPs of the model actually
   run, from ``flops_per_step``) and peak memory. The ``vanilla`` variant measured in the same run is the
-  baseline: ``speedup_vs_vanilla`` and ``speedup_vs_blockwise`` per row.
+  baseline: ``speedup_vs_vanilla`` and ``speedup_vs_blockwise`` per row (same stage, length, settings).
+  Several ``--src-len`` run in one process (DeepSpeed's ops build once); ``--tokens`` keeps the tokens
+  per step fixed across lengths. A row that fails (out of memory, ...) records its error and the rest go on.
 * ``--zero3-memory``: ZeRO-3 parameter + optimizer-state bytes held by each rank with 1 and with 2 ranks
   (two runs of the real DeepSpeed launcher on the CPU accelerator: partitioning does not depend on the
   device), and the ratio (target <= 0.55).
@@ -54,12 +56,21 @@ def ds_config_for(cfg, stage: int, precision: str) -> dict:
     return resolve_ds_config(raw, cfg, world_size=1, source=path.name)
 
 
-def measure_throughput(args, variant: str, stage: int, overflow_check: bool = True) -> dict:
+def batch_for(args, src_len: int) -> int:
+    """Examples per step: ``--tokens`` source tokens per step when given, else ``--batch``."""
+    return max(1, args.tokens // src_len) if args.tokens else args.batch
+
+
+def measure_throughput(args, variant: str, stage: int, overflow_check: bool = True,
+                       src_len: int | None = None) -> dict:
     from ..engine import build_engine, build_model, label_smoothed_nll_loss
-    cfg = model_config(args.preset, variant, args.src_len, args.tgt_len, args.vocab, args.override)
+    src_len = src_len or args.src_len[0]
+    batch = batch_for(args, src_len)
+    cfg = model_config(args.preset, variant, src_len, args.tgt_len, args.vocab, args.override)
     cfg.train.activation_checkpointing = args.checkpointing
     cfg.train.compile = args.compile
-    cfg.data.max_sentences = args.batch
+    cfg.train.compile_mode = args.compile_mode
+    cfg.data.max_sentences = batch
     ds = ds_config_for(cfg, stage, args.precision)
     if not overflow_check:  # bf16 needs no loss scale: skip DeepSpeed's per-gradient overflow scan
         ds["bf16"]["check_grad_overflow"] = False
@@ -68,10 +79,10 @@ def measure_throughput(args, variant: str, stage: int, overflow_check: bool = Tr
     engine, model = bundle.engine, bundle.model
     device = engine.device
     m = cfg.model
-    src = torch.randint(4, m.vocab_size, (args.batch, args.src_len), device=device)
-    tgt = torch.randint(4, m.vocab_size, (args.batch, args.tgt_len), device=device)
+    src = torch.randint(4, m.vocab_size, (batch, src_len), device=device)
+    tgt = torch.randint(4, m.vocab_size, (batch, args.tgt_len), device=device)
     prev = torch.cat([torch.full_like(tgt[:, :1], m.bos_id), tgt[:, :-1]], dim=1)
-    lengths = torch.full((args.batch,), args.src_len, device=device)
+    lengths = torch.full((batch,), src_len, device=device)
     cuda = device.type == "cuda"
 
     def step():
@@ -107,12 +118,13 @@ def measure_throughput(args, variant: str, stage: int, overflow_check: bool = Tr
                    "device_top": [(e.key, round(getattr(e, device_key, 0) / 1e3, 2), e.count) for e in top],
                    "device_total_ms": round(sum(getattr(e, device_key, 0) for e in events) / 1e3, 2),
                    "kernel_launches": sum(e.count for e in events if e.key.startswith("cuda") and "Launch" in e.key)}
-    flops = model.flops_per_step(args.batch, args.src_len, args.tgt_len)
-    row = {"variant": variant, "zero_stage": stage, "precision": bundle.precision, "compile": args.compile,
+    flops = model.flops_per_step(batch, src_len, args.tgt_len)
+    row = {"variant": variant, "zero_stage": stage, "src_len": src_len, "batch": batch,
+           "precision": bundle.precision, "compile": args.compile and args.compile_mode,
            "overflow_check": overflow_check,
            "checkpointing": args.checkpointing, "step_s": seconds,
-           "tokens_per_s": args.batch * (args.src_len + args.tgt_len) / seconds,
-           "source_tokens_per_s": args.batch * args.src_len / seconds,
+           "tokens_per_s": batch * (src_len + args.tgt_len) / seconds,
+           "source_tokens_per_s": batch * src_len / seconds,
            "tflops_per_s": flops / seconds / 1e12, "flops_per_step": flops}
     if profile is not None:
         row["profile_ms"] = profile
@@ -131,16 +143,15 @@ def measure_throughput(args, variant: str, stage: int, overflow_check: bool = Tr
     return row
 
 
-def throughput(args) -> dict:
-    from ..dist import init_distributed
-    init_distributed()
-    checks = {"on": [True], "off": [False], "both": [True, False]}[args.overflow_check]
-    if args.precision != "bf16":
-        checks = [True]  # fp16 always checks (loss scaling); fp32 never does
-    rows = [measure_throughput(args, variant, stage, check)
-            for stage in args.stages for check in checks for variant in args.variants]
-    for row in rows:
-        same = [r for r in rows if r["zero_stage"] == row["zero_stage"]]
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_vanilla / _blockwise against the row of that variant with the same stage, length and
+    settings; speedup_vs_overflow_check for rows measured without DeepSpeed's overflow scan."""
+    def key(row):
+        return row["zero_stage"], row["src_len"], row["compile"]
+
+    done = [r for r in rows if "error" not in r]
+    for row in done:
+        same = [r for r in done if key(r) == key(row)]
         for base in ("vanilla", "blockwise"):
             ref = next((r for r in same if r["variant"] == base and r["overflow_check"] == row["overflow_check"]), None)
             if ref is not None:
@@ -149,9 +160,39 @@ def throughput(args) -> dict:
             ref = next((r for r in same if r["variant"] == row["variant"] and r["overflow_check"]), None)
             if ref is not None:
                 row["speedup_vs_overflow_check"] = row["tokens_per_s"] / ref["tokens_per_s"]
+
+
+def throughput(args, report=None) -> dict:
+    """Every (length, stage, overflow setting, variant) row; ``report(result)`` after each row, so a run
+    cut short by a time limit still leaves what it measured."""
+    from ..dist import init_distributed
+    init_distributed()
+    checks = {"on": [True], "off": [False], "both": [True, False]}[args.overflow_check]
+    if args.precision != "bf16":
+        checks = [True]  # fp16 always checks (loss scaling); fp32 never does
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return {"benchmark": "train", "device": device, "preset": args.preset, "src_len": args.src_len,
-            "tgt_len": args.tgt_len, "batch": args.batch, "vocab": args.vocab, "rows": rows}
+    result = {"benchmark": "train", "device": device, "preset": args.preset, "src_len": args.src_len,
+              "tgt_len": args.tgt_len, "tokens_per_step": args.tokens or None, "vocab": args.vocab,
+              "peak_tflops": args.peak_tflops, "rows": []}
+    for src_len in args.src_len:
+        for stage in args.stages:
+            for check in checks:
+                for variant in args.variants:
+                    try:
+                        row = measure_throughput(args, variant, stage, check, src_len)
+                    except Exception as err:  # e.g. out of memory: record it and measure the rest
+                        message = str(err).splitlines()[0] if str(err) else ""
+                        row = {"variant": variant, "zero_stage": stage, "src_len": src_len, "overflow_check": check,
+                               "compile": args.compile and args.compile_mode,
+                               "error": f"{type(err).__name__}: {message}"[:300]}
+                        gc.collect()
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                    result["rows"].append(row)
+                    add_speedups(result["rows"])
+                    if report is not None:
+                        report(result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,9 +283,11 @@ def build_parser():
     p.add_argument("--preset", default="debug", help="model size preset (debug, base, large)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--stages", nargs="+", type=int, default=[2], help="ZeRO stages to measure")
-    p.add_argument("--src-len", type=int, default=512)
+    p.add_argument("--src-len", type=int, nargs="+", default=[512], help="source lengths (one process)")
     p.add_argument("--tgt-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=0,
+                   help="source tokens per step; the batch is tokens // src-len for every length (overrides --batch)")
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -253,6 +296,9 @@ def build_parser():
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile one step and report the N busiest operators (host and device)")
     p.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) the model")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--overflow-check", default="on", choices=("on", "off", "both"),
                    help="bf16 with ZeRO 1/2: DeepSpeed's per-gradient overflow check (bf16.check_grad_overflow); "
                         "'both' measures each variant with and without it")
@@ -270,11 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.zero3_worker:
         zero3_worker(args.zero3_worker, args.preset, args.vocab)
         return 0
-    result = zero3_memory(args) if args.zero3_memory else throughput(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    def write(result):
+        if args.output:
+            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
+    result = zero3_memory(args) if args.zero3_memory else throughput(args, report=write)
+    write(result)
+    print(json.dumps(result, indent=2))
     return 0
 
 

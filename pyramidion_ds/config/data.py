@@ -57,6 +57,12 @@ class DataConfig:
                                           "used alone or together with max_tokens", min=1)
     pad_to_multiple: int = option(0, "pad source length to a multiple of this; 0 = the model's chunk size",
                                   min=0)
+    required_batch_size_multiple: int = option(
+        0, "batch sizes are a multiple of this (below it a power of two); 0 = 8 under train.compile "
+        "(a bounded number of recompiles), else 1 (any size)", min=0)
+    target_pad_to_multiple: int = option(
+        0, "pad target length to a multiple of this; 0 = 64 under train.compile, else the longest target",
+        min=0)
     truncate_source: bool = option(True, "truncate sources longer than model.max_source_positions "
                                    "(else such examples are skipped and counted)")
     num_workers: int = option(1, "data loader worker processes", min=0)

@@ -47,6 +47,9 @@ class TrainConfig:
     resume: bool = option(True, "continue from the latest complete checkpoint in save_dir, if any")
     compile: bool = option(False, "torch.compile the model through DeepSpeed's engine.compile() (GPU; "
                            "fuses the top-k rounds and elementwise chains, cuts kernel launches)")
+    compile_mode: str = option("default", "torch.compile mode under train.compile: reduce-overhead also "
+                               "replays each step from a CUDA graph (see docs/performance.md for when it helps)",
+                               choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     peak_tflops: float = option(0.0, "accelerator peak TFLOP/s for MFU; 0 = known GPUs only (H100 bf16: 989)",
                                 min=0.0)
     max_nonfinite_steps: int = option(3, "stop after this many consecutive non-finite losses (bf16/fp32)",

@@ -26,15 +26,38 @@ def padded_length(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple if multiple and multiple > 0 else length
 
 
+def bucket_batch_size(size: int, multiple: int) -> int:
+    """The largest allowed batch size <= ``size``: a multiple of ``multiple``, or below it a power of two
+    (``multiple`` 8: 1, 2, 4, 8, 16, 24, ...). ``multiple`` <= 1 allows every size."""
+    if multiple <= 1 or size < 1:
+        return size
+    if size >= multiple:
+        return size - size % multiple
+    return 1 << (size.bit_length() - 1)
+
+
 def make_batches(src_sizes: Sequence[int], max_tokens: Optional[int] = None, max_sentences: Optional[int] = None,
-                 pad_to_multiple: int = 0, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+                 pad_to_multiple: int = 0, seed: int = 0, epoch: int = 0,
+                 required_batch_size_multiple: int = 1) -> list[list[int]]:
     """Batches of example indices bucketed by padded source length, in a shuffled order fixed by
-    ``(seed, epoch)``."""
+    ``(seed, epoch)``.
+
+    With ``required_batch_size_multiple`` m > 1 (fairseq's flag) every batch holds a multiple of m
+    examples, or below m a power of two (:func:`bucket_batch_size`): a full batch is cut down to that size
+    and the examples cut off start the next batch, so the budget still holds and every example still
+    appears once. Together with the padded source length this keeps a compiled model's input shapes to a
+    small set.
+    """
     if max_tokens is None and max_sentences is None:
         raise DataError("batching needs max_tokens or max_sentences (or both)")
     src = np.asarray(src_sizes, dtype=np.int64)
     rng = np.random.default_rng((seed, epoch))
     order = np.lexsort((rng.permutation(len(src)), padded_length(src, pad_to_multiple)))  # elementwise on arrays
+
+    def over_budget(count: int, longest: int) -> bool:
+        return ((max_sentences is not None and count > max_sentences)
+                or (max_tokens is not None and count * padded_length(longest, pad_to_multiple) > max_tokens))
+
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
@@ -44,17 +67,58 @@ def make_batches(src_sizes: Sequence[int], max_tokens: Optional[int] = None, max
             raise DataError(f"example {index} has {size} source tokens (padded "
                             f"{padded_length(size, pad_to_multiple)}), more than max_tokens={max_tokens}; "
                             f"raise max_tokens or lower max_source_positions")
-        new_longest = max(longest, size)
-        too_many = max_sentences is not None and len(current) + 1 > max_sentences
-        too_big = max_tokens is not None and (len(current) + 1) * padded_length(new_longest, pad_to_multiple) > max_tokens
-        if current and (too_many or too_big):
-            batches.append(current)
-            current, new_longest = [], size
+        while current and over_budget(len(current) + 1, max(longest, size)):
+            keep = bucket_batch_size(len(current), required_batch_size_multiple)
+            batches.append(current[:keep])
+            current = current[keep:]
+            longest = max((int(src[i]) for i in current), default=0)
         current.append(index)
-        longest = new_longest
-    if current:
-        batches.append(current)
+        longest = max(longest, size)
+    while current:
+        keep = bucket_batch_size(len(current), required_batch_size_multiple)
+        batches.append(current[:keep])
+        current = current[keep:]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def shape_bound(max_tokens: Optional[int], max_sentences: Optional[int], max_source_positions: int,
+                pad_to_multiple: int, required_batch_size_multiple: int, max_target_positions: int,
+                target_pad_to_multiple: int) -> int:
+    """At most how many distinct (batch size, source width, target width) shapes bucketed batches take:
+    for every padded source width, the allowed batch sizes that fit the budget, times the target widths.
+    (Splitting batches to even out ranks, :func:`even_out`, adds up to world size - 1 more per epoch.)"""
+    pad_to_multiple, target_pad_to_multiple = max(pad_to_multiple, 1), max(target_pad_to_multiple, 1)
+    target_widths = -(-max_target_positions // target_pad_to_multiple)
+    total = 0
+    for width in range(pad_to_multiple, padded_length(max_source_positions, pad_to_multiple) + 1, pad_to_multiple):
+        largest = max_tokens // width if max_tokens else max_sentences
+        if max_sentences:
+            largest = min(largest, max_sentences)
+        sizes = {bucket_batch_size(size, required_batch_size_multiple) for size in range(1, largest + 1)}
+        total += len(sizes) * target_widths
+    return total
+
+
+def pad_target(batch: dict, multiple: int, pad_id: int) -> dict:
+    """Pad a collated batch's ``target`` and ``prev_output_tokens`` (B×T) with ``pad_id`` up to a multiple
+    of ``multiple`` positions (no-op for ``multiple`` <= 1). Padding targets count nowhere: the loss and
+    ``ntokens`` skip ``pad_id``."""
+    width = batch["target"].size(1)
+    extra = padded_length(width, multiple) - width if multiple > 1 else 0
+    if extra:
+        import torch.nn.functional as F
+        for key in ("target", "prev_output_tokens"):
+            batch[key] = F.pad(batch[key], (0, extra), value=pad_id)
+    return batch
+
+
+def shape_buckets(cfg) -> tuple[int, int]:
+    """(required batch size multiple, target padding multiple) of a ``Config``: its data settings, where
+    0 means 8 and 64 under ``train.compile`` (bounded recompiles) and no bucketing otherwise."""
+    compiled = bool(cfg.train.compile)
+    batch_multiple = cfg.data.required_batch_size_multiple or (8 if compiled else 1)
+    target_multiple = cfg.data.target_pad_to_multiple or (64 if compiled else 1)
+    return batch_multiple, target_multiple
 
 
 def even_out(batches: list[list[int]], world_size: int) -> tuple[list[list[int]], int]:

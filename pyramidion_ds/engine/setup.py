@@ -62,16 +62,52 @@ def build_engine(cfg: Config, ds_config: dict, model: torch.nn.Module | None = N
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     if cfg.train.compile:
-        engine.compile()
+        compile_engine(engine, cfg)
     return Engine(engine=engine, model=engine.module, optimizer_name=optimizer_name,
                   zero_stage=zero_stage(ds_config), precision=precision_of(ds_config), ds_config=ds_config)
+
+
+def recompile_limit(cfg: Config) -> int:
+    """How many graphs one compiled forward may need: every bucketed batch shape (see
+    :func:`pyramidion_ds.data.batching.shape_bound`), in training and in evaluation mode, plus slack for
+    the few batches that evening out across ranks splits."""
+    from ..data.batching import shape_bound, shape_buckets
+    batch_multiple, target_multiple = shape_buckets(cfg)
+    m = cfg.model
+    shapes = shape_bound(cfg.data.max_tokens, cfg.data.max_sentences, m.max_source_positions,
+                         cfg.data.pad_to_multiple or m.chunk_size, batch_multiple, m.max_target_positions,
+                         target_multiple)
+    return 2 * shapes + 8
+
+
+def compile_engine(engine, cfg: Config) -> None:
+    """``engine.compile`` with static shapes (one graph per bucketed shape, no dynamic-shape guards that
+    the top-k's Python loop over widths would break) and ``train.compile_mode``; raises Dynamo's
+    recompile limit to what the shape buckets need (its default, 8, would silently fall back to eager)."""
+    import torch._dynamo
+    limit = recompile_limit(cfg)
+    for name in ("recompile_limit", "cache_size_limit"):  # torch >= 2.6 / older name
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               limit)
+    kwargs = {"dynamic": False}
+    if cfg.train.compile_mode != "default":
+        kwargs["mode"] = cfg.train.compile_mode
+    engine.compile(compile_kwargs=kwargs)
 
 
 def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, zero3: bool) -> None:
     """Copy a full (consolidated) state dict into ``model``, gathering ZeRO-3 partitions as needed.
 
-    Raises ``ValueError`` naming the first missing/unexpected/mis-shaped tensor.
+    A state dict of an older parameter layout is upgraded first (``model.upgrade_state_dict``: separate
+    q/k/v attention projections become the fused ones). Raises ``ValueError`` naming the first
+    missing/unexpected/mis-shaped tensor.
     """
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    if upgrade is not None:
+        state_dict = upgrade(state_dict)
     params = dict(model.named_parameters())
     buffers = {name: buf for name, buf in model.named_buffers() if name in state_dict}
     missing = sorted(set(params) - set(state_dict))
@@ -100,3 +136,27 @@ def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Ten
     with torch.no_grad():
         for name, buf in buffers.items():
             buf.copy_(state_dict[name].to(buf.dtype))
+
+
+def stale_layout_problem(model: torch.nn.Module, checkpoint_dir) -> str | None:
+    """Why ``engine.load_checkpoint`` must not resume ``checkpoint_dir`` (a DeepSpeed tag directory) into
+    ``model``, or None: a checkpoint written before the attention projections were fused holds
+    optimizer state (ZeRO's flat fp32 partitions, Adam moments) in the old parameter order, which would
+    load without an error into the wrong parameters. Its weights still load (``--train.init_from``)."""
+    from pathlib import Path
+    states_path = Path(checkpoint_dir) / "mp_rank_00_model_states.pt"
+    if not states_path.is_file():
+        return None
+    # DeepSpeed's own file (it unpickles it itself on resume); mmap: only the names are needed
+    states = torch.load(states_path, map_location="cpu", weights_only=False, mmap=True)
+    names = set(states.get("module") or {})
+    for shapes in states.get("param_shapes") or []:
+        names.update(shapes)
+    legacy = {f"{prefix}.{part}.weight" for prefix, module in model.named_modules()
+              if hasattr(module, "fused_names") for parts in module.fused_names().values() for part in parts}
+    stale = sorted(names & legacy)
+    if not stale:
+        return None
+    return (f"checkpoint '{checkpoint_dir}' was written before the attention projections were fused (it has "
+            f"'{stale[0]}'), so its optimizer state cannot be restored; continue from its weights with "
+            f"--train.init_from {Path(checkpoint_dir).parent.parent} and a new --train.save_dir")

@@ -206,6 +206,7 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu",
         model = PyramidionModel(cfg.model)
     except ValueError as err:
         raise UsageError(f"'{path / 'config.yaml'}': {err}") from None
+    state = model.upgrade_state_dict(state)  # an export written before the fused attention projections
     check_weights_match(model, state, path)
     model.load_state_dict(state, strict=False)  # non-persistent buffers (position tables) are not saved
     del state

@@ -34,18 +34,41 @@ class StaticKeyValue:
 
 
 class MultiheadAttention(nn.Module):
-    """Projections named as in fairseq (q_proj, k_proj, v_proj, out_proj); the math is SDPA's."""
+    """Self-attention with one fused ``qkv_proj`` (d → 3d), or cross-attention (``cross=True``) with
+    ``q_proj`` (d → d) over the decoder and one fused ``kv_proj`` (d → 2d) over the encoder output;
+    ``out_proj`` as in fairseq. The math is SDPA's.
 
-    def __init__(self, d_model: int, num_heads: int, attention_dropout: float):
+    One matmul instead of three (two) means fewer kernels and fewer, larger parameter tensors (DeepSpeed
+    scans and reduces per tensor). Rows of the fused weight are q, k, v in that order, each d×d, so a
+    fairseq-style state dict with separate ``q_proj``/``k_proj``/``v_proj`` converts by concatenation
+    (:func:`fuse_separate_projections`), which a load-state-dict pre-hook does on every load.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, attention_dropout: float, cross: bool = False):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"attention: d_model {d_model} is not a multiple of num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.attention_dropout = attention_dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
+        self.is_cross = cross
+        if cross:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self.register_load_state_dict_pre_hook(_fuse_on_load)
+
+    def fused_names(self) -> dict[str, tuple[str, ...]]:
+        """Fused projection name → the separate projections it replaces, in row order."""
+        return {"kv_proj": ("k_proj", "v_proj")} if self.is_cross else {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
+    def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: B×L×d → q, k, v each B×H×L×dh, from one matmul."""
+        batch, length, _ = x.shape
+        qkv = self.qkv_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
 
     def split_heads(self, x: Tensor) -> Tensor:
         """B×L×d → B×H×L×dh"""
@@ -77,15 +100,12 @@ class MultiheadAttention(nn.Module):
             real_mask = F.pad(real_mask, (0, pad), value=False)
         num_chunks = (n + pad) // chunk_size
 
-        def chunked(t: Tensor) -> Tensor:  # B×(c·chunk)×d → (B·c)×H×chunk×dh
-            return self.split_heads(t.reshape(batch * num_chunks, chunk_size, d))
-
         attn_mask = None  # no padding anywhere: no mask, so SDPA may pick its flash kernel
         if real_mask is not None:
             key_mask = real_mask.reshape(batch * num_chunks, chunk_size)
             attn_mask = (key_mask | ~key_mask.any(dim=1, keepdim=True))[:, None, None, :]
-        out = self._sdpa(chunked(self.q_proj(x)), chunked(self.k_proj(x)), chunked(self.v_proj(x)),
-                         attn_mask=attn_mask)
+        q, k, v = self._project_qkv(x.reshape(batch * num_chunks, chunk_size, d))  # (B·c)×H×chunk×dh
+        out = self._sdpa(q, k, v, attn_mask=attn_mask)
         out = self.merge_heads(out).reshape(batch, n + pad, d)
         return self.out_proj(out[:, :n] if pad else out)
 
@@ -97,9 +117,7 @@ class MultiheadAttention(nn.Module):
         Returns the output B×t×d and the K/V of all L0 + t positions (the next step's ``past``). With a
         :class:`StaticKeyValue` (one new position) the K/V are written into it in place and it is returned.
         """
-        q = self.split_heads(self.q_proj(x))
-        k = self.split_heads(self.k_proj(x))
-        v = self.split_heads(self.v_proj(x))
+        q, k, v = self._project_qkv(x)
         if isinstance(past, StaticKeyValue):
             if x.size(1) != 1:
                 raise ValueError(f"static KV cache: one new position per step, got {x.size(1)}")
@@ -125,7 +143,10 @@ class MultiheadAttention(nn.Module):
     # -- cross-attention -------------------------------------------------------------------------------
     def source_key_value(self, encoder_hidden: Tensor) -> KeyValue:
         """K/V of the pooled encoder output B×k×d, once per source: B×H×k×dh each."""
-        return self.split_heads(self.k_proj(encoder_hidden)), self.split_heads(self.v_proj(encoder_hidden))
+        batch, length, _ = encoder_hidden.shape
+        kv = self.kv_proj(encoder_hidden).view(batch, length, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
 
     def cross(self, x: Tensor, source_kv: KeyValue, source_mask: Tensor) -> Tensor:
         """x: (B·beam)×t×d queries, source-major; source_kv: B×H×k×dh; source_mask: B×k (True = real)."""
@@ -138,3 +159,26 @@ class MultiheadAttention(nn.Module):
         q = self.split_heads(self.q_proj(x).reshape(num_sources, beam * t, d))  # B×H×(beam·t)×dh
         out = self._sdpa(q, source_kv[0], source_kv[1], attn_mask=source_mask[:, None, None, :])
         return self.out_proj(self.merge_heads(out).reshape(rows, t, d))
+
+
+# -- checkpoints written before the fused projections ------------------------------------------------------
+def fuse_separate_projections(state_dict: dict, prefix: str, fused: dict[str, tuple[str, ...]]) -> list[str]:
+    """In ``state_dict``, replace ``{prefix}q_proj.weight`` etc. by their row-wise concatenation
+    ``{prefix}qkv_proj.weight`` (biases likewise), as laid out by :class:`MultiheadAttention`.
+
+    Only complete sets are fused; a partial set is left alone for the loader to report. Returns the fused
+    names written (empty when ``state_dict`` already has the fused layout).
+    """
+    written = []
+    for fused_name, parts in fused.items():
+        for kind in ("weight", "bias"):
+            names = [f"{prefix}{part}.{kind}" for part in parts]
+            if all(name in state_dict for name in names):
+                state_dict[f"{prefix}{fused_name}.{kind}"] = torch.cat([state_dict.pop(name) for name in names])
+                written.append(f"{prefix}{fused_name}.{kind}")
+    return written
+
+
+def _fuse_on_load(module: MultiheadAttention, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook: a checkpoint with separate q/k/v projections loads into fused ones."""
+    fuse_separate_projections(state_dict, prefix, module.fused_names())

@@ -135,9 +135,10 @@ class Encoder(nn.Module):
         x = self.dropout(embedded + self.positions(n).to(embedded.dtype))
         source_positions = torch.arange(n, device=x.device).expand(batch, n)
         pooling = []
-        # one host sync per forward: a batch without padding runs its attention unmasked (flash kernels)
-        # until a pooling step could introduce padding slots
-        padded = not bool(real_mask.all())
+        # eager: one host sync per forward, so that a batch without padding runs its attention unmasked
+        # (flash kernels) until a pooling step could introduce padding slots. Compiled: always masked (an
+        # all-true mask changes nothing), so the graph has no data-dependent branch and no break
+        padded = torch.compiler.is_compiling() or not bool(real_mask.all())
         for stage in self.stages(n):
             x = self._run_stage(stage, x, real_mask if padded else None)
             last = stage.layers[-1]

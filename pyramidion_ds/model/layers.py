@@ -111,7 +111,7 @@ class DecoderLayer(_Layer):
         super().__init__(cfg)
         self.self_attn = MultiheadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.encoder_attn = MultiheadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout)
+        self.encoder_attn = MultiheadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout, cross=True)
         self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x: Tensor, source_kv: KeyValue, source_mask: Tensor,

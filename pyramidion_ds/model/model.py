@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .attention import MultiheadAttention, fuse_separate_projections
 from .decoder import Decoder, DecoderCache, StaticDecoderCache
 from .encoder import Encoder, EncoderOut, encoder_stages
 from .layers import TokenEmbedding
@@ -92,6 +93,19 @@ class PyramidionModel(nn.Module):
         """One row per hypothesis (b·beam + j). Not needed by decode_step, which shares a source's row."""
         order = torch.arange(encoder_out.hidden.size(0), device=encoder_out.hidden.device).repeat_interleave(beam)
         return encoder_out.select(order)
+
+    def upgrade_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A copy of a full state dict in this version's parameter layout (fairseq's ``upgrade_state_dict``).
+
+        Separate attention projections (``q_proj``/``k_proj``/``v_proj``, written before they were fused)
+        become ``qkv_proj`` / ``kv_proj``. ``load_state_dict`` does this by itself (a pre-hook on every
+        attention module); loaders that compare names and shapes first, or copy tensor by tensor, call this.
+        """
+        upgraded = dict(state_dict)
+        for name, module in self.named_modules():
+            if isinstance(module, MultiheadAttention):
+                fuse_separate_projections(upgraded, f"{name}." if name else "", module.fused_names())
+        return upgraded
 
     # -- hooks for the training engine ---------------------------------------------------------------------
     def set_activation_checkpointing(self, checkpoint_fn: Optional[Callable], granularity: str = "stage") -> None:

@@ -28,7 +28,7 @@ from ..config import Config, ConfigError, ModelConfig, config_from_dict, save_re
 from ..config.core import read_yaml
 from ..config.model import POOLING_KEYS
 from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
-                      read_ds_config, resolve_ds_config)
+                      read_ds_config, resolve_ds_config, stale_layout_problem)
 from ..logs import setup_logging
 from .checkpoint import CheckpointDir, consolidated_state_dict, tag_for, write_text_atomic
 from .state import PreemptionFlag, rng_state, seed_everything, set_rng_state
@@ -198,6 +198,7 @@ class Trainer:
 
     def build_data(self) -> None:
         from ..data import ShardedBatchSampler, SummarizationDataset, make_batches, pretraining_dataset
+        from ..data.batching import shape_buckets
         cfg, m = self.cfg, self.cfg.model
 
         def dataset(split):
@@ -210,11 +211,13 @@ class Trainer:
         self.train_data = dataset(cfg.data.train_subset)
         self.valid_data = dataset(cfg.data.valid_subset)
         self.pad_multiple = cfg.data.pad_to_multiple or m.chunk_size
+        self.batch_multiple, self.target_multiple = shape_buckets(cfg)  # few shapes: bounded recompiles
 
         def batches_for(ds, shuffle_seed):
             return lambda epoch: make_batches(ds.src_sizes, max_tokens=cfg.data.max_tokens,
                                               max_sentences=cfg.data.max_sentences,
-                                              pad_to_multiple=self.pad_multiple, seed=shuffle_seed, epoch=epoch)
+                                              pad_to_multiple=self.pad_multiple, seed=shuffle_seed, epoch=epoch,
+                                              required_batch_size_multiple=self.batch_multiple)
 
         self.train_sampler = ShardedBatchSampler(batches_for(self.train_data, cfg.train.seed), self.rank,
                                                  self.world_size, cfg.train.seed)
@@ -225,11 +228,13 @@ class Trainer:
 
     def _loader(self, dataset, batches):
         from ..data import collate
+        from ..data.batching import pad_target
         m = self.cfg.model
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
-            collate_fn=lambda samples: collate(samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id,
-                                               pad_to_multiple=self.pad_multiple),
+            collate_fn=lambda samples: pad_target(collate(samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id,
+                                                          pad_to_multiple=self.pad_multiple),
+                                                  self.target_multiple, m.pad_id),
             # its own generator: creating a loader iterator must not draw from the global RNG that
             # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one
             generator=torch.Generator().manual_seed(self.cfg.train.seed), persistent_workers=False)
@@ -256,6 +261,9 @@ class Trainer:
                              f"(spm sha256 differs from {self.cfg.data.data})")
         if info.world_size != self.world_size:
             return self._resume_other_world(info)
+        problem = stale_layout_problem(self.model, info.path)
+        if problem:
+            raise UsageError(problem)
         _, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=info.tag)
         if client is None:
             raise UsageError(f"checkpoint {info.path} could not be loaded")
