@@ -13,6 +13,7 @@ FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 
 
 def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> logging.Logger:
+    quiet_deepspeed_accelerator_probe()
     root = logging.getLogger("pyramidion_ds")
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -34,3 +35,13 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> logging.
 def is_rank_0() -> bool:
     import torch.distributed as dist
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def quiet_deepspeed_accelerator_probe() -> None:
+    """Where torch is loaded and sees no CUDA device, tell DeepSpeed it runs on the CPU before it is imported,
+    so it does not warn "Setting accelerator to CPU. If you have GPU ... unable to detect it" (see
+    ``dist.env.use_cpu_accelerator``). Does nothing before torch is imported: logging stays cheap."""
+    torch = sys.modules.get("torch")
+    if torch is not None and not torch.cuda.is_available():
+        from .dist.env import use_cpu_accelerator
+        use_cpu_accelerator()

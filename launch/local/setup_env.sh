@@ -8,7 +8,11 @@ venv=${VENV:-$root/.venv}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py=$venv/bin/python
+# the checks below only import deepspeed: without this it probes for a GPU and warns when it finds none
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 if ! "$py" -c 'import pyramidion_ds, torch, deepspeed, sentencepiece, mpi4py' 2>/dev/null; then
+  echo "setup_env.sh: installing torch ($torch_spec), deepspeed and pyramidion_ds[dev] into $venv" \
+       "(2-3 minutes the first time; later runs find it ready)"
   "$py" -m pip install -q --upgrade pip
   [ "$torch_spec" = skip ] || "$py" -m pip install -q "$torch_spec"
   "$py" -m pip install -q -e "$root[dev]"

@@ -18,6 +18,13 @@ if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "${NUM_GPUS:-0}" -gt 0 ] || NUM_GPUS=${NPROC:-2}
 fi
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  # CPU processes: tell DeepSpeed so (no "unable to detect" GPU warning from each process), and keep the
+  # launcher's GPU-cluster lines (CUDA_VISIBLE_DEVICES=0,1, "Unable to find hostfile") quiet; the ranks'
+  # own warnings still show. A --log_level in DS_LAUNCHER_ARGS comes later and wins.
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+  DS_LAUNCHER_ARGS="--log_level error ${DS_LAUNCHER_ARGS:-}"
+fi
 port=${MASTER_PORT:-$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 echo "train.sh: $NUM_GPUS processes on $(hostname), master port $port, $py: $*"
 # shellcheck disable=SC2086  # DS_LAUNCHER_ARGS is a list of options on purpose

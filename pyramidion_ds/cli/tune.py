@@ -31,7 +31,8 @@ def build_parser():
     model.add_argument("--preset", choices=("debug", "base", "large"), default=None,
                        help="model size preset (default: the config's, else base)")
     model.add_argument("--config", default=None, help="run YAML (or shipped name) to take the model from")
-    model.add_argument("--variant", default=None, choices=("vanilla", "blockwise", "transpooler", "pyramidion"))
+    model.add_argument("--variant", default=None, choices=("vanilla", "blockwise", "transpooler", "pyramidion"),
+                       help="encoder variant (default: the config's, else pyramidion)")
     model.add_argument("--pooling-schedule", default=None,
                        help="widths per encoder layer, '[8192, 2048, ...]' or the seed's '{0: 2048, 1: 512}'")
     model.add_argument("--vocab-size", type=int, default=None,
@@ -39,17 +40,24 @@ def build_parser():
     model.add_argument("--src-len", type=int, default=None, help="source tokens (default: max_source_positions)")
     model.add_argument("--tgt-len", type=int, default=None, help="target tokens (default: max_target_positions)")
     cluster = p.add_argument_group("cluster")
-    cluster.add_argument("--nodes", type=int, default=1)
-    cluster.add_argument("--gpus-per-node", type=int, default=8)
-    cluster.add_argument("--gpu-mem-gib", type=float, default=80.0)
-    cluster.add_argument("--cpu-mem-gib", type=float, default=512.0, help="CPU memory per node")
+    cluster.add_argument("--nodes", type=int, default=1, help="machines in the job (default %(default)s)")
+    cluster.add_argument("--gpus-per-node", type=int, default=8,
+                         help="ranks per node: GPUs, or CPU processes with --device cpu (default %(default)s)")
+    cluster.add_argument("--gpu-mem-gib", type=float, default=None,
+                         help="memory of one rank in GiB: one GPU's (default 80), or with --device cpu one CPU "
+                              "process's share of the RAM (default --cpu-mem-gib / --gpus-per-node)")
+    cluster.add_argument("--cpu-mem-gib", type=float, default=512.0,
+                         help="CPU memory (RAM) per node in GiB, for offload (default %(default)s)")
     cluster.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
-                         help="cpu: ranks are CPU processes (tests, laptops): CPU DeepSpeed JSONs, no offload")
+                         help="cpu: ranks are CPU processes (tests, laptops): CPU DeepSpeed JSONs, no offload, "
+                              "fp32 by default (default %(default)s)")
     batch = p.add_argument_group("batch").add_mutually_exclusive_group()
     batch.add_argument("--global-batch-size", type=int, default=None, help="sequences per update")
     batch.add_argument("--global-batch-tokens", type=int, default=None,
                        help="source tokens per update (divided by --src-len)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="training precision: bytes of activations and weight copies, and the DeepSpeed JSON's "
+                        "bf16/fp16 sections (default: bf16 on GPUs, fp32 with --device cpu)")
     p.add_argument("--safety", type=float, default=0.9, help="use at most this share of GPU (and CPU) memory")
     p.add_argument("--out", default="tuned", help="directory for ds_config.json, trainer_overrides.yaml, ...")
     p.add_argument("--all-rows", action="store_true", help="print every micro-batch, not the best per row")
@@ -57,7 +65,8 @@ def build_parser():
                    help="measure the chosen configuration's activation peak (one real step), and with --data "
                         "run a few real updates under the DeepSpeed launcher and read their peak memory")
     p.add_argument("--data", default=None, help="binarized data dir for --measure's real run")
-    p.add_argument("--measure-updates", type=int, default=3)
+    p.add_argument("--measure-updates", type=int, default=3,
+                   help="updates of the real run that --measure --data makes (default %(default)s)")
     return p
 
 
@@ -166,7 +175,7 @@ def measure(args, cfg, m, plan, cluster, out: Path, overrides: dict) -> dict:
     report.update(run_updates=args.measure_updates, run_peak_gib=max(peaks), run_peak_kind=what,
                   estimate_total_gib=chosen.gpu_gib)
     print(f"real run, {args.measure_updates} updates on {cluster.gpus_per_node} ranks: peak {max(peaks):.3f} GiB "
-          f"[{what}] vs estimated {chosen.gpu_gib:.3f} GiB per GPU")
+          f"[{what}] vs estimated {chosen.gpu_gib:.3f} GiB per {cluster.rank_name}")
     return report
 
 
@@ -187,6 +196,16 @@ def main(argv: list[str] | None = None):
                 raise UsageError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected >= 1")
         if not 0 < args.safety <= 1:
             raise UsageError(f"--safety: got {args.safety}, expected a share in (0, 1]")
+        if args.gpu_mem_gib is not None and args.gpu_mem_gib <= 0:
+            raise UsageError(f"--gpu-mem-gib: got {args.gpu_mem_gib:g}, expected > 0")
+        cpu = args.device == "cpu"
+        if args.precision is None:
+            args.precision = "fp32" if cpu else "bf16"
+        if args.gpu_mem_gib is None:
+            args.gpu_mem_gib = args.cpu_mem_gib / args.gpus_per_node if cpu else 80.0
+        if cpu:
+            from ..dist.env import use_cpu_accelerator
+            use_cpu_accelerator()  # before deepspeed is imported: no "unable to detect" GPU warning
         cfg, m = model_config(args)
         cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib, args.device)
         src, tgt = m.max_source_positions, m.max_target_positions
@@ -194,9 +213,13 @@ def main(argv: list[str] | None = None):
         plan = make_plan(m, cluster, src, tgt, batch, precision=args.precision, safety=args.safety)
         print(f"model: {m.preset} {m.variant}, {plan.params.total / 1e6:.1f}M parameters, encoder widths "
               f"{m.encoder_widths()}, source {src} / target {tgt} tokens, vocab {m.vocab_size}")
-        print(f"cluster: {cluster.nodes} node(s) x {cluster.gpus_per_node} {cluster.device.upper()}s, "
-              f"{cluster.gpu_mem_gib:g} GiB each (budget {plan.budget_gib:.2f} GiB), {cluster.cpu_mem_gib:g} GiB "
-              f"CPU per node; global batch {batch} sequences; {args.precision}")
+        if cpu:
+            print(f"cluster: {cluster.nodes} node(s) x {cluster.gpus_per_node} CPU processes, {cluster.gpu_mem_gib:g} "
+                  f"GiB RAM each (budget {plan.budget_gib:.2f} GiB); global batch {batch} sequences; {args.precision}")
+        else:
+            print(f"cluster: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs, {cluster.gpu_mem_gib:g} GiB each "
+                  f"(budget {plan.budget_gib:.2f} GiB), {cluster.cpu_mem_gib:g} GiB CPU per node; global batch "
+                  f"{batch} sequences; {args.precision}")
         text = table(plan, all_rows=args.all_rows)
         print(text)
         if plan.chosen is None:
@@ -214,7 +237,7 @@ def main(argv: list[str] | None = None):
         summary = plan_summary(plan)
         actual = chosen.micro_batch * chosen.update_freq * cluster.world_size
         print(f"\nchosen: {chosen.describe()}, accumulation {chosen.update_freq} -> global batch {actual} "
-              f"sequences; {chosen.gpu_gib:.2f} GiB per GPU of {plan.budget_gib:.2f}")
+              f"sequences; {chosen.gpu_gib:.2f} GiB per {cluster.rank_name} of {plan.budget_gib:.2f}")
         print(f"wrote {ds_path}, {out / 'trainer_overrides.yaml'}")
         print("train with: pyramidion-train CONFIG " + " ".join(_shell(f) for f in override_flags(overrides)))
         if args.measure:

@@ -132,11 +132,15 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
     if world.rank == 0:
         log.info("distributed: %s", world)
 
-    import deepspeed
     import torch
+    if not torch.cuda.is_available():
+        use_cpu_accelerator()
+    import deepspeed
 
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    else:
+        skip_cpu_shm_allreduce()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     # Every variable deepspeed wants is set now, so auto_mpi_discovery would do nothing; keep it off
     # so DeepSpeed never overrides our world with its own (fixed-port) MPI guess.
@@ -146,6 +150,28 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
     if not torch.cuda.is_available():
         release_cpu_shm_segment(world)
     return world
+
+
+def use_cpu_accelerator(environ: dict[str, str] | None = None) -> None:
+    """Tell DeepSpeed it runs on the CPU (``DS_ACCELERATOR=cpu``) unless the user chose an accelerator.
+
+    Without it every process that imports deepspeed on a machine without GPUs probes for one and warns
+    "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it." (six
+    times a 2-rank launch). Call it only where torch sees no CUDA device, before deepspeed is imported."""
+    target = os.environ if environ is None else environ
+    target.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def skip_cpu_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU accelerator from building its shared-memory all-reduce op.
+
+    ``deepspeed.init_distributed`` JIT-compiles that C++ op on the first run of a machine (1-2 minutes
+    of silence, then "deepspeed_shm_comm_op built successfully" from every rank) and maps a 66 MB /dev/shm
+    segment per rank. Only ``inference_all_reduce`` (DeepSpeed's inference kernels) uses it; training
+    reduces through torch.distributed (gloo), so nothing is lost. DeepSpeed reads op compatibility from
+    the cached ``deepspeed.ops.__compatible_ops__`` dict, which is meant to be edited this way."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # DeepSpeed's CPU accelerator builds a shared-memory all-reduce (used only by inference kernels) in

@@ -15,6 +15,7 @@ How, per device:
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +36,17 @@ def _checkpoint_fn(function, *args):
 def cpu_peak_bytes(step) -> int:
     """Peak of CPU bytes allocated by torch while ``step()`` runs, relative to its start."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    # kineto prints "USDT: ... profiler_start" / "profiler_stop" at its highest log level on every profile;
+    # the profiler only counts allocations here, so it stays silent unless the user set a level
+    quiet = "KINETO_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["KINETO_LOG_LEVEL"] = "6"
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        if quiet:
+            os.environ.pop("KINETO_LOG_LEVEL", None)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and "CPU" in str(e.device_type()))
     live = peak = 0

@@ -48,6 +48,16 @@ class Cluster:
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def rank_name(self) -> str:
+        """What one rank is, for messages: a GPU, or a CPU process with ``device="cpu"``."""
+        return "GPU" if self.device == "gpu" else "CPU process"
+
+    @property
+    def memory_name(self) -> str:
+        """The memory a rank's budget is about: GPU memory, or RAM with ``device="cpu"``."""
+        return "GPU" if self.device == "gpu" else "RAM"
+
 
 @dataclass
 class Candidate:
@@ -81,6 +91,7 @@ class Plan:
     chosen: Candidate | None
     budget_gib: float
     notes: list[str] = field(default_factory=list)
+    cluster: Cluster = field(default_factory=Cluster)
 
 
 def offloads_for(stage: int, device: str) -> tuple[str, ...]:
@@ -157,7 +168,7 @@ def make_plan(m, cluster: Cluster, src_len: int, tgt_len: int, global_batch: int
                                      buffer_bytes(stage, params.total) / GIB, states.cpu_bytes_per_node / GIB)
                     cand.time = update_time(m, cand, params, cluster, src_len, tgt_len)
                     if cand.gpu_gib > budget:
-                        cand.why_not = f"needs {cand.gpu_gib:.2f} GiB > {budget:.2f} GiB per GPU"
+                        cand.why_not = f"needs {cand.gpu_gib:.2f} GiB > {budget:.2f} GiB per {cluster.rank_name}"
                     elif offload != "none" and cand.cpu_gib_per_node > cpu_budget:
                         cand.why_not = f"needs {cand.cpu_gib_per_node:.1f} GiB CPU per node > {cpu_budget:.1f}"
                     else:
@@ -168,7 +179,7 @@ def make_plan(m, cluster: Cluster, src_len: int, tgt_len: int, global_batch: int
     order = {"none": 0, "optimizer": 1, "all": 2, "off": 0, "stage": 1, "layer": 2}
     chosen = min(fitting, key=lambda c: (round(c.time, 9), order[c.offload], c.stage, order[c.checkpointing],
                                          -c.micro_batch), default=None)
-    return Plan(params, global_batch, candidates, chosen, budget)
+    return Plan(params, global_batch, candidates, chosen, budget, cluster=cluster)
 
 
 def _fp32_states(total: int, stage: int, world: int):
@@ -183,8 +194,9 @@ def smallest_need(plan: Plan) -> Candidate:
 
 def nothing_fits_message(plan: Plan, cluster: Cluster) -> str:
     best = smallest_need(plan)
-    return (f"nothing fits: smallest need is {best.gpu_gib:.2f} GiB per GPU with {best.describe()} "
-            f"(budget {plan.budget_gib:.2f} GiB = safety x {cluster.gpu_mem_gib:g} GiB); use more GPUs, "
+    more = "GPUs" if cluster.device == "gpu" else "CPU processes (--gpus-per-node)"
+    return (f"nothing fits: smallest need is {best.gpu_gib:.2f} GiB per {cluster.rank_name} with {best.describe()} "
+            f"(budget {plan.budget_gib:.2f} GiB = safety x {cluster.gpu_mem_gib:g} GiB); use more {more}, "
             f"a shorter --src-len, a more aggressive --pooling-schedule or a smaller model")
 
 
@@ -206,14 +218,18 @@ def table(plan: Plan, all_rows: bool = False) -> str:
             if failing:
                 keep.append(min(failing, key=lambda c: c.micro_batch))
         rows = keep
+    # per rank: GPU memory, or with --device cpu one CPU process's RAM (no offload column: nothing to offload to)
+    gpu = plan.cluster.device == "gpu"
+    memory = f"{plan.cluster.memory_name} GiB"
     header = (f"{'stage':>5} {'offload':>9} {'ckpt':>5} {'micro':>5} {'accum':>5} {'states':>8} {'activ':>8} "
-              f"{'buffers':>8} {'GPU GiB':>8} {'CPU GiB':>8} {'time':>6}  fits")
+              f"{'buffers':>8} {memory:>8}" + (f" {'CPU GiB':>8}" if gpu else "") + f" {'time':>6}  fits")
     lines = [header, "-" * len(header)]
     for c in rows:
         mark = "*" if c is plan.chosen else ""
         lines.append(f"{c.stage:>5} {c.offload:>9} {c.checkpointing:>5} {c.micro_batch:>5} {c.update_freq:>5} "
                      f"{c.states_gib:8.2f} {c.activations_gib:8.2f} {c.buffers_gib:8.2f} {c.gpu_gib:8.2f} "
-                     f"{c.cpu_gib_per_node:8.1f} {c.time / best_time:6.2f}  {'yes' if c.fits else 'no'}{mark}")
+                     + (f"{c.cpu_gib_per_node:8.1f} " if gpu else "")
+                     + f"{c.time / best_time:6.2f}  {'yes' if c.fits else 'no'}{mark}")
     return "\n".join(lines)
 
 

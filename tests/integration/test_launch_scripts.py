@@ -62,6 +62,11 @@ def test_local_script_falls_back_to_cpu_processes(synthetic_bin, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "train.sh: 2 processes on" in out
+    # nothing a user on a CPU machine reads as trouble: no GPU-probe warnings, no GPU ids, no hostfile
+    # warning, no shared-memory op build (1-2 min on a machine's first run, then a line per rank)
+    for noise in ("Setting accelerator to CPU", "CUDA_VISIBLE_DEVICES", "Unable to find hostfile",
+                  "shm_comm", "built successfully"):
+        assert noise not in out, f"{noise!r} in the output:\n{out[-3000:]}"
     log = (tmp_path / "run" / "train.log").read_text()
     assert "world_size=2 rank=0" in log and "ZeRO-3" in log
     assert CheckpointDir(tmp_path / "run").latest_complete().update == 2

@@ -15,6 +15,25 @@ from ds_helpers import ROOT, subprocess_env
 pytestmark = pytest.mark.integration
 
 
+def test_learn_trains_generates_scores_and_reports_one_variant(tmp_path):
+    """The default suite's smoke test of the command: corpus, vocabulary, training, generation, ROUGE, selection
+    recall and the report, without the warm-up stages (those are in the experiment test below)."""
+    out = tmp_path / "learn"
+    argv = [sys.executable, "-m", "pyramidion_ds.cli.bench", "learn", "--task", "synthetic", "--out", str(out),
+            "--variants", "pyramidion", "--train-docs", "8", "--max-update", "2", "--curriculum-updates", "0",
+            "--bench-repeats", "0", "--threads", "1", "--set", "train.validate_interval_updates=2",
+            "--set", "train.log_interval=1", "--set", "generation.beam=1"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads((out / "learn.json").read_text())
+    row = result["variants"]["pyramidion"]
+    assert row["updates"] == 2 and not row.get("warmup") and result["curriculum"] is None
+    assert set(row["rouge"]) >= {"rouge1", "rouge2", "rougeL"}
+    assert 0.0 <= row["selection"]["recall"] <= 1.0
+    assert "| pyramidion |" in (out / "learn.md").read_text()
+
+
+@pytest.mark.experiment
 def test_learn_warms_up_in_stages_then_trains_generates_and_reports(tmp_path):
     out = tmp_path / "learn"
     argv = [sys.executable, "-m", "pyramidion_ds.cli.bench", "learn", "--task", "synthetic", "--out", str(out),

@@ -120,3 +120,28 @@ def test_written_json_passes_our_merge_and_deepspeeds_parser(tmp_path, capsys, a
                               * resolved["gradient_accumulation_steps"]})
     assert parsed.zero_optimization_stage == json.loads((tmp_path / "plan.json").read_text())["chosen"]["stage"]
     assert cfg.train.activation_checkpointing in ("off", "stage", "layer")
+
+
+def test_every_option_has_help_text():
+    from pyramidion_ds.cli.tune import build_parser
+    missing = [action.option_strings[0] for action in build_parser()._actions
+               if action.option_strings and not (action.help or "").strip()]
+    assert missing == []
+
+
+def test_cpu_device_speaks_of_processes_ram_and_fp32(tmp_path, capsys):
+    code, out, err = run_tune(["--preset", "debug", "--device", "cpu", "--gpus-per-node", "2", "--cpu-mem-gib", "16",
+                               "--global-batch-size", "8", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "1 node(s) x 2 CPU processes, 8 GiB RAM each" in out and "; fp32" in out
+    assert "RAM GiB" in out.splitlines()[2] and "per CPU process of" in out
+    assert "GPU" not in out and "80 GiB" not in out and "bf16" not in out
+    assert json.loads((tmp_path / "ds_config.json").read_text())["bf16"] == {"enabled": False}
+
+
+def test_cpu_memory_measurement_prints_no_profiler_markers(capfd):
+    import torch
+    from pyramidion_ds.tune.measure import cpu_peak_bytes
+    assert cpu_peak_bytes(lambda: torch.ones(1000).sum()) > 0
+    captured = capfd.readouterr()
+    assert "USDT" not in captured.out + captured.err and "profiler_start" not in captured.out + captured.err
