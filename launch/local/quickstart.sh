@@ -25,7 +25,7 @@ results=$run/generate
 # what steps 1-2 make; a corpus or data-bin made with other settings (an older quick start) is made anew
 corpus_args=(--out "$corpus" --train 4000 --valid 20 --test 20 --min-words 60 --max-words 100
              --min-salient 2 --max-salient 4)
-preprocess_args=(--destdir "$data_bin" --workers 2 --quiet
+preprocess_args=(--destdir "$data_bin" --overwrite --workers 2 --quiet
                  --source-files "train=$corpus/train.jsonl,valid=$corpus/valid.jsonl,test=$corpus/test.jsonl"
                  --spm-vocab-size 1000 --spm-model-type bpe --spm-character-coverage 1.0
                  --max-source-positions 256 --max-target-positions 64)
