@@ -64,9 +64,12 @@ def local_grads_nonfinite(engine) -> torch.Tensor:
     device = engine.device
     if not grads:
         return torch.zeros((), device=device)
-    norms = torch._foreach_norm(grads)
-    total = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]).sum()
-    return (~torch.isfinite(total)).float()
+    norms = torch._foreach_norm(grads)  # one multi-tensor kernel per dtype/device, not one per tensor
+    if len({(n.dtype, n.device) for n in norms}) == 1:
+        total = torch.stack(norms).float().sum()
+    else:
+        total = sum(n.float().to(device) for n in norms)
+    return (~torch.isfinite(total)).float().to(device)
 
 
 @contextlib.contextmanager

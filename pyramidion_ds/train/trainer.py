@@ -304,8 +304,11 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
-    def train_micro_batch(self, batch: dict, meters: Meters, pending: dict) -> None:
-        """Forward/backward one micro-batch; its sums wait in ``pending`` until the update is applied."""
+    def train_micro_batch(self, batch: dict, pending: dict, last: bool) -> None:
+        """Forward/backward one micro-batch; its sums wait in ``pending`` until the update is applied.
+
+        Every micro-batch but the update's last is followed by ``engine.step()`` (DeepSpeed counts
+        micro-batches there to find the accumulation boundary); the last one's is in finish_update."""
         batch = self._batch_to_device(batch)
         logits = self.engine(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
         loss_sum, nll_sum = label_smoothed_nll_loss(logits, batch["target"], self.cfg.train.label_smoothing,
@@ -313,8 +316,9 @@ class Trainer:
         ntokens = max(1, int(batch["ntokens"]))
         loss = loss_sum / ntokens
         pending["loss_nonfinite"] = pending.get("loss_nonfinite", 0) + (~torch.isfinite(loss.detach())).float()
-        # always backward + step: DeepSpeed counts micro-batches to find the accumulation boundary
-        self.engine.backward(loss)
+        self.engine.backward(loss)  # also for a non-finite loss: the whole update is skipped then
+        if not last:
+            self.engine.step()
         bsz, src_len = batch["src_tokens"].shape
         for key, value in (("loss", float(loss_sum.detach())), ("nll", float(nll_sum.detach())),
                            ("ntokens", ntokens), ("src_tokens", int(batch["src_lengths"].sum())),
@@ -366,7 +370,7 @@ class Trainer:
             while not self._done():
                 pending: dict = {}
                 micro_batches = 0
-                for _ in range(cfg.update_freq):
+                for micro in range(cfg.update_freq):
                     batch = next(iterator, None)
                     if batch is None:  # epoch over
                         self.epoch += 1
@@ -374,7 +378,7 @@ class Trainer:
                             break
                         iterator = self._epoch_iterator()
                         batch = next(iterator)
-                    self.train_micro_batch(batch, meters, pending)
+                    self.train_micro_batch(batch, pending, last=micro == cfg.update_freq - 1)
                     self.epoch_position += 1
                     micro_batches += 1
                 if micro_batches < cfg.update_freq:  # max_epoch reached inside an update: not stepped

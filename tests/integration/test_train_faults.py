@@ -99,13 +99,16 @@ def test_second_trainer_on_a_held_save_dir_is_refused_before_writing(synthetic_b
     assert touched == [], touched  # the second trainer wrote nothing (config.yaml, spm.model, ...)
 
 
-@pytest.mark.parametrize("ds_config", ["zero2_cpu.json", "zero3_cpu.json"])
-def test_nan_gradient_on_one_rank_skips_the_update_on_all(synthetic_bin, tmp_path, ds_config):
+@pytest.mark.parametrize("ds_config, precision", [
+    ("zero2_cpu.json", "bf16"),  # check_grad_overflow off: DeepSpeed alone would apply the NaN update
+    ("zero3_cpu.json", "fp32"),  # DeepSpeed skips it too, but the trainer used to count it as an update
+])
+def test_nan_gradient_on_one_rank_skips_the_update_on_all(synthetic_bin, tmp_path, ds_config, precision):
     # attempt 1 trains (update 1), attempt 2 is poisoned on rank 1 only: skipped everywhere, nothing
     # moves; attempt 3 trains (update 2); attempts 4-6 are poisoned: three in a row stop the run
     cfg = config(tmp_path, "run", synthetic_bin, train={
-        "max_update": 20, "save_interval_updates": 1, "max_nonfinite_steps": 3,
-        "deepspeed_config": str(ROOT / "ds_configs" / ds_config)})
+        "max_update": 20, "save_interval_updates": 1, "max_nonfinite_steps": 3, "update_freq": 2,
+        "deepspeed_config": str(ROOT / "ds_configs" / ds_config), "precision": precision})
     report = tmp_path / "report"
     env = dict(subprocess_env(), NAN_GRAD_ATTEMPTS="2,4,5,6", NAN_GRAD_RANK="1", NAN_GRAD_REPORT=str(report))
     proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
