@@ -424,7 +424,9 @@ class Trainer:
     def stop_for_requeue(self) -> int:
         """Save (unless this update is saved already) and return the code that asks for a requeue."""
         tag = tag_for(self.update)
-        if self.ckpt.read_pointer("latest") != tag:  # not saved at this update already
+        latest = [self.ckpt.read_pointer("latest")]
+        dist.broadcast_object_list(latest, src=0)  # rank 0's view: save_dir may be node-local elsewhere
+        if latest[0] != tag:  # not saved at this update already
             tag = self.save()
         log.warning(f"received {self.preempt.signal_name or 'a stop signal on another rank'}: "
                     f"saved {tag} at update {self.update}; exiting with code {EXIT_PREEMPTED} "

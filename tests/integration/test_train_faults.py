@@ -90,13 +90,14 @@ def test_second_trainer_on_a_held_save_dir_is_refused_before_writing(synthetic_b
     message = second.stderr.strip().splitlines()[-1]
     assert f"train.save_dir '{run_dir}' is in use by another trainer: host " in message
     assert f"pid {first.pid}," in message
+    touched = [p for p, mtime in before.items() if p.exists() and p.stat().st_mtime_ns != mtime
+               and "checkpoints" not in p.parts and "tensorboard" not in p.parts]
+    assert touched == [], touched  # the second trainer wrote nothing (.lock, config.yaml, spm.model, ...)
+    assert "distributed:" not in (run_dir / "train.log").read_text()[len(log_before):]
     first.send_signal(signal.SIGUSR1)
     output.extend(first.stdout)
     assert first.wait(timeout=120) == EXIT_PREEMPTED, "".join(output)[-3000:]
-    assert "pyramidion-train" not in (run_dir / "train.log").read_text()[len(log_before):]
-    touched = [p for p, mtime in before.items() if p.exists() and p.stat().st_mtime_ns != mtime
-               and "checkpoints" not in p.parts and "tensorboard" not in p.parts]
-    assert touched == [], touched  # the second trainer wrote nothing (config.yaml, spm.model, ...)
+    assert (run_dir / ".lock").read_text() == ""  # released
 
 
 @pytest.mark.parametrize("ds_config, precision", [
