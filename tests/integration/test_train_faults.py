@@ -67,6 +67,8 @@ def test_ranks_stop_without_saving_when_their_launcher_is_killed(synthetic_bin, 
     assert len(ranks) == 2
     launch.kill()
     _, alive = psutil.wait_procs(ranks, timeout=20)
+    for rank in alive:  # do not leave orphans training when this fails
+        rank.kill()
     assert not alive, "ranks still running 20 s after their launcher died\n" + "".join(output)[-3000:]
     tags = CheckpointDir(tmp_path / "run").tags()
     time.sleep(3)
