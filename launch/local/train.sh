@@ -46,7 +46,7 @@ stop() {
     kill -USR1 -- "-$launcher" 2>/dev/null || true
   elif [ "$1" = INT ]; then
     echo "train.sh: second SIGINT: stopping the ranks without saving" >&2
-    kill -TERM -- "-$launcher" 2>/dev/null || true
+    kill -KILL -- "-$launcher" 2>/dev/null || true
   fi
 }
 trap 'stop TERM' TERM
