@@ -74,7 +74,8 @@ class RunDirLock:
             self.flock = False
         holder = self._read()
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        if holder and holder.get("pid") is not None and (holder.get("host"), holder.get("pid")) != (me["host"], me["pid"]):
+        someone_else = (holder.get("host"), holder.get("pid")) != (me["host"], me["pid"])
+        if holder and holder.get("pid") is not None and someone_else:
             if not self.flock and not force:
                 same_host = holder.get("host") == me["host"]
                 if not same_host or pid_alive(int(holder["pid"])):

@@ -62,7 +62,8 @@ def test_ranks_stop_without_saving_when_their_launcher_is_killed(synthetic_bin, 
                   "--module", "pyramidion_ds.cli.train", cfg])
     output = []
     read_until(proc, "train | update 3 ", output)
-    launch = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
+    launch = next(p for p in psutil.Process(proc.pid).children()
+                  if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
     ranks = launch.children()
     assert len(ranks) == 2
     launch.kill()
