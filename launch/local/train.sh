@@ -11,6 +11,14 @@
 # launcher starts every rank with it.
 # MASTER_PORT: the rendezvous port (default: a free one).
 # Extra options for the DeepSpeed launcher (e.g. --include localhost:2,3): DS_LAUNCHER_ARGS.
+#
+# Stopping: SIGTERM, SIGUSR1 or SIGINT to this script (or to its whole process group, as `timeout`
+# and SLURM do) asks every rank to finish its update, save a checkpoint and exit 75; this script then
+# exits 75 (rerun the same command to resume). A second Ctrl-C stops the ranks at once, without saving.
+# The DeepSpeed launcher runs in a process group of its own with SIGUSR1 ignored: on SIGTERM it would
+# kill the ranks 30 s later, saved or not, and exit 1. The ranks stop (without saving) when this
+# script or the launcher dies, and rank 0 leaves its exit code in a file for this script, so a
+# launcher killed by a signal (which DeepSpeed's runner reports as success) is not taken for one.
 set -euo pipefail
 py=${PYRAMIDION_PYTHON:-python3}
 command -v "$py" >/dev/null 2>&1 || { echo "train.sh: error: PYRAMIDION_PYTHON='$py' is not an executable" >&2; exit 2; }
@@ -27,6 +35,39 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 port=${MASTER_PORT:-$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 echo "train.sh: $NUM_GPUS processes on $(hostname), master port $port, $py: $*"
+export PYRAMIDION_LAUNCHER_PID=$$
+PYRAMIDION_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/pyramidion-exit.XXXXXX")
+export PYRAMIDION_EXIT_FILE
+trap 'rm -f "$PYRAMIDION_EXIT_FILE"' EXIT
+set -m  # the launcher's own process group
 # shellcheck disable=SC2086  # DS_LAUNCHER_ARGS is a list of options on purpose
-exec "$py" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "$port" ${DS_LAUNCHER_ARGS:-} \
-  --module pyramidion_ds.cli.train "$@"
+( trap '' USR1; exec "$py" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "$port" \
+    ${DS_LAUNCHER_ARGS:-} --module pyramidion_ds.cli.train "$@" ) &
+launcher=$!
+set +m
+stops=0
+stop() {
+  stops=$((stops + 1))
+  if [ "$stops" -eq 1 ]; then
+    echo "train.sh: received SIG$1: asking the ranks to save and stop (exit 75)" >&2
+    kill -USR1 -- "-$launcher" 2>/dev/null || true
+  elif [ "$1" = INT ]; then
+    echo "train.sh: second SIGINT: stopping the ranks without saving" >&2
+    kill -KILL -- "-$launcher" 2>/dev/null || true
+  fi
+}
+trap 'stop TERM' TERM
+trap 'stop USR1' USR1
+trap 'stop INT' INT
+set +e
+while :; do
+  wait "$launcher"
+  rc=$?
+  kill -0 "$launcher" 2>/dev/null || break  # else a trapped signal interrupted the wait
+done
+ranks=$(cat "$PYRAMIDION_EXIT_FILE" 2>/dev/null)
+if [ "$rc" -eq 0 ] && [ "${ranks:-}" != 0 ]; then
+  echo "train.sh: the launcher reported success but rank 0 ${ranks:+exited with $ranks}${ranks:-did not finish}" >&2
+  rc=${ranks:-1}
+fi
+exit "$rc"

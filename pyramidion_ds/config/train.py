@@ -52,8 +52,10 @@ class TrainConfig:
                                choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     peak_tflops: float = option(0.0, "accelerator peak TFLOP/s for MFU; 0 = known GPUs only (H100 bf16: 989)",
                                 min=0.0)
-    max_nonfinite_steps: int = option(3, "stop after this many consecutive non-finite losses (bf16/fp32)",
-                                      min=1)
+    max_nonfinite_steps: int = option(3, "stop after this many consecutive updates skipped for a non-finite "
+                                      "loss or gradient (bf16/fp32; fp16 has its loss scaler)", min=1)
+    force_unlock: bool = option(False, "take save_dir/.lock even if it names a trainer on another host (only "
+                                "where the filesystem has no flock; make sure that job is gone)")
     validate_rouge_examples: int = option(0, "also generate and score ROUGE on this many validation examples",
                                           min=0)
 

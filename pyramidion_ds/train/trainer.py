@@ -7,12 +7,15 @@
               every log_interval:      tensorboard + progress bar (loss, lr, grad norm, tokens/s, MFU)
               every validate interval: valid loss/ppl, best checkpoint, patience
               on SIGTERM/SIGUSR1:      finish the update, save, exit EXIT_PREEMPTED (launcher requeues)
+              non-finite loss/grads:   skip the update (weights, optimizer, LR schedule unchanged)
+        SAVE_DIR/.lock held by rank 0 from before its first write; the ranks stop if their launcher dies
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -30,8 +33,11 @@ from ..config.model import POOLING_KEYS
 from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
                       read_ds_config, resolve_ds_config, stale_layout_problem)
 from ..logs import setup_logging
+from ..engine.nonfinite import local_grads_nonfinite, skipped_step
 from .checkpoint import CheckpointDir, consolidated_state_dict, tag_for, write_text_atomic
-from .state import PreemptionFlag, rng_state, seed_everything, set_rng_state
+from .lock import RunDirLock, RunDirLocked
+from .state import (LauncherWatchdog, PreemptionFlag, ignore_stop_signals, rng_state, seed_everything,
+                    set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +241,7 @@ class Trainer:
             collate_fn=lambda samples: pad_target(collate(samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id,
                                                           pad_to_multiple=self.pad_multiple),
                                                   self.target_multiple, m.pad_id),
+            worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM must reach the rank only
             # its own generator: creating a loader iterator must not draw from the global RNG that
             # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one
             generator=torch.Generator().manual_seed(self.cfg.train.seed), persistent_workers=False)
@@ -324,33 +331,64 @@ class Trainer:
         device = self.engine.device
         return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-    def _flags(self, nonfinite: bool) -> tuple[bool, bool]:
-        """All ranks agree on (any rank saw a non-finite loss, any rank was asked to stop)."""
-        flags = torch.tensor([float(nonfinite), float(self.preempt.requested)], device=self.engine.device)
+    def _flags(self, nonfinite=0.0) -> tuple[bool, bool]:
+        """All ranks agree on (any rank saw a non-finite loss or gradient, any rank was asked to stop).
+
+        ``nonfinite``: a bool or a 0-dim tensor on the engine's device (no host sync before the all-reduce).
+        """
+        flags = torch.stack([torch.as_tensor(nonfinite, dtype=torch.float32, device=self.engine.device).reshape(()),
+                             torch.tensor(float(self.preempt.requested), device=self.engine.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
-    def train_micro_batch(self, batch: dict, meters: Meters) -> bool:
-        """Forward/backward one micro-batch; returns False when its loss was non-finite (step skipped)."""
+    def train_micro_batch(self, batch: dict, pending: dict, last: bool) -> None:
+        """Forward/backward one micro-batch; its sums wait in ``pending`` until the update is applied.
+
+        Every micro-batch but the update's last is followed by ``engine.step()`` (DeepSpeed counts
+        micro-batches there to find the accumulation boundary); the last one's is in finish_update."""
         batch = self._batch_to_device(batch)
         logits = self.engine(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
         loss_sum, nll_sum = label_smoothed_nll_loss(logits, batch["target"], self.cfg.train.label_smoothing,
                                                     self.cfg.model.pad_id)
         ntokens = max(1, int(batch["ntokens"]))
         loss = loss_sum / ntokens
-        nonfinite, _ = self._flags(not torch.isfinite(loss).item())
-        if nonfinite and self.bundle.precision != "fp16":  # fp16: DeepSpeed's scaler skips the step itself
-            return False
-        self.engine.backward(loss)
-        self.engine.step()
-        meters.loss += float(loss_sum.detach())
-        meters.nll += float(nll_sum.detach())
-        meters.ntokens += ntokens
+        pending["loss_nonfinite"] = pending.get("loss_nonfinite", 0) + (~torch.isfinite(loss.detach())).float()
+        self.engine.backward(loss)  # also for a non-finite loss: the whole update is skipped then
+        if not last:
+            self.engine.step()
         bsz, src_len = batch["src_tokens"].shape
-        meters.src_tokens += int(batch["src_lengths"].sum())
-        meters.tgt_tokens += ntokens
-        meters.flops += self.model.flops_per_step(bsz, src_len, batch["target"].shape[1])
-        return True
+        for key, value in (("loss", float(loss_sum.detach())), ("nll", float(nll_sum.detach())),
+                           ("ntokens", ntokens), ("src_tokens", int(batch["src_lengths"].sum())),
+                           ("tgt_tokens", ntokens),
+                           ("flops", self.model.flops_per_step(bsz, src_len, batch["target"].shape[1]))):
+            pending[key] = pending.get(key, 0) + value
+
+    def finish_update(self, meters: Meters, pending: dict) -> tuple[str | None, bool]:
+        """The update's optimizer step, skipped when any rank's loss or gradients are not finite.
+
+        Returns (what was not finite, or None when the update was applied; any rank asked to stop).
+        One all-reduce carries both flags. bf16/fp32: our fused check over the reduced gradients
+        (engine.nonfinite) decides; fp16: DeepSpeed's loss scaler skips overflowing steps itself.
+        """
+        check = self.bundle.precision != "fp16"
+        loss_bad = pending.pop("loss_nonfinite", None)
+        if check:
+            grads_bad = local_grads_nonfinite(self.engine)
+            local = grads_bad if loss_bad is None else torch.maximum(grads_bad, loss_bad.clamp(max=1))
+            nonfinite, preempted = self._flags(local)
+        else:
+            nonfinite, preempted = self._flags(0.0)
+        if nonfinite:
+            with skipped_step(self.engine):
+                self.engine.step()
+            loss_was_bad, _ = self._flags(loss_bad if loss_bad is not None else 0.0)
+            return ("loss" if loss_was_bad else "gradients"), preempted
+        self.engine.step()
+        if check and not self.engine.was_step_applied():  # DeepSpeed's own check found what ours did not
+            return "gradients", preempted
+        for key, value in pending.items():
+            setattr(meters, key, getattr(meters, key) + value)
+        return None, preempted
 
     def run(self) -> int:
         cfg = self.cfg.train
@@ -367,8 +405,9 @@ class Trainer:
         iterator = self._epoch_iterator()
         try:
             while not self._done():
-                skipped = False
-                for _ in range(cfg.update_freq):
+                pending: dict = {}
+                micro_batches = 0
+                for micro in range(cfg.update_freq):
                     batch = next(iterator, None)
                     if batch is None:  # epoch over
                         self.epoch += 1
@@ -376,17 +415,22 @@ class Trainer:
                             break
                         iterator = self._epoch_iterator()
                         batch = next(iterator)
-                    ok = self.train_micro_batch(batch, meters)
+                    self.train_micro_batch(batch, pending, last=micro == cfg.update_freq - 1)
                     self.epoch_position += 1
-                    skipped |= not ok
+                    micro_batches += 1
+                if micro_batches < cfg.update_freq:  # max_epoch reached inside an update: not stepped
+                    break
+                skipped, preempted = self.finish_update(meters, pending)
                 if skipped:
                     self.nonfinite_streak += 1
-                    log.warning(f"non-finite loss at update {self.update + 1}; update skipped "
+                    log.warning(f"non-finite {skipped} at update {self.update + 1}; update skipped "
                                 f"({self.nonfinite_streak}/{cfg.max_nonfinite_steps})")
                     if self.nonfinite_streak >= cfg.max_nonfinite_steps:
-                        raise TrainingError(f"non-finite loss for {self.nonfinite_streak} consecutive updates "
-                                            f"at update {self.update + 1}; stopping without saving (last "
-                                            f"good checkpoint: {self.ckpt.read_pointer('latest')})")
+                        raise TrainingError(f"non-finite loss or gradients for {self.nonfinite_streak} consecutive "
+                                            f"updates at update {self.update + 1}; stopping without saving (latest "
+                                            f"complete checkpoint: {self.ckpt.read_pointer('latest') or 'none'})")
+                    if preempted:
+                        return self.stop_for_requeue()
                     continue
                 self.nonfinite_streak = 0
                 self.update += 1
@@ -396,13 +440,10 @@ class Trainer:
                     self.log_train(meters, progress)
                     meters.reset()
                 stop = self.after_update()
-                _, preempted = self._flags(False)
+                if not preempted:  # a signal during validation or a save: stop now
+                    _, preempted = self._flags()
                 if preempted:
-                    tag = self.save()
-                    log.warning(f"received {self.preempt.signal_name or 'a stop signal on another rank'}: "
-                                f"saved {tag} at update {self.update}; exiting with code {EXIT_PREEMPTED} "
-                                f"so the launcher can requeue")
-                    return EXIT_PREEMPTED
+                    return self.stop_for_requeue()
                 if stop:
                     break
             if self.ckpt.read_pointer("latest") != tag_for(self.update):
@@ -416,6 +457,18 @@ class Trainer:
                 self.preempt.uninstall()
             if self.writer is not None:
                 self.writer.close()
+
+    def stop_for_requeue(self) -> int:
+        """Save (unless this update is saved already) and return the code that asks for a requeue."""
+        tag = tag_for(self.update)
+        latest = [self.ckpt.read_pointer("latest")]
+        dist.broadcast_object_list(latest, src=0)  # rank 0's view: save_dir may be node-local elsewhere
+        if latest[0] != tag:  # not saved at this update already
+            tag = self.save()
+        log.warning(f"received {self.preempt.signal_name or 'a stop signal on another rank'}: "
+                    f"saved {tag} at update {self.update}; exiting with code {EXIT_PREEMPTED} "
+                    f"so the launcher can requeue")
+        return EXIT_PREEMPTED
 
     def _done(self) -> bool:
         cfg = self.cfg.train
@@ -594,18 +647,66 @@ def run_training(cfg: Config) -> int:
     # the start, so startup is never killed half-way (e.g. inside DeepSpeed's op build, which would leave
     # a stale lock behind) and the launcher still gets the "requeue me" code.
     preempt = PreemptionFlag().install()
+    watchdog, lock = None, None
     try:
         setup_logging(0)  # rank discovery logs on rank 0 only
         world = init_distributed(None if cfg.distributed.backend == "auto" else cfg.distributed.backend,
                                  timeout_minutes=cfg.distributed.timeout_minutes)
         setup_logging(world.rank)
+        watchdog = LauncherWatchdog(world.launcher in ("deepspeed", "torchrun"),
+                                    lambda reason: _launcher_gone(reason, cfg, world.rank)).start()
         trainer = Trainer(cfg, world, preempt)
         trainer.check()  # bad input stops here, with nothing written
+        lock = lock_run_dir(cfg, world.rank)  # before the first write, or refused with nothing written
         setup_logging(world.rank, Path(cfg.train.save_dir) / "train.log")
         trainer.setup()
-        return trainer.run()
+        return record_exit(trainer.run(), world.rank)
     except TrainingError as err:
         log.error(str(err))
-        return EXIT_ERROR
+        return record_exit(EXIT_ERROR, world.rank)
     finally:
         preempt.uninstall()
+        if watchdog is not None:
+            watchdog.stop()
+        if lock is not None:
+            lock.release()
+
+
+def lock_run_dir(cfg: Config, rank: int) -> RunDirLock | None:
+    """Rank 0 takes SAVE_DIR/.lock; every rank raises the same one-line UsageError when it is refused."""
+    lock, refusal = None, [None]
+    if rank == 0:
+        try:
+            lock = RunDirLock(cfg.train.save_dir).acquire(force=cfg.train.force_unlock, warn=log.warning)
+        except RunDirLocked as err:
+            refusal = [str(err)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise UsageError(refusal[0])
+    return lock
+
+
+#: launch/local/train.sh names a file here; rank 0 writes its exit code into it. DeepSpeed's runner
+#: reports success when its launcher was killed by a signal, so the script checks this instead.
+EXIT_FILE_ENV = "PYRAMIDION_EXIT_FILE"
+
+
+def record_exit(code: int, rank: int) -> int:
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path and rank == 0:
+        try:
+            Path(path).write_text(f"{code}\n")
+        except OSError as err:
+            log.warning(f"could not write the exit code to {EXIT_FILE_ENV}={path}: {err}")
+    return code
+
+
+def _launcher_gone(reason: str, cfg: Config, rank: int) -> None:
+    """LauncherWatchdog: end this rank now, without saving (see train.state)."""
+    latest = CheckpointDir(cfg.train.save_dir).read_pointer("latest")
+    log.error(f"stopping: {reason}; exiting without saving (latest complete checkpoint: {latest or 'none'}); "
+              f"nothing collects this run's exit code, so restart it by hand or through the scheduler")
+    for handler in logging.getLogger("pyramidion_ds").handlers:
+        handler.flush()
+    os._exit(record_exit(EXIT_ERROR, rank))

@@ -241,3 +241,23 @@ def test_master_port_in_use_stops_every_rank_at_once(slurm_cluster, job_env, cor
     assert f"master port {port} (from MASTER_PORT) is already in use on" in log
     assert time.monotonic() - start < 100, log
     assert not (tmp_path / "run").exists()
+
+
+def test_term_to_every_task_with_loader_workers_saves_and_requeues(slurm_cluster, job_env, corpus, tmp_path):
+    """What SLURM does at a time limit or a preemption: SIGTERM to every process of the job's steps,
+    the DataLoader workers included. The ranks save and exit 75 and the job is requeued."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, "run", corpus, data={"num_workers": 2}, train={"max_update": 100000})
+    job_id = submit_train(slurm_cluster, job_env, tmp_path, config)
+    log = lambda: job_log(tmp_path, "pyramidion-train", job_id)  # noqa: E731
+    wait_until(slurm_cluster, job_id, lambda _: "train | update 2 " in log(), "update 2 was logged", log=log)
+    slurm_cluster.run(["scancel", "--signal=TERM", str(job_id)])
+    wait_until(slurm_cluster, job_id, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING",
+               "the job was requeued", timeout=120, log=log)
+    slurm_cluster.run(["scancel", str(job_id)])
+    saved = CheckpointDir(run_dir).latest_complete()
+    assert saved is not None and 2 <= saved.update < 100000
+    assert (f"received SIGTERM: saved {tag_for(saved.update)} at update {saved.update}; exiting with code 75"
+            in log())
+    assert "is killed by signal" not in log()
+    assert f"requeueing job {job_id}" in log()

@@ -127,7 +127,8 @@ def test_repeated_nonfinite_loss_stops_naming_the_update(synthetic_bin, tmp_path
                                                         "max_nonfinite_steps": 2, "label_smoothing": 0.0})
     proc = train_single([cfg])
     assert proc.returncode == 1
-    assert "non-finite loss for 2 consecutive updates at update 2; stopping without saving" in proc.stderr
+    assert "non-finite loss or gradients for 2 consecutive updates at update 2; stopping without saving" in proc.stderr
+    assert "non-finite loss at update 2; update skipped (1/2)" in proc.stderr
     assert CheckpointDir(tmp_path / "run").latest_complete() is None
 
 
