@@ -223,9 +223,10 @@ class CheckpointDir:
 
 def no_space_message(err: OSError) -> str | None:
     """The one line for a full disk (or quota), None for other write errors."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"no space left on device ({os.strerror(err.errno)}{f': {err.filename}' if err.filename else ''})"
-    return None
+    reasons = {errno.ENOSPC: "", errno.EDQUOT: " (disk quota exceeded)", errno.EFBIG: " (file size limit)"}
+    if err.errno not in reasons:
+        return None
+    return f"no space left on device{reasons[err.errno]}" + (f" while writing {err.filename}" if err.filename else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,10 +285,15 @@ class _HashingWriter:
 
     def __init__(self, fh):
         self.fh, self.digest, self.size = fh, hashlib.sha256(), 0
+        self.error: OSError | None = None  #: torch's zip writer reports a failed write as a RuntimeError
 
     def write(self, data) -> int:
         self.digest.update(data)
-        written = self.fh.write(data)
+        try:
+            written = self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
         self.size += len(memoryview(data).cast("B"))
         return written
 
@@ -316,14 +322,19 @@ def checkpoint_files(config_params=None):
                 import torch
                 if self.error is not None:  # the disk is full: write nothing more this save
                     return
+                writer = None
                 try:
                     with open(path, "wb") as fh:
                         writer = _HashingWriter(fh)
                         torch.save(state_dict, writer, _use_new_zipfile_serialization=self.zipfile_serialization)
                         fh.flush()
                         os.fsync(fh.fileno())
-                except OSError as err:
-                    self.error = err
+                except (OSError, RuntimeError) as err:
+                    cause = writer.error if writer is not None and writer.error is not None else err
+                    if not isinstance(cause, OSError):
+                        raise
+                    cause.filename = cause.filename or path
+                    self.error = cause
                     Path(path).unlink(missing_ok=True)
                     return
                 self.written[os.path.abspath(path)] = (writer.size, writer.digest.hexdigest())
