@@ -61,6 +61,8 @@ def checkpoint_to_export(run_dir: str | os.PathLike, verify: bool = True) -> Che
     if info is None:
         raise UsageError(f"'{run_dir}' holds no complete checkpoint (nothing under {run_dir / 'checkpoints'} "
                          f"has a manifest.json whose files are all present)")
+    if verify:
+        info.check_pickles()
     stage = int(info.manifest.get("zero_stage", 0))
     if stage > 0:
         shards = sorted(info.path.glob("*_optim_states.pt"))

@@ -107,6 +107,27 @@ class CheckpointInfo:
         return None
 
 
+    def check_pickles(self) -> None:
+        """Refuse, before anything is loaded or written, a ``.pt`` file whose pickle names a class outside
+        :func:`safe_globals` (e.g. ``os.system`` in a crafted file). Reads the pickle opcodes only, not the
+        tensors; files in torch's older non-zip format are checked when loaded (:func:`safe_torch_load`)."""
+        import torch
+        allowed = safe_globals()
+        for name in sorted(self.manifest["files"]):
+            path = self.path / name
+            if not name.endswith(".pt") or not zipfile.is_zipfile(path):
+                continue
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except (RuntimeError, ValueError, KeyError, EOFError, IndexError) as err:
+                raise CheckpointError(f"'{path}' is not a readable checkpoint file "
+                                      f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            if unsafe:
+                raise CheckpointError(f"refusing to load '{path}': its pickle names {unsafe[0]}, which is not a "
+                                      f"tensor or plain data (loading it could run code)")
+
+
 class CheckpointDir:
     """The ``checkpoints/`` folder of a run: completeness, checksums, ``latest``, ``best``, pruning."""
 
@@ -376,6 +397,7 @@ def consolidated_state_dict(info: CheckpointInfo, lazy: bool = False) -> dict:
     ``lazy``: ZeRO-1/2/3 tensors stay memory-mapped views (DeepSpeed's ``GatheredTensor`` for ZeRO-3),
     materialized one at a time by ``.contiguous()``.
     """
+    info.check_pickles()
     if info.zero_stage == 0:
         states = safe_torch_load(info.path / "mp_rank_00_model_states.pt", map_location="cpu")
         return {name: tensor.float() for name, tensor in states["module"].items()}

@@ -261,6 +261,7 @@ class Trainer:
             raise UsageError(f"checkpoint {info.path} was trained with another sentencepiece vocabulary than "
                              f"{Path(self.cfg.data.data) / 'spm.model'}; pass --no-resume to train from scratch "
                              f"in this save_dir (its checkpoints get replaced), or choose another train.save_dir")
+        info.check_pickles()
         return info
 
     def resume(self) -> bool:

@@ -65,6 +65,7 @@ def init_source(path: str | Path, warn=lambda msg: None, verify: bool | Verifier
     info = CheckpointDir(path).latest_complete(warn=warn, verify=verify)
     if info is None:
         raise UsageError(f"train.init_from: '{path}' holds no complete checkpoint (checkpoints/latest)")
+    info.check_pickles()
     return InitSource(path, saved_model, _vocabulary(info.manifest), info)
 
 
