@@ -42,8 +42,8 @@ TAG_PREFIX = "update_"
 MANIFEST = "manifest.json"
 HASH_BLOCK = 1 << 22
 
-#: checks a tag beyond sizes (its checksums): tag -> why it is broken, or None
-Verifier = Callable[[str], "str | None"]
+#: checks a complete checkpoint beyond sizes (its checksums): why it is broken, or None
+Verifier = Callable[["CheckpointInfo"], "str | None"]
 
 
 class CheckpointError(UsageError):
@@ -176,8 +176,8 @@ class CheckpointDir:
     def latest_complete(self, warn=print, verify: bool | Verifier = False) -> CheckpointInfo | None:
         """The checkpoint ``latest`` names, or the newest complete one before it when that is broken.
 
-        ``verify``: also compare every file with its sha256 (True), or call this verifier with the tag
-        (e.g. one that spreads the hashing over the ranks). Checkpoints written before manifests had
+        ``verify``: also compare every file with its sha256 (True), or call this verifier with the
+        checkpoint (e.g. one that spreads the hashing over the ranks). Checkpoints written before manifests had
         checksums pass on sizes, with a note.
         """
         pointed = self.read_pointer("latest")
@@ -191,7 +191,7 @@ class CheckpointDir:
                 if not info.has_checksums:
                     warn(f"checkpoint '{tag}' records no checksums (written by an older version): "
                          f"checked file sizes only")
-                problem = info.checksum_problem() if verify is True else verify(tag)
+                problem = info.checksum_problem() if verify is True else verify(info)
             if problem is None:
                 if tag != pointed and pointed is not None:
                     warn(f"checkpoint '{pointed}' is incomplete or corrupt; falling back to '{tag}'")

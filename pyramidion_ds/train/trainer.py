@@ -132,7 +132,21 @@ class Trainer:
         """Everything that can be wrong with the inputs, before the first byte is written to save_dir:
         the vocabulary, the model config, the DeepSpeed JSON (our merge, then DeepSpeed's own parser), the
         data splits, the checkpoint a resume would continue (complete, checksums, same vocabulary) and
-        ``--init-from``. Every rank runs it; checksums are spread over the ranks."""
+        ``--init-from``. Every rank runs it; checksums are spread over the ranks. Its warnings (a skipped
+        corrupt checkpoint) are logged by setup(), once train.log is open, or here when a check fails."""
+        self.notes: list[str] = []
+        try:
+            self._check()
+        except Exception:
+            self.log_notes()
+            raise
+
+    def log_notes(self) -> None:
+        for note in getattr(self, "notes", []):
+            log.warning(note)
+        self.notes = []
+
+    def _check(self) -> None:
         cfg = self.cfg
         self.vocab_size, self.spm_hash, self.spm_id = fill_vocab(cfg)
         cfg.model.validate()
@@ -150,6 +164,7 @@ class Trainer:
         cfg = self.cfg
         if not hasattr(self, "ds_config"):
             self.check()
+        self.log_notes()
         seed_everything(cfg.train.seed)
 
         if self.rank == 0:  # the run dir describes itself: configs + vocabulary
@@ -237,10 +252,9 @@ class Trainer:
                 "valid_history": self.valid_history, "config": to_dict(self.cfg),
                 "spm_sha256": self.spm_hash, "spm_identity": self.spm_id, "world_size": self.world_size}
 
-    def verify_on_ranks(self, tag: str) -> str | None:
-        """Compare the files of checkpoint ``tag`` with their checksums, each rank hashing a share of
-        them; every rank gets the first problem found (or None)."""
-        info = self.ckpt.info(tag)
+    def verify_on_ranks(self, info) -> str | None:
+        """Compare the files of a checkpoint (``CheckpointInfo``) with their checksums, each rank hashing
+        a share of them; every rank gets the first problem found (or None)."""
         names = sorted(info.manifest["files"])
         if not (dist.is_initialized() and self.world_size > 1):
             return info.checksum_problem(names)
@@ -252,10 +266,10 @@ class Trainer:
         """The checkpoint a resume continues (complete and verified, newest first), refused when it was
         trained with another vocabulary; None to start from scratch."""
         from ..data import same_vocabulary
-        info = self.ckpt.latest_complete(warn=log.warning, verify=self.verify_on_ranks)
+        info = self.ckpt.latest_complete(warn=self.notes.append, verify=self.verify_on_ranks)
         if info is None:
             if self.ckpt.tags():
-                log.warning(f"no complete checkpoint in {self.ckpt.root}; starting from scratch")
+                self.notes.append(f"no complete checkpoint in {self.ckpt.root}; starting from scratch")
             return None
         if same_vocabulary(info.manifest, self.spm_id, self.spm_hash, self.run_dir / "spm.model") is False:
             raise UsageError(f"checkpoint {info.path} was trained with another sentencepiece vocabulary than "
@@ -299,7 +313,7 @@ class Trainer:
         """--init-from must be the same architecture and vocabulary (read before anything is written)."""
         from .weights import init_source
         path = self.cfg.train.init_from
-        self.init_source = init_source(path, warn=log.warning, verify=self.verify_on_ranks)
+        self.init_source = init_source(path, warn=self.notes.append, verify=self.verify_on_ranks)
         problem = architecture_mismatch(self.init_source.saved_model, to_dict(self.cfg.model))
         if problem:
             raise UsageError(f"train.init_from '{path}' is another architecture: {problem}")

@@ -105,7 +105,8 @@ def test_real_state_loads_with_the_allow_list(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     path = tmp_path / "state.pt"
-    state = {"rng": np.random.get_state(), "scaler": LossScaler(1.0), "dynamic": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False),
+    state = {"rng": np.random.get_state(), "scaler": LossScaler(1.0),
+             "dynamic": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False),
              "stage": ZeroStageEnum.gradients, "flat": [torch.arange(3.0)], "plain": {"a": (1, "b", 2.5)}}
     torch.save(state, path)
     loaded = safe_torch_load(path)
