@@ -50,15 +50,16 @@ def truncate_ids(ids: list[int] | np.ndarray, limit: int, eos_id: int) -> np.nda
 
 
 def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, spm, eos_id: int,
-                  expected_vocabulary: Optional[dict] = None) -> Inputs:
+                  expected_vocabulary: Optional[dict] = None, recorded_model: Optional[Path] = None) -> Inputs:
     """Split ``split`` of a pyramidion-preprocess output; references are the detokenized targets.
 
     ``expected_vocabulary``: what the model records of its vocabulary (``spm_identity`` and/or
-    ``spm_sha256``, as in ``export.json``); data binarized with another vocabulary is refused."""
+    ``spm_sha256``, as in ``export.json``; ``recorded_model``: the model's own ``spm.model``, which settles
+    records that hold the file's sha256 only); data binarized with another vocabulary is refused."""
     from ..data.dataset import open_shard
     from ..data.spm import same_vocabulary, spm_identity, spm_sha256
     if expected_vocabulary and same_vocabulary(expected_vocabulary, spm_identity(data_dir),
-                                               spm_sha256(data_dir)) is False:
+                                               spm_sha256(data_dir), recorded_model) is False:
         raise DataError(f"{data_dir}: its spm.model is not the vocabulary the model was trained with; "
                         f"binarize the data with the model's spm.model")
     source = open_shard(data_dir, split, "source")
