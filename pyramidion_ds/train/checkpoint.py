@@ -220,6 +220,11 @@ class CheckpointDir:
         write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
         write_text_atomic(self.root / "latest", tag)
 
+    def begin(self, tag: str) -> None:
+        """Before saving into ``tag``: a tag written again (a ``--no-resume`` retrain) is incomplete until
+        its new manifest is written, so a save that dies half-way never passes for the old checkpoint."""
+        (self.root / tag / MANIFEST).unlink(missing_ok=True)
+
     def discard(self, tag: str) -> None:
         """Remove a checkpoint whose save failed (``latest`` never named it)."""
         shutil.rmtree(self.root / tag, ignore_errors=True)

@@ -528,6 +528,8 @@ class Trainer:
         files = self.checkpoint_files
         files.written.clear()
         files.error = None
+        if self.rank == 0:
+            self.ckpt.begin(tag)
         try:
             self.engine.save_checkpoint(str(self.ckpt.root), tag=tag, client_state=client, save_latest=False)
         except OSError as err:  # outside the file writes (e.g. creating the folder)
@@ -556,9 +558,10 @@ class Trainer:
             if self.rank == 0:
                 self.ckpt.discard(tag)  # frees the space first, so the log line below can be written
             self._barrier()
+            previous = self.ckpt.latest_complete(warn=lambda message: None)
             raise TrainingError(f"saving checkpoint {tag} at update {self.update} failed: {error}; removed the "
                                 f"partial checkpoint (latest complete checkpoint: "
-                                f"{self.ckpt.read_pointer('latest')})")
+                                f"{previous.tag if previous else 'none'})")
         if self.rank == 0:
             if best:
                 self.ckpt.mark_best(tag)
