@@ -188,3 +188,12 @@ def test_deepspeed_files_are_hashed_while_written_and_loaded_safely(tmp_path):
     with pytest.raises(CheckpointError):
         files.load(str(path))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_tag_saved_again_is_incomplete_until_finalized(tmp_path):
+    ckpt = CheckpointDir(tmp_path)
+    older = save_zero0(ckpt, 10, {"w": torch.ones(2)})
+    again = save_zero0(ckpt, 20, {"w": torch.ones(2)})
+    ckpt.begin(again)  # a --no-resume retrain reaches update 20 again and starts writing its shards
+    assert ckpt.problem(again) is not None
+    assert ckpt.latest_complete(warn=lambda m: None).tag == older
