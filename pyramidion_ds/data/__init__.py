@@ -14,6 +14,7 @@ _EXPORTS = {
     "DataError": "errors",
     "BOS_ID": "spm", "PAD_ID": "spm", "EOS_ID": "spm", "UNK_ID": "spm", "SPECIAL_IDS": "spm",
     "load_spm": "spm", "spm_sha256": "spm", "vocab_size": "spm", "train_spm": "spm",
+    "spm_identity": "spm", "same_vocabulary": "spm",
     "ShardReader": "indexed", "ShardWriter": "indexed",
     "preprocess": "binarize", "read_meta": "binarize",
     "SummarizationDataset": "dataset", "DenoisingDataset": "dataset", "GapSentencesDataset": "dataset",

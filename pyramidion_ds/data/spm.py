@@ -61,6 +61,73 @@ def spm_sha256(data_dir: str | os.PathLike) -> str:
     return file_sha256(_model_path(data_dir))
 
 
+#: trainer fields that change how text is encoded or decoded (the rest only steer training: the path of
+#: the training text, sample sizes, thread counts, ... and differ between two trainings of one vocabulary)
+_ENCODING_TRAINER_FIELDS = ("model_type", "byte_fallback", "treat_whitespace_as_suffix",
+                            "allow_whitespace_only_pieces", "unk_surface", "unk_id", "bos_id", "eos_id",
+                            "pad_id")
+_NORMALIZER_FIELDS = ("name", "precompiled_charsmap", "add_dummy_prefix", "remove_extra_whitespaces",
+                      "escape_whitespaces", "normalization_rule_tsv")
+
+
+def spm_identity(data_dir_or_model: str | os.PathLike) -> str:
+    """What a vocabulary *is*: sha256 over its pieces (text, score, type), its normalizer and
+    denormalizer, and the trainer fields that change encoding.
+
+    Unlike :func:`spm_sha256` of the file, it leaves out what the serialized model also records about
+    its training (the temporary path of the training text, sentence counts), so retraining on the same
+    text gives the same identity and a rerun of the quick start can resume.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    path = _model_path(data_dir_or_model)
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as err:  # protobuf's DecodeError; the message is one line
+        raise DataError(f"{path}: not a sentencepiece model ({str(err).splitlines()[0] if str(err) else err})") \
+            from None
+    if not proto.pieces:
+        raise DataError(f"{path}: not a sentencepiece model (no pieces)")
+    digest = hashlib.sha256(b"pyramidion-spm-identity-1\0")
+
+    def add(value) -> None:
+        data = value if isinstance(value, bytes) else repr(value).encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    for piece in proto.pieces:
+        add(piece.piece)
+        add(float(piece.score).hex())
+        add(int(piece.type))
+    for spec in (proto.normalizer_spec, proto.denormalizer_spec):
+        for name in _NORMALIZER_FIELDS:
+            add(getattr(spec, name))
+    for name in _ENCODING_TRAINER_FIELDS:
+        add(getattr(proto.trainer_spec, name))
+    return digest.hexdigest()
+
+
+def same_vocabulary(recorded: dict, current_identity: str, current_sha256: str,
+                    recorded_model: str | os.PathLike | None = None) -> bool | None:
+    """Whether a vocabulary recorded as ``{"spm_identity", "spm_sha256"}`` (a checkpoint manifest, an
+    export's ``export.json``) is the current one.
+
+    Records written before identities existed hold the file's sha256 only: equal files agree; otherwise
+    ``recorded_model`` (the run dir's own ``spm.model``) settles it when it is still the very file that
+    was recorded. None when nothing was recorded (nothing to compare).
+    """
+    if recorded.get("spm_identity"):
+        return recorded["spm_identity"] == current_identity
+    sha = recorded.get("spm_sha256")
+    if not sha:
+        return None
+    if sha == current_sha256:
+        return True
+    if recorded_model is not None and Path(recorded_model).is_file() and file_sha256(recorded_model) == sha:
+        return spm_identity(recorded_model) == current_identity
+    return False
+
+
 def vocab_size(data_dir: str | os.PathLike) -> int:
     return int(load_spm(data_dir).GetPieceSize())
 

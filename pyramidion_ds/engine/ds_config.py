@@ -135,3 +135,64 @@ def precision_of(ds: dict) -> str:
     if _enabled(ds.get("fp16")) is True:
         return "fp16"
     return "fp32"
+
+
+def validate_ds_config(ds: dict, source: str = "deepspeed config") -> None:
+    """Run DeepSpeed's own parser (its pydantic models) on a resolved config, so a typo inside a block
+    (``zero_optimization.overlap_com``) fails before anything is written, in one line naming the key.
+
+    ``train_batch_size`` is left out: DeepSpeed would check it against the world size it sees, which in
+    a check before the launch is not the run's; :func:`resolve_ds_config` has checked it already."""
+    import difflib
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import BaseModel, ValidationError
+    check = {key: value for key, value in ds.items() if key != "train_batch_size"}
+    try:
+        DeepSpeedConfig(check)
+    except ValidationError as err:
+        first = err.errors()[0]
+        block = _MODEL_BLOCKS.get(err.title, "")
+        loc = ".".join(str(part) for part in first.get("loc", ()))
+        key = ".".join(part for part in (block, loc) if part)
+        if first.get("type") == "extra_forbidden":
+            model = _model_class(err.title)
+            names = sorted(_field_names(model)) if model is not None and issubclass(model, BaseModel) else []
+            close = difflib.get_close_matches(str(first["loc"][-1]), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}") from None
+        raise ConfigError(f"{source}: {key}: {first.get('msg', 'invalid')} (got {first.get('input')!r})") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as err:  # DeepSpeed's own checks outside pydantic
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{source}: DeepSpeed refuses it: {message}") from None
+
+
+#: DeepSpeed's pydantic model names -> the JSON block they parse
+_MODEL_BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedZeroOffloadOptimizerConfig":
+                 "zero_optimization.offload_optimizer", "DeepSpeedZeroOffloadParamConfig":
+                 "zero_optimization.offload_param", "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16",
+                 "DeepSpeedActivationCheckpointingConfig": "activation_checkpointing",
+                 "DeepSpeedFlopsProfilerConfig": "flops_profiler", "CommsConfig": "comms_logger"}
+
+
+def _model_class(title: str):
+    import importlib
+    for module in ("deepspeed.runtime.zero.config", "deepspeed.runtime.zero.offload_config",
+                   "deepspeed.runtime.precision_config", "deepspeed.runtime.activation_checkpointing.config",
+                   "deepspeed.profiling.config", "deepspeed.comm.config"):
+        try:
+            found = getattr(importlib.import_module(module), title, None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def _field_names(model) -> set[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        if info.alias:
+            names.add(info.alias)
+    return names

@@ -136,27 +136,3 @@ def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Ten
     with torch.no_grad():
         for name, buf in buffers.items():
             buf.copy_(state_dict[name].to(buf.dtype))
-
-
-def stale_layout_problem(model: torch.nn.Module, checkpoint_dir) -> str | None:
-    """Why ``engine.load_checkpoint`` must not resume ``checkpoint_dir`` (a DeepSpeed tag directory) into
-    ``model``, or None: a checkpoint written before the attention projections were fused holds
-    optimizer state (ZeRO's flat fp32 partitions, Adam moments) in the old parameter order, which would
-    load without an error into the wrong parameters. Its weights still load (``--train.init_from``)."""
-    from pathlib import Path
-    states_path = Path(checkpoint_dir) / "mp_rank_00_model_states.pt"
-    if not states_path.is_file():
-        return None
-    # DeepSpeed's own file (it unpickles it itself on resume); mmap: only the names are needed
-    states = torch.load(states_path, map_location="cpu", weights_only=False, mmap=True)
-    names = set(states.get("module") or {})
-    for shapes in states.get("param_shapes") or []:
-        names.update(shapes)
-    legacy = {f"{prefix}.{part}.weight" for prefix, module in model.named_modules()
-              if hasattr(module, "fused_names") for parts in module.fused_names().values() for part in parts}
-    stale = sorted(names & legacy)
-    if not stale:
-        return None
-    return (f"checkpoint '{checkpoint_dir}' was written before the attention projections were fused (it has "
-            f"'{stale[0]}'), so its optimizer state cannot be restored; continue from its weights with "
-            f"--train.init_from {Path(checkpoint_dir).parent.parent} and a new --train.save_dir")

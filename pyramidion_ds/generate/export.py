@@ -3,15 +3,20 @@
 ::
 
     RUN/checkpoints/<tag>/ (ZeRO shards, any stage, any world size)
-      └─ consolidate ──> EXPORT/model.safetensors   written tensor by tensor (DeepSpeed's lazy zero_to_fp32)
+      └─ consolidate ──> EXPORT/model.safetensors   written tensor by tensor (lazy, memory-mapped shards)
                          EXPORT/config.yaml         the run's resolved config
                          EXPORT/spm.model           the vocabulary
-                         EXPORT/export.json         source run + tag + update, spm_sha256, dtype
+                         EXPORT/export.json         source run + tag + update + checkpoint_sha256,
+                                                    spm_identity, spm_sha256, dtype
 
-The export appears complete or not at all: it is written under ``.EXPORT.tmp-*`` and renamed. Generation
-on a run dir consolidates once into ``RUN/export/<tag>`` and reuses it while that tag is the newest
-complete checkpoint. Loading reads safetensors (never unpickles) and checks every tensor name and shape
-against the model that ``config.yaml`` describes, naming the first one that disagrees.
+Consolidation verifies the shards against their checksums (a corrupt newest checkpoint falls back to the
+previous complete one) and unpickles them with ``weights_only`` (``train/checkpoint.py``). The export
+appears complete or not at all: it is written under ``.EXPORT.tmp-*`` and renamed. Generation on a run
+dir consolidates once into ``RUN/export/<tag>`` and reuses it while its ``checkpoint_sha256`` (the sha256
+of the checkpoint's manifest, which holds every shard's checksum) is that of the newest complete
+checkpoint: a retrain that wrote the same tag again is consolidated anew. Loading reads safetensors (never
+unpickles) and checks every tensor name and shape against the model that ``config.yaml`` describes,
+naming the first one that disagrees.
 """
 from __future__ import annotations
 
@@ -43,18 +48,21 @@ _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 # run dir -> export dir
 # --------------------------------------------------------------------------------------------------
 
-def checkpoint_to_export(run_dir: str | os.PathLike) -> CheckpointInfo:
-    """The newest complete checkpoint of ``run_dir``, after checking its shard count; one-line errors."""
+def checkpoint_to_export(run_dir: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
+    """The newest complete checkpoint of ``run_dir`` (``verify``: whose files match their checksums),
+    after checking its shard count; one-line errors."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"'{run_dir}' is not a directory (expected a run dir or an export dir)")
     if not (run_dir / "config.yaml").is_file():
         raise UsageError(f"'{run_dir}' has no config.yaml: not a run dir (pyramidion-train save_dir) "
                          f"nor an export dir")
-    info = CheckpointDir(run_dir).latest_complete(warn=log.warning)
+    info = CheckpointDir(run_dir).latest_complete(warn=log.warning, verify=verify)
     if info is None:
         raise UsageError(f"'{run_dir}' holds no complete checkpoint (nothing under {run_dir / 'checkpoints'} "
                          f"has a manifest.json whose files are all present)")
+    if verify:
+        info.check_pickles()
     stage = int(info.manifest.get("zero_stage", 0))
     if stage > 0:
         shards = sorted(info.path.glob("*_optim_states.pt"))
@@ -82,7 +90,7 @@ def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None
     spm_path = run_dir / "spm.model"
     if not spm_path.is_file():
         raise UsageError(f"'{run_dir}' has no spm.model (the run dir is incomplete)")
-    from ..data.spm import file_sha256
+    from ..data.spm import file_sha256, spm_identity
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -93,7 +101,8 @@ def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None
         shutil.copyfile(spm_path, tmp / "spm.model")
         meta = {"source_run_dir": str(run_dir.resolve()), "tag": info.tag, "update": info.update,
                 "zero_stage": int(info.manifest.get("zero_stage", 0)), "world_size": info.world_size,
-                "dtype": dtype, "tensors": count, "spm_sha256": file_sha256(spm_path)}
+                "checkpoint_sha256": info.manifest_sha256, "dtype": dtype, "tensors": count,
+                "spm_identity": spm_identity(spm_path), "spm_sha256": file_sha256(spm_path)}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
         if out.exists():  # replace an older export at the same path
@@ -108,25 +117,26 @@ def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None
 
 def export_for(path: str | os.PathLike, dtype: str = "fp32") -> Path:
     """An export dir for ``path``: itself when it is one, else ``RUN/export/<tag>`` of the newest
-    complete checkpoint (consolidated now unless an export of that tag is already there)."""
+    complete checkpoint (consolidated now unless an export of that very checkpoint is already there:
+    same manifest sha256, not merely the same tag)."""
     path = Path(path)
     if is_export_dir(path):
         return path
-    info = checkpoint_to_export(path)
+    info = checkpoint_to_export(path, verify=False)  # consolidation verifies; a cache hit reads no shard
     cached = path / EXPORT_SUBDIR / info.tag
-    if is_export_dir(cached) and _export_meta(cached).get("tag") == info.tag:
-        return cached
-    return consolidate(path, cached, dtype)
+    if is_export_dir(cached):
+        if _export_meta(cached).get("checkpoint_sha256") == info.manifest_sha256:
+            return cached
+        log.info(f"{cached} was consolidated from another checkpoint than the current {info.tag} "
+                 f"(retrained?); consolidating again")
+    return consolidate(path, None, dtype)  # RUN/export/<tag> of the newest checkpoint that verifies
 
 
 def _lazy_state_dict(info: CheckpointInfo) -> dict:
     """name -> tensor or DeepSpeed GatheredTensor (materialized by ``.contiguous()``)."""
-    if int(info.manifest.get("zero_stage", 0)) == 0:
-        return consolidated_state_dict(info)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(info.path.parent), tag=info.tag, lazy_mode=True)
-    except ValueError as err:  # DeepSpeed's own shard checks (world size, stage)
+        return consolidated_state_dict(info, lazy=True)
+    except ValueError as err:  # DeepSpeed's own shard checks in its merge (shapes, partitions)
         raise UsageError(f"checkpoint '{info.path}': {str(err).splitlines()[0]}") from None
 
 
@@ -185,7 +195,7 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu",
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..data.spm import file_sha256, load_spm
+    from ..data.spm import file_sha256, load_spm, same_vocabulary, spm_identity
     from ..model import PyramidionModel
 
     path = Path(path)
@@ -194,9 +204,9 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu",
     cfg = _run_config(path)
     meta = _export_meta(path)
     spm_path = path / "spm.model"
-    if meta.get("spm_sha256") and spm_path.is_file() and file_sha256(spm_path) != meta["spm_sha256"]:
+    if spm_path.is_file() and same_vocabulary(meta, spm_identity(spm_path), file_sha256(spm_path)) is False:
         raise UsageError(f"'{spm_path}' is not the vocabulary the model was trained with "
-                         f"(sha256 differs from {EXPORT_META})")
+                         f"(it differs from the one {EXPORT_META} records)")
     try:
         state = load_file(str(path / EXPORT_WEIGHTS))
     except (SafetensorError, OSError) as err:

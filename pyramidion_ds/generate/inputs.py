@@ -73,14 +73,19 @@ def raw_references(data_dir: str | Path, split: str, ids: Optional[list]) -> Opt
 
 
 def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, spm, eos_id: int,
-                  expected_spm_sha256: Optional[str] = None) -> Inputs:
+                  expected_vocabulary: Optional[dict] = None, recorded_model: Optional[Path] = None) -> Inputs:
     """Split ``split`` of a pyramidion-preprocess output. References are the raw summaries preprocess kept
     (what ``--input FILE.jsonl`` scores against too); a data dir written before it kept them falls back to
     the detokenized targets, which are cut to ``max_target_positions`` and lose what the vocabulary
-    cannot spell (a warning says so)."""
+    cannot spell (a warning says so).
+
+    ``expected_vocabulary``: what the model records of its vocabulary (``spm_identity`` and/or
+    ``spm_sha256``, as in ``export.json``; ``recorded_model``: the model's own ``spm.model``, which settles
+    records that hold the file's sha256 only); data binarized with another vocabulary is refused."""
     from ..data.dataset import open_shard
-    from ..data.spm import spm_sha256
-    if expected_spm_sha256 and spm_sha256(data_dir) != expected_spm_sha256:
+    from ..data.spm import same_vocabulary, spm_identity, spm_sha256
+    if expected_vocabulary and same_vocabulary(expected_vocabulary, spm_identity(data_dir),
+                                               spm_sha256(data_dir), recorded_model) is False:
         raise DataError(f"{data_dir}: its spm.model is not the vocabulary the model was trained with; "
                         f"binarize the data with the model's spm.model")
     source = open_shard(data_dir, split, "source")

@@ -97,7 +97,8 @@ def load_inputs(req: GenerateRequest, gen: GenerationConfig, cfg, spm, export_di
         if not data_dir:
             raise UsageError("nothing to generate for: pass --input FILE, or --data DIR with --gen-subset")
         meta = json.loads((export_dir / "export.json").read_text()) if (export_dir / "export.json").is_file() else {}
-        inputs = from_data_dir(data_dir, gen.gen_subset, max_src, spm, cfg.model.eos_id, meta.get("spm_sha256"))
+        inputs = from_data_dir(data_dir, gen.gen_subset, max_src, spm, cfg.model.eos_id, meta,
+                               export_dir / "spm.model")
     if inputs.num_truncated:
         log.warning(f"truncated {inputs.num_truncated} of {len(inputs.examples)} sources to {max_src} tokens "
                     f"(model.max_source_positions; longest was {max(inputs.original_lengths)})")

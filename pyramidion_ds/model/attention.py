@@ -33,6 +33,11 @@ class StaticKeyValue:
     position: Tensor
 
 
+#: separate projections that no module has since q/k/v (self) and k/v (cross) were fused: a parameter
+#: name holding one was written before the fusion
+PRE_FUSION_PROJECTIONS = ("k_proj", "v_proj")
+
+
 class MultiheadAttention(nn.Module):
     """Self-attention with one fused ``qkv_proj`` (d → 3d), or cross-attention (``cross=True``) with
     ``q_proj`` (d → d) over the decoder and one fused ``kv_proj`` (d → 2d) over the encoder output;

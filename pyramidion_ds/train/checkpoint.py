@@ -1,4 +1,4 @@
-"""Preemption-safe checkpoints on top of DeepSpeed's sharded ``save_checkpoint``.
+"""Preemption-safe, checksummed checkpoints on top of DeepSpeed's sharded ``save_checkpoint``.
 
 Layout of a run directory::
 
@@ -6,26 +6,48 @@ Layout of a run directory::
     RUN/checkpoints/update_0000100/                  one DeepSpeed tag: every rank's shards
                     ├── mp_rank_00_model_states.pt   (+ client state: update, sampler, RNG, best, ...)
                     ├── *_optim_states.pt            one per rank under ZeRO
-                    └── manifest.json                written last: files, sizes, world size, update
+                    └── manifest.json                written last: size + sha256 of every file,
+                                                     world size, update, vocabulary identity
     RUN/checkpoints/latest                           tag of the newest *complete* checkpoint
     RUN/checkpoints/best                             tag of the best one (kept when pruning)
 
 DeepSpeed itself moves ``latest`` as soon as rank 0 has written its own files; we save with
 ``save_latest=False``, wait for every rank (DeepSpeed ends ``save_checkpoint`` with a barrier), then
-rank 0 writes the manifest and only then replaces ``latest`` (temp file + rename). A tag whose manifest
-is missing or whose files no longer match it (a truncated shard) is incomplete: loading falls back to
-the newest complete one, with a warning.
+rank 0 writes the manifest and only then replaces ``latest`` (temp file + rename). Each rank hashes the
+files it writes while writing them (:class:`CheckpointFiles`, DeepSpeed's checkpoint-engine hook), so
+the manifest costs no second read. A tag whose manifest is missing or whose files no longer match it
+(a truncated shard, or, when verified, a changed byte) is incomplete: loading falls back to the newest
+complete one, with a warning naming the file.
+
+Opening a checkpoint never runs code from it: every ``.pt`` file is unpickled with
+``torch.load(weights_only=True)``, allowing only the plain classes DeepSpeed's shards hold
+(:data:`SAFE_GLOBALS`), for our own consolidation and for DeepSpeed's ``load_checkpoint`` alike.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from ..cli.common import UsageError
 
 TAG_PREFIX = "update_"
 MANIFEST = "manifest.json"
+HASH_BLOCK = 1 << 22
+
+#: checks a complete checkpoint beyond sizes (its checksums): why it is broken, or None
+Verifier = Callable[["CheckpointInfo"], "str | None"]
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used as it is (a file that would run code, a corrupt shard)."""
 
 
 def tag_for(update: int) -> str:
@@ -38,11 +60,27 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entry(value) -> tuple[int, str | None]:
+    """(size, sha256 or None) of a manifest ``files`` entry; older manifests record the size only."""
+    if isinstance(value, dict):
+        return int(value["size"]), value.get("sha256")
+    return int(value), None
+
+
 @dataclass
 class CheckpointInfo:
     tag: str
     path: Path
     manifest: dict
+    manifest_sha256: str = ""  #: identity of this checkpoint (sha256 of its manifest.json)
 
     @property
     def update(self) -> int:
@@ -52,27 +90,67 @@ class CheckpointInfo:
     def world_size(self) -> int:
         return int(self.manifest["world_size"])
 
+    @property
+    def zero_stage(self) -> int:
+        return int(self.manifest.get("zero_stage", 0))
+
+    @property
+    def has_checksums(self) -> bool:
+        return all(_entry(v)[1] for v in self.manifest["files"].values())
+
+    def checksum_problem(self, names: list[str] | None = None) -> str | None:
+        """Why a file among ``names`` (default: all) differs from its recorded sha256, or None."""
+        for name in self.manifest["files"] if names is None else names:
+            size, sha = _entry(self.manifest["files"][name])
+            if sha is not None and file_sha256(self.path / name) != sha:
+                return f"{self.path / name} does not match the sha256 in its {MANIFEST} (corrupt)"
+        return None
+
+
+    def check_pickles(self) -> None:
+        """Refuse, before anything is loaded or written, a ``.pt`` file whose pickle names a class outside
+        :func:`safe_globals` (e.g. ``os.system`` in a crafted file). Reads the pickle opcodes only, not the
+        tensors; files in torch's older non-zip format are checked when loaded (:func:`safe_torch_load`)."""
+        import torch
+        allowed = safe_globals()
+        for name in sorted(self.manifest["files"]):
+            path = self.path / name
+            if not name.endswith(".pt") or not zipfile.is_zipfile(path):
+                continue
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except (RuntimeError, ValueError, KeyError, EOFError, IndexError) as err:
+                raise CheckpointError(f"'{path}' is not a readable checkpoint file "
+                                      f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            if unsafe:
+                raise CheckpointError(f"refusing to load '{path}': its pickle names {unsafe[0]}, which is not a "
+                                      f"tensor or plain data (loading it could run code)")
+
 
 class CheckpointDir:
-    """The ``checkpoints/`` folder of a run: completeness, ``latest``, ``best``, pruning."""
+    """The ``checkpoints/`` folder of a run: completeness, checksums, ``latest``, ``best``, pruning."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.root = Path(run_dir) / "checkpoints"
 
     # ---------------------------------------------------------------- reading
     def problem(self, tag: str) -> str | None:
-        """Why ``tag`` is not a complete checkpoint, or None when it is."""
+        """Why ``tag`` is not a complete checkpoint (manifest, files, sizes), or None when it is."""
         path = self.root / tag
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             return f"{path} has no {MANIFEST} (the save did not finish)"
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            files = manifest["files"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            files = {name: _entry(value) for name, value in manifest["files"].items()}
+            int(manifest["update"]), int(manifest["world_size"])
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError, TypeError, ValueError, AttributeError):
             return f"{manifest_path} is unreadable"
-        for name, size in files.items():
+        for name, (size, _) in files.items():
             file = path / name
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                return f"{manifest_path} names a file outside the checkpoint ({name})"
             if not file.is_file():
                 return f"{file} is missing"
             if file.stat().st_size != size:
@@ -81,7 +159,8 @@ class CheckpointDir:
 
     def info(self, tag: str) -> CheckpointInfo:
         path = self.root / tag
-        return CheckpointInfo(tag, path, json.loads((path / MANIFEST).read_text(encoding="utf-8")))
+        raw = (path / MANIFEST).read_bytes()
+        return CheckpointInfo(tag, path, json.loads(raw), hashlib.sha256(raw).hexdigest())
 
     def tags(self) -> list[str]:
         """Every tag on disk, newest first (complete or not)."""
@@ -94,36 +173,68 @@ class CheckpointDir:
         path = self.root / name
         return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
-    def latest_complete(self, warn=print) -> CheckpointInfo | None:
-        """The checkpoint ``latest`` names, or the newest complete one before it when that is broken."""
+    def latest_complete(self, warn=print, verify: bool | Verifier = False) -> CheckpointInfo | None:
+        """The checkpoint ``latest`` names, or the newest complete one before it when that is broken.
+
+        ``verify``: also compare every file with its sha256 (True), or call this verifier with the
+        checkpoint (e.g. one that spreads the hashing over the ranks). Checkpoints written before manifests had
+        checksums pass on sizes, with a note.
+        """
         pointed = self.read_pointer("latest")
         candidates = self.tags()
         if pointed in candidates:  # try what latest names first, then older ones
             candidates = [pointed] + [t for t in candidates if t < pointed]
         for tag in candidates:
             problem = self.problem(tag)
+            if problem is None and verify:
+                info = self.info(tag)
+                if not info.has_checksums:
+                    warn(f"checkpoint '{tag}' records no checksums (written by an older version): "
+                         f"checked file sizes only")
+                problem = info.checksum_problem() if verify is True else verify(info)
             if problem is None:
                 if tag != pointed and pointed is not None:
-                    warn(f"checkpoint '{pointed}' is incomplete; falling back to '{tag}'")
+                    warn(f"checkpoint '{pointed}' is incomplete or corrupt; falling back to '{tag}'")
                 return self.info(tag)
             warn(f"skipping checkpoint '{tag}': {problem}")
         return None
 
     # ---------------------------------------------------------------- writing (rank 0, after the barrier)
-    def finalize(self, tag: str, *, update: int, world_size: int, extra: dict | None = None) -> None:
-        """Record what every rank wrote under ``tag``, then point ``latest`` at it."""
+    def finalize(self, tag: str, *, update: int, world_size: int, extra: dict | None = None,
+                 digests: dict[str, tuple[int, str]] | None = None) -> None:
+        """Record what every rank wrote under ``tag`` (size + sha256), then point ``latest`` at it.
+
+        ``digests``: name -> (size, sha256) as hashed while writing; a file missing there, or whose size
+        changed since, is hashed now."""
         path = self.root / tag
-        files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
-                 if p.is_file() and p.name != MANIFEST}
+        digests = digests or {}
+        files = {}
+        for file in sorted(path.rglob("*")):
+            if not file.is_file() or file.name == MANIFEST:
+                continue
+            name, size = str(file.relative_to(path)), file.stat().st_size
+            known = digests.get(name)
+            sha = known[1] if known and known[0] == size else file_sha256(file)
+            files[name] = {"size": size, "sha256": sha}
         manifest = {"tag": tag, "update": update, "world_size": world_size, "files": files, **(extra or {})}
         write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
         write_text_atomic(self.root / "latest", tag)
+
+    def begin(self, tag: str) -> None:
+        """Before saving into ``tag``: a tag written again (a ``--no-resume`` retrain) is incomplete until
+        its new manifest is written, so a save that dies half-way never passes for the old checkpoint."""
+        (self.root / tag / MANIFEST).unlink(missing_ok=True)
+
+    def discard(self, tag: str) -> None:
+        """Remove a checkpoint whose save failed (``latest`` never named it)."""
+        shutil.rmtree(self.root / tag, ignore_errors=True)
 
     def mark_best(self, tag: str) -> None:
         write_text_atomic(self.root / "best", tag)
 
     def prune(self, keep_last: int) -> list[str]:
-        """Delete complete checkpoints beyond the newest ``keep_last``, never ``best`` or ``latest``."""
+        """Delete complete checkpoints beyond the newest ``keep_last``, never ``best`` or ``latest``.
+        Completeness is judged on sizes: nothing is hashed at each save."""
         if keep_last <= 0:
             return []
         protected = {self.read_pointer("best"), self.read_pointer("latest")}
@@ -136,11 +247,221 @@ class CheckpointDir:
         return removed
 
 
-def consolidated_state_dict(info: CheckpointInfo) -> dict:
-    """Full fp32 weights of a checkpoint, whatever its ZeRO stage and world size."""
-    if int(info.manifest.get("zero_stage", 0)) == 0:
-        import torch
-        states = torch.load(info.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+def no_space_message(err: OSError) -> str | None:
+    """The one line for a full disk (or quota), None for other write errors."""
+    reasons = {errno.ENOSPC: "", errno.EDQUOT: " (disk quota exceeded)", errno.EFBIG: " (file size limit)"}
+    if err.errno not in reasons:
+        return None
+    return f"no space left on device{reasons[err.errno]}" + (f" while writing {err.filename}" if err.filename else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# safe unpickling
+# --------------------------------------------------------------------------------------------------
+
+def safe_globals() -> list:
+    """The only classes a checkpoint ``.pt`` file may reconstruct besides tensors and plain containers:
+    DeepSpeed's optimizer-state records (loss scaler, ZeRO stage enum, fragment addresses) and the numpy
+    RNG state in our client state. None of them runs code when rebuilt."""
+    import importlib
+
+    import numpy as np
+    found = [np.ndarray, np.dtype] + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
+    for module, name in (("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")):
+        try:
+            obj = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        found.append((obj, f"{module}.{name}"))  # pickles of numpy 1 and 2 name it differently
+    for module, name in (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                         ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                         ("deepspeed.utils.tensor_fragment", "fragment_address")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass  # a DeepSpeed without that class writes no shards holding it
+    return found
+
+
+def safe_torch_load(path: str | os.PathLike, map_location=None, mmap: bool = False):
+    """``torch.load`` that refuses, in one line, a file holding anything but tensors, plain data and
+    :func:`safe_globals` (a crafted pickle's ``os.system`` never runs)."""
+    import torch
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "allowlisted" in line or "Unsupported" in line),
+                      lines[-1] if lines else type(err).__name__)
+        raise CheckpointError(f"refusing to load '{path}': it holds more than tensors and plain data, and "
+                              f"unpickling it could run code ({detail[:200]})") from None
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"'{path}' is not a readable checkpoint file "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
+def stale_layout_problem(checkpoint_dir: str | os.PathLike) -> str | None:
+    """Why a DeepSpeed tag directory must not be resumed, or None: one written before the attention
+    projections were fused holds optimizer state (ZeRO's flat fp32 partitions, Adam moments) in the old
+    parameter order, which would load without an error into the wrong parameters. Its weights still load
+    (``--train.init_from``, which converts them)."""
+    from ..model.attention import PRE_FUSION_PROJECTIONS
+    states_path = Path(checkpoint_dir) / "mp_rank_00_model_states.pt"
+    if not states_path.is_file():
+        return None
+    states = safe_torch_load(states_path, map_location="cpu", mmap=True)  # only the names are needed
+    names = set(states.get("module") or {})
+    for shapes in states.get("param_shapes") or []:
+        names.update(shapes)
+    stale = sorted(name for name in names if set(name.split(".")) & set(PRE_FUSION_PROJECTIONS))
+    if not stale:
+        return None
+    return (f"checkpoint '{checkpoint_dir}' was written before the attention projections were fused (it has "
+            f"'{stale[0]}'), so its optimizer state cannot be restored; continue from its weights with "
+            f"--train.init_from {Path(checkpoint_dir).parent.parent} and a new --train.save_dir")
+
+
+# --------------------------------------------------------------------------------------------------
+# the files DeepSpeed writes and reads, through its checkpoint-engine hook
+# --------------------------------------------------------------------------------------------------
+
+class _HashingWriter:
+    """A write-only file that hashes what goes through it (torch.save writes sequentially)."""
+
+    def __init__(self, fh):
+        self.fh, self.digest, self.size = fh, hashlib.sha256(), 0
+        self.error: OSError | None = None  #: torch's zip writer reports a failed write as a RuntimeError
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        try:
+            written = self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+        self.size += len(memoryview(data).cast("B"))
+        return written
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+_ENGINE_CLASS = None
+
+
+def checkpoint_files(config_params=None):
+    """A DeepSpeed checkpoint engine that writes each file while hashing it, records (size, sha256) per
+    path, turns a full disk into a recorded error instead of an exception (so every rank still reaches
+    DeepSpeed's closing barrier), and loads with :func:`safe_torch_load`."""
+    global _ENGINE_CLASS
+    if _ENGINE_CLASS is None:
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        class CheckpointFiles(TorchCheckpointEngine):
+            def __init__(self, config_params=None):
+                super().__init__(config_params)
+                self.written: dict[str, tuple[int, str]] = {}  #: absolute path -> (size, sha256)
+                self.error: OSError | None = None
+
+            def save(self, state_dict, path: str):
+                import torch
+                if self.error is not None:  # the disk is full: write nothing more this save
+                    return
+                writer = None
+                try:
+                    with open(path, "wb") as fh:
+                        writer = _HashingWriter(fh)
+                        torch.save(state_dict, writer, _use_new_zipfile_serialization=self.zipfile_serialization)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                except (OSError, RuntimeError) as err:
+                    cause = writer.error if writer is not None and writer.error is not None else err
+                    if not isinstance(cause, OSError):
+                        raise
+                    cause.filename = cause.filename or path
+                    self.error = cause
+                    Path(path).unlink(missing_ok=True)
+                    return
+                self.written[os.path.abspath(path)] = (writer.size, writer.digest.hexdigest())
+
+            def load(self, path: str, map_location=None):
+                return safe_torch_load(path, map_location=map_location)
+
+        _ENGINE_CLASS = CheckpointFiles
+    return _ENGINE_CLASS(config_params)
+
+
+def install_checkpoint_files(engine):
+    """Make a DeepSpeed engine save and load through :func:`checkpoint_files`; returns that object.
+
+    DeepSpeed's own copy of its recovery scripts into each ZeRO checkpoint (rank 0) is guarded the same
+    way, so a full disk there is recorded too instead of leaving the other ranks in the closing barrier.
+    """
+    files = checkpoint_files(getattr(engine, "_config", None))
+    engine.checkpoint_engine = files
+    copy_scripts = getattr(engine, "_copy_recovery_script", None)
+    if copy_scripts is not None:
+        def guarded_copy(save_path):
+            try:
+                copy_scripts(save_path)
+            except OSError as err:
+                files.error = files.error or err
+        engine._copy_recovery_script = guarded_copy
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# consolidation: full fp32 weights from any ZeRO stage and world size
+# --------------------------------------------------------------------------------------------------
+
+def consolidated_state_dict(info: CheckpointInfo, lazy: bool = False) -> dict:
+    """Full fp32 weights of a checkpoint, whatever its ZeRO stage and world size.
+
+    The shards are read with :func:`safe_torch_load`; the merge is DeepSpeed's own (``zero_to_fp32``).
+    ``lazy``: ZeRO-1/2/3 tensors stay memory-mapped views (DeepSpeed's ``GatheredTensor`` for ZeRO-3),
+    materialized one at a time by ``.contiguous()``.
+    """
+    info.check_pickles()
+    if info.zero_stage == 0:
+        states = safe_torch_load(info.path / "mp_rank_00_model_states.pt", map_location="cpu")
         return {name: tensor.float() for name, tensor in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(info.path.parent), tag=info.tag)
+    from deepspeed.utils import zero_to_fp32 as z
+
+    model_files = sorted(info.path.glob("*_model_states.pt"), key=lambda p: z.natural_keys(p.name))
+    optim_files = sorted(info.path.glob("*_optim_states.pt"), key=lambda p: z.natural_keys(p.name))
+    if not model_files or not optim_files:
+        raise CheckpointError(f"checkpoint '{info.path}' has no model/optimizer state files")
+    model_states = []
+    for file in model_files:
+        state = safe_torch_load(file, map_location="cpu")
+        if z.BUFFER_NAMES not in state:
+            raise CheckpointError(f"'{file}' is not a model state checkpoint")
+        buffer_names = state[z.BUFFER_NAMES]
+        buffers = {k: v.float() if v.is_floating_point() else v
+                   for k, v in state["module"].items() if k in buffer_names}
+        model_states.append(z.zero_model_state(
+            buffers=buffers, param_shapes=state[z.PARAM_SHAPES],
+            shared_params=[[k, v] for k, v in state["shared_params"].items()],
+            ds_version=state.get(z.DS_VERSION), frozen_param_shapes=state.get(z.FROZEN_PARAM_SHAPES),
+            frozen_param_fragments=state.get(z.FROZEN_PARAM_FRAGMENTS)))
+    flat_groups, paddings, stage, world = [], None, None, None
+    for file in optim_files:  # memory-mapped (zip format): only the fp32 partitions are read
+        state = safe_torch_load(file, map_location="cpu", mmap=zipfile.is_zipfile(file))[z.OPTIMIZER_STATE_DICT]
+        state.pop("optimizer_state_dict", None)  # Adam moments: not needed for weights
+        if z.ZERO_STAGE not in state:
+            raise CheckpointError(f"'{file}' is not a ZeRO optimizer state file")
+        if stage is None:
+            stage, world = int(state[z.ZERO_STAGE]), state[z.PARTITION_COUNT]
+            world = max(world) if isinstance(world, list) else int(world)
+            paddings = state.get(z.PARAM_ALIGNMENT_PADDINGS)
+        flat_groups.append(state[z.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else z.FP32_FLAT_GROUPS])
+    if world != len(optim_files):
+        raise CheckpointError(f"checkpoint '{info.path}' has {len(optim_files)} optimizer shards but was "
+                              f"partitioned over {world} ranks")
+    if stage <= 2:
+        state_dict = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
+    else:
+        state_dict = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
+    return state_dict if lazy else z.to_torch_tensor(state_dict)

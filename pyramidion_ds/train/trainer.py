@@ -31,10 +31,11 @@ from ..config import Config, ConfigError, ModelConfig, config_from_dict, save_re
 from ..config.core import read_yaml
 from ..config.model import POOLING_KEYS
 from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
-                      read_ds_config, resolve_ds_config, stale_layout_problem)
-from ..logs import setup_logging
+                      read_ds_config, resolve_ds_config, validate_ds_config)
 from ..engine.nonfinite import local_grads_nonfinite, skipped_step
-from .checkpoint import CheckpointDir, consolidated_state_dict, tag_for, write_text_atomic
+from ..logs import setup_logging
+from .checkpoint import (CheckpointDir, consolidated_state_dict, install_checkpoint_files, no_space_message,
+                         stale_layout_problem, tag_for, write_text_atomic)
 from .lock import RunDirLock, RunDirLocked
 from .state import (LauncherWatchdog, PreemptionFlag, ignore_stop_signals, rng_state, seed_everything,
                     set_rng_state)
@@ -102,9 +103,10 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
                          f"with --train.init_from {run_dir}")
 
 
-def fill_vocab(cfg: Config) -> tuple[int, str]:
-    """Take the vocabulary size and spm hash from the data directory; refuse a contradicting config."""
-    from ..data import spm_sha256, vocab_size
+def fill_vocab(cfg: Config) -> tuple[int, str, str]:
+    """Take the vocabulary size, spm file hash and vocabulary identity from the data directory; refuse a
+    contradicting config."""
+    from ..data import spm_identity, spm_sha256, vocab_size
     data_dir = Path(cfg.data.data)
     if not cfg.data.data:
         raise UsageError("data.data is empty: point it at a directory written by pyramidion-preprocess")
@@ -116,7 +118,7 @@ def fill_vocab(cfg: Config) -> tuple[int, str]:
         raise UsageError(f"model.vocab_size is {cfg.model.vocab_size} but the data's sentencepiece model "
                          f"has {size} pieces")
     cfg.model.vocab_size = size
-    return size, spm_sha256(data_dir)
+    return size, spm_sha256(data_dir), spm_identity(data_dir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,35 +159,61 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def check(self) -> None:
-        """Everything that can be wrong with the inputs, before anything is written or built."""
+        """Everything that can be wrong with the inputs, before the first byte is written to save_dir:
+        the vocabulary, the model config, the DeepSpeed JSON (our merge, then DeepSpeed's own parser), the
+        data splits, the checkpoint a resume would continue (complete, checksums, same vocabulary) and
+        ``--init-from``. Every rank runs it; checksums are spread over the ranks. Its warnings (a skipped
+        corrupt checkpoint) are logged by setup(), once train.log is open, or here when a check fails."""
+        self.notes: list[str] = []
+        try:
+            self._check()
+        except Exception:
+            self.log_notes()
+            raise
+
+    def log_notes(self) -> None:
+        for note in getattr(self, "notes", []):
+            log.warning(note)
+        self.notes = []
+
+    def _check(self) -> None:
         cfg = self.cfg
-        self.vocab_size, self.spm_hash = fill_vocab(cfg)
+        self.vocab_size, self.spm_hash, self.spm_id = fill_vocab(cfg)
         cfg.model.validate()
         unused = cfg.model.drop_unused_pooling()
         if unused and self.rank == 0:
-            log.warning(f"model.variant {cfg.model.variant} does not pool: ignoring {', '.join(unused)} (the "
-                        f"saved config.yaml records the defaults it ran with)")
+            self.notes.append(f"model.variant {cfg.model.variant} does not pool: ignoring {', '.join(unused)} "
+                              f"(the saved config.yaml records the defaults it ran with)")
         check_run_dir(cfg, self.run_dir)
         raw_ds = read_ds_config(cfg.train.deepspeed_config)
         self.ds_config = resolve_ds_config(raw_ds, cfg, self.world_size, source=cfg.train.deepspeed_config)
+        validate_ds_config(self.ds_config, source=cfg.train.deepspeed_config)
+        self.open_data()
+        self.resume_from = self.check_resume() if cfg.train.resume else None
         if cfg.train.init_from:
             self.check_init_from()
 
     def setup(self) -> None:
+        """Write the run dir's description, build data and engine, resume or init. Checks are in check()."""
         cfg = self.cfg
         if not hasattr(self, "ds_config"):
             self.check()
+        self.log_notes()
         seed_everything(cfg.train.seed)
 
         if self.rank == 0:  # the run dir describes itself: configs + vocabulary
             save_resolved(cfg, self.run_dir)
             write_text_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
-            shutil.copyfile(Path(cfg.data.data) / "spm.model", self.run_dir / "spm.model")
+            tmp = self.run_dir / ".spm.model.tmp"
+            shutil.copyfile(Path(cfg.data.data) / "spm.model", tmp)
+            tmp.replace(self.run_dir / "spm.model")
         self._barrier()
 
         self.build_data()
         self.bundle = build_engine(cfg, self.ds_config, build_model(cfg, self.ds_config))
         self.engine, self.model = self.bundle.engine, self.bundle.model
+        # DeepSpeed saves and loads through it: files hashed while written, never unpickled unsafely
+        self.checkpoint_files = install_checkpoint_files(self.engine)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         log.info(f"model: {cfg.model.variant} preset={cfg.model.preset} params={n_params / 1e6:.2f}M "
                  f"encoder widths={cfg.model.encoder_widths()} | ZeRO-{self.bundle.zero_stage} "
@@ -202,9 +230,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(cfg.train.tensorboard_logdir or str(self.run_dir / "tensorboard"))
 
-    def build_data(self) -> None:
-        from ..data import ShardedBatchSampler, SummarizationDataset, make_batches, pretraining_dataset
-        from ..data.batching import shape_buckets
+    def open_data(self) -> None:
+        """Open the train and valid splits (headers, sizes and vocabulary are checked on opening)."""
+        from ..data import SummarizationDataset, pretraining_dataset
         cfg, m = self.cfg, self.cfg.model
 
         def dataset(split):
@@ -216,6 +244,13 @@ class Trainer:
 
         self.train_data = dataset(cfg.data.train_subset)
         self.valid_data = dataset(cfg.data.valid_subset)
+
+    def build_data(self) -> None:
+        from ..data import ShardedBatchSampler, make_batches
+        from ..data.batching import shape_buckets
+        cfg, m = self.cfg, self.cfg.model
+        if not hasattr(self, "train_data"):
+            self.open_data()
         self.pad_multiple = cfg.data.pad_to_multiple or m.chunk_size
         self.batch_multiple, self.target_multiple = shape_buckets(cfg)  # few shapes: bounded recompiles
 
@@ -255,22 +290,44 @@ class Trainer:
         return {"update": self.update, "epoch": self.epoch, "sampler": sampler,
                 "rng": rngs, "best": dict(self.best), "bad_validations": self.bad_validations,
                 "valid_history": self.valid_history, "config": to_dict(self.cfg),
-                "spm_sha256": self.spm_hash, "world_size": self.world_size}
+                "spm_sha256": self.spm_hash, "spm_identity": self.spm_id, "world_size": self.world_size}
 
-    def resume(self) -> bool:
-        info = self.ckpt.latest_complete(warn=log.warning)
+    def verify_on_ranks(self, info) -> str | None:
+        """Compare the files of a checkpoint (``CheckpointInfo``) with their checksums, each rank hashing
+        a share of them; every rank gets the first problem found (or None)."""
+        names = sorted(info.manifest["files"])
+        if not (dist.is_initialized() and self.world_size > 1):
+            return info.checksum_problem(names)
+        problems = [None] * self.world_size
+        dist.all_gather_object(problems, info.checksum_problem(names[self.rank::self.world_size]))
+        return next((problem for problem in problems if problem), None)
+
+    def check_resume(self):
+        """The checkpoint a resume continues (complete and verified, newest first), refused when it was
+        trained with another vocabulary; None to start from scratch."""
+        from ..data import same_vocabulary
+        info = self.ckpt.latest_complete(warn=self.notes.append, verify=self.verify_on_ranks)
         if info is None:
             if self.ckpt.tags():
-                log.warning(f"no complete checkpoint in {self.ckpt.root}; starting from scratch")
+                self.notes.append(f"no complete checkpoint in {self.ckpt.root}; starting from scratch")
+            return None
+        if same_vocabulary(info.manifest, self.spm_id, self.spm_hash, self.run_dir / "spm.model") is False:
+            raise UsageError(f"checkpoint {info.path} was trained with another sentencepiece vocabulary than "
+                             f"{Path(self.cfg.data.data) / 'spm.model'}; pass --no-resume to train from scratch "
+                             f"in this save_dir (its checkpoints get replaced), or choose another train.save_dir")
+        info.check_pickles()
+        if info.world_size == self.world_size:  # ZeRO's own load: its optimizer state must fit the layout
+            problem = stale_layout_problem(info.path)
+            if problem:
+                raise UsageError(problem)
+        return info
+
+    def resume(self) -> bool:
+        info = self.resume_from if hasattr(self, "resume_from") else self.check_resume()
+        if info is None:
             return False
-        if info.manifest.get("spm_sha256") not in (None, self.spm_hash):
-            raise UsageError(f"checkpoint {info.path} was trained with another sentencepiece model "
-                             f"(spm sha256 differs from {self.cfg.data.data})")
         if info.world_size != self.world_size:
             return self._resume_other_world(info)
-        problem = stale_layout_problem(self.model, info.path)
-        if problem:
-            raise UsageError(problem)
         _, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=info.tag)
         if client is None:
             raise UsageError(f"checkpoint {info.path} could not be loaded")
@@ -300,14 +357,14 @@ class Trainer:
         """--init-from must be the same architecture and vocabulary (read before anything is written)."""
         from .weights import init_source
         path = self.cfg.train.init_from
-        self.init_source = init_source(path)
+        self.init_source = init_source(path, warn=self.notes.append, verify=self.verify_on_ranks)
         problem = architecture_mismatch(self.init_source.saved_model, to_dict(self.cfg.model))
         if problem:
             raise UsageError(f"train.init_from '{path}' is another architecture: {problem}")
-        saved_spm = self.init_source.spm_sha256
-        if saved_spm and saved_spm != self.spm_hash:
-            raise UsageError(f"train.init_from '{path}' used another sentencepiece vocabulary "
-                             f"(spm sha256 {saved_spm[:12]}… vs {self.spm_hash[:12]}…)")
+        if self.init_source.same_vocabulary(self.spm_id, self.spm_hash) is False:
+            raise UsageError(f"train.init_from '{path}' used another sentencepiece vocabulary than "
+                             f"{Path(self.cfg.data.data) / 'spm.model'}; binarize the fine-tuning data with it: "
+                             f"pyramidion-preprocess --spm-model {Path(path) / 'spm.model'} ...")
 
     def load_weights(self, state: dict) -> None:
         """Full weights into the engine's model (init-from, resume on another world size).
@@ -552,14 +609,50 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, best: bool = False) -> str:
+        """Every rank writes (and hashes) its shards; rank 0 writes the manifest, then moves ``latest``.
+
+        A full disk on any rank removes the partial checkpoint and stops the run on every rank in one line
+        (TrainingError); ``latest`` still names the previous complete checkpoint."""
         tag = tag_for(self.update)
         client = self.client_state()
-        self.engine.save_checkpoint(str(self.ckpt.root), tag=tag, client_state=client, save_latest=False)
-        # DeepSpeed ends save_checkpoint with a barrier: every rank's shards are on disk now
+        files = self.checkpoint_files
+        files.written.clear()
+        files.error = None
         if self.rank == 0:
-            self.ckpt.finalize(tag, update=self.update, world_size=self.world_size,
-                               extra={"epoch": self.epoch, "spm_sha256": self.spm_hash,
-                                      "zero_stage": self.bundle.zero_stage})
+            self.ckpt.begin(tag)
+        try:
+            self.engine.save_checkpoint(str(self.ckpt.root), tag=tag, client_state=client, save_latest=False)
+        except OSError as err:  # outside the file writes (e.g. creating the folder)
+            files.error = files.error or err
+        # DeepSpeed ends save_checkpoint with a barrier: every rank's shards are on disk now
+        path = self.ckpt.root / tag
+        mine = (self._save_error(files.error), {os.path.relpath(p, path): v for p, v in files.written.items()})
+        reports = [mine]
+        if dist.is_initialized() and self.world_size > 1:
+            reports = [None] * self.world_size
+            dist.all_gather_object(reports, mine)
+        error = next((report[0] for report in reports if report[0]), None)
+        if error is None and self.rank == 0:
+            try:
+                digests = {name: value for _, written in reports for name, value in written.items()}
+                self.ckpt.finalize(tag, update=self.update, world_size=self.world_size, digests=digests,
+                                   extra={"epoch": self.epoch, "spm_sha256": self.spm_hash,
+                                          "spm_identity": self.spm_id, "zero_stage": self.bundle.zero_stage})
+            except OSError as err:
+                error = self._save_error(err)
+        if dist.is_initialized() and self.world_size > 1:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = error or shared[0]
+        if error is not None:
+            if self.rank == 0:
+                self.ckpt.discard(tag)  # frees the space first, so the log line below can be written
+            self._barrier()
+            previous = self.ckpt.latest_complete(warn=lambda message: None)
+            raise TrainingError(f"saving checkpoint {tag} at update {self.update} failed: {error}; removed the "
+                                f"partial checkpoint (latest complete checkpoint: "
+                                f"{previous.tag if previous else 'none'})")
+        if self.rank == 0:
             if best:
                 self.ckpt.mark_best(tag)
             removed = self.ckpt.prune(self.cfg.train.keep_last_checkpoints)
@@ -567,6 +660,12 @@ class Trainer:
                      + (f"; removed {', '.join(removed)}" if removed else ""))
         self._barrier()
         return tag
+
+    @staticmethod
+    def _save_error(err: OSError | None) -> str | None:
+        if err is None:
+            return None
+        return no_space_message(err) or f"{err.strerror or err} ({err.filename})"
 
     # ------------------------------------------------------------------ logging
     def _progress(self):

@@ -96,17 +96,17 @@ def test_fused_projections_cut_the_parameter_tensors():
 
 def test_resuming_a_pre_fusion_zero_checkpoint_is_refused_with_the_way_out():
     """Its flat optimizer partitions would load without error into the permuted parameter order."""
-    from pyramidion_ds.engine import stale_layout_problem
+    from pyramidion_ds.train.checkpoint import stale_layout_problem
     checkpoint = FIXTURE.parent / "pre_fused_zero2" / "old"
-    problem = stale_layout_problem(_fixture_model(), checkpoint)
+    problem = stale_layout_problem(checkpoint)
     assert problem is not None and "\n" not in problem
     assert "written before the attention projections were fused" in problem
     assert f"--train.init_from {checkpoint.parent.parent}" in problem
 
 
 def test_a_checkpoint_of_the_fused_layout_resumes(tmp_path):
-    from pyramidion_ds.engine import stale_layout_problem
+    from pyramidion_ds.train.checkpoint import stale_layout_problem
     model = _fixture_model()
     torch.save({"module": model.state_dict(), "param_shapes": [{n: p.shape for n, p in model.named_parameters()}]},
                tmp_path / "mp_rank_00_model_states.pt")
-    assert stale_layout_problem(model, tmp_path) is None
+    assert stale_layout_problem(tmp_path) is None
