@@ -45,6 +45,8 @@ import math
 import torch
 from torch import Tensor
 
+from .topk import round_widths  # the rounds of both paths follow one rule
+
 try:  # the model must import on installs without a working triton
     import triton
     import triton.language as tl
@@ -59,15 +61,6 @@ PAD_LOGIT = -1.0e4
 launch_count = 0
 #: True while a kernel runs (read by operator counters: the interpreter dispatches torch operators)
 launching = False
-
-
-def round_widths(n: int, k: int) -> list[int]:
-    """Widths after each round taking ``n`` to ``k`` (the same rule as the torch path)."""
-    widths, width = [], n
-    while width > k:
-        width = max(k, (width + 1) // 2)
-        widths.append(width)
-    return widths
 
 
 def plan_length(n: int, k: int) -> int:
