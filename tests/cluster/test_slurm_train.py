@@ -148,8 +148,9 @@ def test_usr1_saves_requeues_and_the_requeued_job_resumes(slurm_cluster, job_env
     # What SLURM does 120 s before the time limit (--signal=USR1@120): without --batch, scancel
     # signals the job steps (the srun tasks), not the batch script.
     slurm_cluster.run(["scancel", "--signal=USR1", str(job_id)])
-    info = wait_until(slurm_cluster, job_id, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING",
-                      "the job was requeued", timeout=120, log=log)
+    # SLURM shows a requeued job PENDING with Reason=None for a moment before its BeginTime hold is set
+    info = wait_until(slurm_cluster, job_id, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING"
+                      and i["Reason"] != "None", "the job was requeued", timeout=120, log=log)
     saved = CheckpointDir(run_dir).latest_complete()
     assert saved is not None and 2 <= saved.update < 100000
     assert (f"received SIGUSR1: saved {tag_for(saved.update)} at update {saved.update}; exiting with code 75"
