@@ -8,19 +8,19 @@ from .common import EXIT_USAGE, fail, run_main
 
 PROG = "pyramidion-bench"
 
-#: suite -> (module under pyramidion_ds.bench, what it measures, issue that builds it)
+#: suite -> (module under pyramidion_ds.bench, what it measures)
 SUITES = {
-    "topk": ("topk", "successive-halving top-k fwd+bwd vs a per-example reference", 3),
-    "encoder": ("encoder", "encoder fwd+bwd tokens/s per variant and length", 3),
-    "data": ("data", "binarization docs/s, tokens/s; mmap reader memory", 4),
-    "train": ("train", "training tokens/s, MFU, peak memory per variant and ZeRO stage", 5),
-    "generate": ("generate", "beam search seconds vs no-cache and HF BART", 8),
-    "learn": ("learn", "variants trained side by side: quality, selection recall, speed", 9),
+    "topk": ("topk", "successive-halving top-k fwd+bwd: torch path, compiled, Triton, per-example reference"),
+    "encoder": ("encoder", "encoder fwd+bwd tokens/s per variant and length"),
+    "data": ("data", "binarization docs/s, tokens/s; mmap reader memory"),
+    "train": ("train", "training tokens/s, MFU, peak memory per variant and ZeRO stage"),
+    "generate": ("generate", "beam search seconds vs no-cache and HF BART"),
+    "learn": ("learn", "variants trained side by side: quality, selection recall, speed"),
 }
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<10} {desc} (issue #{issue})" for name, (_, desc, issue) in SUITES.items())
+    rows = "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in SUITES.items())
     return f"usage: {PROG} SUITE [flags]   (SUITE --help for its flags)\n\nsuites:\n{rows}"
 
 

@@ -10,10 +10,11 @@ def run(module, *args):
                           capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("module", ["train", "generate", "tune", "preprocess"])
+@pytest.mark.parametrize("module", ["train", "generate", "tune", "preprocess", "bench"])
 def test_help(module):
     proc = run(module, "--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: pyramidion-")
+    assert "issue #" not in proc.stdout  # help is for users; the history is in the commit log
 
 
 def test_bench_lists_suites_and_rejects_unknown():
