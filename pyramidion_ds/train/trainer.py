@@ -172,7 +172,7 @@ class Trainer:
             raise
 
     def log_notes(self) -> None:
-        for note in getattr(self, "notes", []):
+        for note in self.notes:
             log.warning(note)
         self.notes = []
 
@@ -249,8 +249,6 @@ class Trainer:
         from ..data import ShardedBatchSampler, make_batches
         from ..data.batching import shape_buckets
         cfg, m = self.cfg, self.cfg.model
-        if not hasattr(self, "train_data"):
-            self.open_data()
         self.pad_multiple = cfg.data.pad_to_multiple or m.chunk_size
         self.batch_multiple, self.target_multiple = shape_buckets(cfg)  # few shapes: bounded recompiles
 
@@ -323,7 +321,7 @@ class Trainer:
         return info
 
     def resume(self) -> bool:
-        info = self.resume_from if hasattr(self, "resume_from") else self.check_resume()
+        info = self.resume_from  # found and verified by check()
         if info is None:
             return False
         if info.world_size != self.world_size:
