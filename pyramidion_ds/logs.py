@@ -21,7 +21,7 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> logging.
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.propagate = False
     formatter = logging.Formatter(FORMAT if rank == 0 else f"[rank {rank}] {FORMAT}", "%Y-%m-%d %H:%M:%S")
-    stream = logging.StreamHandler(sys.stderr)
+    stream = ProgressBarSafeHandler(sys.stderr)
     stream.setFormatter(formatter)
     root.addHandler(stream)
     if log_file is not None and rank == 0:
@@ -30,6 +30,18 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None) -> logging.
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
     return root
+
+
+class ProgressBarSafeHandler(logging.StreamHandler):
+    """Writes each record through ``tqdm.write``: an open progress bar (training, binarizing, generation) is
+    cleared, the line printed above it, and the bar drawn again, instead of the two sharing a line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging.StreamHandler: a broken stream must not stop the run
+            self.handleError(record)
 
 
 def is_rank_0() -> bool:

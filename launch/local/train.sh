@@ -34,6 +34,9 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   DS_LAUNCHER_ARGS="--log_level error ${DS_LAUNCHER_ARGS:-}"
 fi
 port=${MASTER_PORT:-$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+# Bad input (config, vocabulary, DeepSpeed JSON, data, run dir) is one line here, in seconds, not once per
+# rank after the launcher and the ranks' start-up: the ranks check again, this only fails early.
+"$py" -m pyramidion_ds.cli.train --check-only --world-size "$NUM_GPUS" "$@" || exit $?
 echo "train.sh: $NUM_GPUS processes on $(hostname), master port $port, $py: $*"
 export PYRAMIDION_LAUNCHER_PID=$$
 PYRAMIDION_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/pyramidion-exit.XXXXXX")

@@ -19,6 +19,8 @@ command -v "${mpiexec%% *}" >/dev/null 2>&1 || {
   echo "train.sh: error: '${mpiexec%% *}' not found; put an MPI launcher on PATH (e.g. activate the venv with the mpich wheel) or set MPIEXEC" >&2
   exit 2
 }
+# bad input is one line here, in seconds, before any rank starts (the ranks check again)
+"$py" -m pyramidion_ds.cli.train --check-only --world-size "${NPROC:-2}" "$@" || exit $?
 echo "train.sh: ${NPROC:-2} MPI ranks via $mpiexec, $py: $*"
 # `-m mpi4py` turns an error on one rank into MPI_Abort, so the other ranks stop instead of waiting.
 # shellcheck disable=SC2086  # MPIEXEC is a command line on purpose

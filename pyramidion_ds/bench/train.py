@@ -305,7 +305,8 @@ def build_parser():
                    help="bf16 with ZeRO 1/2: DeepSpeed's per-gradient overflow check (bf16.check_grad_overflow); "
                         "'both' measures each variant with and without it")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense: 989)")
-    p.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. --model.chunk_size=256")
+    p.epilog = ("Any --section.key VALUE (as pyramidion-train takes) changes the measured model, e.g. "
+                "--model.chunk_size 256 --model.pooling_schedule [4096,2048,1024,512]")
     p.add_argument("--zero3-memory", action="store_true", help="measure ZeRO-3 state bytes per rank, 1 vs 2 ranks")
     p.add_argument("--zero3-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--output", default=None, help="also write the JSON here")
@@ -314,7 +315,12 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    stray = [arg for arg in overrides if arg.startswith("-") and "." not in arg.split("=")[0]]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.override = overrides  # config overrides: checked by the config loader, one line on a typo
     if args.zero3_worker:
         zero3_worker(args.zero3_worker, args.preset, args.vocab)
         return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -18,8 +19,22 @@ class UsageError(Exception):
     """Bad input that is the user's to fix: printed as one line, exit code 2."""
 
 
-def fail(prog: str, message: str, code: int = EXIT_USAGE) -> NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+#: where each launcher puts a process's rank among those of its node (read without importing torch)
+LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def local_rank_from_env(env=os.environ) -> int:
+    for name in LOCAL_RANK_VARS:
+        if env.get(name, "").strip().isdigit():
+            return int(env[name])
+    return 0
+
+
+def fail(prog: str, message: str, code: int = EXIT_USAGE, every_rank: bool = False) -> NoReturn:
+    """Print ``prog: error: message`` and exit with ``code``. Bad input is the same on every rank of a node
+    (same files, same config): only the node's first process prints it, unless ``every_rank``."""
+    if every_rank or local_rank_from_env() == 0:
+        print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -30,7 +45,9 @@ def run_main(prog: str, body: Callable[[], int | None]) -> NoReturn:
     try:
         code = body()
     except (ConfigError, DataError, DistEnvError, UsageError, FileNotFoundError) as err:
-        fail(prog, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        # a launcher problem can differ between processes (each reads its own environment): all print it
+        fail(prog, str(err).splitlines()[0] if str(err) else type(err).__name__,
+             every_rank=isinstance(err, DistEnvError))
     except KeyboardInterrupt:
         fail(prog, "interrupted", EXIT_ERROR)
     raise SystemExit(code or EXIT_OK)

@@ -20,6 +20,13 @@ def build_parser():
                         help="load weights only from a run dir or export dir; same as --train.init_from")
     parser.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                         help="start fresh even if SAVE_DIR holds a checkpoint")
+    parser.add_argument("--check-only", "--check_only", dest="check_only", action="store_true",
+                        help="check the config, vocabulary, DeepSpeed JSON, data splits, run dir and --init-from "
+                        "as the ranks would, write nothing and exit (0: fine, 2: bad input); the launch scripts "
+                        "run it before starting the ranks")
+    parser.add_argument("--world-size", "--world_size", dest="world_size", type=int, default=1, metavar="N",
+                        help="with --check-only: the number of ranks the job will start (DeepSpeed's batch "
+                        "arithmetic depends on it; default 1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the DeepSpeed launcher; rank discovery reads the environment")
     return parser
@@ -48,6 +55,9 @@ def main(argv: list[str] | None = None):
         if cfg is None:
             print("\n".join(f"{name}\t{path}" for name, path in shipped_configs().items()))
             return 0
+        if args.check_only:
+            from ..train import check_training
+            return check_training(cfg, args.world_size)
         from ..train import run_training
         return run_training(cfg)
     run_main(PROG, body)

@@ -22,6 +22,8 @@ TSV_SPLITS = {"train": "train", "valid": "dev-0", "test": "test-A"}
 #: Hugging Face split names tried by default for each of ours
 DEFAULT_HF_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: compressed text files (train.jsonl.gz, ...): read as they are, by us and by the datasets library
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 
 Record = tuple[str, str, Optional[str]]
 
@@ -53,16 +55,37 @@ def parse_mapping(text: str, flag: str, allowed_keys=SPLITS) -> dict[str, str]:
     return mapping
 
 
+def split_suffixes(path: Path) -> tuple[str, Optional[str]]:
+    """``train.jsonl.gz`` -> (".jsonl", "gzip"); ``train.jsonl`` -> (".jsonl", None)."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS:
+        return Path(path.stem).suffix.lower(), COMPRESSIONS[suffix]
+    return suffix, None
+
+
+def _open_binary(path: Path):
+    compression = split_suffixes(path)[1]
+    if compression is None:
+        return open(path, "rb")
+    import importlib
+    return importlib.import_module(compression).open(path, "rb")
+
+
 def utf8_lines(path: Path) -> Iterator[str]:
-    """The file's lines decoded strictly; the first bytes that are not UTF-8 are a one-line error that
-    names the line and column."""
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}: line {line_no}: not valid UTF-8 (byte "
-                                f"0x{raw[err.start]:02x} at column {err.start + 1})") from None
+    """The file's lines decoded strictly (a .gz/.bz2/.xz file decompressed); the first bytes that are not
+    UTF-8 are a one-line error that names the line and column, a damaged archive one that names the file."""
+    import lzma
+    try:
+        with _open_binary(path) as fh:
+            for line_no, raw in enumerate(fh, 1):
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}: line {line_no}: not valid UTF-8 (byte "
+                                    f"0x{raw[err.start]:02x} at column {err.start + 1})") from None
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise DataError(f"{path}: cannot be decompressed ({err}); expected a complete "
+                        f"{split_suffixes(path)[1]} file") from None
 
 
 def check_utf8(path: Path) -> None:
@@ -202,9 +225,11 @@ def file_sources(spec: dict[str, str], document_column: str = "document", summar
         path = Path(path_text)
         if not path.is_file():
             raise DataError(f"--source-files {split}={path}: no such file")
-        suffix = path.suffix.lower()
-        if suffix not in FILE_FORMATS:
-            raise DataError(f"{path}: unknown file type {suffix!r}, expected one of {', '.join(FILE_FORMATS)}")
+        suffix, compression = split_suffixes(path)
+        if suffix not in FILE_FORMATS or (compression and suffix == ".parquet"):
+            given = "".join(path.suffixes[-2:]) if compression else path.suffix
+            raise DataError(f"{path}: unknown file type {given!r}, expected one of {', '.join(FILE_FORMATS)} "
+                            f"(text formats also as {'/'.join(COMPRESSIONS)})")
         fmt = FILE_FORMATS[suffix]
         if suffix == ".jsonl":  # an empty one included
             check_jsonl(path, (document_column,) + (() if unlabeled else (summary_column,)))

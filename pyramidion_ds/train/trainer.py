@@ -158,13 +158,15 @@ class Trainer:
         self.writer = None
 
     # ------------------------------------------------------------------ setup
-    def check(self) -> None:
+    def check(self, verify: bool = True) -> None:
         """Everything that can be wrong with the inputs, before the first byte is written to save_dir:
         the vocabulary, the model config, the DeepSpeed JSON (our merge, then DeepSpeed's own parser), the
         data splits, the checkpoint a resume would continue (complete, checksums, same vocabulary) and
-        ``--init-from``. Every rank runs it; checksums are spread over the ranks. Its warnings (a skipped
-        corrupt checkpoint) are logged by setup(), once train.log is open, or here when a check fails."""
+        ``--init-from``. Every rank runs it; checksums are spread over the ranks (``verify=False``: sizes only,
+        as the launch scripts' quick check before the ranks start). Its warnings (a skipped corrupt checkpoint)
+        are logged by setup(), once train.log is open, or here when a check fails."""
         self.notes: list[str] = []
+        self.verify = self.verify_on_ranks if verify else False
         try:
             self._check()
         except Exception:
@@ -304,7 +306,7 @@ class Trainer:
         """The checkpoint a resume continues (complete and verified, newest first), refused when it was
         trained with another vocabulary; None to start from scratch."""
         from ..data import same_vocabulary
-        info = self.ckpt.latest_complete(warn=self.notes.append, verify=self.verify_on_ranks)
+        info = self.ckpt.latest_complete(warn=self.notes.append, verify=self.verify)
         if info is None:
             if self.ckpt.tags():
                 self.notes.append(f"no complete checkpoint in {self.ckpt.root}; starting from scratch")
@@ -355,7 +357,7 @@ class Trainer:
         """--init-from must be the same architecture and vocabulary (read before anything is written)."""
         from .weights import init_source
         path = self.cfg.train.init_from
-        self.init_source = init_source(path, warn=self.notes.append, verify=self.verify_on_ranks)
+        self.init_source = init_source(path, warn=self.notes.append, verify=self.verify)
         problem = architecture_mismatch(self.init_source.saved_model, to_dict(self.cfg.model))
         if problem:
             raise UsageError(f"train.init_from '{path}' is another architecture: {problem}")
@@ -759,7 +761,8 @@ def run_training(cfg: Config) -> int:
         trainer.setup()
         return record_exit(trainer.run(), world.rank)
     except TrainingError as err:
-        log.error(str(err))
+        if world.rank == 0:  # every rank stops for the same reason (a global check or a gathered report)
+            log.error(str(err))
         return record_exit(EXIT_ERROR, world.rank)
     finally:
         preempt.uninstall()
@@ -767,6 +770,20 @@ def run_training(cfg: Config) -> int:
             watchdog.stop()
         if lock is not None:
             lock.release()
+
+
+def check_training(cfg: Config, world_size: int) -> int:
+    """What every rank checks before writing (``Trainer.check``), run once in the launching process for a job
+    of ``world_size`` ranks, so bad input is one line within seconds instead of after the launcher, rank
+    start-up and DeepSpeed's op build. Checksums are left to the ranks (they share the hashing); nothing is
+    written, no process group is started."""
+    from ..dist.env import World
+    if world_size < 1:
+        raise UsageError(f"--world-size {world_size}: expected the number of ranks the job starts (>= 1)")
+    setup_logging(0)
+    logging.getLogger("pyramidion_ds").setLevel(logging.WARNING)  # the ranks log the run's description
+    Trainer(cfg, World(0, 0, world_size, world_size, "127.0.0.1", 0, "single")).check(verify=False)
+    return EXIT_OK
 
 
 def lock_run_dir(cfg: Config, rank: int) -> RunDirLock | None:

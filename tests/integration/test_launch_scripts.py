@@ -76,3 +76,28 @@ def test_sbatch_script_run_outside_slurm_says_so(tmp_path):
     proc = run_script("launch/slurm/train.sbatch", ["debug"], script_env(), timeout=30)
     assert proc.returncode == 2
     assert "SLURM_JOB_ID is not set: submit this script with sbatch" in proc.stderr
+
+
+def test_bad_config_fails_before_the_launcher_in_one_line(synthetic_bin, tmp_path):
+    """A typo in the config is found by the launching process in seconds: the DeepSpeed launcher and the
+    ranks never start, and the error is printed once."""
+    cfg = config(tmp_path, synthetic_bin)
+    proc = run_script("launch/local/train.sh", [cfg, "--model.d_modle", "32"], script_env(NPROC="2"), timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert out.count("unknown config key 'model.d_modle'; did you mean 'model.d_model'?") == 1, out
+    assert "processes on" not in out and not (tmp_path / "run").exists()
+
+
+def test_an_error_every_rank_meets_is_printed_once(synthetic_bin, tmp_path):
+    """Past the launch scripts' check (here: the DeepSpeed launcher started by hand), bad input is the same
+    on every rank of a node: only the node's first process prints it."""
+    cfg = config(tmp_path, synthetic_bin)
+    env = script_env(DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--log_level",
+                           "error", "--module", "pyramidion_ds.cli.train", str(cfg), "--data.data",
+                           str(tmp_path / "missing")], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("pyramidion-train: error: data.data:") == 1, out[-3000:]

@@ -409,3 +409,23 @@ def test_a_killed_tokenizer_worker_is_an_error_not_a_hang(data_dir):
             list(encoder.map(iter(chunks)))
     finally:
         encoder.close()
+
+
+def test_compressed_jsonl_is_read_and_a_damaged_one_is_named(tmp_path):
+    """SumPubMed ships as train.jsonl.gz: read as it is; a cut-off archive or an unknown type is one line."""
+    import bz2
+    import gzip
+    rows = [{"id": "a", "document": "caf\u00e9 met . it rained .", "summary": "met ."},
+            {"id": "b", "document": "the board met .", "summary": "board ."}]
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "t.jsonl.bz2").write_bytes(bz2.compress(text))
+    for name in ("t.jsonl.gz", "t.jsonl.bz2"):
+        records = list(file_sources({"train": str(tmp_path / name)})["train"].records())
+        assert records == [(r["id"], r["document"], r["summary"]) for r in rows]
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(text)[:30])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: cannot be decompressed .*expected a complete gzip file"):
+        file_sources({"train": str(tmp_path / "cut.jsonl.gz")})
+    (tmp_path / "t.parquet.gz").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"unknown file type '.parquet.gz', expected one of .jsonl"):
+        file_sources({"train": str(tmp_path / "t.parquet.gz")})
