@@ -75,7 +75,7 @@ keys = ("d_model", "num_heads", "ffn_dim", "encoder_layers", "decoder_layers", "
 print(" ".join(f"--model.{k} {str(m[k]).replace(' ', '')}" for k in keys))
 PY
 )
-[ -f step_time.json ] || pyramidion-bench train --preset debug --src-len 4096 --tgt-len 256 --batch 2 \
+[ -f step_time.json ] || pyramidion-bench train --preset debug --src-len 4096 --tgt-len 256 --batch 1 \
   --variants blockwise pyramidion --stages 2 --precision fp32 --vocab 8000 $model_args \
   --output step_time.json \
   > step_time.out 2>&1 || { tail -20 step_time.out >&2; exit 1; }
