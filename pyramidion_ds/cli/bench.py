@@ -15,7 +15,6 @@ SUITES = {
     "data": ("data", "binarization docs/s, tokens/s; mmap reader memory"),
     "train": ("train", "training tokens/s, MFU, peak memory per variant and ZeRO stage"),
     "generate": ("generate", "beam search seconds vs no-cache and HF BART"),
-    "learn": ("learn", "variants trained side by side: quality, selection recall, speed"),
 }
 
 

@@ -5,9 +5,10 @@ the encoder's chunk size; random order inside each padded length, new each epoch
 greedily. A batch's cost is ``examples × padded longest source``, so sorting finer than the padding saves
 nothing; it only makes batches alike. Exact-length sorting (fairseq's, source then target) put documents
 with the same number of planted sentences and summary length together, and slowed a model's learning to
-copy on the synthetic task by hundreds to thousands of updates (README, "Pooling learns"). ``ShardedBatchSampler`` takes the epoch's batches,
-evens their number out to a multiple of the world size (by splitting the largest batches; every example
-still appears exactly once) and deals them round-robin::
+copy on the synthetic task by hundreds to thousands of updates (tools/experiments/pooling_learns/README.md,
+finding 5). ``ShardedBatchSampler`` takes the epoch's batches, evens their number out to a multiple of the
+world size (by splitting the largest batches; every example still appears exactly once) and deals them
+round-robin::
 
     epoch e batches   b0 b1 b2 b3 b4 b5 b6 b7      world_size 2
     rank 0            b0    b2    b4    b6          position = batches this rank has handed out

@@ -1,4 +1,4 @@
-"""pyramidion-bench learn: the four variants trained side by side; quality, selection recall, speed.
+"""Does the pooling learn? The four encoder variants trained side by side; quality, selection recall, speed.
 
 One command, end to end, for one task::
 
@@ -15,15 +15,15 @@ One command, end to end, for one task::
       └─ step time: the four models' fwd+bwd+optimizer step on one real batch, interleaved A B C D A ...
       └─ OUT/learn.json, OUT/learn.md (tables + targets), OUT/learn.png (valid loss vs wall clock)
 
-The run configs are shipped: ``pyramidion_ds/configs/learn_synthetic.yaml`` / ``learn_real.yaml``
-(the variant, data dir, save dir and seed are set here). Corpus, vocabulary and warm-up settings are
-:data:`TASKS` (``--curriculum-updates 0`` skips the warm-up). The training budget is a number of updates
-(reproducible); ``--budget-minutes`` caps each variant's training wall clock, warm-up included (the trainer
-is sent SIGUSR1, saves, and stops).
+The run configs sit beside this file: ``configs/synthetic.yaml`` / ``configs/real.yaml`` (the variant, data
+dir, save dir and seed are set here). Corpus, vocabulary and warm-up settings are :data:`TASKS`
+(``--curriculum-updates 0`` skips the warm-up). The training budget is a number of updates (reproducible);
+``--budget-minutes`` caps each variant's training wall clock, warm-up included (the trainer is sent SIGUSR1,
+saves, and stops). The experiment uses the installed ``pyramidion_ds`` one way; the package never imports it.
 
-    pyramidion-bench learn --task synthetic --out results/learn/synthetic --seed 1
-    pyramidion-bench learn --task real --out results/learn/real --budget-minutes 10
-    pyramidion-bench learn --report-only --out results/learn/synthetic   # rebuild tables from the runs
+    python tools/experiments/pooling_learns/run.py --task synthetic --out results/learn/synthetic --seed 1
+    python tools/experiments/pooling_learns/run.py --task real --out results/learn/real --budget-minutes 10
+    python tools/experiments/pooling_learns/run.py --report-only --out results/learn/synthetic  # re-render
 """
 from __future__ import annotations
 
@@ -40,11 +40,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
+from report import _fmt, check_targets, machine, markdown, write_report
+from selection import measure_selection
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]                  #: the repository: cwd of every subprocess, on their PYTHONPATH
+CONFIGS = HERE / "configs"              #: the run config of each task, ``configs/<TaskSpec.config>.yaml``
+PROG = "tools/experiments/pooling_learns/run.py"
 VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
-POOLING_VARIANTS = ("transpooler", "pyramidion")
 EXIT_PREEMPTED = 75  # pyramidion_ds.cli.common.EXIT_PREEMPTED (kept literal: no torch import at --help)
 
 
@@ -75,8 +78,8 @@ class Curriculum:
 
 @dataclass
 class TaskSpec:
-    """Corpus + vocabulary settings of one task (the run config lives in ``configs/learn_<task>.yaml``)."""
-    config: str                         #: shipped run config name
+    """Corpus + vocabulary settings of one task (the run config lives in ``configs/<config>.yaml``)."""
+    config: str                         #: run config name, a file in :data:`CONFIGS`
     splits: dict                        #: split -> number of documents (synthetic)
     min_words: int = 0                  #: synthetic document length (words); ~1.0 piece per word
     max_words: int = 0
@@ -91,7 +94,7 @@ class TaskSpec:
 TASKS = {
     # documents of 2,080-2,460 pieces (>= 2,048), 2-4 planted sentences (summaries of 23-54 pieces)
     # 8,000 training documents: with 1,000 the models memorise summaries (train NLL 1.34 vs valid 1.52)
-    # Warm-up in six stages of growing length, 4 documents per update (README, "Pooling learns"):
+    # Warm-up in six stages of growing length, 4 documents per update (README.md here, "What it took"):
     # - 60-100 words: the whole document fits the 128 final slots, so the decoder learns to copy the planted
     #   sentences in order without depending on the scorer (trainer seeds 1 and 4: valid NLL 0.23 / 0.15 by
     #   update 1,500; at 200-300 words the copying transition came at 1,000-3,000 updates in some seeds and
@@ -100,109 +103,16 @@ TASKS = {
     # - 400-600 ... 1,600-2,000: sinusoidal positions the shorter stages never showed. A model that copies
     #   at 200-300 words fell to token accuracy 0.83 at 400-500 words and 0.64 at 1,500-1,700, and trained
     #   straight on 2,050-2,400 words went back to the template plateau; 300 updates a step kept it >= 0.96.
-    "synthetic": TaskSpec(config="learn_synthetic", splits={"train": 8000, "valid": 20, "test": 20},
+    "synthetic": TaskSpec(config="synthetic", splits={"train": 8000, "valid": 20, "test": 20},
                           min_words=2050, max_words=2400,
                           curriculum=Curriculum(stages=(Stage(60, 100, 4000, 2000), Stage(200, 300, 4000, 1000),
                                                         Stage(400, 600, 1200, 300), Stage(700, 1000, 1200, 300),
                                                         Stage(1100, 1500, 1200, 300), Stage(1600, 2000, 1200, 300)))),
     # ../shared/data: 50 PubMed + 70 QMSum pairs; test/valid/train by position in each file
-    "real": TaskSpec(config="learn_real", splits={}, spm_vocab_size=8000, spm_model_type="unigram",
+    "real": TaskSpec(config="real", splits={}, spm_vocab_size=8000, spm_model_type="unigram",
                      spm_character_coverage=0.9995, budget_minutes=10.0),
 }
 REAL_FILES = ("pubmed_sample.jsonl", "qmsum_sample.jsonl")
-
-
-# --------------------------------------------------------------------------------------------------
-# selection recall: planted-sentence tokens that dominate a slot of the final pyramid stage
-# --------------------------------------------------------------------------------------------------
-
-def piece_offsets(spm, text: str) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Sentencepiece ids of ``text`` and each piece's *character* [begin, end) in ``text``.
-
-    Sentencepiece reports byte offsets (``encode(..., out_type="immutable_proto")`` in older releases,
-    ``return_type="proto"`` in newer ones); they are mapped to character offsets here so spans computed
-    on the Python string compare directly. The ids are exactly ``spm.EncodeAsIds(text)``.
-    """
-    try:
-        proto = spm.encode(text, out_type="immutable_proto")
-    except (ValueError, TypeError):
-        proto = spm.encode(text, return_type="proto")
-    # character index of every byte offset 0..len(bytes) (exclusive ends land on the next character)
-    byte_to_char = np.empty(len(text.encode("utf-8")) + 1, dtype=np.int64)
-    position = 0
-    for index, character in enumerate(text):
-        width = len(character.encode("utf-8"))
-        byte_to_char[position:position + width] = index
-        position += width
-    byte_to_char[position] = len(text)
-    ids = [p.id for p in proto.pieces]
-    begins = byte_to_char[[p.begin for p in proto.pieces]] if ids else np.zeros(0, dtype=np.int64)
-    ends = byte_to_char[[p.end for p in proto.pieces]] if ids else np.zeros(0, dtype=np.int64)
-    return ids, begins, ends
-
-
-def salient_token_mask(begins: np.ndarray, ends: np.ndarray, spans: Sequence[Sequence[int]]) -> np.ndarray:
-    """n bool: piece i overlaps a salient character span [s, e) (a piece's leading space is outside
-    the span, so ``▁agent`` at a sentence start counts, and the filler piece after its ``.`` does not)."""
-    mask = np.zeros(len(begins), dtype=bool)
-    for start, end in spans:
-        mask |= (begins < end) & (ends > start) & (ends > begins)
-    return mask
-
-
-def selection_counts(salient: np.ndarray, kept_positions: Sequence[int]) -> tuple[int, int]:
-    """(salient tokens kept, salient tokens) for one document; ``kept_positions``: token positions that
-    dominate a real slot of the final stage. Positions beyond ``len(salient)`` (e.g. ``</s>``) are ignored."""
-    kept = np.zeros(len(salient), dtype=bool)
-    positions = np.asarray([p for p in kept_positions if 0 <= p < len(salient)], dtype=np.int64)
-    kept[positions] = True
-    return int((kept & salient).sum()), int(salient.sum())
-
-
-def measure_selection(model, spm, records: list[dict], pad_to_multiple: int, batch_size: int = 4) -> dict:
-    """Selection recall of ``model`` over ``records`` (jsonl dicts with ``document`` and ``salient_spans``).
-
-    Each document is encoded as preprocessing does (pieces + ``</s>``, cut to max_source_positions);
-    the final stage's kept positions are ``EncoderOut.source_positions[mask]``.
-    """
-    import torch
-
-    from ..generate.inputs import Example, truncate_ids
-    from ..generate.runner import collate_sources
-    cfg = model.cfg
-    docs = []
-    for index, record in enumerate(records):
-        ids, begins, ends = piece_offsets(spm, record["document"])
-        salient = salient_token_mask(begins, ends, record["salient_spans"])
-        source = truncate_ids(ids + [cfg.eos_id], cfg.max_source_positions, cfg.eos_id)
-        docs.append((Example(index, record.get("id", str(index)), source, None), salient))
-    hits = total = truncated = slots = salient_slots = 0
-    per_doc, widths = [], []
-    with torch.no_grad():
-        for start in range(0, len(docs), batch_size):
-            batch = docs[start:start + batch_size]
-            src, lengths = collate_sources([e for e, _ in batch], cfg.pad_id, pad_to_multiple,
-                                           cfg.max_source_positions, next(model.parameters()).device)
-            out = model.encode(src, lengths)
-            for row, (example, salient) in enumerate(batch):
-                kept = out.source_positions[row][out.mask[row]].tolist()
-                visible = len(example.source) - 1  # pieces the model saw (</s> excluded)
-                truncated += int(salient[visible:].sum())
-                h, t = selection_counts(salient, kept)
-                hits, total = hits + h, total + t
-                kept_set = set(kept)
-                slots += len(kept_set)
-                salient_slots += sum(1 for p in kept_set if p < len(salient) and salient[p])
-                widths.append((len(example.source), int(out.mask[row].sum())))
-                per_doc.append(h / max(t, 1))
-    mean_len = float(np.mean([n for n, _ in widths]))
-    mean_kept = float(np.mean([k for _, k in widths]))
-    return {"recall": hits / max(total, 1), "recall_mean_per_doc": float(np.mean(per_doc)),
-            "recall_min_doc": float(np.min(per_doc)), "salient_tokens": total, "salient_kept": hits,
-            "salient_truncated": truncated,
-            "precision": salient_slots / max(slots, 1),  # share of distinct kept positions that are planted
-            "final_slots_mean": mean_kept, "source_tokens_mean": mean_len,
-            "chance_recall": mean_kept / mean_len, "documents": len(docs)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +122,7 @@ def measure_selection(model, spm, records: list[dict], pad_to_multiple: int, bat
 def make_synthetic(raw_dir: Path, splits: dict, min_words: int, max_words: int, num_salient: tuple,
                    seed: int) -> dict[str, Path]:
     """The planted-sentence corpus at ``min_words``..``max_words`` words (the main one or a warm-up stage's)."""
-    from ..data.synthetic import write_corpus
+    from pyramidion_ds.data.synthetic import write_corpus
     return write_corpus(raw_dir, splits, seed=seed, min_words=min_words, max_words=max_words,
                         num_salient=tuple(num_salient))
 
@@ -295,10 +205,22 @@ def preprocess(raw: dict[str, Path], dest: Path, spec: TaskSpec, env: dict, log_
 # train, generate, read curves
 # --------------------------------------------------------------------------------------------------
 
+def config_path(spec: TaskSpec) -> Path:
+    """The task's run config, beside this file (pyramidion-train and load_config take a YAML path)."""
+    return CONFIGS / f"{spec.config}.yaml"
+
+
 def run_config_args(spec: TaskSpec, variant: str, data_bin: Path, run_dir: Path, seed: int,
                     extra: Sequence[str]) -> list[str]:
-    return [spec.config, "--model.variant", variant, "--data.data", str(data_bin), "--train.save_dir", str(run_dir),
-            "--train.seed", str(seed), *extra]
+    return [str(config_path(spec)), "--model.variant", variant, "--data.data", str(data_bin),
+            "--train.save_dir", str(run_dir), "--train.seed", str(seed), *extra]
+
+
+def load_run_config(spec: TaskSpec, variant: str, data_bin: Path, run_dir: Path, seed: int, extra: Sequence[str]):
+    """The resolved run config that ``pyramidion-train`` gets from :func:`run_config_args`."""
+    from pyramidion_ds.config import load_config
+    config, *overrides = run_config_args(spec, variant, data_bin, run_dir, seed, extra)
+    return load_config(config, overrides)
 
 
 def train_variant(spec, variant, data_bin, run_dir, seed, extra, env, budget_minutes) -> dict:
@@ -316,7 +238,7 @@ def train_variant(spec, variant, data_bin, run_dir, seed, extra, env, budget_min
 def stage_args(cur: Curriculum, stage: Stage, prep: dict, pad_to_multiple: int) -> list[str]:
     """Run-config overrides of one warm-up stage (on top of the shared ones): its updates, and batches of
     ``cur.docs_per_update`` documents (a token budget that fits that many of its longest, padded)."""
-    from ..data.batching import padded_length
+    from pyramidion_ds.data.batching import padded_length
     longest = max(split["source"]["max"] for split in prep["lengths"].values())
     return ["--train.max_update", str(stage.updates), "--data.max_sentences", str(cur.docs_per_update),
             "--data.max_tokens", str(cur.docs_per_update * padded_length(longest, pad_to_multiple))]
@@ -383,13 +305,12 @@ def interleaved_step_time(spec: TaskSpec, data_bin: Path, seed: int, extra: Sequ
                           repeats: int = 5, warmup: int = 1) -> dict:
     import torch
 
-    from ..config import load_config
-    from ..data import SummarizationDataset, collate
-    from ..engine import label_smoothed_nll_loss
-    from ..model import PyramidionModel
+    from pyramidion_ds.data import SummarizationDataset, collate
+    from pyramidion_ds.engine import label_smoothed_nll_loss
+    from pyramidion_ds.model import PyramidionModel
     models, batch = {}, None
     for variant in variants:
-        cfg = load_config(spec.config, run_config_args(spec, variant, data_bin, Path("unused"), seed, extra)[1:])
+        cfg = load_run_config(spec, variant, data_bin, Path("unused"), seed, extra)
         cfg.model.vocab_size = json.loads((data_bin / "meta.json").read_text())["vocab_size"]
         torch.manual_seed(seed)
         model = PyramidionModel(cfg.model).train()
@@ -427,144 +348,18 @@ def interleaved_step_time(spec: TaskSpec, data_bin: Path, seed: int, extra: Sequ
 
 
 # --------------------------------------------------------------------------------------------------
-# report
-# --------------------------------------------------------------------------------------------------
-
-def machine() -> str:
-    import platform
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (load average {load:.1f} at report time)"
-
-
-def check_targets(rows: dict, task: str) -> list[dict]:
-    """The issue's targets for the Pyramidion variant (synthetic task), each with its measured value."""
-    if task != "synthetic" or "pyramidion" not in rows:
-        return []
-    pyr = rows["pyramidion"]
-    checks = [("ROUGE-L >= 0.9", pyr.get("rouge", {}).get("rougeL"), lambda v: v >= 0.9),
-              ("selection recall >= 0.9", pyr.get("selection", {}).get("recall"), lambda v: v >= 0.9)]
-    block = rows.get("blockwise")
-    if block and block.get("final_valid_loss") and pyr.get("final_valid_loss"):
-        ratio = pyr["final_valid_loss"] / block["final_valid_loss"]
-        checks.append(("valid loss <= 1.05 x blockwise", ratio, lambda v: v <= 1.05))
-    for base in ("blockwise", "vanilla"):
-        if base in rows and rows[base].get("step_s_bench") and pyr.get("step_s_bench"):
-            ratio = pyr["step_s_bench"] / rows[base]["step_s_bench"]
-            checks.append((f"step faster than {base} (interleaved bench)", ratio, lambda v: v < 1.0))
-        if base in rows and rows[base].get("step_s_median") and pyr.get("step_s_median"):
-            ratio = pyr["step_s_median"] / rows[base]["step_s_median"]
-            checks.append((f"step faster than {base} (training log)", ratio, lambda v: v < 1.0))
-    return [{"target": name, "value": value, "met": bool(value is not None and ok(value))}
-            for name, value, ok in checks]
-
-
-def _fmt(value, spec=".3f", none="–"):
-    return none if value is None else format(value, spec)
-
-
-def markdown(result: dict) -> str:
-    rows = result["variants"]
-    lines = [f"# pyramidion-bench learn — task `{result['task']}`", "",
-             f"Machine: {result['machine']}. Seed {result['seed']}. Command: `{result['command']}`.", "",
-             f"Corpus: {result['corpus']}", "",
-             "| variant | encoder widths | updates | train wall s | step s (log median) | step s (interleaved) "
-             "| tokens/s | valid loss (end) | ROUGE-1 | ROUGE-2 | ROUGE-L | selection recall | chance |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for variant, r in rows.items():
-        sel = r.get("selection") or {}
-        if variant in POOLING_VARIANTS and sel:
-            recall, chance = _fmt(sel.get("recall")), _fmt(sel.get("chance_recall"))
-        elif sel:
-            recall, chance = "1.000 (n/a: no pooling)", "1.000"
-        else:
-            recall, chance = "n/a", "n/a"
-        rouge = r.get("rouge", {})
-        updates = r.get("updates")
-        if r.get("warmup"):
-            updates = f"{sum(st.get('updates') or 0 for st in r['warmup'])} warm-up + {updates}"
-        lines.append(f"| {variant} | {r.get('encoder_widths')} | {updates} | {_fmt(r.get('train_seconds'), '.0f')} "
-                     f"| {_fmt(r.get('step_s_median'))} | {_fmt(r.get('step_s_bench'))} "
-                     f"| {_fmt(r.get('tokens_per_s_median'), '.0f')} | {_fmt(r.get('final_valid_loss'))} "
-                     f"| {_fmt(rouge.get('rouge1'))} | {_fmt(rouge.get('rouge2'))} | {_fmt(rouge.get('rougeL'))} "
-                     f"| {recall} | {chance} |")
-    if result.get("targets"):
-        lines += ["", "Targets (Pyramidion):", ""]
-        lines += [f"- {'met' if t['met'] else 'NOT met'}: {t['target']} (measured {_fmt(t['value'])})"
-                  for t in result["targets"]]
-    cur = result.get("curriculum")
-    if cur and cur.get("stages"):  # results of before the staged warm-up have no stages
-        stages = ", ".join(f"{st['updates']} on {st['min_words']}-{st['max_words']}" for st in cur["stages"])
-        lines += ["", f"Warm-up: each variant first trains in {len(cur['stages'])} stages of growing document length "
-                  f"(updates on words per document: {stages}; same task, same run config, "
-                  f"{cur['docs_per_update']} documents per update), each stage and then the main run starting from the "
-                  "previous one's weights with a fresh optimizer; `train wall s` and the plot's clock include the "
-                  "warm-up, the plot's updates count the main run only."]
-    lines += ["", "Notes: `valid loss (end)` = teacher-forced label-smoothed CE per target token on the valid split, "
-              "computed for each run's final weights (a run stopped by the time budget ends between two "
-              "validations). ROUGE = F1 (rouge-score, stemmed) of beam search on the test split. Selection recall = "
-              "share of the planted sentences' pieces whose representation dominates a real slot of the final "
-              "encoder stage; `chance` = final slots / source pieces (what a random choice keeps). "
-              "`step s (interleaved)` = fastest of N fwd+bwd+AdamW steps of each model on one real batch, the "
-              "four models run in turn in one process (plain torch; medians in the JSON); `step s (log median)` = median seconds per update in the "
-              "training runs (DeepSpeed engine, validation intervals included). The CPUs are shared with other "
-              "jobs: timings are noisy.", ""]
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for variant, r in result["variants"].items():
-        curve = r.get("valid_curve") or []
-        if not curve:
-            continue
-        axes[0].plot([p["seconds"] for p in curve], [p["loss"] for p in curve], marker="o", ms=3, label=variant)
-        axes[1].plot([p["update"] for p in curve], [p["loss"] for p in curve], marker="o", ms=3, label=variant)
-    axes[0].set_xlabel("training wall clock (s)")
-    axes[1].set_xlabel("update")
-    for ax in axes:
-        ax.set_ylabel("validation loss (label-smoothed CE)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"pyramidion-bench learn, task {result['task']} ({result['machine_short']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_report(result: dict, out: Path) -> None:
-    (out / "learn.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    (out / "learn.md").write_text(markdown(result), encoding="utf-8")
-    plot(result, out / "learn.png")
-
-
-# --------------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyramidion-bench learn", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=tuple(TASKS), default="synthetic")
     p.add_argument("--out", required=True, help="results directory (corpus, data-bin, runs, generate, report)")
     p.add_argument("--seed", type=int, default=1, help="corpus seed and training seed (default %(default)s)")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="wall-clock cap on each variant's training (default: the task's, 30 synthetic / 10 real)")
-    p.add_argument("--max-update", type=int, default=None, help="step budget (default: the shipped config's)")
+    p.add_argument("--max-update", type=int, default=None, help="step budget (default: the task config's)")
     p.add_argument("--train-docs", type=int, default=None,
                    help="synthetic: training documents (default: the task's, 8,000); fewer for a quick look")
     p.add_argument("--curriculum-updates", type=int, default=None,
@@ -585,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the subprocesses run in the repository, wherever this was started
     if args.report_only:
         result = json.loads((out / "learn.json").read_text())
         result["targets"] = check_targets(result["variants"], result["task"])
@@ -595,42 +390,48 @@ def main(argv: list[str] | None = None) -> int:
     spec = TASKS[args.task]
     if args.train_docs is not None:
         if args.task != "synthetic" or args.train_docs < 1:
-            raise SystemExit(f"pyramidion-bench learn: error: --train-docs {args.train_docs}: expected a positive "
+            raise SystemExit(f"{PROG}: error: --train-docs {args.train_docs}: expected a positive "
                              "number, for --task synthetic (the real task's split is fixed)")
         spec = replace(spec, splits={**spec.splits, "train": args.train_docs})
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
-        raise SystemExit(f"pyramidion-bench learn: error: unknown variants {unknown}, expected {VARIANTS}")
+        raise SystemExit(f"{PROG}: error: unknown variants {unknown}, expected {VARIANTS}")
     budget = args.budget_minutes if args.budget_minutes is not None else spec.budget_minutes
     cur = spec.curriculum
     if args.curriculum_updates is not None:
         if args.curriculum_updates < 0:
-            raise SystemExit(f"pyramidion-bench learn: error: --curriculum-updates {args.curriculum_updates}: "
+            raise SystemExit(f"{PROG}: error: --curriculum-updates {args.curriculum_updates}: "
                              "expected >= 0")
         if args.curriculum_updates and cur is None:
-            raise SystemExit(f"pyramidion-bench learn: error: --curriculum-updates {args.curriculum_updates}: task "
+            raise SystemExit(f"{PROG}: error: --curriculum-updates {args.curriculum_updates}: task "
                              f"{args.task} has no warm-up corpus, expected 0")
         cur = cur.scaled(args.curriculum_updates) if args.curriculum_updates else None
     extra = []
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"pyramidion-bench learn: error: --set {item!r}: expected KEY=VALUE")
+            raise SystemExit(f"{PROG}: error: --set {item!r}: expected KEY=VALUE")
         extra += [f"--{key}", value]
     if args.max_update is not None:
         extra += ["--train.max_update", str(args.max_update)]
+    real_data = Path(args.real_data)
+    if args.task == "real" and not (args.reuse and (out / "data-bin" / "meta.json").is_file()):
+        missing = [name for name in REAL_FILES if not (real_data / name).is_file()]
+        if missing:
+            raise SystemExit(f"{PROG}: error: --real-data {real_data}: no {' or '.join(missing)} there (the "
+                             "PubMed and QMSum samples of ../shared/data, beside the repository)")
     env = subprocess_env(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
-    command = "pyramidion-bench learn " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python {PROG} " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
 
     raw_dir, data_bin = out / "corpus", out / "data-bin"
     if not (args.reuse and (data_bin / "meta.json").is_file()):
         print(f"[learn] corpus ({args.task}) -> {raw_dir}", flush=True)
         raw = make_synthetic(raw_dir, spec.splits, spec.min_words, spec.max_words, spec.num_salient, args.seed) \
-            if args.task == "synthetic" else make_real(raw_dir, Path(args.real_data))
+            if args.task == "synthetic" else make_real(raw_dir, real_data)
         if data_bin.exists():
             shutil.rmtree(data_bin)
         prep = preprocess(raw, data_bin, spec, env, logs)
@@ -650,7 +451,6 @@ def main(argv: list[str] | None = None) -> int:
                                                         spm_model=data_bin / "spm.model"), indent=1))
         warmups.append((stage, stage_bin, json.loads(stage_prep.read_text())))
 
-    from ..config import load_config
     result = {"benchmark": "learn", "task": args.task, "seed": args.seed, "command": command,
               "machine": machine(), "machine_short": f"{os.cpu_count()}-core CPU, shared",
               "budget_minutes_per_variant": budget, "task_spec": asdict(spec), "overrides": extra,
@@ -665,8 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse and (out / "learn.json").is_file():
         previous = json.loads((out / "learn.json").read_text()).get("variants", {})
     for variant in variants:
-        cfg = load_config(spec.config, run_config_args(spec, variant, data_bin, out / "runs" / variant, args.seed,
-                                                       extra)[1:])
+        cfg = load_run_config(spec, variant, data_bin, out / "runs" / variant, args.seed, extra)
         run_dir = out / "runs" / variant
         row = {"encoder_widths": cfg.model.encoder_widths(), "max_update": cfg.train.max_update}
         finished = args.reuse and (run_dir / "checkpoints").is_dir() and any((run_dir / "tensorboard").rglob("events*"))
@@ -733,9 +532,9 @@ def valid_loss_at_end(run_dir: Path, batch_docs: int = 2) -> dict:
     validations still gets a loss for the weights it ends with."""
     import torch
 
-    from ..data import SummarizationDataset, collate
-    from ..engine import label_smoothed_nll_loss
-    from ..generate.export import export_for, load_export
+    from pyramidion_ds.data import SummarizationDataset, collate
+    from pyramidion_ds.engine import label_smoothed_nll_loss
+    from pyramidion_ds.generate.export import export_for, load_export
     model, cfg, _ = load_export(export_for(run_dir))
     m = cfg.model
     data = SummarizationDataset(cfg.data.data, cfg.data.valid_subset, m.max_source_positions, m.max_target_positions,
@@ -753,7 +552,7 @@ def valid_loss_at_end(run_dir: Path, batch_docs: int = 2) -> dict:
 
 
 def selection_for_run(run_dir: Path, test_jsonl: Path, cfg) -> dict:
-    from ..generate.export import export_for, load_export
+    from pyramidion_ds.generate.export import export_for, load_export
     model, run_cfg, spm = load_export(export_for(run_dir))
     records = [json.loads(line) for line in test_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     pad = run_cfg.data.pad_to_multiple or run_cfg.model.chunk_size
@@ -761,4 +560,5 @@ def selection_for_run(run_dir: Path, test_jsonl: Path, cfg) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pyramidion_ds.cli.common import run_main  # config, data and usage errors as one line, as every CLI
+    run_main(PROG, main)

@@ -1,6 +1,6 @@
-"""Compare two `pyramidion-bench learn` result dirs (same task and seed): the reproducibility check.
+"""Compare two `run.py` result dirs (same task and seed): the reproducibility check.
 
-    python tools/experiments/compare_learn.py results/learn/synthetic-a results/learn/synthetic-b
+    python tools/experiments/pooling_learns/compare_learn.py results/learn/synthetic-a results/learn/synthetic-b
 
 Prints a Markdown table of each quality metric in both runs and the absolute difference. Quality numbers
 (validation loss, ROUGE, selection recall) should agree closely: same seed, same data, same updates;

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Probe *why* a variant does or does not learn the synthetic task: a plain-torch loop (one process,
-no DeepSpeed) on a `pyramidion-bench learn` corpus, printing teacher-forced validation NLL, token
+no DeepSpeed) on a `run.py --task synthetic` corpus, printing teacher-forced validation NLL, token
 accuracy and selection recall as training goes, and the scorers' score ranges at the end.
 
 ``--selection oracle`` replaces every scorer of the first pooling step with the answer (logit +10 on
@@ -13,25 +13,27 @@ is short for ``--set model.scorer_input=layer_norm`` and ``--scorer-lr-scale X``
 ``--set train.scorer_lr_scale=X``. The raw scorer of old: ``--set model.scorer_input=hidden
 --set train.scorer_lr_scale=1``.
 
-    python tools/experiments/probe_copy.py --learn-dir results/learn/repro-seed1-a --minutes 6 \\
-        --selection oracle --set model.pooling_schedule=[2560,128,128]
-    python tools/experiments/probe_copy.py --learn-dir results/learn/repro-seed1-a --words 200 300 \\
-        --salient 1 1 --set model.variant=blockwise --batch-docs 4     # short documents, one sentence
+    python tools/experiments/pooling_learns/probe_copy.py --learn-dir results/learn/repro-seed1-a \\
+        --minutes 6 --selection oracle --set model.pooling_schedule=[2560,128,128]
+    python tools/experiments/pooling_learns/probe_copy.py --learn-dir results/learn/repro-seed1-a \\
+        --words 200 300 --salient 1 1 --set model.variant=blockwise --batch-docs 4     # short documents, one sentence
 
 ``--stage MIN MAX UPDATES`` (repeatable) first trains on in-memory documents of MIN..MAX words, stage after
-stage, then on the corpus: the warm-up of ``pyramidion-bench learn``. Each stage and the corpus start with a
+stage, then on the corpus: the warm-up of ``run.py``. Each stage and the corpus start with a
 fresh AdamW and lr warmup, as there (``--keep-optimizer``: one AdamW throughout). ``--eval-words MIN MAX``
 (repeatable) adds validation sets of other lengths; ``--eval-placement front|back`` puts all their planted
 sentences in the first or last ~250 words, so a drop with length can be told apart from one with position.
 ``--init-from RUN_DIR`` starts from a run's weights (and its config)::
 
     # the shipped warm-up, from scratch, one line per stage
-    python tools/experiments/probe_copy.py --learn-dir results/learn/staged-a --batch-docs 4 --max-update 4300 \
-        --minutes 60 --eval-every 100000 --stage 60 100 1500 --stage 200 300 1000 --stage 400 600 300 \
-        --stage 700 1000 300 --stage 1100 1500 300 --stage 1600 2000 300 --eval-words 200 300 --eval-words 700 800
+    python tools/experiments/pooling_learns/probe_copy.py --learn-dir results/learn/staged-a \\
+        --batch-docs 4 --max-update 4300 --minutes 60 --eval-every 100000 --stage 60 100 1500 \\
+        --stage 200 300 1000 --stage 400 600 300 --stage 700 1000 300 --stage 1100 1500 300 \\
+        --stage 1600 2000 300 --eval-words 200 300 --eval-words 700 800
     # how a warm-up checkpoint copes with longer documents and later planted sentences (no training)
-    python tools/experiments/probe_copy.py --learn-dir results/learn/staged-a --init-from RUN_DIR --max-update 0 \
-        --eval-words 200 300 --eval-words 700 800 --eval-words 1500 1700 --eval-placement back
+    python tools/experiments/pooling_learns/probe_copy.py --learn-dir results/learn/staged-a \\
+        --init-from RUN_DIR --max-update 0 --eval-words 200 300 --eval-words 700 800 \\
+        --eval-words 1500 1700 --eval-placement back
 
 It reads ``LEARN_DIR/data-bin/spm.model`` and ``LEARN_DIR/corpus/{train,valid}.jsonl`` (or, with
 ``--words``, makes a fresh in-memory synthetic corpus of that length with the same vocabulary).
@@ -47,13 +49,16 @@ from pathlib import Path
 
 import torch
 
-from pyramidion_ds.bench.learn import measure_selection, piece_offsets, salient_token_mask
 from pyramidion_ds.config import load_config
 from pyramidion_ds.data import collate
 from pyramidion_ds.data.spm import load_spm
 from pyramidion_ds.data.synthetic import make_example
 from pyramidion_ds.engine import label_smoothed_nll_loss, param_groups
 from pyramidion_ds.model import PyramidionModel
+from run import TASKS, config_path
+from selection import measure_selection, piece_offsets, salient_token_mask
+
+SYNTHETIC_CONFIG = config_path(TASKS["synthetic"])
 
 
 class OracleScorer(torch.nn.Module):
@@ -116,8 +121,9 @@ def placed_example(index: int, seed: int, min_words: int, max_words: int, num_sa
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--learn-dir", required=True, help="a `pyramidion-bench learn --task synthetic` output dir")
-    p.add_argument("--config", default="learn_synthetic", help="run config (default %(default)s)")
+    p.add_argument("--learn-dir", required=True, help="a `run.py --task synthetic` output dir")
+    p.add_argument("--config", default=str(SYNTHETIC_CONFIG), help="run config (default: the experiment's, "
+                   "configs/synthetic.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--selection", choices=("learned", "learned-ln", "oracle"), default="learned",
                    help="learned: the configured scorers; learned-ln: = --set model.scorer_input=layer_norm; "
@@ -130,7 +136,7 @@ def main(argv=None):
     p.add_argument("--stage-docs", type=int, default=4000, help="documents per stage at most (cycled)")
     p.add_argument("--keep-optimizer", action="store_true",
                    help="one AdamW across the stages and the corpus (default: a fresh one each, as "
-                   "pyramidion-bench learn's train.init_from)")
+                   "run.py's train.init_from)")
     p.add_argument("--init-from", default=None, help="start from this run dir's weights; its config.yaml "
                    "replaces --config")
     p.add_argument("--eval-words", type=int, nargs=2, action="append", default=[], metavar=("MIN", "MAX"),

@@ -1,16 +1,25 @@
-"""pyramidion-bench learn: planted spans -> piece positions, and selection recall against encoder output."""
+"""tools/experiments/pooling_learns: planted spans -> piece positions, selection recall against encoder output,
+the real split, the targets, the probe's oracle scorer; and the arrow that must never exist (package -> experiment).
+
+The experiment's folder is on sys.path (conftest.py), so its scripts import as they do when run."""
 import json
+import re
+from pathlib import Path
 
 import numpy as np
+import probe_copy
 import pytest
+import run
 import torch
+from report import check_targets
+from selection import measure_selection, piece_offsets, salient_token_mask, selection_counts
 
-from pyramidion_ds.bench.learn import (VARIANTS, check_targets, make_real, measure_selection, piece_offsets,
-                                       salient_token_mask, selection_counts, split_of)
 from pyramidion_ds.config import load_config
 from pyramidion_ds.data.spm import load_spm, train_spm
 from pyramidion_ds.data.synthetic import make_corpus
 from pyramidion_ds.model import PyramidionModel
+
+PACKAGE = Path(__file__).resolve().parents[3] / "pyramidion_ds"
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +126,26 @@ def test_real_split_is_deterministic(tmp_path):
     for name in ("pubmed_sample.jsonl", "qmsum_sample.jsonl"):
         (data / name).write_text("".join(json.dumps({"id": str(i), "document": f"d{i}", "summary": f"s{i}"}) + "\n"
                                          for i in range(20)))
-    paths = make_real(tmp_path / "raw", data)
+    paths = run.make_real(tmp_path / "raw", data)
     counts = {split: len(path.read_text().splitlines()) for split, path in paths.items()}
     assert counts == {"train": 32, "valid": 4, "test": 4}
-    assert [split_of(i) for i in range(3)] == ["test", "valid", "train"]
+    assert [run.split_of(i) for i in range(3)] == ["test", "valid", "train"]
+
+
+def test_missing_real_data_is_one_line_before_anything_is_written(tmp_path):
+    out = tmp_path / "real"
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--task", "real", "--out", str(out), "--real-data", str(tmp_path / "nowhere")])
+    message = str(exit_info.value)
+    assert message.startswith(f"{run.PROG}: error: --real-data {tmp_path / 'nowhere'}: no pubmed_sample.jsonl")
+    assert "\n" not in message and not out.exists()
+
+
+def test_each_task_finds_its_config_beside_the_runner():
+    for task, spec in run.TASKS.items():
+        path = run.config_path(spec)
+        assert path.is_file() and path.parent == Path(run.__file__).resolve().parent / "configs", task
+        load_config(str(path))
 
 
 def test_targets():
@@ -131,24 +156,14 @@ def test_targets():
     assert met == {"ROUGE-L >= 0.9": True, "selection recall >= 0.9": False, "valid loss <= 1.05 x blockwise": True,
                    "step faster than blockwise (interleaved bench)": True}
     assert check_targets(rows, "real") == []
-    assert set(VARIANTS) == {"vanilla", "blockwise", "transpooler", "pyramidion"}
-
-
-def _probe_module():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "tools" / "experiments" / "probe_copy.py"
-    spec = importlib.util.spec_from_file_location("probe_copy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    assert set(run.VARIANTS) == {"vanilla", "blockwise", "transpooler", "pyramidion"}
 
 
 @pytest.mark.parametrize("scorer_input", ["hidden", "layer_norm"])
 def test_probe_oracle_scorer_keeps_every_planted_piece_unmixed(spm_and_docs, scorer_input):
-    """tools/experiments/probe_copy.py --selection oracle: the claim its conclusions rest on (whatever
-    the scorers read: learn_synthetic sets model.scorer_input=layer_norm)."""
-    probe = _probe_module()
+    """probe_copy.py --selection oracle: the claim its conclusions rest on (whatever the scorers read:
+    configs/synthetic.yaml sets model.scorer_input=layer_norm)."""
+    probe = probe_copy
     spm, docs = spm_and_docs
     cfg = load_config(None, ["--model.preset", "debug", "--model.variant", "pyramidion", "--model.vocab_size",
                              str(spm.GetPieceSize()), "--model.max_source_positions", "1024",
@@ -173,3 +188,12 @@ def test_probe_oracle_scorer_keeps_every_planted_piece_unmixed(spm_and_docs, sco
         slots = [i for i, p in enumerate(out.source_positions[row].tolist()) if out.mask[row, i] and p in planted]
         # a planted piece wins its pairs outright: its slot's pooled score stays ~1 (nothing mixed in)
         assert info.pooled_scores[row, slots].min() > 0.999
+
+
+def test_the_package_never_imports_the_experiment():
+    """The experiment depends one way on pyramidion_ds: nothing under the package imports its scripts."""
+    experiment_import = re.compile(r"^\s*(?:from|import)\s+(?:run|report|selection|probe_copy|compare_learn|"
+                                   r"pooling_learns|tools)\b", re.MULTILINE)
+    offenders = [f"{path.relative_to(PACKAGE)}: {match.group(0).strip()}" for path in sorted(PACKAGE.rglob("*.py"))
+                 for match in experiment_import.finditer(path.read_text(encoding="utf-8"))]
+    assert PACKAGE.is_dir() and not offenders, offenders
