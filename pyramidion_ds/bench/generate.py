@@ -11,7 +11,7 @@
    On CUDA the first row is the default decoding (static KV cache, each step replayed from a CUDA graph)
    and ``kv_cache`` is the eager growing cache; ``slowdown`` is relative to the first row.
 
-    pyramidion-bench generate                              # the issue's workload on CPU
+    pyramidion-bench generate                              # the default workload on CPU
     pyramidion-bench generate --src-len 256 --new-tokens 8 --skip-nocache   # a quick look
     pyramidion-bench generate --device cuda --dtype bf16   # the H100 target
 """

@@ -59,7 +59,7 @@ class ModelConfig:
     chunk_size: Optional[int] = option(None, "blockwise attention chunk length (a layer of width n attends "
                                        "inside chunks of min(n, chunk_size))", min=1)
     pooling_schedule: ScheduleSpec = option(
-        None, "encoder output width per layer: a list [8192, 4096, ...], or the seed's form "
+        None, "encoder output width per layer: a list [8192, 4096, ...], or the release form "
         "'{0: 2048, 1: 512}' (layer -> width; unnamed layers keep the previous width); "
         "null = halve layer by layer (at most 5 halvings)")
     topk_base: float = option(20.0, "base of the softmax(base**score) mixing inside each top-k pair",

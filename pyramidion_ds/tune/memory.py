@@ -12,7 +12,7 @@ parameter; stage 1 partitions the 12 over the ranks.
 
 Activations: what autograd keeps from the forward for the backward, plus the largest transient of the
 backward, counted tensor by tensor for our layers (``pyramidion_ds.model``) and calibrated against real
-forward+backward steps (``measure.py``, table in docs/tuning_section.md)::
+forward+backward steps (``measure.py``, table in docs/tuning.md)::
 
     encoder layer at width n (per example; b = bytes per activation, 2 in bf16):
       x, LN out, q, k, v, attention out, merged heads, x+attn, LN out  9·n·d·b
@@ -45,7 +45,7 @@ OFFLOADS = ("none", "optimizer", "all")
 #: DeepSpeed's default head-room factor on CPU memory in its estimators
 BUFFER_FACTOR = 1.5
 
-# calibrated constants (see docs/tuning_section.md for the measurements behind them)
+# calibrated constants (see docs/tuning.md for the measurements behind them)
 POOL_BYTES_PER_POSITION = 48       #: scores, sigmoid, slot/weight per position, flat member indices
 POOL_BYTES_PER_ROUND = 8           #: per position and successive-halving round (mixing weights)
 LOGITS_TRANSIENT_FP32 = 2          #: extra fp32 B×t×V copies alive at the start of the backward

@@ -2,8 +2,8 @@
 
     munged (own key, socket, log)  ←  slurmctld -D -f slurm.conf  ←  slurmd -D -N node1 / -N node2
 
-Both nodes have NodeAddr=127.0.0.1 and their own Port=; the settings are the ones DESIGN.md records
-as working here (proctrack/linuxproc, task/none, select/cons_tres; SLURM 22.05 from Debian's
+Both nodes have NodeAddr=127.0.0.1 and their own Port=; the settings are ones known
+to work here (proctrack/linuxproc, task/none, select/cons_tres; SLURM 22.05 from Debian's
 slurm-wlm). Everything (config, state, spool, logs, munge socket) lives in one tmp directory, so a
 system SLURM, if any, is untouched. There is no slurmdbd: job states are read with `scontrol show
 job` (completed jobs stay visible for MinJobAge seconds).

@@ -10,7 +10,7 @@ from pyramidion_ds.model.topk import round_widths, successive_halving_topk
 
 
 def reference_topk(x, scores, mask, k, base, flip_right, sort_back):
-    """One example (x: n×d, scores: n, mask: n), round by round, exactly as DESIGN.md states the operator.
+    """One example (x: n×d, scores: n, mask: n), round by round, as the module docstring of topk.py states the operator.
 
     Each slot carries (representation, score, is_real, dominant source position). Padding ranks below every
     real token; beside a real token it gets weight 0; two padding slots average.
