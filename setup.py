@@ -14,8 +14,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pyramidion_ds", "pyramidion_ds.*"]),
-    package_data={"pyramidion_ds": ["configs/*.yaml"]},
+    # the DeepSpeed JSONs stay at the top level (ds_configs/, where users edit and copy them) and install as
+    # the data-only package pyramidion_ds.ds_configs, so a shipped name resolves in any install
+    packages=find_packages(include=["pyramidion_ds", "pyramidion_ds.*"]) + ["pyramidion_ds.ds_configs"],
+    package_dir={"pyramidion_ds.ds_configs": "ds_configs"},
+    package_data={"pyramidion_ds": ["configs/*.yaml"], "pyramidion_ds.ds_configs": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16,<0.20",
