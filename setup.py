@@ -14,8 +14,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pyramidion_ds", "pyramidion_ds.*"]),
-    package_data={"pyramidion_ds": ["configs/*.yaml"]},
+    # the DeepSpeed JSONs stay at the top level (ds_configs/, where users edit and copy them) and install as
+    # the data-only package pyramidion_ds.ds_configs, so a shipped name resolves in any install
+    packages=find_packages(include=["pyramidion_ds", "pyramidion_ds.*"]) + ["pyramidion_ds.ds_configs"],
+    package_dir={"pyramidion_ds.ds_configs": "ds_configs"},
+    package_data={"pyramidion_ds": ["configs/*.yaml"], "pyramidion_ds.ds_configs": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16,<0.20",
@@ -31,7 +34,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",  # top-k kernels on CUDA
     ],
     extras_require={
-        "dev": ["pytest>=8", "mpich>=4.2", "ninja>=1.11"],
+        "dev": ["pytest>=8", "mpich>=4.2", "ninja>=1.11", "ruff>=0.16.4,<0.17"],  # ruff: pyproject.toml
         "bench": ["transformers>=4.40", "matplotlib>=3.8", "psutil>=5.9"],
     },
     entry_points={

@@ -1,6 +1,6 @@
 """pyramidion-bench data: binarization throughput and mmap reader memory.
 
-Binarizes the two real samples (PubMed, QMSum in ../shared/data) and a synthetic corpus with 1 and 2
+Binarizes the two real samples (PubMed, QMSum in --shared-data) and a synthetic corpus with 1 and 2
 tokenizer workers (the 1-worker run is the baseline) and reports documents/s and tokens/s (source +
 target tokens written). Then serves random batches from the synthetic shard and from a copy grown 10×,
 each in a fresh process, and reports resident memory: it should not grow with the corpus, because the
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+#: default of --shared-data, relative to the working directory: the shared samples beside a checkout's root
+SHARED_DATA = "../shared/data"
+SHARED_SAMPLES = ("pubmed_sample.jsonl", "qmsum_sample.jsonl")
 
 
 def _rss_kib() -> dict:
@@ -97,12 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic-docs", type=int, default=2000)
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (first = baseline)")
     parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--shared-data", default=str(SHARED_DATA))
+    parser.add_argument("--shared-data", default=SHARED_DATA,
+                        help="directory holding the real samples (pubmed_sample.jsonl, qmsum_sample.jsonl), relative "
+                             "to the working directory; '' benchmarks the synthetic corpus alone (default %(default)s)")
     parser.add_argument("--scale", type=int, default=10, help="growth factor for the reader memory check")
     parser.add_argument("--reader-batches", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    shared = Path(args.shared_data) if args.shared_data else None
+    if shared is not None and not any((shared / name).is_file() for name in SHARED_SAMPLES):
+        from ..cli.common import fail
+        fail(parser.prog, f"--shared-data: no {' or '.join(SHARED_SAMPLES)} in '{shared}' (resolved against "
+                          f"{Path.cwd()}); give the directory that holds them, or --shared-data '' for the synthetic "
+                          f"corpus alone")
 
     from pyramidion_ds.data.sources import file_sources
     from pyramidion_ds.data.spm import train_spm
@@ -116,11 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     synthetic = write_corpus(work / "raw", {"train": args.synthetic_docs})["train"]
     corpora["synthetic"] = str(synthetic)
-    shared = Path(args.shared_data)
-    for name in ("pubmed", "qmsum"):
-        path = shared / f"{name}_sample.jsonl"
+    for sample in SHARED_SAMPLES if shared is not None else ():
+        path = shared / sample
         if path.is_file():
-            corpora[name] = str(path)
+            corpora[sample.removesuffix("_sample.jsonl")] = str(path)
     make_seconds = time.perf_counter() - t0
 
     # one joined vocabulary over everything (the real text gives it room beyond the synthetic words)

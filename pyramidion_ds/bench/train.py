@@ -43,14 +43,15 @@ def model_config(preset: str, variant: str, src_len: int, tgt_len: int, vocab: i
 
 
 def ds_config_for(cfg, stage: int, precision: str) -> dict:
-    from ..engine import read_ds_config, resolve_ds_config
-    name = f"zero{stage}_cpu.json" if precision == "fp32" else f"zero{stage}_{precision}.json"
-    path = ROOT / "ds_configs" / name
-    if not path.is_file():  # stage 0/1 have no CPU file: the bf16 file with precision following the trainer
-        path = ROOT / "ds_configs" / f"zero{stage}_bf16.json"
+    from ..engine import read_ds_config, resolve_ds_config, shipped_ds_configs
+    shipped = shipped_ds_configs()
+    name = f"zero{stage}_cpu" if precision == "fp32" else f"zero{stage}_{precision}"
+    if name not in shipped:  # stage 0/1 have no CPU file: the bf16 file with precision following the trainer
+        path = shipped[f"zero{stage}_bf16"]
         raw = read_ds_config(path)
         raw["bf16"] = {"enabled": "auto"}
     else:
+        path = shipped[name]
         raw = read_ds_config(path)
     cfg.train.precision = precision
     return resolve_ds_config(raw, cfg, world_size=1, source=path.name)

@@ -1,4 +1,4 @@
-"""pyramidion-train CONFIG [--section.key VALUE ...] [--deepspeed_config ds_configs/X.json]
+"""pyramidion-train CONFIG [--section.key VALUE ...] [--deepspeed_config NAME|PATH.json]
 
 Launched once per device by the DeepSpeed launcher, srun or mpirun (see launch/).
 """
@@ -15,7 +15,8 @@ PROG = "pyramidion-train"
 def build_parser():
     parser = config_parser(PROG, "Train (pretrain or fine-tune) a Pyramidion model with DeepSpeed.")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
-                        help="DeepSpeed JSON; same as --train.deepspeed_config")
+                        help="DeepSpeed JSON: a path, or a shipped name (ds_configs/NAME.json, e.g. zero3_bf16); "
+                             "same as --train.deepspeed_config")
     parser.add_argument("--init-from", "--init_from", dest="init_from", default=None,
                         help="load weights only from a run dir or export dir; same as --train.init_from")
     parser.add_argument("--no-resume", dest="resume", action="store_false", default=None,

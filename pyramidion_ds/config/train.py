@@ -9,8 +9,9 @@ from .core import ConfigError, option
 @dataclass
 class TrainConfig:
     save_dir: str = option("runs/debug", "run directory: checkpoints, resolved config, tensorboard logs")
-    deepspeed_config: str = option("ds_configs/zero2_cpu.json", "DeepSpeed JSON (ZeRO stage, offload, "
-                                   "precision); merged with this config and checked against it")
+    deepspeed_config: str = option("zero2_cpu", "DeepSpeed JSON (ZeRO stage, offload, precision): a path, or the "
+                                   "name of a shipped one (ds_configs/NAME.json, e.g. zero3_bf16); merged with "
+                                   "this config and checked against it")
     seed: int = option(1, "random seed (model init, sampler, noise)")
     max_update: int = option(0, "stop after this many updates; 0 = no limit", min=0)
     max_epoch: int = option(0, "stop after this many epochs; 0 = no limit", min=0)

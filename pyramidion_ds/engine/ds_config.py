@@ -5,10 +5,15 @@ loss-scale settings); the trainer config owns batch shape, precision and clippin
 ``"auto"`` follows the trainer; an explicit value must agree with it, or loading fails with one line
 naming the JSON key and the trainer key. Optimizer and scheduler blocks are refused: the trainer builds
 both (``train.*``), so there is one place to set them.
+
+``train.deepspeed_config`` is a path or the name of a shipped JSON (:func:`ds_config_path`): the repo's
+top-level ``ds_configs/`` is installed as the data-only package ``pyramidion_ds.ds_configs`` (setup.py maps
+it), so ``zero3_bf16`` resolves from any directory, in an editable or a regular install.
 """
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -30,11 +35,42 @@ KNOWN_TOP_LEVEL = {
 }
 
 
+#: where the shipped DeepSpeed JSONs are installed (setup.py maps the top-level ds_configs/ onto it)
+SHIPPED_PACKAGE = "pyramidion_ds.ds_configs"
+
+
+def shipped_ds_configs() -> dict[str, Path]:
+    """Name (file stem) -> path of every shipped DeepSpeed JSON.
+
+    Read through ``importlib.resources`` from the installed package ``pyramidion_ds.ds_configs`` (a regular
+    install copies the JSONs into it; an editable one maps it onto the checkout's ``ds_configs/``); a source
+    checkout used without installing it (``PYTHONPATH=.``) has no such package and reads its own folder."""
+    try:
+        root = importlib.resources.files(SHIPPED_PACKAGE)
+        found = [Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".json")]
+    except ModuleNotFoundError:
+        found = list((Path(__file__).resolve().parents[2] / "ds_configs").glob("*.json"))
+    return {path.stem: path for path in sorted(found, key=lambda path: path.stem)}
+
+
+def ds_config_path(name_or_path: str | Path) -> Path:
+    """The DeepSpeed JSON that ``train.deepspeed_config`` names: an existing file (absolute, or relative to
+    the working directory) wins; else a bare name, with or without ``.json``, names a shipped config."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_ds_configs()
+    name = path.name[:-len(".json")] if path.name.endswith(".json") else path.name
+    if str(name_or_path) in (name, f"{name}.json") and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"train.deepspeed_config: '{name_or_path}' does not exist and is not a shipped DeepSpeed "
+                      f"config name ({', '.join(shipped) or 'none found'})")
+
+
 def read_ds_config(path: str | Path) -> dict:
-    """Read a DeepSpeed JSON file with one-line errors for a missing file or malformed JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"train.deepspeed_config: '{path}' does not exist")
+    """Read a DeepSpeed JSON file, given by path or shipped name (:func:`ds_config_path`), with one-line
+    errors for a missing file or malformed JSON."""
+    path = ds_config_path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

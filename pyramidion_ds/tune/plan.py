@@ -15,16 +15,12 @@ import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import yaml
 
 from ..model.model import training_flops  # the model's own FLOPs formula, from the config alone
 from .memory import ACTIVATION_BYTES, GIB, ParamCount, activation_bytes, count_parameters, \
     model_states
-
-ROOT = Path(__file__).resolve().parents[2]
-DS_CONFIG_DIR = ROOT / "ds_configs"
 
 # rough hardware figures for the relative time model (H100-class node; only ratios matter)
 GPU_TFLOPS = 400.0             #: achieved bf16 TFLOP/s at large micro-batches
@@ -247,7 +243,7 @@ def _template(stage: int, offload: str, precision: str, device: str) -> dict:
     else:
         name = f"zero{stage}_bf16" if not (precision == "fp16" and stage == 2) else "zero2_fp16"
     from ..engine import read_ds_config
-    return read_ds_config(DS_CONFIG_DIR / f"{name}.json")
+    return read_ds_config(name)  # a shipped name: found in any install, from any directory
 
 
 def ds_config_for(cand: Candidate, precision: str, world_size: int, device: str = "gpu") -> dict:

@@ -23,6 +23,13 @@ def test_bench_lists_suites_and_rejects_unknown():
     assert proc.returncode == 2 and "unknown suite 'nope'" in proc.stderr
 
 
+def test_bench_data_names_the_flag_when_the_samples_are_missing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pyramidion_ds.bench.data", "--shared-data", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("pyramidion-bench data: error: --shared-data: no pubmed_sample.jsonl")
+
+
 def test_train_validates_config_before_anything():
     proc = run("train", "debug", "--model.chunk_size", "-3")
     assert proc.returncode == 2

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from pyramidion_ds.config import ConfigError, load_config
-from pyramidion_ds.engine import precision_of, read_ds_config, resolve_ds_config, zero_stage
+from pyramidion_ds.engine import (ds_config_path, precision_of, read_ds_config, resolve_ds_config,
+                                  shipped_ds_configs, zero_stage)
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -66,6 +67,36 @@ def test_batch_size_multiplies_out_with_world_size():
     cfg = load_config(None, ["--data.max_sentences", "4", "--train.update_freq", "2"])
     ds = resolve_ds_config({"train_batch_size": 32}, cfg, world_size=4)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_shipped_names_resolve_from_any_directory(tmp_path, monkeypatch):
+    assert sorted(shipped_ds_configs()) == [p.stem for p in SHIPPED]
+    monkeypatch.chdir(tmp_path)  # not the checkout: ds_configs/ is not under the working directory
+    for name in ("zero3_bf16", "zero3_bf16.json"):
+        path = ds_config_path(name)
+        assert path.is_absolute() and path.name == "zero3_bf16.json"
+        assert read_ds_config(name) == json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text())
+    default = load_config(None).train.deepspeed_config
+    assert default == "zero2_cpu" and ds_config_path(default).name == "zero2_cpu.json"
+
+
+def test_an_existing_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zero3_bf16.json").write_text('{"zero_optimization": {"stage": 1}}')
+    assert ds_config_path("zero3_bf16.json") == Path("zero3_bf16.json")  # relative to the working directory
+    assert zero_stage(read_ds_config("zero3_bf16.json")) == 1
+    assert zero_stage(read_ds_config("zero3_bf16")) == 3  # no file of that name here: the shipped one
+    assert ds_config_path(str(ROOT / "ds_configs" / "zero2_cpu.json")) == ROOT / "ds_configs" / "zero2_cpu.json"
+
+
+@pytest.mark.parametrize("given", ["zero9_bf16", "zero9_bf16.json", "ds_configs/zero3_bf16.json"])
+def test_unknown_name_lists_the_shipped_ones(tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)  # a path that is not a file, or a name not shipped: one line with the names
+    with pytest.raises(ConfigError) as err:
+        read_ds_config(given)
+    message = str(err.value)
+    assert "\n" not in message and f"'{given}' does not exist" in message
+    assert all(p.stem in message for p in SHIPPED)
 
 
 def test_missing_and_malformed_files(tmp_path):
