@@ -16,7 +16,6 @@ data=${SUMPUBMED:-$root/../shared/data/sumpubmed}
 work=${WORK:-$root/runs/bench-sumpubmed}
 P=${PRETRAIN_UPDATES:-200}
 F=${FINETUNE_UPDATES:-200}
-configs=$root/tools/benchmarks/sumpubmed
 [ -f "$data/train.jsonl.gz" ] && [ -f "$data/valid.jsonl.gz" ] || {
   echo "pretrain_finetune.sh: error: $data/{train,valid}.jsonl.gz not found; set SUMPUBMED to the SumPubMed folder" >&2
   exit 2
@@ -48,10 +47,10 @@ train() {  # train NAME CONFIG ARGS...: a run that finished already returns at o
   bash "$root/launch/local/train.sh" "$config" --train.save_dir "runs/$name" --train.validate_interval_updates 100 \
     "$@" > "$name.out" 2>&1 || { tail -20 "$name.out" >&2; exit 1; }
 }
-train pretrain "$configs/pretrain.yaml" --train.max_update "$P"
-train finetune "$configs/finetune.yaml" --train.max_update "$F" --init-from runs/pretrain
-train scratch "$configs/finetune.yaml" --train.max_update $((P + F))
-train blockwise "$configs/finetune.yaml" --train.max_update $((P + F)) --model.variant blockwise \
+train pretrain sumpubmed_pretrain --train.max_update "$P"
+train finetune sumpubmed_finetune --train.max_update "$F" --init-from runs/pretrain
+train scratch sumpubmed_finetune --train.max_update $((P + F))
+train blockwise sumpubmed_finetune --train.max_update $((P + F)) --model.variant blockwise \
   --model.pooling_schedule null
 
 say "generate: the first 20 validation articles, finetune and scratch"
@@ -68,7 +67,7 @@ for name in finetune scratch; do
 done
 
 say "step time: pyramidion and blockwise of this config, one process, same batches"
-model_args=$(python - "$configs/finetune.yaml" <<'PY'
+model_args=$(python - "$root/pyramidion_ds/configs/sumpubmed_finetune.yaml" <<'PY'
 import sys, yaml
 m = yaml.safe_load(open(sys.argv[1]))["model"]
 keys = ("d_model", "num_heads", "ffn_dim", "encoder_layers", "decoder_layers", "chunk_size", "pooling_schedule")
