@@ -247,33 +247,30 @@ class Trainer:
 
     def build_data(self) -> None:
         from ..data import ShardedBatchSampler, make_batches
-        from ..data.batching import shape_buckets
-        cfg, m = self.cfg, self.cfg.model
-        self.pad_multiple = cfg.data.pad_to_multiple or m.chunk_size
-        self.batch_multiple, self.target_multiple = shape_buckets(cfg)  # few shapes: bounded recompiles
+        cfg = self.cfg
 
-        def batches_for(ds, shuffle_seed):
+        def batches_for(ds, shuffle_seed):  # under train.compile: few batch shapes, bounded recompiles
             return lambda epoch: make_batches(ds.src_sizes, max_tokens=cfg.data.max_tokens,
                                               max_sentences=cfg.data.max_sentences,
-                                              pad_to_multiple=self.pad_multiple, seed=shuffle_seed, epoch=epoch,
-                                              required_batch_size_multiple=self.batch_multiple)
+                                              pad_to_multiple=cfg.source_pad_multiple, seed=shuffle_seed,
+                                              epoch=epoch, required_batch_size_multiple=cfg.batch_size_multiple)
 
         self.train_sampler = ShardedBatchSampler(batches_for(self.train_data, cfg.train.seed), self.rank,
                                                  self.world_size, cfg.train.seed)
         self.valid_batches = batches_for(self.valid_data, cfg.train.seed)(0)
         log.info(f"data: {len(self.train_data)} train / {len(self.valid_data)} valid examples "
                  f"({cfg.data.task}), max_tokens={cfg.data.max_tokens}, padded to multiples of "
-                 f"{self.pad_multiple}")
+                 f"{cfg.source_pad_multiple}")
 
     def _loader(self, dataset, batches):
         from ..data import collate
         from ..data.batching import pad_target
-        m = self.cfg.model
+        cfg, m = self.cfg, self.cfg.model
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
             collate_fn=lambda samples: pad_target(collate(samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id,
-                                                          pad_to_multiple=self.pad_multiple),
-                                                  self.target_multiple, m.pad_id),
+                                                          pad_to_multiple=cfg.source_pad_multiple),
+                                                  cfg.target_pad_multiple, m.pad_id),
             worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM must reach the rank only
             # its own generator: creating a loader iterator must not draw from the global RNG that
             # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one
