@@ -33,7 +33,8 @@ def build_parser():
     model.add_argument("--variant", default=None, choices=("vanilla", "blockwise", "transpooler", "pyramidion"),
                        help="encoder variant (default: the config's, else pyramidion)")
     model.add_argument("--pooling-schedule", default=None,
-                       help="widths per encoder layer, '[8192, 2048, ...]' or the seed's '{0: 2048, 1: 512}'")
+                       help="widths per encoder layer, '[8192, 2048, ...]' or the original release's "
+                            "'{0: 2048, 1: 512}'")
     model.add_argument("--vocab-size", type=int, default=None,
                        help=f"vocabulary size (default: the config's, the data's with --data, else {DEFAULT_VOCAB})")
     model.add_argument("--src-len", type=int, default=None, help="source tokens (default: max_source_positions)")
@@ -75,7 +76,7 @@ def parse_schedule(text: str | None):
     import yaml
     stripped = text.strip()
     if stripped.startswith("{"):
-        return stripped  # the seed's form, parsed safely by the config
+        return stripped  # the release form, parsed safely by the config
     value = yaml.safe_load(stripped)
     if not isinstance(value, list):
         raise UsageError(f"--pooling-schedule: got {text!r}, expected '[w0, w1, ...]' or '{{0: 2048, 1: 512}}'")
