@@ -155,7 +155,23 @@ class Trainer:
         self.valid_history: list[dict] = []
         self.nonfinite_streak = 0
         self.preempt = preempt or PreemptionFlag()
-        self.writer = None
+        self.writer = None  # rank 0's tensorboard SummaryWriter, from setup()
+        self.notes: list[str] = []  # check()'s warnings, logged by setup() once train.log is open
+        # found and verified by check()
+        self.vocab_size: int | None = None
+        self.spm_hash: str | None = None
+        self.spm_id: str | None = None
+        self.ds_config: dict | None = None  # the DeepSpeed JSON merged with this config
+        self.train_data = self.valid_data = None  # the opened splits
+        self.resume_from = None  # CheckpointInfo of the checkpoint a resume continues, None = from scratch
+        self.init_source = None  # InitSource of --train.init_from
+        # built by setup()
+        self.train_sampler = None
+        self.valid_batches: list[list[int]] = []
+        self.bundle = self.engine = self.model = None
+        self.checkpoint_files = None
+        self.peak_flops = 0.0
+        self.pooling_sums: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ setup
     def check(self) -> None:
@@ -164,7 +180,7 @@ class Trainer:
         data splits, the checkpoint a resume would continue (complete, checksums, same vocabulary) and
         ``--init-from``. Every rank runs it; checksums are spread over the ranks. Its warnings (a skipped
         corrupt checkpoint) are logged by setup(), once train.log is open, or here when a check fails."""
-        self.notes: list[str] = []
+        self.notes = []
         try:
             self._check()
         except Exception:
@@ -196,7 +212,7 @@ class Trainer:
     def setup(self) -> None:
         """Write the run dir's description, build data and engine, resume or init. Checks are in check()."""
         cfg = self.cfg
-        if not hasattr(self, "ds_config"):
+        if self.ds_config is None:
             self.check()
         self.log_notes()
         seed_everything(cfg.train.seed)
@@ -220,7 +236,6 @@ class Trainer:
                  f"{self.bundle.precision} optimizer={self.bundle.optimizer_name} "
                  f"checkpointing={cfg.train.activation_checkpointing} world={self.world}")
         self.peak_flops = self._peak_flops()
-        self.pooling_sums: dict[str, list[float]] = {}
         self.model.encoder.register_forward_hook(self._pooling_hook)
 
         resumed = self.resume() if cfg.train.resume else False
