@@ -5,15 +5,14 @@
 
 Writes ``OUT/ds_config.json`` (a ready DeepSpeed JSON), ``OUT/trainer_overrides.yaml`` (micro-batch,
 accumulation, checkpointing, precision), ``OUT/plan.json`` and ``OUT/table.txt``; exits 1 with
-"nothing fits: ..." when no configuration fits the budget.
+"nothing fits: ..." when no configuration fits the budget. The estimates, the plan and the checks against real
+runs are in ``pyramidion_ds.tune``; this module reads the flags, prints and picks the exit code.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -116,31 +115,11 @@ def global_batch(args, cluster, src_len: int) -> int:
     return cluster.world_size
 
 
-def validate_outputs(ds: dict, overrides: dict, world_size: int, config: str | None) -> dict:
-    """The written JSON must pass our merge and DeepSpeed's own parser with the written overrides."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    from ..config import load_config
-    from ..engine import resolve_ds_config
-    from ..tune.plan import override_flags
-    cfg = load_config(config, override_flags({k: v for k, v in overrides.items() if k != "model"}))
-    resolved = resolve_ds_config(ds, cfg, world_size, source="tuned ds_config.json")
-    check = dict(resolved)
-    check.pop("train_batch_size")  # DeepSpeed derives it with its own (here: 1) world size
-    DeepSpeedConfig(check)
-    return resolved
-
-
 def measure(args, cfg, m, plan, cluster, out: Path, overrides: dict) -> dict:
-    import torch
-
-    from ..tune.measure import measure_activation_peak
-    from ..tune.plan import override_flags
+    """--measure: print the chosen configuration's measured activations (and with --data a real run's peak)."""
+    from ..tune.trials import measure_activations, prepare_trial, run_trial
     chosen = plan.chosen
-    device = "cuda" if torch.cuda.is_available() and cluster.device == "gpu" else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    got = measure_activation_peak(m, chosen.micro_batch, m.max_source_positions, m.max_target_positions,
-                                  dtype=dtype, checkpointing=chosen.checkpointing, device=device)
+    got = measure_activations(m, chosen, args.precision, cluster.device)
     report = {"activations_estimate_gib": chosen.activations_gib, "activations_measured_gib": got.peak_bytes / 2**30,
               "activations_device": f"{got.device} {got.dtype}"}
     print(f"activations, one step of micro-batch {chosen.micro_batch} ({got.device}, {got.dtype}): "
@@ -149,32 +128,17 @@ def measure(args, cfg, m, plan, cluster, out: Path, overrides: dict) -> dict:
     if not args.data:
         print("(give --data DIR to also run a few real updates under the DeepSpeed launcher)")
         return report
-    import yaml
-
-    from ..config import to_dict
-    run_dir = out / "measure_run"
-    config = to_dict(cfg)
-    config["model"] = to_dict(m)
-    config["data"].update(data=str(args.data), num_workers=0)
-    config["train"].update(save_dir=str(run_dir), max_update=args.measure_updates, log_interval=1,
-                           validate_interval_updates=0, save_interval_updates=0, resume=False)
-    config_path = out / "measure_config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    flags = override_flags({k: v for k, v in overrides.items() if k != "model"})
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(cluster.gpus_per_node),
-           "--module", "pyramidion_ds.cli.train", str(config_path), *flags]
-    print("running:", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    log_path = run_dir / "train.log"
-    peaks = [float(x) for x in re.findall(r"peak_mem_gib ([0-9.e+-]+)", log_path.read_text())] \
-        if log_path.is_file() else []
-    if proc.returncode != 0 or not peaks:
-        raise UsageError(f"the measuring run failed (exit {proc.returncode}); see {log_path} "
-                         f"and: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
-    what = "max allocated (CUDA)" if device == "cuda" else "max RSS of rank 0 (CPU: includes the runtime)"
-    report.update(run_updates=args.measure_updates, run_peak_gib=max(peaks), run_peak_kind=what,
+    trial = prepare_trial(cfg, m, overrides, args.data, args.measure_updates, out, cluster.gpus_per_node)
+    print("running:", " ".join(trial.command))
+    result = run_trial(trial)
+    if not result.ok:
+        raise UsageError(f"the measuring run failed (exit {result.returncode}); see {trial.log_path} "
+                         f"and: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
+    peak = max(result.peaks_gib)
+    what = "max allocated (CUDA)" if got.device == "cuda" else "max RSS of rank 0 (CPU: includes the runtime)"
+    report.update(run_updates=args.measure_updates, run_peak_gib=peak, run_peak_kind=what,
                   estimate_total_gib=chosen.gpu_gib)
-    print(f"real run, {args.measure_updates} updates on {cluster.gpus_per_node} ranks: peak {max(peaks):.3f} GiB "
+    print(f"real run, {args.measure_updates} updates on {cluster.gpus_per_node} ranks: peak {peak:.3f} GiB "
           f"[{what}] vs estimated {chosen.gpu_gib:.3f} GiB per {cluster.rank_name}")
     return report
 
@@ -190,6 +154,7 @@ def main(argv: list[str] | None = None):
 
         from ..tune.plan import Cluster, ds_config_for, make_plan, nothing_fits_message, override_flags, \
             plan_summary, table, trainer_overrides
+        from ..tune.trials import check_outputs
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         for name in ("nodes", "gpus_per_node"):
             if getattr(args, name) < 1:
@@ -230,7 +195,7 @@ def main(argv: list[str] | None = None):
         ds_path = out / "ds_config.json"
         ds = ds_config_for(chosen, args.precision, cluster.world_size, cluster.device)
         overrides = trainer_overrides(chosen, m, src, tgt, args.precision, str(ds_path))
-        validate_outputs(ds, overrides, cluster.world_size, args.config)
+        check_outputs(ds, overrides, cluster.world_size, args.config)
         ds_path.write_text(json.dumps(ds, indent=2) + "\n")
         (out / "trainer_overrides.yaml").write_text(yaml.safe_dump(overrides, sort_keys=False))
         (out / "table.txt").write_text(text + "\n")

@@ -37,6 +37,27 @@ class Config:
     generation: GenerationConfig = option(GenerationConfig(), "generation")
     distributed: DistributedConfig = option(DistributedConfig(), "distributed runtime")
 
+    # Values derived from several sections, resolved here once. They are not fields: the saved config.yaml
+    # keeps what the user set (0 = "the default"), so a run keeps following the model's chunk size or
+    # train.compile when those change on resume or fine-tuning.
+
+    @property
+    def source_pad_multiple(self) -> int:
+        """Source widths are padded to a multiple of this: data.pad_to_multiple, 0 = model.chunk_size."""
+        return self.data.pad_to_multiple or self.model.chunk_size
+
+    @property
+    def batch_size_multiple(self) -> int:
+        """Batch sizes are a multiple of this (below it a power of two): data.required_batch_size_multiple,
+        0 = 8 under train.compile (a bounded number of recompiles), else 1 (any size)."""
+        return self.data.required_batch_size_multiple or (8 if self.train.compile else 1)
+
+    @property
+    def target_pad_multiple(self) -> int:
+        """Target widths are padded to a multiple of this: data.target_pad_to_multiple, 0 = 64 under
+        train.compile, else 1 (the longest target)."""
+        return self.data.target_pad_to_multiple or (64 if self.train.compile else 1)
+
 
 def shipped_configs() -> dict[str, Path]:
     """Name -> path of every run config shipped in ``pyramidion_ds/configs``."""

@@ -129,7 +129,7 @@ def default_schedule(num_layers: int, input_width: int) -> list[int]:
     return [max(1, input_width >> (i * halvings // (num_layers - 1))) for i in range(num_layers)]
 
 
-_SEED_ITEM = re.compile(r"^\s*(-?[^:\s]+)\s*:\s*(-?[^:\s]+)\s*$")
+_RELEASE_ITEM = re.compile(r"^\s*(-?[^:\s]+)\s*:\s*(-?[^:\s]+)\s*$")
 
 
 def parse_pooling_schedule(spec: ScheduleSpec, num_layers: int, input_width: int,
@@ -143,7 +143,7 @@ def parse_pooling_schedule(spec: ScheduleSpec, num_layers: int, input_width: int
     if spec is None:
         return default_schedule(num_layers, input_width)
     if isinstance(spec, str):
-        spec = _parse_seed_string(spec, key)
+        spec = _parse_release_string(spec, key)
     if isinstance(spec, dict):
         mapping = {}
         for layer, width in spec.items():
@@ -173,14 +173,14 @@ def parse_pooling_schedule(spec: ScheduleSpec, num_layers: int, input_width: int
     return widths
 
 
-def _parse_seed_string(text: str, key: str) -> dict:
+def _parse_release_string(text: str, key: str) -> dict:
     body = text.strip()
     if not (body.startswith("{") and body.endswith("}")):
         raise ConfigError(f"{key}: got {text!r}, expected the form '{{0: 2048, 1: 512}}'")
     items = [item for item in body[1:-1].split(",") if item.strip()]
     mapping = {}
     for item in items:
-        match = _SEED_ITEM.match(item)
+        match = _RELEASE_ITEM.match(item)
         if not match:
             raise ConfigError(f"{key}: cannot read {item.strip()!r} in {text!r}, expected 'layer: width'")
         mapping[match.group(1)] = match.group(2)

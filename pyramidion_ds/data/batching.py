@@ -113,15 +113,6 @@ def pad_target(batch: dict, multiple: int, pad_id: int) -> dict:
     return batch
 
 
-def shape_buckets(cfg) -> tuple[int, int]:
-    """(required batch size multiple, target padding multiple) of a ``Config``: its data settings, where
-    0 means 8 and 64 under ``train.compile`` (bounded recompiles) and no bucketing otherwise."""
-    compiled = bool(cfg.train.compile)
-    batch_multiple = cfg.data.required_batch_size_multiple or (8 if compiled else 1)
-    target_multiple = cfg.data.target_pad_to_multiple or (64 if compiled else 1)
-    return batch_multiple, target_multiple
-
-
 def even_out(batches: list[list[int]], world_size: int) -> tuple[list[list[int]], int]:
     """Make ``len(batches)`` a multiple of ``world_size``: split the largest batches in two; only when no
     batch can be split (all single examples) repeat batches from the start. -> (batches, repeated)."""

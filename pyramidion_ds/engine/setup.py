@@ -71,12 +71,11 @@ def recompile_limit(cfg: Config) -> int:
     """How many graphs one compiled forward may need: every bucketed batch shape (see
     :func:`pyramidion_ds.data.batching.shape_bound`), in training and in evaluation mode, plus slack for
     the few batches that evening out across ranks splits."""
-    from ..data.batching import shape_bound, shape_buckets
-    batch_multiple, target_multiple = shape_buckets(cfg)
+    from ..data.batching import shape_bound
     m = cfg.model
     shapes = shape_bound(cfg.data.max_tokens, cfg.data.max_sentences, m.max_source_positions,
-                         cfg.data.pad_to_multiple or m.chunk_size, batch_multiple, m.max_target_positions,
-                         target_multiple)
+                         cfg.source_pad_multiple, cfg.batch_size_multiple, m.max_target_positions,
+                         cfg.target_pad_multiple)
     return 2 * shapes + 8
 
 

@@ -154,7 +154,7 @@ def run_generation(req: GenerateRequest, overrides: dict) -> int:
     if gen.hard_topk:
         model.cfg.hard_topk = True
     inputs = load_inputs(req, gen, cfg, spm, export_dir)
-    pad_to_multiple = cfg.data.pad_to_multiple or cfg.model.chunk_size
+    pad_to_multiple = cfg.source_pad_multiple
     batches = batches_for_rank(inputs.examples, gen.batch_size, gen.max_tokens, pad_to_multiple, rank, world_size)
     log.info(f"generating {len(inputs.examples)} sources in {len(batches)} batches on this rank "
              f"(world size {world_size}, {device}, {req.dtype}, beam {gen.beam})")

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..config import ModelConfig
 from .attention import KeyValue, StaticKeyValue
 from .encoder import EncoderOut
 from .layers import DecoderLayer, PositionEmbedding
@@ -87,7 +88,7 @@ class StaticDecoderCache(DecoderCache):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.positions = PositionEmbedding(cfg.max_target_positions, cfg.d_model, cfg.positions == "learned")
         self.dropout = nn.Dropout(cfg.dropout)
@@ -148,7 +149,7 @@ class Decoder(nn.Module):
         return self.layer_norm(x) if self.layer_norm is not None else x
 
 
-def _first_output(layer: DecoderLayer):
+def _first_output(layer: DecoderLayer) -> Callable[..., Tensor]:
     """A checkpointable function of tensors only: (x, source_k, source_v, source_mask) → x."""
     def run(x, source_k, source_v, source_mask):
         return layer(x, (source_k, source_v), source_mask)[0]

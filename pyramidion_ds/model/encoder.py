@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ModelConfig
 from .layers import EncoderLayer, PositionEmbedding
 from .topk import successive_halving_topk
 
@@ -75,14 +76,14 @@ class EncoderOut:
                           self.source_positions.index_select(0, source_order), self.pooling)
 
 
-def pooling_layers(cfg, widths: Optional[list[int]] = None) -> set[int]:
+def pooling_layers(cfg: ModelConfig, widths: Optional[list[int]] = None) -> set[int]:
     """Encoder layers followed by a scorer + top-k in the configured pyramid."""
     widths = cfg.encoder_widths() if widths is None else widths
     previous = [cfg.max_source_positions] + widths[:-1]
     return {i for i, (w_in, w_out) in enumerate(zip(previous, widths)) if w_out < w_in}
 
 
-def encoder_stages(cfg, input_width: int, widths: Optional[list[int]] = None,
+def encoder_stages(cfg: ModelConfig, input_width: int, widths: Optional[list[int]] = None,
                    pooling: Optional[set[int]] = None) -> list[Stage]:
     """Group the encoder's layers into stages for an input of ``input_width`` tokens (config only).
 
@@ -104,7 +105,7 @@ def encoder_stages(cfg, input_width: int, widths: Optional[list[int]] = None,
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.widths = cfg.encoder_widths()

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ModelConfig
 from .attention import KeyValue, MultiheadAttention
 
 
@@ -81,21 +82,21 @@ class FeedForward(nn.Module):
 class _Layer(nn.Module):
     """Shared residual wiring: pre-norm x + drop(f(norm(x))), or post-norm norm(x + drop(f(x)))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.normalize_before = cfg.normalize_before
         self.dropout = nn.Dropout(cfg.dropout)
         self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.activation_dropout)
         self.final_layer_norm = nn.LayerNorm(cfg.d_model)
 
-    def residual(self, x: Tensor, norm: nn.LayerNorm, branch) -> Tensor:
+    def residual(self, x: Tensor, norm: nn.LayerNorm, branch: Callable[[Tensor], Tensor]) -> Tensor:
         if self.normalize_before:
             return x + self.dropout(branch(norm(x)))
         return norm(x + self.dropout(branch(x)))
 
 
 class EncoderLayer(_Layer):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.self_attn = MultiheadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
@@ -107,7 +108,7 @@ class EncoderLayer(_Layer):
 
 
 class DecoderLayer(_Layer):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.self_attn = MultiheadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)

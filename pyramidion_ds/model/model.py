@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..config import ModelConfig
 from .attention import MultiheadAttention, fuse_separate_projections
 from .decoder import Decoder, DecoderCache, StaticDecoderCache
 from .encoder import Encoder, EncoderOut, encoder_stages
@@ -19,7 +20,7 @@ GRANULARITIES = ("stage", "layer", "off")
 
 
 class PyramidionModel(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not cfg.vocab_size:
             raise ValueError("model.vocab_size: got 0, expected the vocabulary size (take it from the "
@@ -126,7 +127,7 @@ class PyramidionModel(nn.Module):
         return training_flops(self.cfg, batch_size, src_len, tgt_len)
 
 
-def training_flops(cfg, batch_size: int, src_len: int, tgt_len: int) -> float:
+def training_flops(cfg: ModelConfig, batch_size: int, src_len: int, tgt_len: int) -> float:
     """Analytic training FLOPs (forward + backward = 3× forward) of one batch, as this variant runs it.
 
     Counts matmuls (2 FLOPs per multiply-add) and attention score/value products over the chunk widths

@@ -155,7 +155,24 @@ class Trainer:
         self.valid_history: list[dict] = []
         self.nonfinite_streak = 0
         self.preempt = preempt or PreemptionFlag()
-        self.writer = None
+        self.writer = None  # rank 0's tensorboard SummaryWriter, from setup()
+        self.notes: list[str] = []  # check()'s warnings, logged by setup() once train.log is open
+        self.verify = True  # how check() verifies checksums: on the ranks, or sizes only (--check-only)
+        # found and verified by check()
+        self.vocab_size: int | None = None
+        self.spm_hash: str | None = None
+        self.spm_id: str | None = None
+        self.ds_config: dict | None = None  # the DeepSpeed JSON merged with this config
+        self.train_data = self.valid_data = None  # the opened splits
+        self.resume_from = None  # CheckpointInfo of the checkpoint a resume continues, None = from scratch
+        self.init_source = None  # InitSource of --train.init_from
+        # built by setup()
+        self.train_sampler = None
+        self.valid_batches: list[list[int]] = []
+        self.bundle = self.engine = self.model = None
+        self.checkpoint_files = None
+        self.peak_flops = 0.0
+        self.pooling_sums: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ setup
     def check(self, verify: bool = True) -> None:
@@ -165,7 +182,7 @@ class Trainer:
         ``--init-from``. Every rank runs it; checksums are spread over the ranks (``verify=False``: sizes only,
         as the launch scripts' quick check before the ranks start). Its warnings (a skipped corrupt checkpoint)
         are logged by setup(), once train.log is open, or here when a check fails."""
-        self.notes: list[str] = []
+        self.notes = []
         self.verify = self.verify_on_ranks if verify else False
         try:
             self._check()
@@ -198,7 +215,7 @@ class Trainer:
     def setup(self) -> None:
         """Write the run dir's description, build data and engine, resume or init. Checks are in check()."""
         cfg = self.cfg
-        if not hasattr(self, "ds_config"):
+        if self.ds_config is None:
             self.check()
         self.log_notes()
         seed_everything(cfg.train.seed)
@@ -222,7 +239,6 @@ class Trainer:
                  f"{self.bundle.precision} optimizer={self.bundle.optimizer_name} "
                  f"checkpointing={cfg.train.activation_checkpointing} world={self.world}")
         self.peak_flops = self._peak_flops()
-        self.pooling_sums: dict[str, list[float]] = {}
         self.model.encoder.register_forward_hook(self._pooling_hook)
 
         resumed = self.resume() if cfg.train.resume else False
@@ -249,33 +265,30 @@ class Trainer:
 
     def build_data(self) -> None:
         from ..data import ShardedBatchSampler, make_batches
-        from ..data.batching import shape_buckets
-        cfg, m = self.cfg, self.cfg.model
-        self.pad_multiple = cfg.data.pad_to_multiple or m.chunk_size
-        self.batch_multiple, self.target_multiple = shape_buckets(cfg)  # few shapes: bounded recompiles
+        cfg = self.cfg
 
-        def batches_for(ds, shuffle_seed):
+        def batches_for(ds, shuffle_seed):  # under train.compile: few batch shapes, bounded recompiles
             return lambda epoch: make_batches(ds.src_sizes, max_tokens=cfg.data.max_tokens,
                                               max_sentences=cfg.data.max_sentences,
-                                              pad_to_multiple=self.pad_multiple, seed=shuffle_seed, epoch=epoch,
-                                              required_batch_size_multiple=self.batch_multiple)
+                                              pad_to_multiple=cfg.source_pad_multiple, seed=shuffle_seed,
+                                              epoch=epoch, required_batch_size_multiple=cfg.batch_size_multiple)
 
         self.train_sampler = ShardedBatchSampler(batches_for(self.train_data, cfg.train.seed), self.rank,
                                                  self.world_size, cfg.train.seed)
         self.valid_batches = batches_for(self.valid_data, cfg.train.seed)(0)
         log.info(f"data: {len(self.train_data)} train / {len(self.valid_data)} valid examples "
                  f"({cfg.data.task}), max_tokens={cfg.data.max_tokens}, padded to multiples of "
-                 f"{self.pad_multiple}")
+                 f"{cfg.source_pad_multiple}")
 
     def _loader(self, dataset, batches):
         from ..data import collate
         from ..data.batching import pad_target
-        m = self.cfg.model
+        cfg, m = self.cfg, self.cfg.model
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
             collate_fn=lambda samples: pad_target(collate(samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id,
-                                                          pad_to_multiple=self.pad_multiple),
-                                                  self.target_multiple, m.pad_id),
+                                                          pad_to_multiple=cfg.source_pad_multiple),
+                                                  cfg.target_pad_multiple, m.pad_id),
             worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM must reach the rank only
             # its own generator: creating a loader iterator must not draw from the global RNG that
             # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one

@@ -3,6 +3,7 @@
     memory.py    parameter counts, model states (DeepSpeed's estimators), analytic activations
     plan.py      candidates (stage × offload × checkpointing × micro-batch), relative time, outputs
     measure.py   one real forward+backward: peak activation bytes (CPU profiler events / CUDA stats)
+    trials.py    checks of the chosen configuration: its written JSON, one real step, a few real updates
     calibrate.py estimate-vs-measured table for the docs
 """
 from .memory import ActivationEstimate, ModelStates, ParamCount, activation_bytes, count_parameters, model_states

@@ -3,8 +3,9 @@
     python -m pyramidion_ds.tune.calibrate --device cpu --dtype fp32 --presets debug,base
     python -m pyramidion_ds.tune.calibrate --device cuda --dtype bf16
 
-Three schedules per preset (the default halving, the seed's two-step form, a late-pooling one) × the three
-checkpointing modes; each row is one real forward+backward (``measure.py``) next to ``activation_bytes``.
+Three schedules per preset (the default halving, the original release's two-step form, a late-pooling one) ×
+the three checkpointing modes; each row is one real forward+backward (``measure.py``) next to
+``activation_bytes``.
 """
 from __future__ import annotations
 

@@ -97,6 +97,19 @@ def test_resolved_config_round_trips(tmp_path):
     assert not list((tmp_path / "run").glob(".*tmp"))
 
 
+def test_derived_multiples_follow_the_model_and_compile_and_are_not_saved(tmp_path):
+    cfg = load_config(None, ["--model.chunk_size", "32"])
+    assert (cfg.source_pad_multiple, cfg.batch_size_multiple, cfg.target_pad_multiple) == (32, 1, 1)
+    cfg = load_config(None, ["--train.compile", "true"])
+    assert (cfg.source_pad_multiple, cfg.batch_size_multiple, cfg.target_pad_multiple) == (64, 8, 64)
+    cfg = load_config(None, ["--train.compile", "true", "--data.pad_to_multiple", "16",
+                             "--data.required_batch_size_multiple", "2", "--data.target_pad_to_multiple", "4"])
+    assert (cfg.source_pad_multiple, cfg.batch_size_multiple, cfg.target_pad_multiple) == (16, 2, 4)
+    saved = yaml.safe_load(save_resolved(load_config(), tmp_path).read_text())["data"]
+    keys = ("pad_to_multiple", "required_batch_size_multiple", "target_pad_to_multiple")
+    assert [saved[key] for key in keys] == [0, 0, 0]
+
+
 def test_every_shipped_config_loads():
     shipped = shipped_configs()
     assert "debug" in shipped

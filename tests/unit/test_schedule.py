@@ -1,4 +1,4 @@
-"""The pooling schedule parser: list form, the seed's '{layer: width}' form, and its errors."""
+"""The pooling schedule parser: list form, the original release's '{layer: width}' form, and its errors."""
 import pytest
 
 from pyramidion_ds.config import ConfigError, ModelConfig, default_schedule, parse_pooling_schedule
@@ -8,7 +8,7 @@ def test_list_form():
     assert parse_pooling_schedule([8192, 4096, 2048, 1024, 512, 256], 6, 8192) == [8192, 4096, 2048, 1024, 512, 256]
 
 
-def test_seed_string_form_keeps_previous_width():
+def test_release_string_form_keeps_previous_width():
     assert parse_pooling_schedule("{0: 2048, 1: 512}", 6, 8192) == [2048, 512, 512, 512, 512, 512]
     assert parse_pooling_schedule("{2: 1024, 4: 256}", 6, 8192) == [8192, 8192, 1024, 1024, 256, 256]
     assert parse_pooling_schedule("{ }", 3, 100) == [100, 100, 100]

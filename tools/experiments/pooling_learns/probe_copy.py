@@ -206,7 +206,7 @@ def main(argv=None):
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda update: min(1.0, (update + 1) / a.warmup))
 
     opt, warmup = new_optimizer()
-    pad = cfg.data.pad_to_multiple or m.chunk_size
+    pad = cfg.source_pad_multiple
     print(json.dumps({"variant": m.variant, "widths": m.encoder_widths(), "d_model": m.d_model,
                       "selection": a.selection, "scorer_input": m.scorer_input,
                       "scorer_lr_scale": t.scorer_lr_scale, "train_docs": len(train_t), "lr": lr}), flush=True)

@@ -318,7 +318,7 @@ def interleaved_step_time(spec: TaskSpec, data_bin: Path, seed: int, extra: Sequ
         if batch is None:
             m = cfg.model
             data = SummarizationDataset(str(data_bin), "train", m.max_source_positions, m.max_target_positions)
-            pad = cfg.data.pad_to_multiple or m.chunk_size
+            pad = cfg.source_pad_multiple
             per_batch = max(1, cfg.data.max_tokens // m.max_source_positions)
             batch = collate([data[i] for i in range(per_batch)], pad_id=m.pad_id, bos_id=m.bos_id,
                             eos_id=m.eos_id, pad_to_multiple=pad)
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                         if k in ("exit_code", "process_seconds", "stopped_by_time_budget", "warmup")})
         else:
             main_extra, left, row["warmup"] = list(extra), budget, []
-            pad = cfg.data.pad_to_multiple or cfg.model.chunk_size
+            pad = cfg.source_pad_multiple
             for k, (stage, stage_bin, stage_prep) in enumerate(warmups, 1):
                 stage_dir = out / "runs" / f"{variant}.warmup-{k}"
                 print(f"[learn] warm up {variant}: stage {k}/{len(warmups)}, {stage.updates} updates on "
@@ -539,7 +539,7 @@ def valid_loss_at_end(run_dir: Path, batch_docs: int = 2) -> dict:
     m = cfg.model
     data = SummarizationDataset(cfg.data.data, cfg.data.valid_subset, m.max_source_positions, m.max_target_positions,
                                 truncate=cfg.data.truncate_source)
-    pad = cfg.data.pad_to_multiple or m.chunk_size
+    pad = cfg.source_pad_multiple
     loss_sum = nll_sum = tokens = 0.0
     with torch.no_grad():
         for start in range(0, len(data), batch_docs):
@@ -555,7 +555,7 @@ def selection_for_run(run_dir: Path, test_jsonl: Path, cfg) -> dict:
     from pyramidion_ds.generate.export import export_for, load_export
     model, run_cfg, spm = load_export(export_for(run_dir))
     records = [json.loads(line) for line in test_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
-    pad = run_cfg.data.pad_to_multiple or run_cfg.model.chunk_size
+    pad = run_cfg.source_pad_multiple
     return measure_selection(model, spm, records, pad)
 
 
