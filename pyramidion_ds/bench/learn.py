@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
 POOLING_VARIANTS = ("transpooler", "pyramidion")
-EXIT_PREEMPTED = 75  # pyramidion_ds.cli.common.EXIT_PREEMPTED (kept literal: no torch import at --help)
+EXIT_PREEMPTED = 75  # pyramidion_ds.errors.EXIT_PREEMPTED (kept literal: no torch import at --help)
 
 
 @dataclass(frozen=True)
@@ -735,7 +735,7 @@ def valid_loss_at_end(run_dir: Path, batch_docs: int = 2) -> dict:
 
     from ..data import SummarizationDataset, collate
     from ..engine import label_smoothed_nll_loss
-    from ..generate.export import export_for, load_export
+    from ..checkpoint.export import export_for, load_export
     model, cfg, _ = load_export(export_for(run_dir))
     m = cfg.model
     data = SummarizationDataset(cfg.data.data, cfg.data.valid_subset, m.max_source_positions, m.max_target_positions,
@@ -753,7 +753,7 @@ def valid_loss_at_end(run_dir: Path, batch_docs: int = 2) -> dict:
 
 
 def selection_for_run(run_dir: Path, test_jsonl: Path, cfg) -> dict:
-    from ..generate.export import export_for, load_export
+    from ..checkpoint.export import export_for, load_export
     model, run_cfg, spm = load_export(export_for(run_dir))
     records = [json.loads(line) for line in test_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     pad = run_cfg.data.pad_to_multiple or run_cfg.model.chunk_size
