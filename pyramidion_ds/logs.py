@@ -52,8 +52,8 @@ def is_rank_0() -> bool:
 def quiet_deepspeed_accelerator_probe() -> None:
     """Where torch is loaded and sees no CUDA device, tell DeepSpeed it runs on the CPU before it is imported,
     so it does not warn "Setting accelerator to CPU. If you have GPU ... unable to detect it" (see
-    ``dist.env.use_cpu_accelerator``). Does nothing before torch is imported: logging stays cheap."""
+    ``distributed.env.use_cpu_accelerator``). Does nothing before torch is imported: logging stays cheap."""
     torch = sys.modules.get("torch")
     if torch is not None and not torch.cuda.is_available():
-        from .dist.env import use_cpu_accelerator
+        from .distributed.env import use_cpu_accelerator
         use_cpu_accelerator()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train under MPI: mpiexec starts the ranks, pyramidion_ds.dist reads them from the MPI launcher's
+# Train under MPI: mpiexec starts the ranks, pyramidion_ds.distributed reads them from the MPI launcher's
 # variables (Open MPI's OMPI_COMM_WORLD_*, MPICH/Hydra's PMI_RANK) or from mpi4py.
 #
 #   launch/mpi/train.sh CONFIG.yaml [overrides...]                   # 2 ranks on this machine

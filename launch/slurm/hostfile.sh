@@ -11,4 +11,4 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m pyramidion_ds.dist.hostfile "$@"
+exec "${PYTHON:-python}" -m pyramidion_ds.distributed.hostfile "$@"

@@ -168,7 +168,7 @@ def add_speedups(rows: list[dict]) -> None:
 def throughput(args, report=None) -> dict:
     """Every (length, stage, overflow setting, variant) row; ``report(result)`` after each row, so a run
     cut short by a time limit still leaves what it measured."""
-    from ..dist import init_distributed
+    from ..distributed import init_distributed
     init_distributed()
     checks = {"on": [True], "off": [False], "both": [True, False]}[args.overflow_check]
     if args.precision != "bf16":
@@ -229,7 +229,7 @@ def _state_bytes(engine) -> dict:
 def zero3_worker(out: str, preset: str, vocab: int) -> None:
     """Run under the DeepSpeed launcher: one ZeRO-3 step, then each rank's state bytes to ``out``."""
     import torch.distributed as dist
-    from ..dist import init_distributed
+    from ..distributed import init_distributed
     from ..engine import build_engine, build_model, label_smoothed_nll_loss
     world = init_distributed()
     cfg = model_config(preset, "pyramidion", 256, 16, vocab, [])

@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .common import EXIT_USAGE, fail, run_main
+from ..errors import EXIT_USAGE
+from .common import fail, run_main
 
 PROG = "pyramidion-bench"
 

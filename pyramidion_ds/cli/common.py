@@ -1,4 +1,6 @@
-"""What every console script shares: config + dotted overrides, one-line errors, exit codes."""
+"""What every console script shares: config + dotted overrides, one-line errors, exit codes.
+
+The errors and exit codes themselves live in ``pyramidion_ds/errors.py`` (library code raises them too)."""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +9,7 @@ import sys
 from typing import Callable, NoReturn
 
 from ..config import Config, ConfigError, field_help
-
-#: exit codes a launcher can act on
-EXIT_OK = 0
-EXIT_ERROR = 1          # a run failed
-EXIT_USAGE = 2          # bad input: config, flags, files
-EXIT_PREEMPTED = 75     # a signal asked us to stop, a checkpoint was saved: requeue and resume
-
-
-class UsageError(Exception):
-    """Bad input that is the user's to fix: printed as one line, exit code 2."""
+from ..errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, DataError, UsageError
 
 
 #: where each launcher puts a process's rank among those of its node (read without importing torch)
@@ -40,8 +33,7 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE, every_rank: bool = Fal
 
 def run_main(prog: str, body: Callable[[], int | None]) -> NoReturn:
     """Run a command body, turning the errors a user can fix into one line and an exit code."""
-    from ..data.errors import DataError
-    from ..dist.env import DistEnvError
+    from ..distributed.env import DistEnvError
     try:
         code = body()
     except (ConfigError, DataError, DistEnvError, UsageError, FileNotFoundError) as err:

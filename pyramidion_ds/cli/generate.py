@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None):
         if args.consolidate:
             return run_consolidate(args.consolidate, args.export_dir, args.dtype)
         if not args.path:
-            from .common import UsageError
+            from ..errors import UsageError
             raise UsageError("give a run dir or export dir (or --consolidate RUN_DIR)")
         overrides = generation_overrides(args)
         request = GenerateRequest(path=args.path, data=args.data or "", input=args.input or "", dtype=args.dtype,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, run_main
+from ..errors import DataError, UsageError
+from .common import run_main
 
 PROG = "pyramidion-preprocess"
 
@@ -106,7 +107,6 @@ def main(argv: list[str] | None = None):
     def body():
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         from ..data.binarize import check_destdir, preprocess, summary_table
-        from ..data.errors import DataError
         if not 0 < args.spm_character_coverage <= 1:  # also refuses nan
             raise UsageError(f"--spm-character-coverage: got {args.spm_character_coverage}, expected 0 < x <= 1")
         try:

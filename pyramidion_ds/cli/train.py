@@ -7,7 +7,8 @@ from __future__ import annotations
 import sys
 
 from ..config import load_config, shipped_configs
-from .common import UsageError, config_parser, run_main
+from ..errors import UsageError
+from .common import config_parser, run_main
 
 PROG = "pyramidion-train"
 

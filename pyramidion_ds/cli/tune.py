@@ -16,7 +16,8 @@ import math
 import sys
 from pathlib import Path
 
-from .common import EXIT_ERROR, UsageError, fail, run_main
+from ..errors import EXIT_ERROR, UsageError
+from .common import fail, run_main
 
 PROG = "pyramidion-tune"
 DEFAULT_VOCAB = 32000
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None):
         if args.gpu_mem_gib is None:
             args.gpu_mem_gib = args.cpu_mem_gib / args.gpus_per_node if cpu else 80.0
         if cpu:
-            from ..dist.env import use_cpu_accelerator
+            from ..distributed.env import use_cpu_accelerator
             use_cpu_accelerator()  # before deepspeed is imported: no "unable to detect" GPU warning
         cfg, m = model_config(args)
         cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib, args.device)

@@ -18,7 +18,7 @@ from pathlib import Path
 from .core import ConfigError, build, field_help, option, parse_overrides, read_yaml, set_dotted, \
     to_dict, write_yaml
 from .data import DataConfig, DenoisingConfig
-from .dist import DistributedConfig
+from .distributed import DistributedConfig
 from .generate import GenerationConfig
 from .model import MODEL_PRESETS, VARIANTS, ModelConfig, default_schedule, parse_pooling_schedule
 from .train import TrainConfig

@@ -1,6 +1,6 @@
 """Typed configuration machinery: dataclass sections, YAML loading, dotted overrides, validation.
 
-A config is a tree of dataclasses (see ``schema.py``). Every field is declared with :func:`option`,
+A config is a tree of dataclasses (see ``config/__init__.py``). Every field is declared with :func:`option`,
 which carries its help text (shown by ``--help``) and its constraints (choices, lower bound). Loading
 walks a plain dict (from YAML, then dotted command-line overrides) against that tree and fails on the
 first problem with a one-line :class:`ConfigError` that names the dotted key, the bad value and what

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "DataError": "errors",
     "BOS_ID": "spm", "PAD_ID": "spm", "EOS_ID": "spm", "UNK_ID": "spm", "SPECIAL_IDS": "spm",
     "load_spm": "spm", "spm_sha256": "spm", "vocab_size": "spm", "train_spm": "spm",
     "spm_identity": "spm", "same_vocabulary": "spm",

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def padded_length(length: int, multiple: int) -> int:

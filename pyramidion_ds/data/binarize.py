@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .indexed import FORMAT, ShardWriter, dtype_for_vocab
 from .sources import SplitSource
 from .spm import EOS_ID, SPM_MODEL, SPM_VOCAB, SPECIAL_IDS, check_special_ids, load_spm, spm_sha256, \

@@ -23,7 +23,7 @@ import torch
 from ..config.data import DenoisingConfig, GapSentencesConfig, SpanCorruptionConfig
 from .binarize import read_meta
 from .denoise import SENTINEL_FORMAT, add_noise, gap_sentences, sentence_end_table, span_corruption
-from .errors import DataError
+from ..errors import DataError
 from .indexed import ShardReader
 from .spm import BOS_ID, EOS_ID, PAD_ID, load_spm, spm_sha256
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .spm import EOS_ID
 
 FORMAT = "pyramidion-shard-v1"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from .errors import DataError
+from ..errors import DataError
 
 SPLITS = ("train", "valid", "test")
 #: the original release's split folders -> ours

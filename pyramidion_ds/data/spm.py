@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import DataError
+from ..errors import DataError
 
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_IDS = {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID}

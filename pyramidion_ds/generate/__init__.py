@@ -1,6 +1,7 @@
-"""Generation: consolidate ZeRO shards into an export dir, batched beam search with a KV cache, ROUGE.
+"""Generation: batched beam search with a KV cache over an export dir, ROUGE.
 
-    export.py  run dir -> export dir (safetensors + config + spm), load_export (never unpickles)
+The export dir (consolidated ZeRO shards) is written and loaded by ``pyramidion_ds/checkpoint/export.py``.
+
     search.py  beam search / sampling over encode + decode_step; exhaustive_search (the reference)
     inputs.py  data-dir split or text/jsonl file -> examples; world-size-independent batches per rank
     runner.py  pyramidion-generate end to end (1..N processes), outputs, ROUGE, explain pages

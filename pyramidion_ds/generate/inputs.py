@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..data.errors import DataError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
-from ..cli.common import UsageError
+from ..checkpoint.export import DTYPES, export_for, load_export
 from ..config import GenerationConfig, to_dict
 from ..config.core import build
-from .export import DTYPES, export_for, load_export
+from ..errors import UsageError
 from .inputs import Example, Inputs, batches_for_rank, from_data_dir, from_file
 from .rouge import format_rouge, rouge_scores
 from .search import SearchOptions, generate
@@ -107,7 +107,7 @@ def load_inputs(req: GenerateRequest, gen: GenerationConfig, cfg, spm, export_di
 
 def run_consolidate(run_dir: str, export_dir: Optional[str], dtype: str) -> int:
     from ..logs import setup_logging
-    from .export import consolidate
+    from ..checkpoint.export import consolidate
     setup_logging(0)
     print(consolidate(run_dir, export_dir, dtype))
     return 0
@@ -115,11 +115,11 @@ def run_consolidate(run_dir: str, export_dir: Optional[str], dtype: str) -> int:
 
 def run_generation(req: GenerateRequest, overrides: dict) -> int:
     """Generate for ``req`` with the model's saved ``generation`` config updated by ``overrides``."""
-    from ..dist.env import discover_world
+    from ..distributed.env import discover_world
     world = discover_world()
     distributed = world.world_size > 1
     if distributed:
-        from ..dist import init_distributed
+        from ..distributed import init_distributed
         init_distributed()
     rank, world_size = world.rank, world.world_size
     from ..logs import setup_logging

@@ -26,16 +26,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..cli.common import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, UsageError
+from ..checkpoint.consolidate import consolidated_state_dict
+from ..checkpoint.files import install_checkpoint_files, no_space_message
+from ..checkpoint.manifest import CheckpointDir, stale_layout_problem, tag_for, write_text_atomic
 from ..config import Config, ConfigError, ModelConfig, config_from_dict, save_resolved, to_dict
 from ..config.core import read_yaml
 from ..config.model import POOLING_KEYS
 from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
                       read_ds_config, resolve_ds_config, validate_ds_config)
 from ..engine.nonfinite import local_grads_nonfinite, skipped_step
+from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, UsageError
 from ..logs import setup_logging
-from .checkpoint import (CheckpointDir, consolidated_state_dict, install_checkpoint_files, no_space_message,
-                         stale_layout_problem, tag_for, write_text_atomic)
 from .lock import RunDirLock, RunDirLocked
 from .state import (LauncherWatchdog, PreemptionFlag, ignore_stop_signals, rng_state, seed_everything,
                     set_rng_state)
@@ -368,7 +369,7 @@ class Trainer:
 
     def check_init_from(self) -> None:
         """--init-from must be the same architecture and vocabulary (read before anything is written)."""
-        from .weights import init_source
+        from ..checkpoint.weights import init_source
         path = self.cfg.train.init_from
         self.init_source = init_source(path, warn=self.notes.append, verify=self.verify)
         problem = architecture_mismatch(self.init_source.saved_model, to_dict(self.cfg.model))
@@ -751,7 +752,7 @@ def peak_memory_gib() -> float:
 
 
 def run_training(cfg: Config) -> int:
-    from ..dist import init_distributed
+    from ..distributed import init_distributed
     # DeepSpeed calls torch.distributed APIs torch has deprecated: one warning per rank per update
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*",
                             category=FutureWarning)
@@ -790,7 +791,7 @@ def check_training(cfg: Config, world_size: int) -> int:
     of ``world_size`` ranks, so bad input is one line within seconds instead of after the launcher, rank
     start-up and DeepSpeed's op build. Checksums are left to the ranks (they share the hashing); nothing is
     written, no process group is started."""
-    from ..dist.env import World
+    from ..distributed.env import World
     if world_size < 1:
         raise UsageError(f"--world-size {world_size}: expected the number of ranks the job starts (>= 1)")
     setup_logging(0)

@@ -1,6 +1,6 @@
-"""Rank discovery under a real SLURM: sbatch → srun → pyramidion_ds.dist → a gloo all-reduce.
+"""Rank discovery under a real SLURM: sbatch → srun → pyramidion_ds.distributed → a gloo all-reduce.
 
-Runs `pyramidion_ds.dist.selftest` (no trainer needed) on the two-node local cluster of conftest.py.
+Runs `pyramidion_ds.distributed.selftest` (no trainer needed) on the two-node local cluster of conftest.py.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def read_ranks(out_dir: Path) -> dict[int, dict]:
 def test_two_nodes_rendezvous_through_srun(slurm_cluster, tmp_path):
     out_dir = tmp_path / "ranks"
     script = batch_script(tmp_path / "selftest.sbatch",
-                          f"srun --kill-on-bad-exit=1 $PYTHON -m pyramidion_ds.dist.selftest {out_dir}")
+                          f"srun --kill-on-bad-exit=1 $PYTHON -m pyramidion_ds.distributed.selftest {out_dir}")
     job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out",
                                   "--time=10", script, cwd=tmp_path)
     info = slurm_cluster.wait_job(job_id, timeout=420)
@@ -57,7 +57,7 @@ def test_two_nodes_rendezvous_through_srun(slurm_cluster, tmp_path):
 
 def test_selftest_without_srun_says_so(slurm_cluster, tmp_path):
     out_dir = tmp_path / "ranks"
-    script = batch_script(tmp_path / "nosrun.sbatch", f"$PYTHON -m pyramidion_ds.dist.selftest {out_dir}")
+    script = batch_script(tmp_path / "nosrun.sbatch", f"$PYTHON -m pyramidion_ds.distributed.selftest {out_dir}")
     job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out",
                                   "--time=5", script, cwd=tmp_path)
     info = slurm_cluster.wait_job(job_id, timeout=120)

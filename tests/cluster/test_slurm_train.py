@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pyramidion_ds.train.checkpoint import CheckpointDir, tag_for
+from pyramidion_ds.checkpoint import CheckpointDir, tag_for
 
 pytestmark = pytest.mark.cluster
 

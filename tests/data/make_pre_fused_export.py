@@ -14,7 +14,7 @@ import torch
 
 from pyramidion_ds.config import config_from_dict, save_resolved
 from pyramidion_ds.data.spm import file_sha256, train_spm
-from pyramidion_ds.generate.export import write_safetensors
+from pyramidion_ds.generate.export import write_safetensors  # that commit's path; today pyramidion_ds.checkpoint.export
 from pyramidion_ds.model import PyramidionModel
 
 TEXT = ("The trial enrolled patients with chronic kidney disease. Blood pressure fell in the treated group. "

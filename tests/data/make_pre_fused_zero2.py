@@ -9,7 +9,7 @@ import os, sys, torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
 from safetensors.torch import load_file
-from pyramidion_ds.generate.export import _run_config
+from pyramidion_ds.generate.export import _run_config  # that commit's path; today pyramidion_ds.checkpoint.export
 from pyramidion_ds.model import PyramidionModel
 from pathlib import Path
 fixture = Path(sys.argv[1]); out = Path(sys.argv[2])

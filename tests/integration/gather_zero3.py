@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pyramidion_ds.config import load_config
-from pyramidion_ds.dist import init_distributed
+from pyramidion_ds.distributed import init_distributed
 from pyramidion_ds.train import Trainer
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]

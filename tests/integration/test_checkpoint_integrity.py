@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from ds_helpers import ROOT, run_deepspeed, subprocess_env
+from pyramidion_ds.checkpoint import CheckpointDir, tag_for
 from pyramidion_ds.data.spm import file_sha256
-from pyramidion_ds.train.checkpoint import CheckpointDir, tag_for
 
 
 def config(tmp_path, name, data_dir, **train):
@@ -166,7 +166,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(s
     assert line.split("| ")[-1] in (run / "train.log").read_text()
     ckpt = CheckpointDir(run)
     assert ckpt.read_pointer("latest") == tag_for(1) and ckpt.tags() == [tag_for(1)]  # partial one removed
-    from pyramidion_ds.train.weights import init_source
+    from pyramidion_ds.checkpoint.weights import init_source
     assert init_source(run).state_dict()  # the previous checkpoint still loads
 
 
@@ -195,7 +195,7 @@ def test_rerun_on_the_same_corpus_resumes_and_generates_and_a_retrain_reexports(
     old_weights = load_file(str(export / "model.safetensors"))
     retrain = cli("train", [cfg_again, "--no-resume", "--train.seed", "9"])
     assert retrain.returncode == 0, retrain.stderr[-2000:]
-    from pyramidion_ds.generate.export import export_for
+    from pyramidion_ds.checkpoint.export import export_for
     assert export_for(tmp_path / "run") == export
     meta = json.loads((export / "export.json").read_text())
     assert meta["checkpoint_sha256"] == CheckpointDir(tmp_path / "run").info(tag_for(1)).manifest_sha256

@@ -1,5 +1,5 @@
 """Rank discovery under each local launcher: mpiexec (mpich wheel), the deepspeed launcher (CPU
-accelerator, gloo) and torchrun, each starting `pyramidion_ds.dist.selftest` twice on this machine."""
+accelerator, gloo) and torchrun, each starting `pyramidion_ds.distributed.selftest` twice on this machine."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+SELFTEST = "pyramidion_ds.distributed.selftest"  # each rank all-reduces once and writes rank{R}.json
 
 
 def launcher(name: str) -> str:
@@ -66,19 +67,19 @@ def assert_two_ranks(out_dir: Path, launcher_name: str, result: subprocess.Compl
 
 
 def test_mpiexec(tmp_path):
-    argv = [launcher("mpiexec"), "-n", "2", sys.executable, "-m", "pyramidion_ds.dist.selftest", str(tmp_path)]
+    argv = [launcher("mpiexec"), "-n", "2", sys.executable, "-m", SELFTEST, str(tmp_path)]
     assert_two_ranks(tmp_path, "mpi", run_launch(argv))
 
 
 def test_deepspeed_launcher(tmp_path):
     argv = [launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            "--module", "pyramidion_ds.dist.selftest", str(tmp_path)]
+            "--module", SELFTEST, str(tmp_path)]
     assert_two_ranks(tmp_path, "deepspeed", run_launch(argv))
 
 
 def test_torchrun(tmp_path):
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(free_port()), "-m", "pyramidion_ds.dist.selftest", str(tmp_path)]
+            "--master_port", str(free_port()), "-m", SELFTEST, str(tmp_path)]
     assert_two_ranks(tmp_path, "torchrun", run_launch(argv))
 
 
@@ -87,7 +88,7 @@ def test_mpiexec_with_master_port_in_use_stops_both_ranks(tmp_path):
         held.bind(("", 0))
         held.listen()
         port = held.getsockname()[1]
-        argv = [launcher("mpiexec"), "-n", "2", sys.executable, "-m", "pyramidion_ds.dist.selftest", str(tmp_path)]
+        argv = [launcher("mpiexec"), "-n", "2", sys.executable, "-m", SELFTEST, str(tmp_path)]
         result = run_launch(argv, env=clean_env(MASTER_PORT=str(port)), timeout=240)
     assert result.returncode != 0
     assert f"error: master port {port} (from MASTER_PORT) is already in use" in result.stderr

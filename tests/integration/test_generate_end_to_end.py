@@ -9,11 +9,12 @@ import pytest
 import torch
 import yaml
 
-from pyramidion_ds.generate.export import consolidate, load_export, write_safetensors
+from pyramidion_ds.checkpoint import CheckpointDir
+from pyramidion_ds.checkpoint.consolidate import consolidated_state_dict
+from pyramidion_ds.checkpoint.export import consolidate, load_export, write_safetensors
 from pyramidion_ds.generate.inputs import from_data_dir
 from pyramidion_ds.generate.runner import collate_sources
 from pyramidion_ds.generate.search import SearchOptions, generate
-from pyramidion_ds.train.checkpoint import CheckpointDir, consolidated_state_dict
 from ds_helpers import BIN, ROOT, free_port, gather_zero3_params, run_deepspeed, subprocess_env
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ds_helpers import BIN, ROOT, subprocess_env
-from pyramidion_ds.train.checkpoint import CheckpointDir
+from pyramidion_ds.checkpoint import CheckpointDir
 
 
 def config(tmp_path, data_dir, max_update=2):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from pyramidion_ds.train.checkpoint import CheckpointDir, consolidated_state_dict
+from pyramidion_ds.checkpoint import CheckpointDir
+from pyramidion_ds.checkpoint.consolidate import consolidated_state_dict
 from ds_helpers import ROOT, gather_zero3_params, run_deepspeed, subprocess_env, tensorboard_scalars
 
 

@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from ds_helpers import BIN, ROOT, free_port, run_deepspeed, subprocess_env, tensorboard_scalars
-from pyramidion_ds.cli.common import EXIT_PREEMPTED
-from pyramidion_ds.train.checkpoint import CheckpointDir, tag_for
+from pyramidion_ds.checkpoint import CheckpointDir, tag_for
+from pyramidion_ds.errors import EXIT_PREEMPTED
 from test_train_lifecycle import config, train_single
 
 TRAIN_SH = ROOT / "launch" / "local" / "train.sh"

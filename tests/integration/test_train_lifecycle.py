@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from ds_helpers import ROOT, run_deepspeed, subprocess_env, tensorboard_scalars
-from pyramidion_ds.cli.common import EXIT_PREEMPTED
-from pyramidion_ds.train.checkpoint import CheckpointDir
+from pyramidion_ds.checkpoint import CheckpointDir
+from pyramidion_ds.errors import EXIT_PREEMPTED
 
 
 def config(tmp_path, name, data_dir, **sections):
@@ -52,7 +52,7 @@ def test_sigusr1_saves_and_exits_for_requeue_then_resume_finishes(synthetic_bin,
 
 
 def weights(run_dir):
-    from pyramidion_ds.train.weights import init_source
+    from pyramidion_ds.checkpoint.weights import init_source
     return init_source(run_dir).state_dict()
 
 

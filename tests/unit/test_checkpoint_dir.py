@@ -1,5 +1,5 @@
 """Checkpoint completeness, the 'latest' pointer, fallback and pruning (no DeepSpeed needed)."""
-from pyramidion_ds.train.checkpoint import CheckpointDir, tag_for
+from pyramidion_ds.checkpoint import CheckpointDir, tag_for
 
 
 def fake_save(ckpt: CheckpointDir, update: int, finalize=True):

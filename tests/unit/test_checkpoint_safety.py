@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from pyramidion_ds.checkpoint import CheckpointDir, CheckpointError, tag_for
+from pyramidion_ds.checkpoint.consolidate import consolidated_state_dict
+from pyramidion_ds.checkpoint.safe_load import safe_torch_load
 from pyramidion_ds.config import ConfigError
 from pyramidion_ds.data.spm import file_sha256, same_vocabulary, spm_identity, train_spm
-from pyramidion_ds.train.checkpoint import CheckpointDir, CheckpointError, consolidated_state_dict, \
-    safe_torch_load, tag_for
 
 
 class Payload:
@@ -144,7 +145,7 @@ def test_vocabulary_identity_is_what_the_model_is(tmp_path):
 
 
 def test_identity_refuses_a_file_that_is_no_model(tmp_path):
-    from pyramidion_ds.data import DataError
+    from pyramidion_ds.errors import DataError
     (tmp_path / "spm.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match="not a sentencepiece model"):
         spm_identity(tmp_path / "spm.model")
@@ -176,7 +177,7 @@ def test_checksums_are_those_of_the_bytes_on_disk(tmp_path):
 
 
 def test_deepspeed_files_are_hashed_while_written_and_loaded_safely(tmp_path):
-    from pyramidion_ds.train.checkpoint import checkpoint_files
+    from pyramidion_ds.checkpoint.files import checkpoint_files
     files = checkpoint_files()
     path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     files.save({"optimizer_state_dict": {"flat": torch.randn(1000)}}, str(path))

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from pyramidion_ds.config import DenoisingConfig
-from pyramidion_ds.data import (BOS_ID, EOS_ID, PAD_ID, DataError, DenoisingDataset, ShardedBatchSampler,
-                                SummarizationDataset, collate, load_spm, make_batches, spm_sha256, vocab_size)
+from pyramidion_ds.data import (BOS_ID, EOS_ID, PAD_ID, DenoisingDataset, ShardedBatchSampler, SummarizationDataset,
+                                collate, load_spm, make_batches, spm_sha256, vocab_size)
 from pyramidion_ds.data.binarize import preprocess, read_meta
 from pyramidion_ds.data.denoise import permute_sentences, sentence_end_table, text_infill
 from pyramidion_ds.data.indexed import ShardReader
 from pyramidion_ds.data.sources import file_sources, parse_mapping
 from pyramidion_ds.data.synthetic import make_example, write_corpus
+from pyramidion_ds.errors import DataError
 
 SPM = dict(vocab_size=250, sample_size=100_000, character_coverage=1.0)  # every digit: exact round trip
 

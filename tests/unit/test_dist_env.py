@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from pyramidion_ds.dist import env as dist_env
-from pyramidion_ds.dist import (
+from pyramidion_ds.distributed import env as dist_env
+from pyramidion_ds.distributed import (
     DistEnvError,
     World,
     apply_world,
@@ -410,7 +410,7 @@ def test_hostfile_from_slurm():
 
 
 def test_importing_dist_pulls_in_no_heavy_module():
-    code = ("import sys, pyramidion_ds.dist; "
+    code = ("import sys, pyramidion_ds.distributed; "
             "print(sorted(m for m in ('torch', 'deepspeed', 'mpi4py', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pyramidion_ds.bench.generate import EXACTNESS_SETTINGS, tiny_model, tiny_sources
+from pyramidion_ds.checkpoint.export import write_safetensors
 from pyramidion_ds.generate.explain import write_explain_page
-from pyramidion_ds.generate.export import write_safetensors
 from pyramidion_ds.generate.rouge import ROUGE_TYPES, rouge_scores, split_sentences
 from pyramidion_ds.generate.search import SearchOptions, exhaustive_search, generate
 
@@ -154,7 +154,8 @@ def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, 
     hypotheses get the same ROUGE from --gen-subset as from --input on the same jsonl."""
     import json
     from pyramidion_ds.config import GenerationConfig
-    from pyramidion_ds.data import DataError, load_spm
+    from pyramidion_ds.data import load_spm
+    from pyramidion_ds.errors import DataError
     from pyramidion_ds.data.binarize import preprocess
     from pyramidion_ds.data.sources import file_sources
     from pyramidion_ds.generate.inputs import from_data_dir, from_file

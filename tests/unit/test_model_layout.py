@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pyramidion_ds.cli.common import UsageError
+from pyramidion_ds.checkpoint.export import load_export
 from pyramidion_ds.config.model import ModelConfig
 from pyramidion_ds.engine import load_full_state_dict
-from pyramidion_ds.generate.export import load_export
+from pyramidion_ds.errors import UsageError
 from pyramidion_ds.model import PyramidionModel
 
 FIXTURE = Path(__file__).resolve().parent.parent / "data" / "pre_fused_export"
@@ -32,7 +32,7 @@ def _logits(model, expected):
 
 
 def _fixture_model():
-    from pyramidion_ds.generate.export import _run_config
+    from pyramidion_ds.checkpoint.export import _run_config
     return PyramidionModel(_run_config(FIXTURE).model).eval()
 
 
@@ -77,7 +77,7 @@ def test_upgrade_is_idempotent_on_the_new_layout():
 
 
 def test_incomplete_old_projection_set_is_reported(tmp_path):
-    from pyramidion_ds.generate.export import write_safetensors
+    from pyramidion_ds.checkpoint.export import write_safetensors
     export = tmp_path / "export"
     shutil.copytree(FIXTURE, export)
     state = load_file(str(FIXTURE / "model.safetensors"))
@@ -96,7 +96,7 @@ def test_fused_projections_cut_the_parameter_tensors():
 
 def test_resuming_a_pre_fusion_zero_checkpoint_is_refused_with_the_way_out():
     """Its flat optimizer partitions would load without error into the permuted parameter order."""
-    from pyramidion_ds.train.checkpoint import stale_layout_problem
+    from pyramidion_ds.checkpoint.manifest import stale_layout_problem
     checkpoint = FIXTURE.parent / "pre_fused_zero2" / "old"
     problem = stale_layout_problem(checkpoint)
     assert problem is not None and "\n" not in problem
@@ -105,7 +105,7 @@ def test_resuming_a_pre_fusion_zero_checkpoint_is_refused_with_the_way_out():
 
 
 def test_a_checkpoint_of_the_fused_layout_resumes(tmp_path):
-    from pyramidion_ds.train.checkpoint import stale_layout_problem
+    from pyramidion_ds.checkpoint.manifest import stale_layout_problem
     model = _fixture_model()
     torch.save({"module": model.state_dict(), "param_shapes": [{n: p.shape for n, p in model.named_parameters()}]},
                tmp_path / "mp_rank_00_model_states.pt")

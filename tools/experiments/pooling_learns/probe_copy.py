@@ -191,7 +191,7 @@ def main(argv=None):
     phases.append((train_t, None))
     model = PyramidionModel(m)
     if a.init_from:
-        from pyramidion_ds.train.weights import init_source
+        from pyramidion_ds.checkpoint.weights import init_source
         model.load_state_dict(init_source(a.init_from).state_dict())
     oracles = []
     if a.selection == "oracle":

@@ -48,7 +48,7 @@ ROOT = HERE.parents[2]                  #: the repository: cwd of every subproce
 CONFIGS = HERE / "configs"              #: the run config of each task, ``configs/<TaskSpec.config>.yaml``
 PROG = "tools/experiments/pooling_learns/run.py"
 VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
-EXIT_PREEMPTED = 75  # pyramidion_ds.cli.common.EXIT_PREEMPTED (kept literal: no torch import at --help)
+EXIT_PREEMPTED = 75  # pyramidion_ds.errors.EXIT_PREEMPTED (kept literal: no torch import at --help)
 
 
 @dataclass(frozen=True)
@@ -534,7 +534,7 @@ def valid_loss_at_end(run_dir: Path, batch_docs: int = 2) -> dict:
 
     from pyramidion_ds.data import SummarizationDataset, collate
     from pyramidion_ds.engine import label_smoothed_nll_loss
-    from pyramidion_ds.generate.export import export_for, load_export
+    from pyramidion_ds.checkpoint.export import export_for, load_export
     model, cfg, _ = load_export(export_for(run_dir))
     m = cfg.model
     data = SummarizationDataset(cfg.data.data, cfg.data.valid_subset, m.max_source_positions, m.max_target_positions,
@@ -552,7 +552,7 @@ def valid_loss_at_end(run_dir: Path, batch_docs: int = 2) -> dict:
 
 
 def selection_for_run(run_dir: Path, test_jsonl: Path, cfg) -> dict:
-    from pyramidion_ds.generate.export import export_for, load_export
+    from pyramidion_ds.checkpoint.export import export_for, load_export
     model, run_cfg, spm = load_export(export_for(run_dir))
     records = [json.loads(line) for line in test_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     pad = run_cfg.source_pad_multiple

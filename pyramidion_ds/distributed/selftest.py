@@ -2,7 +2,7 @@
 through DeepSpeed (nccl on CUDA machines, else gloo), all-reduce one tensor, and write what this
 rank saw to OUT_DIR/rank{R}.json.
 
-    srun python -m pyramidion_ds.dist.selftest OUT_DIR        (or under mpiexec, torchrun, deepspeed)
+    srun python -m pyramidion_ds.distributed.selftest OUT_DIR        (or under mpiexec, torchrun, deepspeed)
 
 Each rank contributes rank + 1, so the sum must be world_size·(world_size + 1)/2. Exit status 2 with
 a one-line "error: ..." when the launch variables are inconsistent.
@@ -17,12 +17,12 @@ import socket
 import sys
 from pathlib import Path
 
-from pyramidion_ds.dist.env import DistEnvError, init_distributed
+from pyramidion_ds.distributed.env import DistEnvError, init_distributed
 from pyramidion_ds.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyramidion_ds.dist.selftest", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pyramidion_ds.distributed.selftest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="where each rank writes rank{R}.json")
     parser.add_argument("--backend", choices=("nccl", "gloo"),

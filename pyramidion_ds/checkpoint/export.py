@@ -10,7 +10,7 @@
                                                     spm_identity, spm_sha256, dtype
 
 Consolidation verifies the shards against their checksums (a corrupt newest checkpoint falls back to the
-previous complete one) and unpickles them with ``weights_only`` (``train/checkpoint.py``). The export
+previous complete one) and unpickles them with ``weights_only`` (``safe_load.py``). The export
 appears complete or not at all: it is written under ``.EXPORT.tmp-*`` and renamed. Generation on a run
 dir consolidates once into ``RUN/export/<tag>`` and reuses it while its ``checkpoint_sha256`` (the sha256
 of the checkpoint's manifest, which holds every shard's checksum) is that of the newest complete
@@ -29,14 +29,16 @@ from pathlib import Path
 
 import torch
 
-from ..cli.common import UsageError
 from ..config import Config, ConfigError, config_from_dict
 from ..config.core import read_yaml
-from ..train.checkpoint import CheckpointDir, CheckpointInfo, consolidated_state_dict
-from ..train.weights import EXPORT_META, EXPORT_WEIGHTS, is_export_dir
+from ..errors import UsageError
+from .consolidate import consolidated_state_dict
+from .manifest import CheckpointDir, CheckpointInfo
 
 log = logging.getLogger(__name__)
 
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_META = "export.json"
 EXPORT_SUBDIR = "export"
 INFERENCE_SECTIONS = ("model", "data", "generation")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,6 +49,10 @@ _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 # --------------------------------------------------------------------------------------------------
 # run dir -> export dir
 # --------------------------------------------------------------------------------------------------
+
+def is_export_dir(path: Path) -> bool:
+    return (path / EXPORT_WEIGHTS).is_file()
+
 
 def checkpoint_to_export(run_dir: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
     """The newest complete checkpoint of ``run_dir`` (``verify``: whose files match their checksums),

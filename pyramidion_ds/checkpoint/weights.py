@@ -3,7 +3,7 @@
 An export dir (written by ``pyramidion-generate --consolidate``) holds ``model.safetensors``,
 ``config.yaml`` (the resolved config) and ``spm.model``; ``export.json`` records the source checkpoint
 and the vocabulary (its identity and file sha256). safetensors never unpickles; a run dir's shards are
-verified against their checksums and read with ``weights_only`` unpickling (see ``checkpoint.py``).
+verified against their checksums and read with ``weights_only`` unpickling (see ``safe_load.py``).
 """
 from __future__ import annotations
 
@@ -13,16 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..cli.common import UsageError
 from ..config.core import read_yaml
-from .checkpoint import CheckpointDir, CheckpointInfo, Verifier, consolidated_state_dict
-
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_META = "export.json"
-
-
-def is_export_dir(path: Path) -> bool:
-    return (path / EXPORT_WEIGHTS).is_file()
+from ..errors import UsageError
+from .consolidate import consolidated_state_dict
+from .export import EXPORT_META, EXPORT_WEIGHTS, is_export_dir
+from .manifest import CheckpointDir, CheckpointInfo, Verifier
 
 
 @dataclass

@@ -14,29 +14,25 @@ Layout of a run directory::
 DeepSpeed itself moves ``latest`` as soon as rank 0 has written its own files; we save with
 ``save_latest=False``, wait for every rank (DeepSpeed ends ``save_checkpoint`` with a barrier), then
 rank 0 writes the manifest and only then replaces ``latest`` (temp file + rename). Each rank hashes the
-files it writes while writing them (:class:`CheckpointFiles`, DeepSpeed's checkpoint-engine hook), so
+files it writes while writing them (``files.py``, DeepSpeed's checkpoint-engine hook), so
 the manifest costs no second read. A tag whose manifest is missing or whose files no longer match it
 (a truncated shard, or, when verified, a changed byte) is incomplete: loading falls back to the newest
 complete one, with a warning naming the file.
 
-Opening a checkpoint never runs code from it: every ``.pt`` file is unpickled with
-``torch.load(weights_only=True)``, allowing only the plain classes DeepSpeed's shards hold
-(:data:`SAFE_GLOBALS`), for our own consolidation and for DeepSpeed's ``load_checkpoint`` alike.
+Every ``.pt`` file is unpickled without running code (``safe_load.py``).
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..cli.common import UsageError
+from .safe_load import CheckpointError, safe_globals, safe_torch_load
 
 TAG_PREFIX = "update_"
 MANIFEST = "manifest.json"
@@ -44,10 +40,6 @@ HASH_BLOCK = 1 << 22
 
 #: checks a complete checkpoint beyond sizes (its checksums): why it is broken, or None
 Verifier = Callable[["CheckpointInfo"], "str | None"]
-
-
-class CheckpointError(UsageError):
-    """A checkpoint that cannot be used as it is (a file that would run code, a corrupt shard)."""
 
 
 def tag_for(update: int) -> str:
@@ -247,61 +239,6 @@ class CheckpointDir:
         return removed
 
 
-def no_space_message(err: OSError) -> str | None:
-    """The one line for a full disk (or quota), None for other write errors."""
-    reasons = {errno.ENOSPC: "", errno.EDQUOT: " (disk quota exceeded)", errno.EFBIG: " (file size limit)"}
-    if err.errno not in reasons:
-        return None
-    return f"no space left on device{reasons[err.errno]}" + (f" while writing {err.filename}" if err.filename else "")
-
-
-# --------------------------------------------------------------------------------------------------
-# safe unpickling
-# --------------------------------------------------------------------------------------------------
-
-def safe_globals() -> list:
-    """The only classes a checkpoint ``.pt`` file may reconstruct besides tensors and plain containers:
-    DeepSpeed's optimizer-state records (loss scaler, ZeRO stage enum, fragment addresses) and the numpy
-    RNG state in our client state. None of them runs code when rebuilt."""
-    import importlib
-
-    import numpy as np
-    found = [np.ndarray, np.dtype] + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
-    for module, name in (("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")):
-        try:
-            obj = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-        found.append((obj, f"{module}.{name}"))  # pickles of numpy 1 and 2 name it differently
-    for module, name in (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-                         ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-                         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-                         ("deepspeed.utils.tensor_fragment", "fragment_address")):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass  # a DeepSpeed without that class writes no shards holding it
-    return found
-
-
-def safe_torch_load(path: str | os.PathLike, map_location=None, mmap: bool = False):
-    """``torch.load`` that refuses, in one line, a file holding anything but tensors, plain data and
-    :func:`safe_globals` (a crafted pickle's ``os.system`` never runs)."""
-    import torch
-    try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line or "allowlisted" in line or "Unsupported" in line),
-                      lines[-1] if lines else type(err).__name__)
-        raise CheckpointError(f"refusing to load '{path}': it holds more than tensors and plain data, and "
-                              f"unpickling it could run code ({detail[:200]})") from None
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"'{path}' is not a readable checkpoint file "
-                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-
-
 def stale_layout_problem(checkpoint_dir: str | os.PathLike) -> str | None:
     """Why a DeepSpeed tag directory must not be resumed, or None: one written before the attention
     projections were fused holds optimizer state (ZeRO's flat fp32 partitions, Adam moments) in the old
@@ -321,147 +258,3 @@ def stale_layout_problem(checkpoint_dir: str | os.PathLike) -> str | None:
     return (f"checkpoint '{checkpoint_dir}' was written before the attention projections were fused (it has "
             f"'{stale[0]}'), so its optimizer state cannot be restored; continue from its weights with "
             f"--train.init_from {Path(checkpoint_dir).parent.parent} and a new --train.save_dir")
-
-
-# --------------------------------------------------------------------------------------------------
-# the files DeepSpeed writes and reads, through its checkpoint-engine hook
-# --------------------------------------------------------------------------------------------------
-
-class _HashingWriter:
-    """A write-only file that hashes what goes through it (torch.save writes sequentially)."""
-
-    def __init__(self, fh):
-        self.fh, self.digest, self.size = fh, hashlib.sha256(), 0
-        self.error: OSError | None = None  #: torch's zip writer reports a failed write as a RuntimeError
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        try:
-            written = self.fh.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-        self.size += len(memoryview(data).cast("B"))
-        return written
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-
-_ENGINE_CLASS = None
-
-
-def checkpoint_files(config_params=None):
-    """A DeepSpeed checkpoint engine that writes each file while hashing it, records (size, sha256) per
-    path, turns a full disk into a recorded error instead of an exception (so every rank still reaches
-    DeepSpeed's closing barrier), and loads with :func:`safe_torch_load`."""
-    global _ENGINE_CLASS
-    if _ENGINE_CLASS is None:
-        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-        class CheckpointFiles(TorchCheckpointEngine):
-            def __init__(self, config_params=None):
-                super().__init__(config_params)
-                self.written: dict[str, tuple[int, str]] = {}  #: absolute path -> (size, sha256)
-                self.error: OSError | None = None
-
-            def save(self, state_dict, path: str):
-                import torch
-                if self.error is not None:  # the disk is full: write nothing more this save
-                    return
-                writer = None
-                try:
-                    with open(path, "wb") as fh:
-                        writer = _HashingWriter(fh)
-                        torch.save(state_dict, writer, _use_new_zipfile_serialization=self.zipfile_serialization)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                except (OSError, RuntimeError) as err:
-                    cause = writer.error if writer is not None and writer.error is not None else err
-                    if not isinstance(cause, OSError):
-                        raise
-                    cause.filename = cause.filename or path
-                    self.error = cause
-                    Path(path).unlink(missing_ok=True)
-                    return
-                self.written[os.path.abspath(path)] = (writer.size, writer.digest.hexdigest())
-
-            def load(self, path: str, map_location=None):
-                return safe_torch_load(path, map_location=map_location)
-
-        _ENGINE_CLASS = CheckpointFiles
-    return _ENGINE_CLASS(config_params)
-
-
-def install_checkpoint_files(engine):
-    """Make a DeepSpeed engine save and load through :func:`checkpoint_files`; returns that object.
-
-    DeepSpeed's own copy of its recovery scripts into each ZeRO checkpoint (rank 0) is guarded the same
-    way, so a full disk there is recorded too instead of leaving the other ranks in the closing barrier.
-    """
-    files = checkpoint_files(getattr(engine, "_config", None))
-    engine.checkpoint_engine = files
-    copy_scripts = getattr(engine, "_copy_recovery_script", None)
-    if copy_scripts is not None:
-        def guarded_copy(save_path):
-            try:
-                copy_scripts(save_path)
-            except OSError as err:
-                files.error = files.error or err
-        engine._copy_recovery_script = guarded_copy
-    return files
-
-
-# --------------------------------------------------------------------------------------------------
-# consolidation: full fp32 weights from any ZeRO stage and world size
-# --------------------------------------------------------------------------------------------------
-
-def consolidated_state_dict(info: CheckpointInfo, lazy: bool = False) -> dict:
-    """Full fp32 weights of a checkpoint, whatever its ZeRO stage and world size.
-
-    The shards are read with :func:`safe_torch_load`; the merge is DeepSpeed's own (``zero_to_fp32``).
-    ``lazy``: ZeRO-1/2/3 tensors stay memory-mapped views (DeepSpeed's ``GatheredTensor`` for ZeRO-3),
-    materialized one at a time by ``.contiguous()``.
-    """
-    info.check_pickles()
-    if info.zero_stage == 0:
-        states = safe_torch_load(info.path / "mp_rank_00_model_states.pt", map_location="cpu")
-        return {name: tensor.float() for name, tensor in states["module"].items()}
-    from deepspeed.utils import zero_to_fp32 as z
-
-    model_files = sorted(info.path.glob("*_model_states.pt"), key=lambda p: z.natural_keys(p.name))
-    optim_files = sorted(info.path.glob("*_optim_states.pt"), key=lambda p: z.natural_keys(p.name))
-    if not model_files or not optim_files:
-        raise CheckpointError(f"checkpoint '{info.path}' has no model/optimizer state files")
-    model_states = []
-    for file in model_files:
-        state = safe_torch_load(file, map_location="cpu")
-        if z.BUFFER_NAMES not in state:
-            raise CheckpointError(f"'{file}' is not a model state checkpoint")
-        buffer_names = state[z.BUFFER_NAMES]
-        buffers = {k: v.float() if v.is_floating_point() else v
-                   for k, v in state["module"].items() if k in buffer_names}
-        model_states.append(z.zero_model_state(
-            buffers=buffers, param_shapes=state[z.PARAM_SHAPES],
-            shared_params=[[k, v] for k, v in state["shared_params"].items()],
-            ds_version=state.get(z.DS_VERSION), frozen_param_shapes=state.get(z.FROZEN_PARAM_SHAPES),
-            frozen_param_fragments=state.get(z.FROZEN_PARAM_FRAGMENTS)))
-    flat_groups, paddings, stage, world = [], None, None, None
-    for file in optim_files:  # memory-mapped (zip format): only the fp32 partitions are read
-        state = safe_torch_load(file, map_location="cpu", mmap=zipfile.is_zipfile(file))[z.OPTIMIZER_STATE_DICT]
-        state.pop("optimizer_state_dict", None)  # Adam moments: not needed for weights
-        if z.ZERO_STAGE not in state:
-            raise CheckpointError(f"'{file}' is not a ZeRO optimizer state file")
-        if stage is None:
-            stage, world = int(state[z.ZERO_STAGE]), state[z.PARTITION_COUNT]
-            world = max(world) if isinstance(world, list) else int(world)
-            paddings = state.get(z.PARAM_ALIGNMENT_PADDINGS)
-        flat_groups.append(state[z.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else z.FP32_FLAT_GROUPS])
-    if world != len(optim_files):
-        raise CheckpointError(f"checkpoint '{info.path}' has {len(optim_files)} optimizer shards but was "
-                              f"partitioned over {world} ranks")
-    if stage <= 2:
-        state_dict = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
-    else:
-        state_dict = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
-    return state_dict if lazy else z.to_torch_tensor(state_dict)

@@ -1,7 +1,7 @@
 """Distributed launch: rank discovery for torchrun / DeepSpeed launcher / SLURM / MPI and DeepSpeed
-hostfiles from a SLURM allocation (`env`; `python -m pyramidion_ds.dist.hostfile` prints one)."""
+hostfiles from a SLURM allocation (`env`; `python -m pyramidion_ds.distributed.hostfile` prints one)."""
 
-from pyramidion_ds.dist.env import (
+from pyramidion_ds.distributed.env import (
     DistEnvError,
     World,
     apply_world,

@@ -1,8 +1,8 @@
 """Print a DeepSpeed hostfile (`host slots=N` per line) for a SLURM allocation, for users who launch
 with `deepspeed --hostfile` (pdsh/ssh) inside `salloc`/`sbatch` instead of one `srun` task per GPU.
-The work is `pyramidion_ds.dist.env.hostfile_from_slurm`; `launch/slurm/hostfile.sh` wraps this.
+The work is `pyramidion_ds.distributed.env.hostfile_from_slurm`; `launch/slurm/hostfile.sh` wraps this.
 
-    python -m pyramidion_ds.dist.hostfile [--nodelist LIST] [--slots N] > hostfile
+    python -m pyramidion_ds.distributed.hostfile [--nodelist LIST] [--slots N] > hostfile
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from pyramidion_ds.dist.env import DistEnvError, hostfile_from_slurm
+from pyramidion_ds.distributed.env import DistEnvError, hostfile_from_slurm
 
 
 def _default_slots(env) -> int | None:
@@ -23,7 +23,7 @@ def _default_slots(env) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyramidion_ds.dist.hostfile", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pyramidion_ds.distributed.hostfile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST"),
                         help="SLURM node list (default: $SLURM_JOB_NODELIST)")
