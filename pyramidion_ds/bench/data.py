@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     shared = Path(args.shared_data) if args.shared_data else None
     if shared is not None and not any((shared / name).is_file() for name in SHARED_SAMPLES):
-        from ..cli.common import fail
-        fail(parser.prog, f"--shared-data: no {' or '.join(SHARED_SAMPLES)} in '{shared}' (resolved against "
-                          f"{Path.cwd()}); give the directory that holds them, or --shared-data '' for the synthetic "
-                          f"corpus alone")
+        from ..errors import UsageError
+        raise UsageError(f"--shared-data: no {' or '.join(SHARED_SAMPLES)} in '{shared}' (resolved against "
+                         f"{Path.cwd()}); give the directory that holds them, or --shared-data '' for the synthetic "
+                         f"corpus alone")
 
     from pyramidion_ds.data.sources import file_sources
     from pyramidion_ds.data.spm import train_spm

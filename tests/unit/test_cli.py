@@ -24,10 +24,9 @@ def test_bench_lists_suites_and_rejects_unknown():
 
 
 def test_bench_data_names_the_flag_when_the_samples_are_missing(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pyramidion_ds.bench.data", "--shared-data", str(tmp_path / "nope")],
-                          capture_output=True, text=True)
+    proc = run("bench", "data", "--shared-data", str(tmp_path / "nope"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith("pyramidion-bench data: error: --shared-data: no pubmed_sample.jsonl")
+    assert proc.stderr.startswith("pyramidion-bench: error: --shared-data: no pubmed_sample.jsonl")
 
 
 def test_train_validates_config_before_anything():
