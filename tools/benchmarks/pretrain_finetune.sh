@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # SumPubMed on CPU (../shared/data/sumpubmed: 2,000 + 100 BMC articles, median ~4,000 words, with abstracts),
-# through the commands of docs/pretraining.md as a user runs them:
-#   1. gap-sentence pretraining (PEGASUS) for P updates, then fine-tuning for F updates (--init-from),
-#      against fine-tuning from scratch for P + F updates: the same total number of updates;
+# through the commands of the README and docs/pretraining.md as a user runs them:
+#   1. gap-sentence pretraining (PEGASUS) on the 2,000 articles without abstracts for P updates, then
+#      fine-tuning for F updates (--init-from), against training from scratch for P + F updates: the same
+#      total number of updates, on LABELED article/abstract pairs (default: all 2,000);
 #   2. pyramidion against blockwise, both from scratch for P + F updates: validation loss at the same updates,
 #      and the training step time of the two models measured in one process (pyramidion-bench train);
 #   3. summaries of the first 20 validation articles by the two pyramidion models: ROUGE, and unknown pieces.
-# Prints one JSON object at the end and writes it to $WORK/results.json. Reruns reuse what is complete.
+# Validation is always the 100 validation pairs. Prints one JSON object at the end and writes it to
+# $WORK/results.json. Reruns reuse what is complete.
 #
-#   bash tools/benchmarks/pretrain_finetune.sh          # P=200 F=200: about 1 h 15 min on an idle 2-core CPU
-#   PRETRAIN_UPDATES=400 FINETUNE_UPDATES=400 WORK=runs/sumpubmed-800 bash tools/benchmarks/pretrain_finetune.sh
+#   bash tools/benchmarks/pretrain_finetune.sh      # P=200 F=200, all pairs: about 35 min on a 2-core CPU
+#   LABELED=200 PRETRAIN_UPDATES=400 FINETUNE_UPDATES=400 BLOCKWISE=0 WORK=runs/bench-sumpubmed-200 \
+#       bash tools/benchmarks/pretrain_finetune.sh  # few labeled pairs, as when pretraining pays: about 35 min
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 data=${SUMPUBMED:-$root/../shared/data/sumpubmed}
 work=${WORK:-$root/runs/bench-sumpubmed}
 P=${PRETRAIN_UPDATES:-200}
 F=${FINETUNE_UPDATES:-200}
+LABELED=${LABELED:-all}
+BLOCKWISE=${BLOCKWISE:-1}
 [ -f "$data/train.jsonl.gz" ] && [ -f "$data/valid.jsonl.gz" ] || {
   echo "pretrain_finetune.sh: error: $data/{train,valid}.jsonl.gz not found; set SUMPUBMED to the SumPubMed folder" >&2
   exit 2
@@ -41,6 +46,23 @@ if [ ! -f data-bin/sumpubmed/meta.json ]; then
     --destdir data-bin/sumpubmed --quiet
 fi
 
+labeled=data-bin/sumpubmed
+if [ "$LABELED" != all ]; then  # the first LABELED pairs (the pretraining corpus keeps all 2,000 articles)
+  labeled=data-bin/sumpubmed-$LABELED
+  if [ ! -f "$labeled/meta.json" ]; then
+    say "preprocess: the first $LABELED articles + abstracts -> $labeled"
+    python - "$data/train.jsonl.gz" "$LABELED" <<'PY'
+import gzip, sys
+with gzip.open(sys.argv[1], "rt", encoding="utf-8") as src, open("train-labeled.jsonl", "w", encoding="utf-8") as out:
+    for _, line in zip(range(int(sys.argv[2])), src):
+        out.write(line)
+PY
+    pyramidion-preprocess --source-files "train=train-labeled.jsonl,valid=$data/valid.jsonl.gz" \
+      --spm-model data-bin/sumpubmed-pretrain/spm.model --max-source-positions 4096 --max-target-positions 256 \
+      --destdir "$labeled" --quiet
+  fi
+fi
+
 train() {  # train NAME CONFIG ARGS...: a run that finished already returns at once (it resumes at max_update)
   local name=$1 config=$2; shift 2
   say "train $name: $*"
@@ -48,10 +70,12 @@ train() {  # train NAME CONFIG ARGS...: a run that finished already returns at o
     "$@" > "$name.out" 2>&1 || { tail -20 "$name.out" >&2; exit 1; }
 }
 train pretrain sumpubmed_pretrain --train.max_update "$P"
-train finetune sumpubmed_finetune --train.max_update "$F" --init-from runs/pretrain
-train scratch sumpubmed_finetune --train.max_update $((P + F))
-train blockwise sumpubmed_finetune --train.max_update $((P + F)) --model.variant blockwise \
-  --model.pooling_schedule null
+train finetune sumpubmed_finetune --data.data "$labeled" --train.max_update "$F" --init-from runs/pretrain
+train scratch sumpubmed_finetune --data.data "$labeled" --train.max_update $((P + F))
+if [ "$BLOCKWISE" = 1 ]; then
+  train blockwise sumpubmed_finetune --data.data "$labeled" --train.max_update $((P + F)) \
+    --model.variant blockwise --model.pooling_schedule null
+fi
 
 say "generate: the first 20 validation articles, finetune and scratch"
 python - "$data/valid.jsonl.gz" <<'PY'
@@ -74,30 +98,32 @@ keys = ("d_model", "num_heads", "ffn_dim", "encoder_layers", "decoder_layers", "
 print(" ".join(f"--model.{k} {str(m[k]).replace(' ', '')}" for k in keys))
 PY
 )
-[ -f step_time.json ] || pyramidion-bench train --preset debug --src-len 4096 --tgt-len 256 --batch 1 \
+[ "$BLOCKWISE" != 1 ] || [ -f step_time.json ] || pyramidion-bench train --preset debug --src-len 4096 --tgt-len 256 --batch 1 \
   --variants blockwise pyramidion --stages 2 --precision fp32 --vocab 8000 $model_args \
   --output step_time.json \
   > step_time.out 2>&1 || { tail -20 step_time.out >&2; exit 1; }
 
-python - "$P" "$F" <<'PY'
+python - "$P" "$F" "$LABELED" <<'PY'
 import json, re, sys
 from pathlib import Path
-P, F = int(sys.argv[1]), int(sys.argv[2])
+P, F, labeled = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def valid(name):  # {update: nll} from the run's train.log
     pattern = re.compile(r"valid \| update (\d+) \| loss [\d.]+ \| nll ([\d.]+)")
     return {int(m[1]): float(m[2]) for m in pattern.finditer(Path(f"runs/{name}/train.log").read_text())}
-runs = {name: valid(name) for name in ("pretrain", "finetune", "scratch", "blockwise")}
+runs = {name: valid(name) for name in ("pretrain", "finetune", "scratch", "blockwise")
+        if Path(f"runs/{name}/train.log").exists()}
 end = P + F
-result = {"pretrain_updates": P, "finetune_updates": F, "valid_nll": runs}
+result = {"pretrain_updates": P, "finetune_updates": F, "labeled_pairs": labeled, "valid_nll": runs}
 result["pretrain_then_finetune_nll"] = runs["finetune"][F]
 result["scratch_nll"] = runs["scratch"][end]
 result["pretraining_helps"] = runs["finetune"][F] < runs["scratch"][end]
-result["blockwise_nll"] = runs["blockwise"][end]
-result["pyramidion_vs_blockwise_nll"] = runs["scratch"][end] / runs["blockwise"][end]
-rows = json.loads(Path("step_time.json").read_text())["rows"]
-tokens_per_s = {row["variant"]: row["tokens_per_s"] for row in rows}
-result["train_tokens_per_s"] = tokens_per_s
-result["pyramidion_vs_blockwise_step_time"] = tokens_per_s["blockwise"] / tokens_per_s["pyramidion"]
+if "blockwise" in runs:
+    result["blockwise_nll"] = runs["blockwise"][end]
+    result["pyramidion_vs_blockwise_nll"] = runs["scratch"][end] / runs["blockwise"][end]
+    rows = json.loads(Path("step_time.json").read_text())["rows"]
+    tokens_per_s = {row["variant"]: row["tokens_per_s"] for row in rows}
+    result["train_tokens_per_s"] = tokens_per_s
+    result["pyramidion_vs_blockwise_step_time"] = tokens_per_s["blockwise"] / tokens_per_s["pyramidion"]
 for name in ("finetune", "scratch"):
     hyps = Path(f"gen-{name}/valid20.hyp").read_text(encoding="utf-8") if Path(f"gen-{name}/valid20.hyp").exists() \
         else "".join(p.read_text(encoding="utf-8") for p in Path(f"gen-{name}").glob("*.hyp"))
