@@ -39,6 +39,7 @@ def _rss_kib() -> dict:
 def reader_probe(prefix: str, batches: int, batch_size: int, seed: int = 0) -> dict:
     """Open a shard, serve ``batches`` random batches through ``collate``; memory before and after (MiB)."""
     import torch  # noqa: F401  (import cost paid before the first measurement)
+
     from pyramidion_ds.data.dataset import collate
     from pyramidion_ds.data.indexed import ShardReader
     before = _rss_kib()
@@ -53,7 +54,10 @@ def reader_probe(prefix: str, batches: int, batch_size: int, seed: int = 0) -> d
         served += int(collate(samples)["src_tokens"].numel())
     seconds = time.perf_counter() - start
     after = _rss_kib()
-    mib = lambda kib: round(kib / 1024, 1)
+
+    def mib(kib):
+        return round(kib / 1024, 1)
+
     return {"examples": len(reader), "file_mib": round(os.path.getsize(prefix + ".bin") / 2**20, 1),
             "rss_before_mib": mib(before["VmRSS"]), "rss_after_mib": mib(after["VmRSS"]),
             "rss_growth_mib": mib(after["VmRSS"] - before["VmRSS"]),
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                "spm_train_seconds": round(spm_seconds, 1), "synthetic_write_seconds": round(make_seconds, 1),
                "binarize": {}}
     for name, path in corpora.items():
-        runs = [time_binarize(lambda: file_sources({"train": path}), work / f"bin-{name}-{w}", spm_model, w)
+        runs = [time_binarize(lambda path=path: file_sources({"train": path}), work / f"bin-{name}-{w}", spm_model, w)
                 for w in workers]
         for run in runs[1:]:
             run["speedup_vs_baseline"] = round(runs[0]["seconds"] / run["seconds"], 2)

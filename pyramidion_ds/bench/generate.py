@@ -66,11 +66,11 @@ def check_exactness(seeds=(0, 1)) -> dict:
             opts = SearchOptions(beam=85, nbest=5, max_len_a=0.0, max_len_b=3, **setting)
             beam = generate(model, src, lengths, opts)
             exact = exhaustive_search(model, src, lengths, opts)
-            for b, (x, y) in enumerate(zip(beam, exact)):
+            for b, (x, y) in enumerate(zip(beam, exact, strict=True)):
                 cases += 1
                 if [h.tokens for h in x] != [h.tokens for h in y]:
                     mismatches.append({"seed": seed, "source": b, **setting})
-                max_score_diff = max([max_score_diff] + [abs(h.score - g.score) for h, g in zip(x, y)])
+                max_score_diff = max([max_score_diff] + [abs(h.score - g.score) for h, g in zip(x, y, strict=False)])
     return {"cases": cases, "beam_equals_exhaustive": not mismatches, "mismatches": mismatches,
             "max_score_diff": max_score_diff}
 

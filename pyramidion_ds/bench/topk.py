@@ -227,7 +227,7 @@ def parse_shape(text: str) -> tuple:
     try:
         batch, n, k, d = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape: got {text!r}, expected BxNxKxD such as 8x8192x2048x512")
+        raise argparse.ArgumentTypeError(f"--shape: got {text!r}, expected BxNxKxD such as 8x8192x2048x512") from None
     return batch, n, k, d
 
 

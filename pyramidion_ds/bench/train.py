@@ -107,7 +107,8 @@ def measure_throughput(args, variant: str, stage: int, overflow_check: bool = Tr
     seconds = (time.perf_counter() - start) / args.steps
     profile = None
     if args.profile:  # where one step's time goes: the busiest operators on host and device
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with torch_profile(activities=activities) as prof:
             step()
@@ -229,6 +230,7 @@ def _state_bytes(engine) -> dict:
 def zero3_worker(out: str, preset: str, vocab: int) -> None:
     """Run under the DeepSpeed launcher: one ZeRO-3 step, then each rank's state bytes to ``out``."""
     import torch.distributed as dist
+
     from ..distributed import init_distributed
     from ..engine import build_engine, build_model, label_smoothed_nll_loss
     world = init_distributed()

@@ -164,7 +164,7 @@ def write_safetensors(path: Path, tensors: dict, dtype: torch.dtype, metadata: d
     with open(path, "wb") as fh:
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
-        for name, tensor in tensors.items():
+        for _name, tensor in tensors.items():
             data = tensor.contiguous()
             if data.dtype.is_floating_point:
                 data = data.to(dtype)

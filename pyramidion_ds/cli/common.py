@@ -11,7 +11,6 @@ from typing import Callable, NoReturn
 from ..config import Config, ConfigError, field_help
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, DataError, UsageError
 
-
 #: where each launcher puts a process's rank among those of its node (read without importing torch)
 LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
 

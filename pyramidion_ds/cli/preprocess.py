@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sources_from_args(args):
-    from ..data.sources import hub_sources, file_sources, parse_mapping, tsv_sources
+    from ..data.sources import file_sources, hub_sources, parse_mapping, tsv_sources
     chosen = [flag for flag, value in (("--source-dataset", args.source_dataset),
                                        ("--source-files", args.source_files), ("--tsv-dir", args.tsv_dir))
               if value]

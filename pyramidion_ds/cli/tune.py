@@ -153,8 +153,16 @@ def main(argv: list[str] | None = None):
     def body():
         import yaml
 
-        from ..tune.plan import Cluster, ds_config_for, make_plan, nothing_fits_message, override_flags, \
-            plan_summary, table, trainer_overrides
+        from ..tune.plan import (
+            Cluster,
+            ds_config_for,
+            make_plan,
+            nothing_fits_message,
+            override_flags,
+            plan_summary,
+            table,
+            trainer_overrides,
+        )
         from ..tune.trials import check_outputs
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         for name in ("nodes", "gpus_per_node"):

@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import ConfigError, build, field_help, option, parse_overrides, read_yaml, set_dotted, \
-    to_dict, write_yaml
+from .core import ConfigError, build, field_help, option, parse_overrides, read_yaml, set_dotted, to_dict, write_yaml
 from .data import DataConfig, DenoisingConfig
 from .distributed import DistributedConfig
 from .generate import GenerationConfig

@@ -247,14 +247,14 @@ def read_yaml(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"config file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})")
+        raise ConfigError(f"config file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}")
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
-import multiprocessing
 import logging
+import multiprocessing
 import os
 import re
 import secrets
@@ -31,8 +31,7 @@ import numpy as np
 from ..errors import DataError
 from .indexed import FORMAT, ShardWriter, dtype_for_vocab
 from .sources import SplitSource
-from .spm import EOS_ID, SPM_MODEL, SPM_VOCAB, SPECIAL_IDS, check_special_ids, load_spm, spm_sha256, \
-    train_spm
+from .spm import EOS_ID, SPECIAL_IDS, SPM_MODEL, SPM_VOCAB, check_special_ids, load_spm, spm_sha256, train_spm
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +240,7 @@ def binarize_split(source: SplitSource, destdir: Path, *, vocab: int, sha: str,
         bar = tqdm(total=source.num_rows, desc=f"binarize {split}", unit="doc", disable=not progress)
         for results in encoder.map(sent(_chunks(source.records()))):
             chunk = in_flight.popleft()
-            for (status, ex_id, src, tgt, src_cut, tgt_cut), record in zip(results, chunk):
+            for (status, ex_id, src, tgt, src_cut, tgt_cut), record in zip(results, chunk, strict=True):
                 counts["input"] += 1
                 if status == "bad_text":
                     raise DataError(f"{source.description}: example {ex_id!r}: text cannot be tokenized ({src})")
@@ -431,6 +430,7 @@ def summary_table(meta: dict) -> str:
     rows = [head] + [(split, *(str(info["counts"][k]) for k in COUNT_KEYS))
                      for split, info in meta["splits"].items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     return "\n".join(lines)

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..config.data import DenoisingConfig, GapSentencesConfig, SpanCorruptionConfig
+from ..errors import DataError
 from .binarize import read_meta
 from .denoise import SENTINEL_FORMAT, add_noise, gap_sentences, sentence_end_table, span_corruption
-from ..errors import DataError
 from .indexed import ShardReader
 from .spm import BOS_ID, EOS_ID, PAD_ID, load_spm, spm_sha256
 
@@ -51,7 +51,7 @@ def open_shard(data_dir: str | os.PathLike, split: str, side: str) -> ShardReade
         raise DataError(f"{Path(data_dir) / 'meta.json'}: built with spm model {meta['spm_sha256'][:12]}, but "
                         f"spm.model is {sha[:12]}; re-run pyramidion-preprocess")
     reader = ShardReader(Path(data_dir) / f"{split}.{side}", expected_sha256=sha)
-    reader.header  # validate now: a mismatch should fail at startup, not in a worker
+    reader.header  # noqa: B018 (a property that validates): a mismatch should fail at startup, not in a worker
     return reader
 
 

@@ -218,7 +218,7 @@ def span_corruption(tokens: np.ndarray, *, sentinel_ids: np.ndarray, noise_densi
     gap_lengths = _random_segmentation(len(tokens) - hidden, spans, rng)
     starts = np.cumsum(gap_lengths) + np.concatenate(([0], np.cumsum(span_lengths)[:-1]))
     source, target, position = [], [], 0
-    for k, (start, span) in enumerate(zip(starts, span_lengths)):
+    for k, (start, span) in enumerate(zip(starts, span_lengths, strict=True)):
         sentinel = sentinel_ids[k:k + 1].astype(tokens.dtype)
         source += [tokens[position:start], sentinel]
         target += [sentinel, tokens[start:start + span]]

@@ -183,7 +183,7 @@ def _dataset_records(ds, split: str, where: str, document_column: str, summary_c
                      unlabeled: bool, id_column: str = "id") -> SplitSource:
     columns = list(ds.column_names)
     needed = [document_column] + ([] if unlabeled else [summary_column])
-    for column, flag in zip(needed, ("--document-column", "--summary-column")):
+    for column, flag in zip(needed, ("--document-column", "--summary-column"), strict=False):
         if column not in columns:
             raise DataError(f"{where}: no column {column!r} (columns: {', '.join(columns)}); set {flag}")
     has_id = id_column in columns
@@ -238,7 +238,8 @@ def file_sources(spec: dict[str, str], document_column: str = "document", summar
                             + ("" if unlabeled else f" and {summary_column!r}"))
         elif fmt != "parquet":
             check_utf8(path)
-        ds = _load(lambda: datasets.load_dataset(fmt, data_files={"data": str(path)}, split="data"), str(path))
+        ds = _load(lambda fmt=fmt, path=path: datasets.load_dataset(fmt, data_files={"data": str(path)}, split="data"),
+                   str(path))
         sources[split] = _dataset_records(ds, split, str(path), document_column, summary_column, unlabeled)
     return sources
 

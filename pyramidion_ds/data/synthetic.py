@@ -92,7 +92,7 @@ def make_example(index: int, *, seed: int = 0, min_words: int = 1500, max_words:
         words += sentence.count(" ") + 1
     planted = [_salient_sentence(rng) for _ in range(rng.randint(lo, hi))]
     slots = sorted(rng.sample(range(len(sentences) + 1), len(planted)))
-    for offset, (slot, sentence) in enumerate(zip(slots, planted)):
+    for offset, (slot, sentence) in enumerate(zip(slots, planted, strict=True)):
         sentences.insert(slot + offset, sentence)
     salient_positions = {slot + offset for offset, slot in enumerate(slots)}
 

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         local_world_size=world.local_world_size, launcher=world.launcher,
         master_addr=world.master_addr, master_port=world.master_port,
         torch_rank=dist.get_rank(), torch_world_size=dist.get_world_size(),
-        backend=backend, device=str(device), all_reduce_sum=value.item(), hostname=socket.gethostname(), pid=os.getpid(),
+        backend=backend, device=str(device), all_reduce_sum=value.item(), hostname=socket.gethostname(),
+        pid=os.getpid(),
         slurm_nodename=os.environ.get("SLURMD_NODENAME"),
     )
     out_dir.mkdir(parents=True, exist_ok=True)

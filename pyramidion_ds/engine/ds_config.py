@@ -74,10 +74,10 @@ def read_ds_config(path: str | Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError(f"train.deepspeed_config: '{path}' is not UTF-8 text")
+        raise ConfigError(f"train.deepspeed_config: '{path}' is not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"train.deepspeed_config: '{path}' is not valid JSON at line {err.lineno}, "
-                          f"column {err.colno}: {err.msg}")
+                          f"column {err.colno}: {err.msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"train.deepspeed_config: '{path}' must hold a JSON object")
     return data

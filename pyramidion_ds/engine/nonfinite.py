@@ -93,7 +93,7 @@ def skipped_step(engine):
     try:
         yield
     finally:
-        for obj, step in zip(targets, saved):
+        for obj, step in zip(targets, saved, strict=True):
             if step is None:
                 del obj.step
             else:

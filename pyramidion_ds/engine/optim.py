@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 
-
 #: parameters of the encoder's top-k scorers (``model.encoder.scorers``), whatever wraps the model
 SCORER_PARAMS = ".encoder.scorers."
 

@@ -46,7 +46,7 @@ def render_page(pieces: list[str], stage: list[int], score: list[float], num_sta
     legend = " ".join(f'<i class="legend s{s}" style="background:{shade(s)}">stage {s}</i>'
                       for s in range(num_stages + 1))
     spans = []
-    for piece, s, sc in zip(pieces, stage, score):
+    for piece, s, sc in zip(pieces, stage, score, strict=True):
         text = html.escape(piece.replace("\u2581", " "))
         shown = "n/a" if sc != sc else f"{sc:.3f}"
         spans.append(f'<span class="tok s{s}" data-stage="{s}" data-score="{shown}" '

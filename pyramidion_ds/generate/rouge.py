@@ -30,7 +30,7 @@ def rouge_scores(hypotheses: list[str], references: list[str]) -> dict:
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES[:3]), use_stemmer=True)
     lsum_scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
     totals = {t: {"precision": 0.0, "recall": 0.0, "fmeasure": 0.0} for t in ROUGE_TYPES}
-    for hyp, ref in zip(hypotheses, references):
+    for hyp, ref in zip(hypotheses, references, strict=True):
         plain = scorer.score(ref, hyp)
         lsum = lsum_scorer.score(split_sentences(ref), split_sentences(hyp))["rougeLsum"]
         for rouge_type in ROUGE_TYPES:

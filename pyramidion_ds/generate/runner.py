@@ -78,7 +78,7 @@ def decode_batch(model, spm, batch: list[Example], gen: GenerationConfig, pad_to
         opts.generator = torch.Generator(device=device).manual_seed(gen.seed * 1_000_003 + batch[0].index)
     hypotheses = generate(model, src_tokens, src_lengths, opts)
     results = []
-    for example, hyps in zip(batch, hypotheses):
+    for example, hyps in zip(batch, hypotheses, strict=True):
         nbest = []
         for h in hyps:
             body = [t for t in h.tokens if t != cfg.eos_id]
@@ -106,8 +106,8 @@ def load_inputs(req: GenerateRequest, gen: GenerationConfig, cfg, spm, export_di
 
 
 def run_consolidate(run_dir: str, export_dir: Optional[str], dtype: str) -> int:
-    from ..logs import setup_logging
     from ..checkpoint.export import consolidate
+    from ..logs import setup_logging
     setup_logging(0)
     print(consolidate(run_dir, export_dir, dtype))
     return 0

@@ -226,7 +226,7 @@ def exhaustive_search(model, src_tokens: Tensor, src_lengths: Tensor, opts: Sear
             logits = model.forward(source.expand(len(seqs), -1), src_lengths[b:b + 1].expand(len(seqs)), prefix)
             lprobs = torch.log_softmax(logits.float() / opts.temperature, dim=-1)
             pos = lprobs.gather(2, targets.unsqueeze(2)).squeeze(2).tolist()
-            hyps.extend(Hypothesis(seq, sum(p) / len(seq) ** opts.lenpen, p) for seq, p in zip(seqs, pos))
+            hyps.extend(Hypothesis(seq, sum(p) / len(seq) ** opts.lenpen, p) for seq, p in zip(seqs, pos, strict=True))
         results.append(sorted(hyps, key=lambda h: -h.score)[:opts.nbest])
     return results
 

@@ -143,7 +143,7 @@ class Decoder(nn.Module):
         sync, no Python-side state: ``cache.length`` is the caller's), so it can be captured and replayed."""
         cache.apply_order()
         x = self.dropout(embedded + self.positions.at(cache.position).to(embedded.dtype))
-        for layer, source_kv, self_kv in zip(self.layers, cache.source_kv, cache.self_kv):
+        for layer, source_kv, self_kv in zip(self.layers, cache.source_kv, cache.self_kv, strict=True):
             x, _ = layer(x, source_kv, source_mask, self_kv)
         cache.position.add_(1)
         return self.layer_norm(x) if self.layer_norm is not None else x

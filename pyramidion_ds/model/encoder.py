@@ -80,7 +80,7 @@ def pooling_layers(cfg: ModelConfig, widths: Optional[list[int]] = None) -> set[
     """Encoder layers followed by a scorer + top-k in the configured pyramid."""
     widths = cfg.encoder_widths() if widths is None else widths
     previous = [cfg.max_source_positions] + widths[:-1]
-    return {i for i, (w_in, w_out) in enumerate(zip(previous, widths)) if w_out < w_in}
+    return {i for i, (w_in, w_out) in enumerate(zip(previous, widths, strict=True)) if w_out < w_in}
 
 
 def encoder_stages(cfg: ModelConfig, input_width: int, widths: Optional[list[int]] = None,

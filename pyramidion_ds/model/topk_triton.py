@@ -191,7 +191,7 @@ def _plan_backward(grad_wpos_ptr, grad_pooled_ptr, plan_index_ptr, plan_value_pt
     tl.store(subtree + idx, tl.load(grad_wpos_ptr + row * n + idx, mask=idx < n, other=0.0), mask=idx < n)
     width = n
     offset = 0
-    for r in range(num_rounds):  # forward sweep: T of every section
+    for _r in range(num_rounds):  # forward sweep: T of every section
         new_width = tl.maximum(k, (width + 1) // 2)
         live = idx < width
         tl.debug_barrier()

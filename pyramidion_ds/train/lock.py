@@ -66,7 +66,7 @@ class RunDirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunDirLocked(self._refusal(self._read(), "it holds the lock"))
+            raise RunDirLocked(self._refusal(self._read(), "it holds the lock")) from None
         except OSError as err:
             if err.errno not in NO_FLOCK:
                 os.close(fd)

@@ -32,14 +32,20 @@ from ..checkpoint.manifest import CheckpointDir, stale_layout_problem, tag_for, 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict, save_resolved, to_dict
 from ..config.core import read_yaml
 from ..config.model import POOLING_KEYS
-from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
-                      read_ds_config, resolve_ds_config, validate_ds_config)
+from ..engine import (
+    build_engine,
+    build_model,
+    label_smoothed_nll_loss,
+    load_full_state_dict,
+    read_ds_config,
+    resolve_ds_config,
+    validate_ds_config,
+)
 from ..engine.nonfinite import local_grads_nonfinite, skipped_step
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, UsageError
 from ..logs import setup_logging
 from .lock import RunDirLock, RunDirLocked
-from .state import (LauncherWatchdog, PreemptionFlag, ignore_stop_signals, rng_state, seed_everything,
-                    set_rng_state)
+from .state import LauncherWatchdog, PreemptionFlag, ignore_stop_signals, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -597,8 +603,8 @@ class Trainer:
             raise ConfigError(f"train.best_checkpoint_metric: got {metric!r}, expected one of "
                               f"{', '.join(k for k in stats if k != 'update')}")
         value = stats[metric]
-        better = self.best["value"] is None or (
-            value > self.best["value"] if self.cfg.train.maximize_best_checkpoint_metric else value < self.best["value"])
+        best = self.best["value"]
+        better = best is None or (value > best if self.cfg.train.maximize_best_checkpoint_metric else value < best)
         tag = tag_for(self.update)
         if better:
             self.best = {"metric": metric, "value": value, "tag": tag}

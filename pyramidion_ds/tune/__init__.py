@@ -7,7 +7,7 @@
     calibrate.py estimate-vs-measured table for the docs
 """
 from .memory import ActivationEstimate, ModelStates, ParamCount, activation_bytes, count_parameters, model_states
-from .plan import Cluster, Candidate, Plan, make_plan
+from .plan import Candidate, Cluster, Plan, make_plan
 
 __all__ = ["ActivationEstimate", "Candidate", "Cluster", "ModelStates", "ParamCount", "Plan",
            "activation_bytes", "count_parameters", "make_plan", "model_states"]

@@ -33,7 +33,8 @@ def main(argv=None):
     p.add_argument("--presets", default="debug,base")
     p.add_argument("--batch", type=int, default=0, help="0 = per preset (debug 4, base 1)")
     args = p.parse_args(argv)
-    print("| preset | device | dtype | B | encoder widths | checkpointing | measured MiB | estimate MiB | estimate/measured |")
+    print("| preset | device | dtype | B | encoder widths | checkpointing | measured MiB | estimate MiB "
+          "| estimate/measured |")
     print("|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
         batch = args.batch or BATCH[preset]

@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from ..model.model import training_flops  # the model's own FLOPs formula, from the config alone
-from .memory import ACTIVATION_BYTES, GIB, ParamCount, activation_bytes, count_parameters, \
-    model_states
+from .memory import ACTIVATION_BYTES, GIB, ParamCount, activation_bytes, count_parameters, model_states
 
 # rough hardware figures for the relative time model (H100-class node; only ratios matter)
 GPU_TFLOPS = 400.0             #: achieved bf16 TFLOP/s at large micro-batches

@@ -148,7 +148,7 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
 
     def _all_idle(self) -> bool:
         out = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False).stdout.split()
-        states = dict(zip(out[::2], out[1::2]))
+        states = dict(zip(out[::2], out[1::2], strict=False))
         return all(states.get(node) == "idle" for node in NODES)
 
     def _wait_for(self, condition, what: str, timeout: float) -> None:

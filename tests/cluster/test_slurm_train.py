@@ -123,7 +123,8 @@ def test_two_node_zero3_job_completes_and_a_second_submission_resumes(slurm_clus
     log = job_log(tmp_path, "pyramidion-train", job_id)
     assert_completed(info, log)
     assert info["NodeList"] == "node[1-2]"
-    assert f"train.sbatch: job {job_id} (restart 0) on node[1-2], {sys.executable}: {config} --train.max_update 2" in log
+    assert (f"train.sbatch: job {job_id} (restart 0) on node[1-2], {sys.executable}: {config} "
+            "--train.max_update 2") in log
     assert "launcher=slurm world_size=2 rank=0 local_rank=0/1" in log
     assert "ZeRO-3" in log
     assert_zero3_checkpoint(run_dir, 2)

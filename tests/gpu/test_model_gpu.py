@@ -24,7 +24,7 @@ def test_topk_cuda_matches_cpu(n, k):
         out = successive_halving_topk(xs, ss, k, mask=mask.to(device), sort_back=True)
         (out.values.square().sum() + out.scores.sum()).backward()
         outputs.append([t.cpu() for t in (out.values, out.scores, out.source_index, xs.grad, ss.grad)])
-    for cpu, cuda in zip(*outputs):
+    for cpu, cuda in zip(*outputs, strict=True):
         torch.testing.assert_close(cuda, cpu)
 
 

@@ -60,7 +60,7 @@ def setup(self):
         if before is not None:
             after = snapshot(self)
             results[attempt[0]] = {"skipped": outcome[0], "unchanged": len(before) == len(after) and all(
-                torch.equal(a, b) for a, b in zip(before, after)), "tensors": len(before), "param": name}
+                torch.equal(a, b) for a, b in zip(before, after, strict=True)), "tensors": len(before), "param": name}
             REPORT.mkdir(parents=True, exist_ok=True)
             (REPORT / f"rank{self.rank}.json").write_text(json.dumps(results))
         attempt[0] += 1

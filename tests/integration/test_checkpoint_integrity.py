@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from ds_helpers import ROOT, run_deepspeed, subprocess_env
 from pyramidion_ds.checkpoint import CheckpointDir, tag_for
 from pyramidion_ds.data.spm import file_sha256
+
+from ds_helpers import ROOT, run_deepspeed, subprocess_env
 
 
 def config(tmp_path, name, data_dir, **train):

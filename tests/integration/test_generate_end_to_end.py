@@ -15,6 +15,7 @@ from pyramidion_ds.checkpoint.export import consolidate, load_export, write_safe
 from pyramidion_ds.generate.inputs import from_data_dir
 from pyramidion_ds.generate.runner import collate_sources
 from pyramidion_ds.generate.search import SearchOptions, generate
+
 from ds_helpers import BIN, ROOT, free_port, gather_zero3_params, run_deepspeed, subprocess_env
 
 

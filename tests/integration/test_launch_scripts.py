@@ -8,8 +8,9 @@ import sys
 import pytest
 import yaml
 
-from ds_helpers import BIN, ROOT, subprocess_env
 from pyramidion_ds.checkpoint import CheckpointDir
+
+from ds_helpers import BIN, ROOT, subprocess_env
 
 
 def config(tmp_path, data_dir, max_update=2):

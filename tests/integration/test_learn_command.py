@@ -50,14 +50,15 @@ def test_learn_warms_up_in_stages_then_trains_generates_and_reports(tmp_path):
     assert row["updates"] == 4
     spm = (out / "data-bin" / "spm.model").read_bytes()
     longest = []
-    for k, stage in enumerate(stages, 1):
+    for k, _stage in enumerate(stages, 1):
         # every stage shares the main corpus's vocabulary and starts from the previous stage's weights
         assert (out / f"data-bin-warmup-{k}" / "spm.model").read_bytes() == spm
         log = (out / "runs" / f"pyramidion.warmup-{k}.train.log").read_text()
         assert ("initialized weights from" in log) == (k > 1)
         if k > 1:
             assert f"pyramidion.warmup-{k - 1}" in log
-        longest.append(json.loads((out / f"preprocess-warmup-{k}.json").read_text())["lengths"]["train"]["source"]["max"])
+        lengths = json.loads((out / f"preprocess-warmup-{k}.json").read_text())["lengths"]
+        longest.append(lengths["train"]["source"]["max"])
     assert longest == sorted(longest) and longest[0] < 256  # shortest documents first
     main_log = (out / "runs" / "pyramidion.train.log").read_text()
     assert f"initialized weights from {out / 'runs' / f'pyramidion.warmup-{len(stages)}'}" in main_log

@@ -8,6 +8,7 @@ import yaml
 
 from pyramidion_ds.checkpoint import CheckpointDir
 from pyramidion_ds.checkpoint.consolidate import consolidated_state_dict
+
 from ds_helpers import ROOT, gather_zero3_params, run_deepspeed, subprocess_env, tensorboard_scalars
 
 

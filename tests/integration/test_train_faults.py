@@ -10,9 +10,10 @@ import time
 import psutil
 import pytest
 
-from ds_helpers import BIN, ROOT, free_port, run_deepspeed, subprocess_env, tensorboard_scalars
 from pyramidion_ds.checkpoint import CheckpointDir, tag_for
 from pyramidion_ds.errors import EXIT_PREEMPTED
+
+from ds_helpers import BIN, ROOT, free_port, run_deepspeed, subprocess_env, tensorboard_scalars
 from test_train_lifecycle import config, train_single
 
 TRAIN_SH = ROOT / "launch" / "local" / "train.sh"

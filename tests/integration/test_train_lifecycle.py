@@ -6,9 +6,10 @@ import sys
 import pytest
 import yaml
 
-from ds_helpers import ROOT, run_deepspeed, subprocess_env, tensorboard_scalars
 from pyramidion_ds.checkpoint import CheckpointDir
 from pyramidion_ds.errors import EXIT_PREEMPTED
+
+from ds_helpers import ROOT, run_deepspeed, subprocess_env, tensorboard_scalars
 
 
 def config(tmp_path, name, data_dir, **sections):

@@ -5,8 +5,16 @@ import sys
 import pytest
 import yaml
 
-from pyramidion_ds.config import (MODEL_PRESETS, Config, ConfigError, load_config, save_resolved,
-                                  shipped_configs, to_dict, config_from_dict)
+from pyramidion_ds.config import (
+    MODEL_PRESETS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    save_resolved,
+    shipped_configs,
+    to_dict,
+)
 
 
 def write(tmp_path, text, name="c.yaml"):

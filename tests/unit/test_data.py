@@ -12,8 +12,19 @@ import pytest
 import torch
 
 from pyramidion_ds.config import DenoisingConfig
-from pyramidion_ds.data import (BOS_ID, EOS_ID, PAD_ID, DenoisingDataset, ShardedBatchSampler, SummarizationDataset,
-                                collate, load_spm, make_batches, spm_sha256, vocab_size)
+from pyramidion_ds.data import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    DenoisingDataset,
+    ShardedBatchSampler,
+    SummarizationDataset,
+    collate,
+    load_spm,
+    make_batches,
+    spm_sha256,
+    vocab_size,
+)
 from pyramidion_ds.data.binarize import preprocess, read_meta
 from pyramidion_ds.data.denoise import permute_sentences, sentence_end_table, text_infill
 from pyramidion_ds.data.indexed import ShardReader
@@ -156,7 +167,10 @@ def test_make_batches_errors():
 
 def test_sampler_two_ranks_cover_every_example_once_each_epoch():
     src = sizes()
-    fn = lambda epoch: make_batches(src, max_tokens=1500, seed=1, epoch=epoch)
+
+    def fn(epoch):
+        return make_batches(src, max_tokens=1500, seed=1, epoch=epoch)
+
     for epoch in (0, 1):
         ranks = [ShardedBatchSampler(fn, rank=r, world_size=2, seed=1) for r in range(2)]
         for sampler in ranks:
@@ -166,7 +180,10 @@ def test_sampler_two_ranks_cover_every_example_once_each_epoch():
         seen = sorted(i for batches in per_rank for b in batches for i in b)
         assert seen == list(range(len(src)))
     # an odd number of batches is evened out by splitting, still exactly once
-    odd = lambda epoch: [[0, 1, 2], [3], [4, 5]]
+
+    def odd(epoch):
+        return [[0, 1, 2], [3], [4, 5]]
+
     shares = [list(ShardedBatchSampler(odd, rank=r, world_size=2)) for r in range(2)]
     assert len(shares[0]) == len(shares[1]) == 2
     assert sorted(i for s in shares for b in s for i in b) == list(range(6))
@@ -174,7 +191,10 @@ def test_sampler_two_ranks_cover_every_example_once_each_epoch():
 
 def test_sampler_resumes_exactly():
     src = sizes(150)
-    fn = lambda epoch: make_batches(src, max_tokens=1000, seed=5, epoch=epoch)
+
+    def fn(epoch):
+        return make_batches(src, max_tokens=1000, seed=5, epoch=epoch)
+
     full = ShardedBatchSampler(fn, rank=1, world_size=2, seed=5)
     full.set_epoch(2)
     expected = list(full)
@@ -399,6 +419,7 @@ def test_byte_fallback_needs_room_in_the_vocabulary(tmp_path, caplog):
 def test_a_killed_tokenizer_worker_is_an_error_not_a_hang(data_dir):
     import os
     import signal
+
     from pyramidion_ds.data.binarize import _Encoder
     encoder = _Encoder(2, (str(data_dir / "spm.model"), "uint16", 512, 128, True))
     try:

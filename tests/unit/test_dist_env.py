@@ -13,7 +13,6 @@ from contextlib import contextmanager
 
 import pytest
 
-from pyramidion_ds.distributed import env as dist_env
 from pyramidion_ds.distributed import (
     DistEnvError,
     World,
@@ -22,6 +21,7 @@ from pyramidion_ds.distributed import (
     expand_nodelist,
     hostfile_from_slurm,
 )
+from pyramidion_ds.distributed import env as dist_env
 
 
 class FakeScontrol:

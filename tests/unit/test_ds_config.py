@@ -5,8 +5,14 @@ from pathlib import Path
 import pytest
 
 from pyramidion_ds.config import ConfigError, load_config
-from pyramidion_ds.engine import (ds_config_path, precision_of, read_ds_config, resolve_ds_config,
-                                  shipped_ds_configs, zero_stage)
+from pyramidion_ds.engine import (
+    ds_config_path,
+    precision_of,
+    read_ds_config,
+    resolve_ds_config,
+    shipped_ds_configs,
+    zero_stage,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "ds_configs").glob("*.json"))

@@ -18,7 +18,7 @@ def test_beam_search_equals_exhaustive_search(setting):
     src, lengths = tiny_sources(0)
     opts = SearchOptions(beam=85, nbest=5, max_len_a=0.0, max_len_b=3, **setting)  # 85 = every sequence
     beam, exact = generate(model, src, lengths, opts), exhaustive_search(model, src, lengths, opts)
-    for x, y in zip(beam, exact):
+    for x, y in zip(beam, exact, strict=True):
         assert [h.tokens for h in x] == [h.tokens for h in y]
         assert [h.score for h in x] == pytest.approx([h.score for h in y], abs=1e-5)
         assert sum(x[0].positional_scores) / len(x[0].tokens) ** opts.lenpen == pytest.approx(x[0].score, abs=1e-5)
@@ -32,7 +32,7 @@ def test_kv_cache_changes_nothing_and_lengths_are_respected():
     opts.use_cache = False
     plain = generate(model, src, lengths, opts)
     assert [[h.tokens for h in s] for s in cached] == [[h.tokens for h in s] for s in plain]
-    for hyps, n in zip(cached, lengths.tolist()):
+    for hyps, n in zip(cached, lengths.tolist(), strict=True):
         assert len(hyps) == 3
         for h in hyps:
             assert h.tokens[-1] == 2 and 2 not in h.tokens[:-1]
@@ -53,7 +53,7 @@ def test_static_cache_gives_the_same_hypotheses(sampling):
         results.append(generate(model, src, lengths, opts))
     dynamic, static = results
     assert [[h.tokens for h in s] for s in static] == [[h.tokens for h in s] for s in dynamic]
-    for x, y in zip(static, dynamic):
+    for x, y in zip(static, dynamic, strict=True):
         assert [h.score for h in x] == pytest.approx([h.score for h in y], abs=1e-5)
     assert len({len(s[0].tokens) for s in dynamic}) > 1  # sources did finish at different lengths
 
@@ -63,7 +63,7 @@ def test_no_repeat_ngram_blocking():
     src, lengths = tiny_sources(0)
     hyps = generate(model, src, lengths, SearchOptions(beam=4, min_len=8, max_len_b=10, no_repeat_ngram_size=2))
     for (h,) in hyps:
-        grams = list(zip(h.tokens, h.tokens[1:]))
+        grams = list(zip(h.tokens, h.tokens[1:], strict=False))
         assert len(grams) == len(set(grams)), h.tokens
 
 
@@ -153,11 +153,12 @@ def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, 
     (cut to max_target_positions, and ⁇ where the vocabulary cannot spell a character): the same
     hypotheses get the same ROUGE from --gen-subset as from --input on the same jsonl."""
     import json
+
     from pyramidion_ds.config import GenerationConfig
     from pyramidion_ds.data import load_spm
-    from pyramidion_ds.errors import DataError
     from pyramidion_ds.data.binarize import preprocess
     from pyramidion_ds.data.sources import file_sources
+    from pyramidion_ds.errors import DataError
     from pyramidion_ds.generate.inputs import from_data_dir, from_file
     from pyramidion_ds.generate.runner import Result, write_outputs
     rows = [json.loads(line) for line in (shared_data / "pubmed_sample.jsonl").read_text().splitlines()[:12]]
@@ -177,7 +178,8 @@ def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, 
         return write_outputs(results, gen, "test", 0.0)
 
     subset, given = from_data_dir(out, "test", 512, spm, 2), from_file(path, 512, spm, 2)
-    assert [e.reference for e in subset.examples] == [e.reference for e in given.examples] == [r["summary"] for r in rows]
+    references = [r["summary"] for r in rows]
+    assert [e.reference for e in subset.examples] == [e.reference for e in given.examples] == references
     assert [e.id for e in subset.examples] == [e.id for e in given.examples]
     assert rouge(subset) == rouge(given)
     printed = [line for line in capsys.readouterr().out.splitlines() if line]  # multi-line summaries: one T- line
@@ -193,7 +195,7 @@ def test_gen_subset_and_input_score_against_the_same_raw_summaries(shared_data, 
         legacy = from_data_dir(out, "test", 512, spm, 2)
     assert "no test.summaries.jsonl" in caplog.text
     decoded = [e.reference for e in legacy.examples]
-    assert all(len(r) < len(x["summary"]) for r, x in zip(decoded, rows))  # cut to 48 tokens
+    assert all(len(r) < len(x["summary"]) for r, x in zip(decoded, rows, strict=True))  # cut to 48 tokens
     assert rouge(legacy)["rouge1"]["recall"] != rouge(given)["rouge1"]["recall"]
 
 
@@ -217,4 +219,5 @@ def test_generation_flags_are_checked_before_any_work(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "no_such_run"), "--input", str(tmp_path / "x.txt"), *flag])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("pyramidion-generate: error: generation.")
+    assert exit_info.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("pyramidion-generate: error: generation.")

@@ -42,7 +42,7 @@ def test_plan_covers_tests_and_benchmarks_within_eight_minutes():
 
 def test_every_benchmark_command_parses():
     every = "tests_gpu topk encoder train train_compile encoder_compile train_overflow generate generate_hard calibrate"
-    for name, _, cmd in plan(*every.split()):
+    for _name, _, cmd in plan(*every.split()):
         if "pyramidion_ds.cli.bench" not in cmd:
             continue
         suite = cmd[cmd.index("pyramidion_ds.cli.bench") + 1]

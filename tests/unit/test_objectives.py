@@ -9,12 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from pyramidion_ds.config import load_config
 from pyramidion_ds.config.data import GapSentencesConfig, SpanCorruptionConfig
 from pyramidion_ds.data import EOS_ID, GapSentencesDataset, SpanCorruptionDataset, load_spm, pretraining_dataset
 from pyramidion_ds.data.binarize import preprocess
-from pyramidion_ds.data.denoise import (SENTINEL_FORMAT, gap_sentences, sentence_bounds, sentence_end_table,
-                                        sentence_importance, span_corruption, span_counts)
+from pyramidion_ds.data.denoise import (
+    SENTINEL_FORMAT,
+    gap_sentences,
+    sentence_bounds,
+    sentence_end_table,
+    sentence_importance,
+    span_corruption,
+    span_counts,
+)
 from pyramidion_ds.data.sources import file_sources
 from pyramidion_ds.errors import DataError
 

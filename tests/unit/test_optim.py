@@ -68,17 +68,17 @@ def test_scorers_learn_at_their_own_lr_through_the_schedule():
     group_names = [{names[id(p)] for p in group["params"]} for group in optimizer.param_groups]
     is_scorer = [all(n.startswith("encoder.scorers.") for n in g) for g in group_names]
     assert all(group_names) and not is_scorer[0]  # no empty group; group 0 (the logged lr) is the model's
-    assert {n for g, scorer in zip(group_names, is_scorer) if scorer for n in g} == {
+    assert {n for g, scorer in zip(group_names, is_scorer, strict=True) if scorer for n in g} == {
         n for n in names.values() if n.startswith("encoder.scorers.")}
-    assert not any(n.startswith("encoder.scorers.") for g, scorer in zip(group_names, is_scorer) if not scorer
-                   for n in g)
+    assert not any(n.startswith("encoder.scorers.")
+                   for g, scorer in zip(group_names, is_scorer, strict=True) if not scorer for n in g)
     # the decay split holds inside the scorers' groups: weights decay, biases do not
+    groups = zip(optimizer.param_groups, group_names, is_scorer, strict=True)
     assert sorted((g["weight_decay"], sorted({n.rsplit(".", 1)[1] for n in names_}))
-                  for g, names_, scorer in zip(optimizer.param_groups, group_names, is_scorer) if scorer) == [
-        (0.0, ["bias"]), (cfg.train.weight_decay, ["weight"])]
+                  for g, names_, scorer in groups if scorer) == [(0.0, ["bias"]), (cfg.train.weight_decay, ["weight"])]
     for step in range(10):
         lrs = [g["lr"] for g in optimizer.param_groups]
-        for lr, scorer in zip(lrs, is_scorer):
+        for lr, scorer in zip(lrs, is_scorer, strict=True):
             assert lr == pytest.approx(lrs[0] * (0.1 if scorer else 1.0)), step
         optimizer.step()
         scheduler.step()

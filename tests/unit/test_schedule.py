@@ -49,7 +49,7 @@ def test_default_schedule_halves():
     assert default_schedule(6, 8192) == [8192, 4096, 2048, 1024, 512, 256]
     assert default_schedule(3, 512) == [512, 256, 128]
     twelve = default_schedule(12, 8192)
-    assert twelve[0] == 8192 and twelve[-1] == 256 and all(a >= b for a, b in zip(twelve, twelve[1:]))
+    assert twelve[0] == 8192 and twelve[-1] == 256 and all(a >= b for a, b in zip(twelve, twelve[1:], strict=False))
 
 
 @pytest.mark.parametrize("variant, widths", [

@@ -28,7 +28,7 @@ def reference_topk(x, scores, mask, k, base, flip_right, sort_back):
         if flip_right:
             bottom = bottom[::-1]
         new_slots = [(slots[i], i) for i in passing]  # (slot, index of the dominant member)
-        for p, q in zip(top, bottom):
+        for p, q in zip(top, bottom, strict=True):
             (xp, sp, real_p, src_p), (xq, sq, real_q, _) = slots[p], slots[q]
             if real_p and real_q:  # 3. softmax of base**score inside the pair
                 wp, wq = torch.softmax(torch.stack([base ** sp, base ** sq]), dim=0)

@@ -186,7 +186,7 @@ def _compiled():
             out = fn(xs, ss, 5, mask=mask, sort_back=True)
             (out.values.square().sum() + out.scores.sum()).backward()
             outputs.append((out.values, out.scores, xs.grad, ss.grad))
-        return [(a - b).abs().max().item() for a, b in zip(*outputs)]
+        return [(a - b).abs().max().item() for a, b in zip(*outputs, strict=True)]
     finally:
         tl.sort = real_sort
         os.environ.pop("PYRAMIDION_TOPK", None)

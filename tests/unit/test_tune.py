@@ -14,6 +14,7 @@ SCHEDULES = [None, [512, 512, 512], [128, 64, 32], "{0: 256}"]
 @pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
 def test_parameter_count_matches_the_model(preset, positions):
     from deepspeed.runtime.zero.stage3 import model_to_params
+
     from pyramidion_ds.model import PyramidionModel
     m = ModelConfig(preset=preset, vocab_size=1000, positions=positions)
     total, largest = model_to_params(PyramidionModel(m))
@@ -66,6 +67,7 @@ def test_checkpointing_and_micro_batch_order_activation_memory(preset, schedule)
                                                      ("{0: 256}", "stage"), (None, "layer")])
 def test_activation_estimate_within_20_percent_of_a_real_step(schedule, checkpointing):
     import torch
+
     from pyramidion_ds.tune.measure import measure_activation_peak
     m = ModelConfig(preset="debug", vocab_size=256, pooling_schedule=schedule)
     got = measure_activation_peak(m, 4, 512, 128, dtype=torch.float32, checkpointing=checkpointing)
@@ -107,6 +109,7 @@ def test_impossible_budget_says_what_the_smallest_need_is(tmp_path, capsys):
 def test_written_json_passes_our_merge_and_deepspeeds_parser(tmp_path, capsys, argv):
     import yaml
     from deepspeed.runtime.config import DeepSpeedConfig
+
     from pyramidion_ds.engine import read_ds_config, resolve_ds_config
     from pyramidion_ds.tune.plan import override_flags
     code, out, _ = run_tune(argv + ["--out", str(tmp_path)], capsys)
@@ -141,6 +144,7 @@ def test_cpu_device_speaks_of_processes_ram_and_fp32(tmp_path, capsys):
 
 def test_cpu_memory_measurement_prints_no_profiler_markers(capfd):
     import torch
+
     from pyramidion_ds.tune.measure import cpu_peak_bytes
     assert cpu_peak_bytes(lambda: torch.ones(1000).sum()) > 0
     captured = capfd.readouterr()

@@ -7,17 +7,18 @@ import re
 from pathlib import Path
 
 import numpy as np
-import probe_copy
 import pytest
-import run
 import torch
-from report import check_targets
-from selection import measure_selection, piece_offsets, salient_token_mask, selection_counts
 
 from pyramidion_ds.config import load_config
 from pyramidion_ds.data.spm import load_spm, train_spm
 from pyramidion_ds.data.synthetic import make_corpus
 from pyramidion_ds.model import PyramidionModel
+
+import probe_copy
+import run
+from report import check_targets
+from selection import measure_selection, piece_offsets, salient_token_mask, selection_counts
 
 PACKAGE = Path(__file__).resolve().parents[3] / "pyramidion_ds"
 
@@ -39,7 +40,7 @@ def test_piece_offsets_are_character_offsets_and_ids_match_encoding(spm_and_docs
         ids, begins, ends = piece_offsets(spm, text)
         assert ids == spm.EncodeAsIds(text)
         assert len(ids) == len(begins) == len(ends)
-        for piece_id, b, e in zip(ids, begins, ends):
+        for piece_id, b, e in zip(ids, begins, ends, strict=True):
             surface = text[b:e]
             piece = spm.IdToPiece(piece_id).replace("\u2581", " ")
             if piece_id != spm.unk_id():
@@ -52,7 +53,7 @@ def test_salient_pieces_are_exactly_the_planted_sentences(spm_and_docs):
         ids, begins, ends = piece_offsets(spm, doc.document)
         mask = salient_token_mask(begins, ends, doc.salient_spans)
         # the marked pieces decode to the planted sentences, in order, and nothing else
-        decoded = spm.DecodeIds([i for i, m in zip(ids, mask) if m])
+        decoded = spm.DecodeIds([i for i, m in zip(ids, mask, strict=True) if m])
         assert decoded.split() == doc.summary.split()
         # each planted sentence is one contiguous run of pieces
         runs = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])) == 1)

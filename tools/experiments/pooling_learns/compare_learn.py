@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-METRICS = [("updates", "updates"), ("final_valid_loss", "valid loss"), ("rouge.rouge1", "ROUGE-1"), ("rouge.rouge2", "ROUGE-2"),
-           ("rouge.rougeL", "ROUGE-L"), ("selection.recall", "selection recall"),
+METRICS = [("updates", "updates"), ("final_valid_loss", "valid loss"), ("rouge.rouge1", "ROUGE-1"),
+           ("rouge.rouge2", "ROUGE-2"), ("rouge.rougeL", "ROUGE-L"), ("selection.recall", "selection recall"),
            ("step_s_median", "step s (log)"), ("step_s_bench", "step s (interleaved)")]
 
 
@@ -24,6 +24,10 @@ def get(row: dict, dotted: str):
     return row
 
 
+def fmt(v) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
 def compare(a: dict, b: dict) -> str:
     lines = [f"# reproducibility: task {a['task']}, seed {a['seed']} vs seed {b['seed']}", "",
              "| variant | metric | run A | run B | abs diff |", "|---|---|---|---|---|"]
@@ -33,7 +37,6 @@ def compare(a: dict, b: dict) -> str:
             if va is None and vb is None:
                 continue
             diff = abs(va - vb) if va is not None and vb is not None else None
-            fmt = lambda v: "–" if v is None else f"{v:.4f}"
             lines.append(f"| {variant} | {name} | {fmt(va)} | {fmt(vb)} | {fmt(diff)} |")
     return "\n".join(lines) + "\n"
 

@@ -55,6 +55,7 @@ from pyramidion_ds.data.spm import load_spm
 from pyramidion_ds.data.synthetic import make_example
 from pyramidion_ds.engine import label_smoothed_nll_loss, param_groups
 from pyramidion_ds.model import PyramidionModel
+
 from run import TASKS, config_path
 from selection import measure_selection, piece_offsets, salient_token_mask
 
@@ -176,7 +177,11 @@ def main(argv=None):
         train = [make_example(i, split="train", **kw).to_json() for i in range(a.train_docs)]
         valid = [make_example(i, split="valid", **kw).to_json() for i in range(16)]
     else:
-        read = lambda split: [json.loads(line) for line in (learn / "corpus" / f"{split}.jsonl").open(encoding="utf-8")]
+
+        def read(split):
+            with (learn / "corpus" / f"{split}.jsonl").open(encoding="utf-8") as fh:
+                return [json.loads(line) for line in fh]
+
         train, valid = read("train"), read("valid")[:16]
     train_t = encode_records(train, spm, m)
     valid_sets = {"valid": (valid, encode_records(valid, spm, m))}

@@ -93,7 +93,8 @@ def markdown(result: dict) -> str:
               "share of the planted sentences' pieces whose representation dominates a real slot of the final "
               "encoder stage; `chance` = final slots / source pieces (what a random choice keeps). "
               "`step s (interleaved)` = fastest of N fwd+bwd+AdamW steps of each model on one real batch, the "
-              "four models run in turn in one process (plain torch; medians in the JSON); `step s (log median)` = median seconds per update in the "
+              "four models run in turn in one process (plain torch; medians in the JSON); `step s (log median)` = "
+              "median seconds per update in the "
               "training runs (DeepSpeed engine, validation intervals included). The CPUs are shared with other "
               "jobs: timings are noisy.", ""]
     return "\n".join(lines)

@@ -162,7 +162,8 @@ def subprocess_env(threads: int) -> dict:
     return env
 
 
-def run_logged(cmd: list[str], log_path: Path, env: dict, time_limit_s: Optional[float] = None) -> tuple[int, float, bool]:
+def run_logged(cmd: list[str], log_path: Path, env: dict,
+               time_limit_s: Optional[float] = None) -> tuple[int, float, bool]:
     """Run ``cmd`` with output to ``log_path``; (exit code, seconds, stopped by the time limit).
 
     Past ``time_limit_s`` the process gets SIGUSR1 (the trainer saves a checkpoint and exits 75)."""
@@ -284,7 +285,7 @@ def curve_summary(series: dict, offset_s: float = 0.0) -> dict:
     valid = [(step, wall - t0, value) for step, wall, value in series.get("valid/loss", [])]
     train = series.get("train/loss", [])
     # seconds per update between consecutive log lines (validation/checkpoint intervals included: median)
-    step_s = [(w2 - w1) / (s2 - s1) for (s1, w1, _), (s2, w2, _) in zip(train, train[1:]) if s2 > s1]
+    step_s = [(w2 - w1) / (s2 - s1) for (s1, w1, _), (s2, w2, _) in zip(train, train[1:], strict=False) if s2 > s1]
     tokens = [v for _, _, v in series.get("train/tokens_per_s", [])]
     last_update = max([s for s, _, _ in train] + [s for s, _, _ in valid] + [0])
     return {"valid_curve": [{"update": s, "seconds": round(t, 3), "loss": v} for s, t, v in valid],
@@ -506,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "synthetic":
             row["selection"] = selection_for_run(run_dir, raw_dir / "test.jsonl", cfg)
         result["variants"][variant] = row
-        print(f"[learn] {variant}: valid loss {_fmt(row['final_valid_loss'])} ROUGE-L {_fmt(row['rouge'].get('rougeL'))}"
+        print(f"[learn] {variant}: valid loss {_fmt(row['final_valid_loss'])} "
+              f"ROUGE-L {_fmt(row['rouge'].get('rougeL'))}"
               + (f" recall {_fmt(row['selection']['recall'])}" if 'selection' in row else ""), flush=True)
         write_report(result, out)  # partial results survive an interruption
     if args.bench_repeats > 0:
@@ -532,9 +534,9 @@ def valid_loss_at_end(run_dir: Path, batch_docs: int = 2) -> dict:
     validations still gets a loss for the weights it ends with."""
     import torch
 
+    from pyramidion_ds.checkpoint.export import export_for, load_export
     from pyramidion_ds.data import SummarizationDataset, collate
     from pyramidion_ds.engine import label_smoothed_nll_loss
-    from pyramidion_ds.checkpoint.export import export_for, load_export
     model, cfg, _ = load_export(export_for(run_dir))
     m = cfg.model
     data = SummarizationDataset(cfg.data.data, cfg.data.valid_subset, m.max_source_positions, m.max_target_positions,
