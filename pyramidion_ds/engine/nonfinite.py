@@ -23,6 +23,7 @@ Where the reduced gradients live at the accumulation boundary, by optimizer::
 
 fp16 keeps DeepSpeed's loss scaler, which skips overflowing steps itself.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ Run once at commit ca70ede in one CPU process (``PYTHONPATH=/tmp/old python
 tests/data/make_pre_fused_zero2.py tests/data/pre_fused_export OUT``); only ``mp_rank_00_model_states.pt``
 (parameter names and shapes, 240 KB) is kept: the optimizer shard is not needed to recognise the layout.
 """
+
 import os
 import sys
 
