@@ -5,6 +5,7 @@ on our dev/CI machines; on a GPU cluster install the CUDA build your drivers wan
 ``pip install -e .[dev]``. The ranges below are satisfied by an installed torch, so pip pulls no second
 (CUDA) torch on a CPU machine.
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -27,10 +28,10 @@ setup(
         "datasets>=2.19",
         "tensorboard>=2.14",
         "numpy>=1.24",
-        "pyyaml>=6.0",          # config files: safe_load, no eval
-        "tqdm>=4.66",           # progress bars on every long step
-        "safetensors>=0.4",     # export format that never unpickles
-        "rouge-score>=0.1.2",   # Google's reference ROUGE implementation (stemming, Lsum)
+        "pyyaml>=6.0",  # config files: safe_load, no eval
+        "tqdm>=4.66",  # progress bars on every long step
+        "safetensors>=0.4",  # export format that never unpickles
+        "rouge-score>=0.1.2",  # Google's reference ROUGE implementation (stemming, Lsum)
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",  # top-k kernels on CUDA
     ],
     extras_require={

@@ -15,4 +15,5 @@ Layout, bottom to top: a module imports only from the rows above it (same row: i
     bench/       benchmarks printing JSON                              tune/      memory model, plan search
     cli/         console scripts (and ``python -m pyramidion_ds.distributed.selftest``)
 """
+
 __version__ = "0.1.0"

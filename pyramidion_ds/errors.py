@@ -3,13 +3,14 @@
 Console scripts (``cli/common.run_main``) print a :class:`UsageError` or :class:`DataError` as one line,
 ``prog: error: <message>``, and exit with :data:`EXIT_USAGE`.
 """
+
 from __future__ import annotations
 
 #: exit codes a launcher can act on
 EXIT_OK = 0
-EXIT_ERROR = 1          # a run failed
-EXIT_USAGE = 2          # bad input: config, flags, files
-EXIT_PREEMPTED = 75     # a signal asked us to stop, a checkpoint was saved: requeue and resume
+EXIT_ERROR = 1  # a run failed
+EXIT_USAGE = 2  # bad input: config, flags, files
+EXIT_PREEMPTED = 75  # a signal asked us to stop, a checkpoint was saved: requeue and resume
 
 
 class UsageError(Exception):

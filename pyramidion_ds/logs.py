@@ -1,8 +1,9 @@
 """One logger for the whole package: rank 0 speaks at INFO, other ranks only warn.
 
-    setup_logging(rank, log_file=RUN/train.log)   # once, after rank discovery
-    log = logging.getLogger(__name__)             # everywhere else, as usual
+setup_logging(rank, log_file=RUN/train.log)   # once, after rank discovery
+log = logging.getLogger(__name__)             # everywhere else, as usual
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,6 +40,7 @@ class ProgressBarSafeHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
+
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # as logging.StreamHandler: a broken stream must not stop the run
             self.handleError(record)
@@ -46,6 +48,7 @@ class ProgressBarSafeHandler(logging.StreamHandler):
 
 def is_rank_0() -> bool:
     import torch.distributed as dist
+
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -56,4 +59,5 @@ def quiet_deepspeed_accelerator_probe() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and not torch.cuda.is_available():
         from .distributed.env import use_cpu_accelerator
+
         use_cpu_accelerator()

@@ -1,4 +1,5 @@
 """Shared test setup: markers by folder, GPU tests skipped cleanly without CUDA."""
+
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 def pytest_collection_modifyitems(config, items):
     import torch
+
     has_cuda = torch.cuda.is_available()
     for item in items:
         folder = Path(str(item.fspath)).parent.name

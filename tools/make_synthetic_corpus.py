@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Write the synthetic long-document corpus (filler + planted salient sentences) as jsonl splits.
 
-    python tools/make_synthetic_corpus.py --out data/synthetic --train 1000 --valid 50 --test 50
+python tools/make_synthetic_corpus.py --out data/synthetic --train 1000 --valid 50 --test 50
 """
+
 import argparse
 import sys
 
@@ -22,9 +23,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:
-        paths = write_corpus(a.out, {"train": a.train, "valid": a.valid, "test": a.test}, seed=a.seed,
-                             min_words=a.min_words, max_words=a.max_words,
-                             num_salient=(a.min_salient, a.max_salient), progress=True)
+        paths = write_corpus(
+            a.out,
+            {"train": a.train, "valid": a.valid, "test": a.test},
+            seed=a.seed,
+            min_words=a.min_words,
+            max_words=a.max_words,
+            num_salient=(a.min_salient, a.max_salient),
+            progress=True,
+        )
     except ValueError as err:
         print(f"make_synthetic_corpus: error: {err}", file=sys.stderr)
         return 2

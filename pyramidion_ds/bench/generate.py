@@ -15,6 +15,7 @@
     pyramidion-bench generate --src-len 256 --new-tokens 8 --skip-nocache   # a quick look
     pyramidion-bench generate --device cuda --dtype bf16   # the H100 target
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,21 @@ from pyramidion_ds.model import PyramidionModel
 
 def tiny_model(seed: int = 0) -> PyramidionModel:
     torch.manual_seed(seed)
-    cfg = build(ModelConfig, dict(vocab_size=7, d_model=16, num_heads=2, ffn_dim=32, encoder_layers=2,
-                                  decoder_layers=2, max_source_positions=32, max_target_positions=16,
-                                  chunk_size=8, dropout=0.0))
+    cfg = build(
+        ModelConfig,
+        dict(
+            vocab_size=7,
+            d_model=16,
+            num_heads=2,
+            ffn_dim=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            max_source_positions=32,
+            max_target_positions=16,
+            chunk_size=8,
+            dropout=0.0,
+        ),
+    )
     model = PyramidionModel(cfg).eval()
     with torch.no_grad():
         model.embed_tokens.weight.mul_(4.0)  # peakier distributions: rankings that matter
@@ -52,8 +65,12 @@ def tiny_sources(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return src, lengths
 
 
-EXACTNESS_SETTINGS = [dict(lenpen=1.0, min_len=0), dict(lenpen=0.5, min_len=1), dict(lenpen=2.0, min_len=1),
-                      dict(lenpen=1.0, min_len=1, no_repeat_ngram_size=2)]
+EXACTNESS_SETTINGS = [
+    dict(lenpen=1.0, min_len=0),
+    dict(lenpen=0.5, min_len=1),
+    dict(lenpen=2.0, min_len=1),
+    dict(lenpen=1.0, min_len=1, no_repeat_ngram_size=2),
+]
 
 
 def check_exactness(seeds=(0, 1)) -> dict:
@@ -66,13 +83,17 @@ def check_exactness(seeds=(0, 1)) -> dict:
             opts = SearchOptions(beam=85, nbest=5, max_len_a=0.0, max_len_b=3, **setting)
             beam = generate(model, src, lengths, opts)
             exact = exhaustive_search(model, src, lengths, opts)
-            for b, (x, y) in enumerate(zip(beam, exact)):
+            for b, (x, y) in enumerate(zip(beam, exact, strict=True)):
                 cases += 1
                 if [h.tokens for h in x] != [h.tokens for h in y]:
                     mismatches.append({"seed": seed, "source": b, **setting})
-                max_score_diff = max([max_score_diff] + [abs(h.score - g.score) for h, g in zip(x, y)])
-    return {"cases": cases, "beam_equals_exhaustive": not mismatches, "mismatches": mismatches,
-            "max_score_diff": max_score_diff}
+                max_score_diff = max([max_score_diff] + [abs(h.score - g.score) for h, g in zip(x, y, strict=False)])
+    return {
+        "cases": cases,
+        "beam_equals_exhaustive": not mismatches,
+        "mismatches": mismatches,
+        "max_score_diff": max_score_diff,
+    }
 
 
 def _sync(device):
@@ -93,18 +114,36 @@ def _time(fn, device, repeats: int) -> tuple[float, object]:
 
 
 def bench_ours(args, device, dtype, src, lengths, use_cache: bool, cuda_graph: bool = False) -> dict:
-    cfg = build(ModelConfig, dict(preset=args.preset, vocab_size=args.vocab, dropout=0.0,
-                                  max_source_positions=max(args.src_len, 64), hard_topk=args.hard_topk))
+    cfg = build(
+        ModelConfig,
+        dict(
+            preset=args.preset,
+            vocab_size=args.vocab,
+            dropout=0.0,
+            max_source_positions=max(args.src_len, 64),
+            hard_topk=args.hard_topk,
+        ),
+    )
     torch.manual_seed(0)
     model = PyramidionModel(cfg).to(device=device, dtype=dtype).eval()
-    opts = SearchOptions(beam=args.beam, nbest=1, min_len=args.new_tokens, max_len_b=args.new_tokens,
-                         use_cache=use_cache, cuda_graph=cuda_graph)
+    opts = SearchOptions(
+        beam=args.beam,
+        nbest=1,
+        min_len=args.new_tokens,
+        max_len_b=args.new_tokens,
+        use_cache=use_cache,
+        cuda_graph=cuda_graph,
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds, hyps = _time(lambda: generate(model, src, lengths, opts), device, args.repeats)
     encode_seconds, _ = _time(lambda: model.encode(src, lengths), device, args.repeats)
-    out = {"seconds": round(seconds, 4), "encode_seconds": round(encode_seconds, 4),
-           "new_tokens": len(hyps[0][0].tokens) - 1, "encoder_widths": cfg.encoder_widths()}
+    out = {
+        "seconds": round(seconds, 4),
+        "encode_seconds": round(encode_seconds, 4),
+        "new_tokens": len(hyps[0][0].tokens) - 1,
+        "encoder_widths": cfg.encoder_widths(),
+    }
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return out
@@ -114,14 +153,29 @@ def bench_hf_bart(args, device, dtype, src) -> dict:
     try:
         from transformers import BartConfig, BartForConditionalGeneration
     except Exception as err:  # not installed, or a broken install
-        return {"skipped": f"transformers unavailable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-                           f"pip install -e .[bench]"}
+        return {
+            "skipped": f"transformers unavailable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            f"pip install -e .[bench]"
+        }
     d = {"base": (512, 8, 2048, 6, 6), "debug": (64, 4, 128, 3, 2), "large": (1024, 16, 4096, 12, 12)}[args.preset]
-    config = BartConfig(vocab_size=args.vocab, d_model=d[0], encoder_attention_heads=d[1], decoder_attention_heads=d[1],
-                        encoder_ffn_dim=d[2], decoder_ffn_dim=d[2], encoder_layers=d[3], decoder_layers=d[4],
-                        max_position_embeddings=max(args.src_len, args.new_tokens + 2), dropout=0.0,
-                        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
-                        forced_eos_token_id=None, forced_bos_token_id=None)
+    config = BartConfig(
+        vocab_size=args.vocab,
+        d_model=d[0],
+        encoder_attention_heads=d[1],
+        decoder_attention_heads=d[1],
+        encoder_ffn_dim=d[2],
+        decoder_ffn_dim=d[2],
+        encoder_layers=d[3],
+        decoder_layers=d[4],
+        max_position_embeddings=max(args.src_len, args.new_tokens + 2),
+        dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+        forced_eos_token_id=None,
+        forced_bos_token_id=None,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = BartForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
@@ -131,9 +185,19 @@ def bench_hf_bart(args, device, dtype, src) -> dict:
 
     def run():
         with torch.no_grad():
-            return model.generate(input_ids=src, attention_mask=mask, num_beams=args.beam, num_return_sequences=1,
-                                  min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens, length_penalty=1.0,
-                                  early_stopping=False, do_sample=False, no_repeat_ngram_size=0)
+            return model.generate(
+                input_ids=src,
+                attention_mask=mask,
+                num_beams=args.beam,
+                num_return_sequences=1,
+                min_new_tokens=args.new_tokens,
+                max_new_tokens=args.new_tokens,
+                length_penalty=1.0,
+                early_stopping=False,
+                do_sample=False,
+                no_repeat_ngram_size=0,
+            )
+
     seconds, out = _time(run, device, args.repeats)
     result = {"seconds": round(seconds, 4), "new_tokens": int(out.size(1)) - 1, "attention": "full (sdpa)"}
     if device.type == "cuda":
@@ -142,8 +206,9 @@ def bench_hf_bart(args, device, dtype, src) -> dict:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pyramidion-bench generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pyramidion-bench generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="base", choices=("debug", "base", "large"))
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--batch", type=int, default=4)
@@ -163,15 +228,26 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     import sys
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    report = {"workload": {"preset": args.preset, "vocab": args.vocab, "batch": args.batch, "beam": args.beam,
-                           "new_tokens": args.new_tokens, "src_len": args.src_len, "device": str(device),
-                           "dtype": args.dtype, "threads": torch.get_num_threads(),
-                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}}
+    report = {
+        "workload": {
+            "preset": args.preset,
+            "vocab": args.vocab,
+            "batch": args.batch,
+            "beam": args.beam,
+            "new_tokens": args.new_tokens,
+            "src_len": args.src_len,
+            "device": str(device),
+            "dtype": args.dtype,
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        }
+    }
     if not args.skip_exactness:
         report["exactness"] = check_exactness()
     gen = torch.Generator().manual_seed(0)

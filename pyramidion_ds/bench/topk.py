@@ -6,6 +6,7 @@ the same inputs in the same process; the JSON reports milliseconds per forward+b
 On CUDA the Triton kernels (``ours_triton``) are timed beside the torch path (``ours``, and
 ``ours_compiled`` with --compile), with the operators dispatched and kernels launched per call.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,19 +27,20 @@ DEFAULT_SHAPES = ((8, 8192, 2048, 512), (8, 2048, 512, 256))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def per_example_topk(x: torch.Tensor, scores: torch.Tensor, k: int, base: float = 20.0,
-                     flip_right: bool = True, sort_back: bool = False):
+def per_example_topk(
+    x: torch.Tensor, scores: torch.Tensor, k: int, base: float = 20.0, flip_right: bool = True, sort_back: bool = False
+):
     """The original's shape of computation: loop over examples, then over halving rounds (n/k a power of 2)."""
     pooled_x, pooled_scores = [], []
     for b in range(x.size(0)):
-        embs, s = x[b:b + 1], scores[b:b + 1]
+        embs, s = x[b : b + 1], scores[b : b + 1]
         while embs.size(1) > k:
             order = s.sort(descending=True).indices
             half = order.size(1) // 2
             left, right = order[:, :half], order[:, half:]
             if flip_right:
                 right = right.flip(1)
-            pairs = torch.cat([left, right], dim=0)                  # 2×half
+            pairs = torch.cat([left, right], dim=0)  # 2×half
             weights = torch.softmax(torch.pow(base, s[:, pairs]), dim=1)  # 1×2×half
             s = (s[:, pairs] * weights).sum(1)
             embs = (embs[:, pairs] * weights.unsqueeze(3)).sum(1)
@@ -139,45 +141,88 @@ def time_fwd_bwd(fn: Callable, x, scores, k, *, repeats: int, warmup: int, **kwa
     return {"ms": round(statistics.median(samples), 4), "min_ms": round(min(samples), 4)}
 
 
-def bench_shape(batch: int, n: int, k: int, d: int, *, device="cpu", dtype=torch.float32, repeats=5,
-                warmup=2, reference=True, base=20.0, flip_right=True, sort_back=False, compiled=False) -> dict:
+def bench_shape(
+    batch: int,
+    n: int,
+    k: int,
+    d: int,
+    *,
+    device="cpu",
+    dtype=torch.float32,
+    repeats=5,
+    warmup=2,
+    reference=True,
+    base=20.0,
+    flip_right=True,
+    sort_back=False,
+    compiled=False,
+) -> dict:
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, n, d, generator=generator).to(device=device, dtype=dtype)
     # the scorer's output: sigmoid + 1e-5, kept in float32 like the encoder's ranking
     scores = (torch.rand(batch, n, generator=generator) + 1e-5).to(device)
     options = dict(base=base, flip_right=flip_right, sort_back=sort_back)
-    result = {"batch": batch, "n": n, "k": k, "d": d, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-              "ours": time_fwd_bwd(ours, x, scores, k, repeats=repeats, warmup=warmup, **options),
-              "dispatch": {"torch": dispatch_counts(ours, x, scores, k, **options)}}
+    result = {
+        "batch": batch,
+        "n": n,
+        "k": k,
+        "d": d,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "ours": time_fwd_bwd(ours, x, scores, k, repeats=repeats, warmup=warmup, **options),
+        "dispatch": {"torch": dispatch_counts(ours, x, scores, k, **options)},
+    }
     if torch.device(device).type == "cuda" and topk_triton.AVAILABLE:
         result["ours_triton"] = time_fwd_bwd(ours_triton, x, scores, k, repeats=repeats, warmup=warmup, **options)
         result["dispatch"]["triton"] = dispatch_counts(ours_triton, x, scores, k, **options)
         result["triton_speedup_vs_torch"] = round(result["ours"]["ms"] / result["ours_triton"]["ms"], 2)
     if compiled:
         try:
-            result["ours_compiled"] = time_fwd_bwd(ours_compiled, x, scores, k, repeats=repeats, warmup=warmup,
-                                                   **options)
+            result["ours_compiled"] = time_fwd_bwd(
+                ours_compiled, x, scores, k, repeats=repeats, warmup=warmup, **options
+            )
         except Exception as err:  # report, do not fail the benchmark
             result["ours_compiled"] = {"error": repr(err)[:300]}
     if reference:
-        result["per_example_reference"] = time_fwd_bwd(per_example_topk, x, scores, k, repeats=repeats,
-                                                       warmup=warmup, **options)
+        result["per_example_reference"] = time_fwd_bwd(
+            per_example_topk, x, scores, k, repeats=repeats, warmup=warmup, **options
+        )
         result["speedup"] = round(result["per_example_reference"]["ms"] / result["ours"]["ms"], 2)
     return result
 
 
-def run(shapes=DEFAULT_SHAPES, *, device="cpu", dtype="fp32", repeats=5, warmup=2, reference=True,
-        sort_back=False, compiled=False) -> dict:
-    results = [bench_shape(*shape, device=device, dtype=DTYPES[dtype], repeats=repeats, warmup=warmup,
-                           reference=reference, sort_back=sort_back, compiled=compiled) for shape in shapes]
-    return {"benchmark": "topk", "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "results": results}
+def run(
+    shapes=DEFAULT_SHAPES,
+    *,
+    device="cpu",
+    dtype="fp32",
+    repeats=5,
+    warmup=2,
+    reference=True,
+    sort_back=False,
+    compiled=False,
+) -> dict:
+    results = [
+        bench_shape(
+            *shape,
+            device=device,
+            dtype=DTYPES[dtype],
+            repeats=repeats,
+            warmup=warmup,
+            reference=reference,
+            sort_back=sort_back,
+            compiled=compiled,
+        )
+        for shape in shapes
+    ]
+    return {"benchmark": "topk", "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
 
 
 def profile_op(batch: int, n: int, k: int, d: int, *, device="cuda", dtype=torch.bfloat16, iterations=10) -> dict:
     """Where the time goes: profiler table of fwd+bwd, and on CUDA the GPU-only time by CUDA-graph replay
     (the gap to the event-timed figure is host launch overhead)."""
     from torch.profiler import ProfilerActivity, profile
+
     x = torch.randn(batch, n, d, device=device, dtype=dtype)
     scores = torch.rand(batch, n, device=device)
     probe = successive_halving_topk(x, scores, k)
@@ -227,7 +272,7 @@ def parse_shape(text: str) -> tuple:
     try:
         batch, n, k, d = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape: got {text!r}, expected BxNxKxD such as 8x8192x2048x512")
+        raise argparse.ArgumentTypeError(f"--shape: got {text!r}, expected BxNxKxD such as 8x8192x2048x512") from None
     return batch, n, k, d
 
 
@@ -235,17 +280,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyramidion-bench topk", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="representation dtype")
-    parser.add_argument("--shape", action="append", type=parse_shape,
-                        help="BxNxKxD, repeatable (default: 8x8192x2048x512 and 8x2048x512x256)")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        help="BxNxKxD, repeatable (default: 8x8192x2048x512 and 8x2048x512x256)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     parser.add_argument("--sort-back", action="store_true", help="benchmark with sort_back")
     parser.add_argument("--no-reference", action="store_true", help="skip the per-example reference")
     parser.add_argument("--compile", action="store_true", help="also time the op under torch.compile")
-    parser.add_argument("--profile", action="store_true",
-                        help="print a profiler table (and CUDA-graph GPU-only time) for the first shape instead")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
-                        help="top-k implementation profiled by --profile (auto: Triton on CUDA)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a profiler table (and CUDA-graph GPU-only time) for the first shape instead",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "triton"),
+        help="top-k implementation profiled by --profile (auto: Triton on CUDA)",
+    )
     args = parser.parse_args(argv)
     if args.profile:
         with backend(args.backend):
@@ -253,9 +309,16 @@ def main(argv: list[str] | None = None) -> int:
         print(report.pop("table"))
         print(json.dumps(report, indent=2))
         return 0
-    report = run(tuple(args.shape or DEFAULT_SHAPES), device=args.device, dtype=args.dtype, repeats=args.repeats,
-                 warmup=args.warmup, reference=not args.no_reference, sort_back=args.sort_back,
-                 compiled=args.compile)
+    report = run(
+        tuple(args.shape or DEFAULT_SHAPES),
+        device=args.device,
+        dtype=args.dtype,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        reference=not args.no_reference,
+        sort_back=args.sort_back,
+        compiled=args.compile,
+    )
     print(json.dumps(report, indent=2))
     return 0
 

@@ -15,6 +15,7 @@ Two parts, both printing JSON:
     pyramidion-bench train --preset base --src-len 8192 --tgt-len 256 --batch 4 --precision bf16
     pyramidion-bench train --zero3-memory --preset base
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,31 @@ VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
 
 def model_config(preset: str, variant: str, src_len: int, tgt_len: int, vocab: int, overrides: list[str]):
     from ..config import load_config
-    cfg = load_config(None, ["--model.preset", preset, "--model.variant", variant,
-                             "--model.max_source_positions", str(src_len),
-                             "--model.max_target_positions", str(tgt_len),
-                             "--model.vocab_size", str(vocab), "--model.dropout", "0.0", *overrides])
+
+    cfg = load_config(
+        None,
+        [
+            "--model.preset",
+            preset,
+            "--model.variant",
+            variant,
+            "--model.max_source_positions",
+            str(src_len),
+            "--model.max_target_positions",
+            str(tgt_len),
+            "--model.vocab_size",
+            str(vocab),
+            "--model.dropout",
+            "0.0",
+            *overrides,
+        ],
+    )
     return cfg
 
 
 def ds_config_for(cfg, stage: int, precision: str) -> dict:
     from ..engine import read_ds_config, resolve_ds_config, shipped_ds_configs
+
     shipped = shipped_ds_configs()
     name = f"zero{stage}_cpu" if precision == "fp32" else f"zero{stage}_{precision}"
     if name not in shipped:  # stage 0/1 have no CPU file: the bf16 file with precision following the trainer
@@ -62,9 +79,9 @@ def batch_for(args, src_len: int) -> int:
     return max(1, args.tokens // src_len) if args.tokens else args.batch
 
 
-def measure_throughput(args, variant: str, stage: int, overflow_check: bool = True,
-                       src_len: int | None = None) -> dict:
+def measure_throughput(args, variant: str, stage: int, overflow_check: bool = True, src_len: int | None = None) -> dict:
     from ..engine import build_engine, build_model, label_smoothed_nll_loss
+
     src_len = src_len or args.src_len[0]
     batch = batch_for(args, src_len)
     cfg = model_config(args.preset, variant, src_len, args.tgt_len, args.vocab, args.override)
@@ -107,7 +124,9 @@ def measure_throughput(args, variant: str, stage: int, overflow_check: bool = Tr
     seconds = (time.perf_counter() - start) / args.steps
     profile = None
     if args.profile:  # where one step's time goes: the busiest operators on host and device
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with torch_profile(activities=activities) as prof:
             step()
@@ -115,20 +134,32 @@ def measure_throughput(args, variant: str, stage: int, overflow_check: bool = Tr
                 torch.cuda.synchronize()
         events = prof.key_averages()
         device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        top = sorted(events, key=lambda e: getattr(e, device_key, 0), reverse=True)[:args.profile]
-        profile = {"host_top": [(e.key, round(e.self_cpu_time_total / 1e3, 2), e.count) for e in
-                                sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.profile]],
-                   "device_top": [(e.key, round(getattr(e, device_key, 0) / 1e3, 2), e.count) for e in top],
-                   "device_total_ms": round(sum(getattr(e, device_key, 0) for e in events) / 1e3, 2),
-                   "kernel_launches": sum(e.count for e in events if e.key.startswith("cuda") and "Launch" in e.key)}
+        top = sorted(events, key=lambda e: getattr(e, device_key, 0), reverse=True)[: args.profile]
+        profile = {
+            "host_top": [
+                (e.key, round(e.self_cpu_time_total / 1e3, 2), e.count)
+                for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.profile]
+            ],
+            "device_top": [(e.key, round(getattr(e, device_key, 0) / 1e3, 2), e.count) for e in top],
+            "device_total_ms": round(sum(getattr(e, device_key, 0) for e in events) / 1e3, 2),
+            "kernel_launches": sum(e.count for e in events if e.key.startswith("cuda") and "Launch" in e.key),
+        }
     flops = model.flops_per_step(batch, src_len, args.tgt_len)
-    row = {"variant": variant, "zero_stage": stage, "src_len": src_len, "batch": batch,
-           "precision": bundle.precision, "compile": args.compile and args.compile_mode,
-           "overflow_check": overflow_check,
-           "checkpointing": args.checkpointing, "step_s": seconds,
-           "tokens_per_s": batch * (src_len + args.tgt_len) / seconds,
-           "source_tokens_per_s": batch * src_len / seconds,
-           "tflops_per_s": flops / seconds / 1e12, "flops_per_step": flops}
+    row = {
+        "variant": variant,
+        "zero_stage": stage,
+        "src_len": src_len,
+        "batch": batch,
+        "precision": bundle.precision,
+        "compile": args.compile and args.compile_mode,
+        "overflow_check": overflow_check,
+        "checkpointing": args.checkpointing,
+        "step_s": seconds,
+        "tokens_per_s": batch * (src_len + args.tgt_len) / seconds,
+        "source_tokens_per_s": batch * src_len / seconds,
+        "tflops_per_s": flops / seconds / 1e12,
+        "flops_per_step": flops,
+    }
     if profile is not None:
         row["profile_ms"] = profile
     if cuda:
@@ -136,6 +167,7 @@ def measure_throughput(args, variant: str, stage: int, overflow_check: bool = Tr
         row["mfu"] = flops / seconds / (args.peak_tflops * 1e12)
     else:
         import resource
+
         row["process_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if hasattr(engine, "destroy"):
         engine.destroy()
@@ -149,6 +181,7 @@ def measure_throughput(args, variant: str, stage: int, overflow_check: bool = Tr
 def add_speedups(rows: list[dict]) -> None:
     """speedup_vs_vanilla / _blockwise against the row of that variant with the same stage, length and
     settings; speedup_vs_overflow_check for rows measured without DeepSpeed's overflow scan."""
+
     def key(row):
         return row["zero_stage"], row["src_len"], row["compile"]
 
@@ -169,14 +202,23 @@ def throughput(args, report=None) -> dict:
     """Every (length, stage, overflow setting, variant) row; ``report(result)`` after each row, so a run
     cut short by a time limit still leaves what it measured."""
     from ..distributed import init_distributed
+
     init_distributed()
     checks = {"on": [True], "off": [False], "both": [True, False]}[args.overflow_check]
     if args.precision != "bf16":
         checks = [True]  # fp16 always checks (loss scaling); fp32 never does
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    result = {"benchmark": "train", "device": device, "preset": args.preset, "src_len": args.src_len,
-              "tgt_len": args.tgt_len, "tokens_per_step": args.tokens or None, "vocab": args.vocab,
-              "peak_tflops": args.peak_tflops, "rows": []}
+    result = {
+        "benchmark": "train",
+        "device": device,
+        "preset": args.preset,
+        "src_len": args.src_len,
+        "tgt_len": args.tgt_len,
+        "tokens_per_step": args.tokens or None,
+        "vocab": args.vocab,
+        "peak_tflops": args.peak_tflops,
+        "rows": [],
+    }
     for src_len in args.src_len:
         for stage in args.stages:
             for check in checks:
@@ -185,9 +227,14 @@ def throughput(args, report=None) -> dict:
                         row = measure_throughput(args, variant, stage, check, src_len)
                     except Exception as err:  # e.g. out of memory: record it and measure the rest
                         message = str(err).splitlines()[0] if str(err) else ""
-                        row = {"variant": variant, "zero_stage": stage, "src_len": src_len, "overflow_check": check,
-                               "compile": args.compile and args.compile_mode,
-                               "error": f"{type(err).__name__}: {message}"[:300]}
+                        row = {
+                            "variant": variant,
+                            "zero_stage": stage,
+                            "src_len": src_len,
+                            "overflow_check": check,
+                            "compile": args.compile and args.compile_mode,
+                            "error": f"{type(err).__name__}: {message}"[:300],
+                        }
                         gc.collect()
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
@@ -201,6 +248,7 @@ def throughput(args, report=None) -> dict:
 # --------------------------------------------------------------------------------------------------
 # ZeRO-3 state memory per rank
 # --------------------------------------------------------------------------------------------------
+
 
 def _state_bytes(engine) -> dict:
     """Bytes of parameter partitions and optimizer state this rank holds (each storage counted once)."""
@@ -229,8 +277,10 @@ def _state_bytes(engine) -> dict:
 def zero3_worker(out: str, preset: str, vocab: int) -> None:
     """Run under the DeepSpeed launcher: one ZeRO-3 step, then each rank's state bytes to ``out``."""
     import torch.distributed as dist
+
     from ..distributed import init_distributed
     from ..engine import build_engine, build_model, label_smoothed_nll_loss
+
     world = init_distributed()
     cfg = model_config(preset, "pyramidion", 256, 16, vocab, [])
     ds = ds_config_for(cfg, 3, "fp32")
@@ -252,6 +302,7 @@ def zero3_worker(out: str, preset: str, vocab: int) -> None:
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -259,55 +310,97 @@ def _free_port() -> int:
 
 def zero3_memory(args) -> dict:
     results = {}
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
     deepspeed = Path(sys.executable).parent / "deepspeed"
     with tempfile.TemporaryDirectory() as tmp:
         for world_size in (1, 2):
             out = Path(tmp) / f"w{world_size}.json"
-            cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(world_size),
-                   "--master_port", str(_free_port()), "--module", "pyramidion_ds.bench.train",
-                   "--zero3-worker", str(out), "--preset", args.preset, "--vocab", str(args.vocab)]
+            cmd = [
+                str(deepspeed) if deepspeed.exists() else "deepspeed",
+                "--num_gpus",
+                str(world_size),
+                "--master_port",
+                str(_free_port()),
+                "--module",
+                "pyramidion_ds.bench.train",
+                "--zero3-worker",
+                str(out),
+                "--preset",
+                args.preset,
+                "--vocab",
+                str(args.vocab),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode != 0:
                 raise RuntimeError(f"zero3 worker with {world_size} ranks failed:\n{proc.stderr[-3000:]}")
             results[world_size] = json.loads(out.read_text())
     one = results[1][0]["params"] + results[1][0]["optimizer"]
     per_rank = [r["params"] + r["optimizer"] for r in results[2]]
-    return {"benchmark": "zero3_memory", "preset": args.preset, "vocab": args.vocab,
-            "one_rank_bytes": one, "two_ranks_bytes_per_rank": per_rank,
-            "ratio_max_rank": max(per_rank) / one, "target_ratio": 0.55,
-            "meets_target": max(per_rank) / one <= 0.55, "detail": results}
+    return {
+        "benchmark": "zero3_memory",
+        "preset": args.preset,
+        "vocab": args.vocab,
+        "one_rank_bytes": one,
+        "two_ranks_bytes_per_rank": per_rank,
+        "ratio_max_rank": max(per_rank) / one,
+        "target_ratio": 0.55,
+        "meets_target": max(per_rank) / one <= 0.55,
+        "detail": results,
+    }
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="pyramidion-bench train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pyramidion-bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="debug", help="model size preset (debug, base, large)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--stages", nargs="+", type=int, default=[2], help="ZeRO stages to measure")
     p.add_argument("--src-len", type=int, nargs="+", default=[512], help="source lengths (one process)")
     p.add_argument("--tgt-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=0,
-                   help="source tokens per step; the batch is tokens // src-len for every length (overrides --batch)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=0,
+        help="source tokens per step; the batch is tokens // src-len for every length (overrides --batch)",
+    )
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--checkpointing", default="off", choices=("off", "stage", "layer"))
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="also profile one step and report the N busiest operators (host and device)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one step and report the N busiest operators (host and device)",
+    )
     p.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) the model")
-    p.add_argument("--compile-mode", default="default",
-                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
-    p.add_argument("--overflow-check", default="on", choices=("on", "off", "both"),
-                   help="bf16 with ZeRO 1/2: DeepSpeed's per-gradient overflow check (bf16.check_grad_overflow); "
-                        "'both' measures each variant with and without it")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
+    )
+    p.add_argument(
+        "--overflow-check",
+        default="on",
+        choices=("on", "off", "both"),
+        help="bf16 with ZeRO 1/2: DeepSpeed's per-gradient overflow check (bf16.check_grad_overflow); "
+        "'both' measures each variant with and without it",
+    )
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense: 989)")
-    p.epilog = ("Any --section.key VALUE (as pyramidion-train takes) changes the measured model, e.g. "
-                "--model.chunk_size 256 --model.pooling_schedule [4096,2048,1024,512]")
+    p.epilog = (
+        "Any --section.key VALUE (as pyramidion-train takes) changes the measured model, e.g. "
+        "--model.chunk_size 256 --model.pooling_schedule [4096,2048,1024,512]"
+    )
     p.add_argument("--zero3-memory", action="store_true", help="measure ZeRO-3 state bytes per rank, 1 vs 2 ranks")
     p.add_argument("--zero3-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--output", default=None, help="also write the JSON here")
@@ -325,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.zero3_worker:
         zero3_worker(args.zero3_worker, args.preset, args.vocab)
         return 0
+
     def write(result):
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

@@ -10,6 +10,7 @@
 
 It imports nothing from ``train/``, ``generate/`` or ``cli/``.
 """
+
 from .manifest import CheckpointDir, CheckpointInfo, tag_for
 from .safe_load import CheckpointError
 

@@ -1,4 +1,5 @@
 """Consolidation: full fp32 weights from a checkpoint of any ZeRO stage and world size."""
+
 from __future__ import annotations
 
 import zipfile
@@ -30,13 +31,19 @@ def consolidated_state_dict(info: CheckpointInfo, lazy: bool = False) -> dict:
         if z.BUFFER_NAMES not in state:
             raise CheckpointError(f"'{file}' is not a model state checkpoint")
         buffer_names = state[z.BUFFER_NAMES]
-        buffers = {k: v.float() if v.is_floating_point() else v
-                   for k, v in state["module"].items() if k in buffer_names}
-        model_states.append(z.zero_model_state(
-            buffers=buffers, param_shapes=state[z.PARAM_SHAPES],
-            shared_params=[[k, v] for k, v in state["shared_params"].items()],
-            ds_version=state.get(z.DS_VERSION), frozen_param_shapes=state.get(z.FROZEN_PARAM_SHAPES),
-            frozen_param_fragments=state.get(z.FROZEN_PARAM_FRAGMENTS)))
+        buffers = {
+            k: v.float() if v.is_floating_point() else v for k, v in state["module"].items() if k in buffer_names
+        }
+        model_states.append(
+            z.zero_model_state(
+                buffers=buffers,
+                param_shapes=state[z.PARAM_SHAPES],
+                shared_params=[[k, v] for k, v in state["shared_params"].items()],
+                ds_version=state.get(z.DS_VERSION),
+                frozen_param_shapes=state.get(z.FROZEN_PARAM_SHAPES),
+                frozen_param_fragments=state.get(z.FROZEN_PARAM_FRAGMENTS),
+            )
+        )
     flat_groups, paddings, stage, world = [], None, None, None
     for file in optim_files:  # memory-mapped (zip format): only the fp32 partitions are read
         state = safe_torch_load(file, map_location="cpu", mmap=zipfile.is_zipfile(file))[z.OPTIMIZER_STATE_DICT]
@@ -49,8 +56,9 @@ def consolidated_state_dict(info: CheckpointInfo, lazy: bool = False) -> dict:
             paddings = state.get(z.PARAM_ALIGNMENT_PADDINGS)
         flat_groups.append(state[z.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else z.FP32_FLAT_GROUPS])
     if world != len(optim_files):
-        raise CheckpointError(f"checkpoint '{info.path}' has {len(optim_files)} optimizer shards but was "
-                              f"partitioned over {world} ranks")
+        raise CheckpointError(
+            f"checkpoint '{info.path}' has {len(optim_files)} optimizer shards but was partitioned over {world} ranks"
+        )
     if stage <= 2:
         state_dict = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
     else:

@@ -18,6 +18,7 @@ checkpoint: a retrain that wrote the same tag again is consolidated anew. Loadin
 unpickles) and checks every tensor name and shape against the model that ``config.yaml`` describes,
 naming the first one that disagrees.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,13 +43,21 @@ EXPORT_META = "export.json"
 EXPORT_SUBDIR = "export"
 INFERENCE_SECTIONS = ("model", "data", "generation")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-                      torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}
+_SAFETENSORS_DTYPE = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+}
 
 
 # --------------------------------------------------------------------------------------------------
 # run dir -> export dir
 # --------------------------------------------------------------------------------------------------
+
 
 def is_export_dir(path: Path) -> bool:
     return (path / EXPORT_WEIGHTS).is_file()
@@ -61,25 +70,27 @@ def checkpoint_to_export(run_dir: str | os.PathLike, verify: bool = True) -> Che
     if not run_dir.is_dir():
         raise UsageError(f"'{run_dir}' is not a directory (expected a run dir or an export dir)")
     if not (run_dir / "config.yaml").is_file():
-        raise UsageError(f"'{run_dir}' has no config.yaml: not a run dir (pyramidion-train save_dir) "
-                         f"nor an export dir")
+        raise UsageError(f"'{run_dir}' has no config.yaml: not a run dir (pyramidion-train save_dir) nor an export dir")
     info = CheckpointDir(run_dir).latest_complete(warn=log.warning, verify=verify)
     if info is None:
-        raise UsageError(f"'{run_dir}' holds no complete checkpoint (nothing under {run_dir / 'checkpoints'} "
-                         f"has a manifest.json whose files are all present)")
+        raise UsageError(
+            f"'{run_dir}' holds no complete checkpoint (nothing under {run_dir / 'checkpoints'} "
+            f"has a manifest.json whose files are all present)"
+        )
     if verify:
         info.check_pickles()
     stage = int(info.manifest.get("zero_stage", 0))
     if stage > 0:
         shards = sorted(info.path.glob("*_optim_states.pt"))
         if len(shards) != info.world_size:
-            raise UsageError(f"checkpoint '{info.path}' has {len(shards)} optimizer shards but its manifest "
-                             f"says world size {info.world_size}")
+            raise UsageError(
+                f"checkpoint '{info.path}' has {len(shards)} optimizer shards but its manifest "
+                f"says world size {info.world_size}"
+            )
     return info
 
 
-def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None = None,
-                dtype: str = "fp32") -> Path:
+def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None = None, dtype: str = "fp32") -> Path:
     """Write the newest complete checkpoint of ``run_dir`` as an export dir and return its path.
 
     Default ``export_dir``: ``RUN/export/<tag>``. Tensors are materialized one at a time from DeepSpeed's
@@ -101,14 +112,23 @@ def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        count = write_safetensors(tmp / EXPORT_WEIGHTS, _lazy_state_dict(info), DTYPES[dtype],
-                                  metadata={"tag": info.tag, "format": "pt"})
+        count = write_safetensors(
+            tmp / EXPORT_WEIGHTS, _lazy_state_dict(info), DTYPES[dtype], metadata={"tag": info.tag, "format": "pt"}
+        )
         shutil.copyfile(run_dir / "config.yaml", tmp / "config.yaml")  # the resolved config, verbatim
         shutil.copyfile(spm_path, tmp / "spm.model")
-        meta = {"source_run_dir": str(run_dir.resolve()), "tag": info.tag, "update": info.update,
-                "zero_stage": int(info.manifest.get("zero_stage", 0)), "world_size": info.world_size,
-                "checkpoint_sha256": info.manifest_sha256, "dtype": dtype, "tensors": count,
-                "spm_identity": spm_identity(spm_path), "spm_sha256": file_sha256(spm_path)}
+        meta = {
+            "source_run_dir": str(run_dir.resolve()),
+            "tag": info.tag,
+            "update": info.update,
+            "zero_stage": int(info.manifest.get("zero_stage", 0)),
+            "world_size": info.world_size,
+            "checkpoint_sha256": info.manifest_sha256,
+            "dtype": dtype,
+            "tensors": count,
+            "spm_identity": spm_identity(spm_path),
+            "spm_sha256": file_sha256(spm_path),
+        }
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
         if out.exists():  # replace an older export at the same path
@@ -116,8 +136,10 @@ def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info(f"consolidated {info.tag} (update {info.update}, ZeRO-{meta['zero_stage']}, "
-             f"{info.world_size} ranks) -> {out} ({count} tensors, {dtype})")
+    log.info(
+        f"consolidated {info.tag} (update {info.update}, ZeRO-{meta['zero_stage']}, "
+        f"{info.world_size} ranks) -> {out} ({count} tensors, {dtype})"
+    )
     return out
 
 
@@ -133,8 +155,10 @@ def export_for(path: str | os.PathLike, dtype: str = "fp32") -> Path:
     if is_export_dir(cached):
         if _export_meta(cached).get("checkpoint_sha256") == info.manifest_sha256:
             return cached
-        log.info(f"{cached} was consolidated from another checkpoint than the current {info.tag} "
-                 f"(retrained?); consolidating again")
+        log.info(
+            f"{cached} was consolidated from another checkpoint than the current {info.tag} "
+            f"(retrained?); consolidating again"
+        )
     return consolidate(path, None, dtype)  # RUN/export/<tag> of the newest checkpoint that verifies
 
 
@@ -155,8 +179,11 @@ def write_safetensors(path: Path, tensors: dict, dtype: torch.dtype, metadata: d
         if out_dtype not in _SAFETENSORS_DTYPE:
             raise UsageError(f"tensor '{name}' has dtype {tensor.dtype}, which the export does not support")
         nbytes = int(torch.Size(tensor.shape).numel()) * torch.empty((), dtype=out_dtype).element_size()
-        entries[name] = {"dtype": _SAFETENSORS_DTYPE[out_dtype], "shape": list(tensor.shape),
-                         "data_offsets": [offset, offset + nbytes]}
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPE[out_dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header = {"__metadata__": {k: str(v) for k, v in (metadata or {}).items()}, **entries}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -164,7 +191,7 @@ def write_safetensors(path: Path, tensors: dict, dtype: torch.dtype, metadata: d
     with open(path, "wb") as fh:
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
-        for name, tensor in tensors.items():
+        for _name, tensor in tensors.items():
             data = tensor.contiguous()
             if data.dtype.is_floating_point:
                 data = data.to(dtype)
@@ -176,6 +203,7 @@ def write_safetensors(path: Path, tensors: dict, dtype: torch.dtype, metadata: d
 # --------------------------------------------------------------------------------------------------
 # export dir -> model
 # --------------------------------------------------------------------------------------------------
+
 
 def _export_meta(path: Path) -> dict:
     meta_path = path / EXPORT_META
@@ -195,8 +223,7 @@ def _run_config(path: Path) -> Config:
         raise UsageError(f"'{path / 'config.yaml'}': {err}") from None
 
 
-def load_export(path: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32):
+def load_export(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model in eval mode, Config, sentencepiece processor) from an export dir. Never unpickles."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -211,13 +238,16 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu",
     meta = _export_meta(path)
     spm_path = path / "spm.model"
     if spm_path.is_file() and same_vocabulary(meta, spm_identity(spm_path), file_sha256(spm_path)) is False:
-        raise UsageError(f"'{spm_path}' is not the vocabulary the model was trained with "
-                         f"(it differs from the one {EXPORT_META} records)")
+        raise UsageError(
+            f"'{spm_path}' is not the vocabulary the model was trained with "
+            f"(it differs from the one {EXPORT_META} records)"
+        )
     try:
         state = load_file(str(path / EXPORT_WEIGHTS))
     except (SafetensorError, OSError) as err:
-        raise UsageError(f"'{path / EXPORT_WEIGHTS}': not a readable safetensors file "
-                         f"({str(err).splitlines()[0]})") from None
+        raise UsageError(
+            f"'{path / EXPORT_WEIGHTS}': not a readable safetensors file ({str(err).splitlines()[0]})"
+        ) from None
     try:
         model = PyramidionModel(cfg.model)
     except ValueError as err:
@@ -234,12 +264,18 @@ def check_weights_match(model: torch.nn.Module, state: dict, where: Path) -> Non
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     for name, shape in expected.items():
         if name not in state:
-            raise UsageError(f"export '{where}': config.yaml does not match the weights: tensor '{name}' of "
-                             f"the configured model is missing from {EXPORT_WEIGHTS}")
+            raise UsageError(
+                f"export '{where}': config.yaml does not match the weights: tensor '{name}' of "
+                f"the configured model is missing from {EXPORT_WEIGHTS}"
+            )
         if tuple(state[name].shape) != shape:
-            raise UsageError(f"export '{where}': config.yaml does not match the weights: tensor '{name}' is "
-                             f"{tuple(state[name].shape)} in {EXPORT_WEIGHTS}, {shape} in the configured model")
+            raise UsageError(
+                f"export '{where}': config.yaml does not match the weights: tensor '{name}' is "
+                f"{tuple(state[name].shape)} in {EXPORT_WEIGHTS}, {shape} in the configured model"
+            )
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise UsageError(f"export '{where}': config.yaml does not match the weights: tensor '{extra[0]}' in "
-                         f"{EXPORT_WEIGHTS} has no place in the configured model ({len(extra)} such)")
+        raise UsageError(
+            f"export '{where}': config.yaml does not match the weights: tensor '{extra[0]}' in "
+            f"{EXPORT_WEIGHTS} has no place in the configured model ({len(extra)} such)"
+        )

@@ -4,6 +4,7 @@ Each rank hashes the files it writes while writing them (:func:`checkpoint_files
 (``manifest.py``) costs no second read; a full disk becomes a recorded error rather than an exception, so
 every rank still reaches DeepSpeed's closing barrier; every file is read back with :func:`safe_torch_load`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -54,6 +55,7 @@ def checkpoint_files(config_params=None):
 
             def save(self, state_dict, path: str):
                 import torch
+
                 if self.error is not None:  # the disk is full: write nothing more this save
                     return
                 writer = None
@@ -90,11 +92,13 @@ def install_checkpoint_files(engine):
     engine.checkpoint_engine = files
     copy_scripts = getattr(engine, "_copy_recovery_script", None)
     if copy_scripts is not None:
+
         def guarded_copy(save_path):
             try:
                 copy_scripts(save_path)
             except OSError as err:
                 files.error = files.error or err
+
         engine._copy_recovery_script = guarded_copy
     return files
 

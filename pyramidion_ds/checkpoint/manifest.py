@@ -21,6 +21,7 @@ complete one, with a warning naming the file.
 
 Every ``.pt`` file is unpickled without running code (``safe_load.py``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -98,12 +99,12 @@ class CheckpointInfo:
                 return f"{self.path / name} does not match the sha256 in its {MANIFEST} (corrupt)"
         return None
 
-
     def check_pickles(self) -> None:
         """Refuse, before anything is loaded or written, a ``.pt`` file whose pickle names a class outside
         :func:`safe_globals` (e.g. ``os.system`` in a crafted file). Reads the pickle opcodes only, not the
         tensors; files in torch's older non-zip format are checked when loaded (:func:`safe_torch_load`)."""
         import torch
+
         allowed = safe_globals()
         for name in sorted(self.manifest["files"]):
             path = self.path / name
@@ -113,11 +114,15 @@ class CheckpointInfo:
                 with torch.serialization.safe_globals(allowed):
                     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             except (RuntimeError, ValueError, KeyError, EOFError, IndexError) as err:
-                raise CheckpointError(f"'{path}' is not a readable checkpoint file "
-                                      f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+                raise CheckpointError(
+                    f"'{path}' is not a readable checkpoint file "
+                    f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+                ) from None
             if unsafe:
-                raise CheckpointError(f"refusing to load '{path}': its pickle names {unsafe[0]}, which is not a "
-                                      f"tensor or plain data (loading it could run code)")
+                raise CheckpointError(
+                    f"refusing to load '{path}': its pickle names {unsafe[0]}, which is not a "
+                    f"tensor or plain data (loading it could run code)"
+                )
 
 
 class CheckpointDir:
@@ -158,8 +163,9 @@ class CheckpointDir:
         """Every tag on disk, newest first (complete or not)."""
         if not self.root.is_dir():
             return []
-        return sorted((p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)),
-                      reverse=True)
+        return sorted(
+            (p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)), reverse=True
+        )
 
     def read_pointer(self, name: str) -> str | None:
         path = self.root / name
@@ -181,8 +187,10 @@ class CheckpointDir:
             if problem is None and verify:
                 info = self.info(tag)
                 if not info.has_checksums:
-                    warn(f"checkpoint '{tag}' records no checksums (written by an older version): "
-                         f"checked file sizes only")
+                    warn(
+                        f"checkpoint '{tag}' records no checksums (written by an older version): "
+                        f"checked file sizes only"
+                    )
                 problem = info.checksum_problem() if verify is True else verify(info)
             if problem is None:
                 if tag != pointed and pointed is not None:
@@ -192,8 +200,15 @@ class CheckpointDir:
         return None
 
     # ---------------------------------------------------------------- writing (rank 0, after the barrier)
-    def finalize(self, tag: str, *, update: int, world_size: int, extra: dict | None = None,
-                 digests: dict[str, tuple[int, str]] | None = None) -> None:
+    def finalize(
+        self,
+        tag: str,
+        *,
+        update: int,
+        world_size: int,
+        extra: dict | None = None,
+        digests: dict[str, tuple[int, str]] | None = None,
+    ) -> None:
         """Record what every rank wrote under ``tag`` (size + sha256), then point ``latest`` at it.
 
         ``digests``: name -> (size, sha256) as hashed while writing; a file missing there, or whose size
@@ -245,6 +260,7 @@ def stale_layout_problem(checkpoint_dir: str | os.PathLike) -> str | None:
     parameter order, which would load without an error into the wrong parameters. Its weights still load
     (``--train.init_from``, which converts them)."""
     from ..model.attention import PRE_FUSION_PROJECTIONS
+
     states_path = Path(checkpoint_dir) / "mp_rank_00_model_states.pt"
     if not states_path.is_file():
         return None
@@ -255,6 +271,8 @@ def stale_layout_problem(checkpoint_dir: str | os.PathLike) -> str | None:
     stale = sorted(name for name in names if set(name.split(".")) & set(PRE_FUSION_PROJECTIONS))
     if not stale:
         return None
-    return (f"checkpoint '{checkpoint_dir}' was written before the attention projections were fused (it has "
-            f"'{stale[0]}'), so its optimizer state cannot be restored; continue from its weights with "
-            f"--train.init_from {Path(checkpoint_dir).parent.parent} and a new --train.save_dir")
+    return (
+        f"checkpoint '{checkpoint_dir}' was written before the attention projections were fused (it has "
+        f"'{stale[0]}'), so its optimizer state cannot be restored; continue from its weights with "
+        f"--train.init_from {Path(checkpoint_dir).parent.parent} and a new --train.save_dir"
+    )

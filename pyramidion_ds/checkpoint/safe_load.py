@@ -4,6 +4,7 @@ Every ``.pt`` file is unpickled with ``torch.load(weights_only=True)``, allowing
 DeepSpeed's shards hold (:func:`safe_globals`), for our own consolidation (``consolidate.py``) and for
 DeepSpeed's ``load_checkpoint`` alike (through the checkpoint engine of ``files.py``).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ def safe_globals() -> list:
     import importlib
 
     import numpy as np
+
     found = [np.ndarray, np.dtype] + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
     for module, name in (("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")):
         try:
@@ -30,10 +32,12 @@ def safe_globals() -> list:
         except (ImportError, AttributeError):
             continue
         found.append((obj, f"{module}.{name}"))  # pickles of numpy 1 and 2 name it differently
-    for module, name in (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-                         ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-                         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-                         ("deepspeed.utils.tensor_fragment", "fragment_address")):
+    for module, name in (
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ):
         try:
             found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
@@ -45,16 +49,22 @@ def safe_torch_load(path: str | os.PathLike, map_location=None, mmap: bool = Fal
     """``torch.load`` that refuses, in one line, a file holding anything but tensors, plain data and
     :func:`safe_globals` (a crafted pickle's ``os.system`` never runs)."""
     import torch
+
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line or "allowlisted" in line or "Unsupported" in line),
-                      lines[-1] if lines else type(err).__name__)
-        raise CheckpointError(f"refusing to load '{path}': it holds more than tensors and plain data, and "
-                              f"unpickling it could run code ({detail[:200]})") from None
+        detail = next(
+            (line for line in lines if "GLOBAL" in line or "allowlisted" in line or "Unsupported" in line),
+            lines[-1] if lines else type(err).__name__,
+        )
+        raise CheckpointError(
+            f"refusing to load '{path}': it holds more than tensors and plain data, and "
+            f"unpickling it could run code ({detail[:200]})"
+        ) from None
     except (RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"'{path}' is not a readable checkpoint file "
-                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-
+        raise CheckpointError(
+            f"'{path}' is not a readable checkpoint file "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from None

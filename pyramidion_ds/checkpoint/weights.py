@@ -5,6 +5,7 @@ An export dir (written by ``pyramidion-generate --consolidate``) holds ``model.s
 and the vocabulary (its identity and file sha256). safetensors never unpickles; a run dir's shards are
 verified against their checksums and read with ``weights_only`` unpickling (see ``safe_load.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,20 +24,23 @@ from .manifest import CheckpointDir, CheckpointInfo, Verifier
 @dataclass
 class InitSource:
     """What ``--init-from`` points at, read without loading any weights (so it can be checked early)."""
+
     path: Path
-    saved_model: dict          #: the model section of its config.yaml
-    vocabulary: dict           #: what it records of its vocabulary: spm_identity and/or spm_sha256
+    saved_model: dict  #: the model section of its config.yaml
+    vocabulary: dict  #: what it records of its vocabulary: spm_identity and/or spm_sha256
     checkpoint: CheckpointInfo | None  #: None for an export dir
 
     def same_vocabulary(self, identity: str, sha256: str) -> bool | None:
         """Whether it was trained with the vocabulary of this identity (None: nothing recorded)."""
         from ..data import same_vocabulary
+
         return same_vocabulary(self.vocabulary, identity, sha256, self.path / "spm.model")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights (safetensors for an export, consolidated ZeRO shards for a run dir)."""
         if self.checkpoint is None:
             from safetensors.torch import load_file
+
             return load_file(str(self.path / EXPORT_WEIGHTS))
         return consolidated_state_dict(self.checkpoint)
 

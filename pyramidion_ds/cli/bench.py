@@ -1,4 +1,5 @@
 """pyramidion-bench SUITE [flags]: benchmarks that print JSON and compare against an in-run baseline."""
+
 from __future__ import annotations
 
 import importlib
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None):
             fail(PROG, f"unknown suite '{name}', expected one of {', '.join(SUITES)}")
         module = importlib.import_module(f"pyramidion_ds.bench.{SUITES[name][0]}")
         return module.main(rest)
+
     run_main(PROG, body)
 
 

@@ -1,6 +1,7 @@
 """What every console script shares: config + dotted overrides, one-line errors, exit codes.
 
 The errors and exit codes themselves live in ``pyramidion_ds/errors.py`` (library code raises them too)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,6 @@ from typing import Callable, NoReturn
 
 from ..config import Config, ConfigError, field_help
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, DataError, UsageError
-
 
 #: where each launcher puts a process's rank among those of its node (read without importing torch)
 LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
@@ -34,12 +34,14 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE, every_rank: bool = Fal
 def run_main(prog: str, body: Callable[[], int | None]) -> NoReturn:
     """Run a command body, turning the errors a user can fix into one line and an exit code."""
     from ..distributed.env import DistEnvError
+
     try:
         code = body()
     except (ConfigError, DataError, DistEnvError, UsageError, FileNotFoundError) as err:
         # a launcher problem can differ between processes (each reads its own environment): all print it
-        fail(prog, str(err).splitlines()[0] if str(err) else type(err).__name__,
-             every_rank=isinstance(err, DistEnvError))
+        fail(
+            prog, str(err).splitlines()[0] if str(err) else type(err).__name__, every_rank=isinstance(err, DistEnvError)
+        )
     except KeyboardInterrupt:
         fail(prog, "interrupted", EXIT_ERROR)
     raise SystemExit(code or EXIT_OK)
@@ -55,9 +57,11 @@ def config_epilog() -> str:
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser taking a config (path or shipped name) and leaving ``--section.key`` overrides alone."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=config_epilog(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config file, or the name of a shipped config (see --list-configs)")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "config", nargs="?", default=None, help="YAML config file, or the name of a shipped config (see --list-configs)"
+    )
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     return parser

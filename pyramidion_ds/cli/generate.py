@@ -8,6 +8,7 @@ Launch with N processes (torchrun / deepspeed / srun) to split the inputs over N
 flags are the fields of ``GenerationConfig`` (``--no-repeat-ngram-size`` = ``generation.no_repeat_ngram_size``);
 a flag not given takes the value in the model's saved config, then the default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,30 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Summarize documents with a trained model: "
-                                     "consolidate ZeRO shards, beam search with a KV cache, ROUGE.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Summarize documents with a trained model: "
+        "consolidate ZeRO shards, beam search with a KV cache, ROUGE.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("path", nargs="?", help="run directory (ZeRO checkpoints) or export directory")
-    parser.add_argument("--consolidate", metavar="RUN_DIR", help="only write the export dir of RUN_DIR's newest "
-                        "complete checkpoint (default RUN_DIR/export/<tag>) and exit")
+    parser.add_argument(
+        "--consolidate",
+        metavar="RUN_DIR",
+        help="only write the export dir of RUN_DIR's newest "
+        "complete checkpoint (default RUN_DIR/export/<tag>) and exit",
+    )
     parser.add_argument("--export-dir", help="where --consolidate writes the export")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
-                        help="weights of a new export, and the compute dtype of generation (default fp32)")
-    parser.add_argument("--input", help="documents to summarize: one per line, or jsonl with \"document\" "
-                        "(and \"summary\", \"id\")")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="weights of a new export, and the compute dtype of generation (default fp32)",
+    )
+    parser.add_argument(
+        "--input", help='documents to summarize: one per line, or jsonl with "document" (and "summary", "id")'
+    )
     parser.add_argument("--data", help="binarized data dir for --gen-subset (default: the run's data.data)")
     parser.add_argument("--cpu", action="store_true", help="generate on the CPU even when CUDA is available")
     parser.add_argument("--no-progress-bar", action="store_true", help="no progress bar")
@@ -48,18 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         help_text = f"{f.metadata.get('help', '')} (default {f.default!r})"
         if hints[f.name] is bool:
-            parser.add_argument(_flag(f.name), dest=f"gen_{f.name}", action="store_true", default=None,
-                                help=help_text)
+            parser.add_argument(_flag(f.name), dest=f"gen_{f.name}", action="store_true", default=None, help=help_text)
         else:
-            parser.add_argument(_flag(f.name), dest=f"gen_{f.name}", type=hints[f.name], default=None,
-                                metavar=f.name.upper(), help=help_text)
+            parser.add_argument(
+                _flag(f.name),
+                dest=f"gen_{f.name}",
+                type=hints[f.name],
+                default=None,
+                metavar=f.name.upper(),
+                help=help_text,
+            )
     return parser
 
 
 def generation_overrides(args: argparse.Namespace) -> dict:
     """The GenerationConfig fields given on the command line (validated now, before any work)."""
-    overrides = {name[4:]: value for name, value in vars(args).items()
-                 if name.startswith("gen_") and value is not None}
+    overrides = {name[4:]: value for name, value in vars(args).items() if name.startswith("gen_") and value is not None}
     if args.no_progress_bar:
         overrides["progress"] = False
     build(GenerationConfig, overrides, prefix="generation.")
@@ -70,15 +88,19 @@ def main(argv: list[str] | None = None):
     def body():
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         from ..generate.runner import GenerateRequest, run_consolidate, run_generation
+
         if args.consolidate:
             return run_consolidate(args.consolidate, args.export_dir, args.dtype)
         if not args.path:
             from ..errors import UsageError
+
             raise UsageError("give a run dir or export dir (or --consolidate RUN_DIR)")
         overrides = generation_overrides(args)
-        request = GenerateRequest(path=args.path, data=args.data or "", input=args.input or "", dtype=args.dtype,
-                                  cpu=args.cpu)
+        request = GenerateRequest(
+            path=args.path, data=args.data or "", input=args.input or "", dtype=args.dtype, cpu=args.cpu
+        )
         return run_generation(request, overrides)
+
     run_main(PROG, body)
 
 

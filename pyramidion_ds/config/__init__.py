@@ -10,13 +10,13 @@
 Load with :func:`load_config` (a YAML path or the name of a shipped config, then dotted overrides such
 as ``--model.chunk_size 256``); every problem is a one-line :class:`ConfigError`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import ConfigError, build, field_help, option, parse_overrides, read_yaml, set_dotted, \
-    to_dict, write_yaml
+from .core import ConfigError, build, field_help, option, parse_overrides, read_yaml, set_dotted, to_dict, write_yaml
 from .data import DataConfig, DenoisingConfig
 from .distributed import DistributedConfig
 from .generate import GenerationConfig
@@ -71,12 +71,14 @@ def resolve_config_path(name_or_path: str) -> Path:
     shipped = shipped_configs()
     if name_or_path in shipped:
         return shipped[name_or_path]
-    raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config "
-                      f"({', '.join(shipped) or 'none'})")
+    raise ConfigError(
+        f"config '{name_or_path}' is neither a file nor a shipped config ({', '.join(shipped) or 'none'})"
+    )
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> Config:
+def load_config(
+    name_or_path: str | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> Config:
     """Build a validated :class:`Config` from a YAML file (or shipped name) plus dotted overrides."""
     data = dict(base or {})
     if name_or_path:
@@ -108,8 +110,25 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "DenoisingConfig", "DistributedConfig", "GenerationConfig",
-    "MODEL_PRESETS", "ModelConfig", "TrainConfig", "VARIANTS", "build", "config_from_dict",
-    "default_schedule", "field_help", "load_config", "parse_overrides", "parse_pooling_schedule",
-    "resolve_config_path", "save_resolved", "shipped_configs", "to_dict",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DenoisingConfig",
+    "DistributedConfig",
+    "GenerationConfig",
+    "MODEL_PRESETS",
+    "ModelConfig",
+    "TrainConfig",
+    "VARIANTS",
+    "build",
+    "config_from_dict",
+    "default_schedule",
+    "field_help",
+    "load_config",
+    "parse_overrides",
+    "parse_pooling_schedule",
+    "resolve_config_path",
+    "save_resolved",
+    "shipped_configs",
+    "to_dict",
 ]

@@ -6,6 +6,7 @@ walks a plain dict (from YAML, then dotted command-line overrides) against that 
 first problem with a one-line :class:`ConfigError` that names the dotted key, the bad value and what
 was expected. Unknown keys are errors and come with a "did you mean" where a close name exists.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,15 @@ class ConfigError(ValueError):
     """A configuration problem, stated in one line that names the key."""
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-           greater_than: float | None = None, max: float | None = None):
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    greater_than: float | None = None,
+    max: float | None = None,
+):
     """Declare a config field with its help text and constraints.
 
     ``choices`` restricts the value to a set; ``min``/``max`` are inclusive bounds and ``greater_than``
@@ -41,6 +49,7 @@ def option(default: Any, help: str, *, choices: tuple | None = None, min: float 
 # value checking against a type annotation
 # --------------------------------------------------------------------------------------------------
 
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -55,7 +64,8 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -146,6 +156,7 @@ def _check_bounds(value: Any, meta: dict, key: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # dict  <->  dataclass tree
 # --------------------------------------------------------------------------------------------------
+
 
 def _unknown_key(key: str, known: list[str], prefix: str) -> ConfigError:
     full = f"{prefix}{key}"
@@ -247,14 +258,14 @@ def read_yaml(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"config file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})")
+        raise ConfigError(f"config file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}")
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -1,4 +1,5 @@
 """Generation section of the config (flags named like fairseq-generate)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,11 @@ class GenerationConfig:
     gen_subset: str = option("test", "split to generate for")
     results_path: str = option("", "directory for hypotheses and scores; empty = print only")
     hard_topk: bool = option(False, "inference: exact top-k selection in the encoder (no mixing)")
-    no_cuda_graph: bool = option(False, "on CUDA, decode eagerly with the growing KV cache instead of "
-                                 "replaying each step from a CUDA graph over a static cache")
+    no_cuda_graph: bool = option(
+        False,
+        "on CUDA, decode eagerly with the growing KV cache instead of "
+        "replaying each step from a CUDA graph over a static cache",
+    )
     explain: int = option(0, "write an HTML selection map for the first N documents", min=0)
     seed: int = option(1, "sampling seed (a batch's draws depend on it and the batch only)")
     progress: bool = option(True, "progress bar on rank 0")

@@ -13,6 +13,7 @@ Layer ``i`` runs at the width the previous layer produced (layer 0 at ``max_sour
 its output width is smaller, a scorer rates the representations and the successive-halving top-k
 keeps that many. Consecutive layers at one width form a *stage* (the unit of activation checkpointing).
 """
+
 from __future__ import annotations
 
 import re
@@ -28,13 +29,37 @@ POOLING_KEYS = ("pooling_schedule", "topk_base", "flip_right", "sort_back", "har
 #: Size presets. A field the user sets explicitly wins over the preset's value.
 MODEL_PRESETS: dict[str, dict] = {
     # tiny: every unit and integration test runs in seconds on a CPU
-    "debug": dict(d_model=64, num_heads=4, ffn_dim=128, encoder_layers=3, decoder_layers=2,
-                  max_source_positions=512, max_target_positions=128, chunk_size=64),
+    "debug": dict(
+        d_model=64,
+        num_heads=4,
+        ffn_dim=128,
+        encoder_layers=3,
+        decoder_layers=2,
+        max_source_positions=512,
+        max_target_positions=128,
+        chunk_size=64,
+    ),
     # the paper's deep model
-    "base": dict(d_model=512, num_heads=8, ffn_dim=2048, encoder_layers=6, decoder_layers=6,
-                 max_source_positions=8192, max_target_positions=512, chunk_size=512),
-    "large": dict(d_model=1024, num_heads=16, ffn_dim=4096, encoder_layers=12, decoder_layers=12,
-                  max_source_positions=8192, max_target_positions=512, chunk_size=512),
+    "base": dict(
+        d_model=512,
+        num_heads=8,
+        ffn_dim=2048,
+        encoder_layers=6,
+        decoder_layers=6,
+        max_source_positions=8192,
+        max_target_positions=512,
+        chunk_size=512,
+    ),
+    "large": dict(
+        d_model=1024,
+        num_heads=16,
+        ffn_dim=4096,
+        encoder_layers=12,
+        decoder_layers=12,
+        max_source_positions=8192,
+        max_target_positions=512,
+        chunk_size=512,
+    ),
 }
 
 ScheduleSpec = Union[list[int], dict, str, None]
@@ -42,35 +67,45 @@ ScheduleSpec = Union[list[int], dict, str, None]
 
 @dataclass
 class ModelConfig:
-    preset: str = option("debug", "size preset filling the size fields not set explicitly",
-                         choices=tuple(MODEL_PRESETS))
-    variant: str = option("pyramidion", "encoder variant: vanilla (full attention, no pooling), blockwise "
-                          "(chunked attention, no pooling), transpooler (pool once after the last layer), "
-                          "pyramidion (pool between layers)", choices=VARIANTS)
+    preset: str = option(
+        "debug", "size preset filling the size fields not set explicitly", choices=tuple(MODEL_PRESETS)
+    )
+    variant: str = option(
+        "pyramidion",
+        "encoder variant: vanilla (full attention, no pooling), blockwise "
+        "(chunked attention, no pooling), transpooler (pool once after the last layer), "
+        "pyramidion (pool between layers)",
+        choices=VARIANTS,
+    )
     d_model: Optional[int] = option(None, "model width (embedding dimension)", min=1)
     num_heads: Optional[int] = option(None, "attention heads (encoder and decoder)", min=1)
     ffn_dim: Optional[int] = option(None, "feed-forward inner width", min=1)
     encoder_layers: Optional[int] = option(None, "encoder layers", min=1)
     decoder_layers: Optional[int] = option(None, "decoder layers", min=1)
     vocab_size: int = option(0, "vocabulary size; 0 = take it from the sentencepiece model of the data", min=0)
-    max_source_positions: Optional[int] = option(None, "longest source in tokens (the encoder's input width)",
-                                                 min=1)
+    max_source_positions: Optional[int] = option(None, "longest source in tokens (the encoder's input width)", min=1)
     max_target_positions: Optional[int] = option(None, "longest target in tokens", min=1)
-    chunk_size: Optional[int] = option(None, "blockwise attention chunk length (a layer of width n attends "
-                                       "inside chunks of min(n, chunk_size))", min=1)
+    chunk_size: Optional[int] = option(
+        None, "blockwise attention chunk length (a layer of width n attends inside chunks of min(n, chunk_size))", min=1
+    )
     pooling_schedule: ScheduleSpec = option(
-        None, "encoder output width per layer: a list [8192, 4096, ...], or the release form "
+        None,
+        "encoder output width per layer: a list [8192, 4096, ...], or the release form "
         "'{0: 2048, 1: 512}' (layer -> width; unnamed layers keep the previous width); "
-        "null = halve layer by layer (at most 5 halvings)")
-    topk_base: float = option(20.0, "base of the softmax(base**score) mixing inside each top-k pair",
-                              greater_than=1.0)
+        "null = halve layer by layer (at most 5 halvings)",
+    )
+    topk_base: float = option(20.0, "base of the softmax(base**score) mixing inside each top-k pair", greater_than=1.0)
     flip_right: bool = option(True, "pair the best-scored half with the worst (else rank i with rank i)")
     sort_back: bool = option(False, "after each top-k round put survivors back in document order")
     hard_topk: bool = option(False, "inference: exact top-k selection with no mixing")
-    scorer_input: str = option("hidden", "what each top-k scorer reads: hidden (the residual stream as it is) "
-                               "or layer_norm (its layer-normalised copy, no affine parameters: stops the "
-                               "scores saturating as the residual stream grows); no new parameters, so "
-                               "checkpoints load with either", choices=("hidden", "layer_norm"))
+    scorer_input: str = option(
+        "hidden",
+        "what each top-k scorer reads: hidden (the residual stream as it is) "
+        "or layer_norm (its layer-normalised copy, no affine parameters: stops the "
+        "scores saturating as the residual stream grows); no new parameters, so "
+        "checkpoints load with either",
+        choices=("hidden", "layer_norm"),
+    )
     positions: str = option("sinusoidal", "position embeddings", choices=("sinusoidal", "learned"))
     normalize_before: bool = option(True, "pre-norm layers (LayerNorm before attention/FFN)")
     dropout: float = option(0.1, "dropout on residual branches and embeddings", min=0.0, max=1.0)
@@ -89,8 +124,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.d_model % self.num_heads:
-            raise ConfigError(f"model.d_model: got {self.d_model}, expected a multiple of "
-                              f"model.num_heads ({self.num_heads})")
+            raise ConfigError(
+                f"model.d_model: got {self.d_model}, expected a multiple of model.num_heads ({self.num_heads})"
+            )
         if self.vocab_size and self.vocab_size <= max(self.pad_id, self.bos_id, self.eos_id, self.unk_id):
             raise ConfigError(f"model.vocab_size: got {self.vocab_size}, expected more than the special ids")
         self.encoder_widths()  # raises on a bad schedule
@@ -132,8 +168,9 @@ def default_schedule(num_layers: int, input_width: int) -> list[int]:
 _RELEASE_ITEM = re.compile(r"^\s*(-?[^:\s]+)\s*:\s*(-?[^:\s]+)\s*$")
 
 
-def parse_pooling_schedule(spec: ScheduleSpec, num_layers: int, input_width: int,
-                           key: str = "model.pooling_schedule") -> list[int]:
+def parse_pooling_schedule(
+    spec: ScheduleSpec, num_layers: int, input_width: int, key: str = "model.pooling_schedule"
+) -> list[int]:
     """Resolve a schedule to one output width per encoder layer; never ``eval``s the string form.
 
     Accepts ``None`` (default halving), a list of ``num_layers`` widths, a mapping ``{layer: width}``
@@ -149,8 +186,7 @@ def parse_pooling_schedule(spec: ScheduleSpec, num_layers: int, input_width: int
         for layer, width in spec.items():
             layer_i = _as_int(layer, f"{key} layer {layer!r}")
             if not 0 <= layer_i < num_layers:
-                raise ConfigError(f"{key}: layer {layer_i} does not exist (the encoder has layers "
-                                  f"0..{num_layers - 1})")
+                raise ConfigError(f"{key}: layer {layer_i} does not exist (the encoder has layers 0..{num_layers - 1})")
             mapping[layer_i] = _as_int(width, f"{key} width of layer {layer_i}")
         widths, current = [], input_width
         for layer in range(num_layers):
@@ -167,8 +203,10 @@ def parse_pooling_schedule(spec: ScheduleSpec, num_layers: int, input_width: int
         if width < 1:
             raise ConfigError(f"{key}: layer {layer} width {width} must be positive")
         if width > previous:
-            raise ConfigError(f"{key}: layer {layer} width {width} grows from {previous}; widths may only "
-                              f"shrink (input width {input_width})")
+            raise ConfigError(
+                f"{key}: layer {layer} width {width} grows from {previous}; widths may only "
+                f"shrink (input width {input_width})"
+            )
         previous = width
     return widths
 

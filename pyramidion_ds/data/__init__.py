@@ -6,21 +6,40 @@
 Names are imported lazily, so ``pyramidion-preprocess`` does not pay for torch, nor the trainer for
 ``datasets``.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "BOS_ID": "spm", "PAD_ID": "spm", "EOS_ID": "spm", "UNK_ID": "spm", "SPECIAL_IDS": "spm",
-    "load_spm": "spm", "spm_sha256": "spm", "vocab_size": "spm", "train_spm": "spm",
-    "spm_identity": "spm", "same_vocabulary": "spm",
-    "ShardReader": "indexed", "ShardWriter": "indexed",
-    "preprocess": "binarize", "read_meta": "binarize",
-    "SummarizationDataset": "dataset", "DenoisingDataset": "dataset", "GapSentencesDataset": "dataset",
-    "SpanCorruptionDataset": "dataset", "pretraining_dataset": "dataset", "collate": "dataset",
-    "make_batches": "batching", "ShardedBatchSampler": "batching",
-    "add_noise": "denoise", "text_infill": "denoise", "permute_sentences": "denoise",
-    "gap_sentences": "denoise", "span_corruption": "denoise",
+    "BOS_ID": "spm",
+    "PAD_ID": "spm",
+    "EOS_ID": "spm",
+    "UNK_ID": "spm",
+    "SPECIAL_IDS": "spm",
+    "load_spm": "spm",
+    "spm_sha256": "spm",
+    "vocab_size": "spm",
+    "train_spm": "spm",
+    "spm_identity": "spm",
+    "same_vocabulary": "spm",
+    "ShardReader": "indexed",
+    "ShardWriter": "indexed",
+    "preprocess": "binarize",
+    "read_meta": "binarize",
+    "SummarizationDataset": "dataset",
+    "DenoisingDataset": "dataset",
+    "GapSentencesDataset": "dataset",
+    "SpanCorruptionDataset": "dataset",
+    "pretraining_dataset": "dataset",
+    "collate": "dataset",
+    "make_batches": "batching",
+    "ShardedBatchSampler": "batching",
+    "add_noise": "denoise",
+    "text_infill": "denoise",
+    "permute_sentences": "denoise",
+    "gap_sentences": "denoise",
+    "span_corruption": "denoise",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,6 +14,7 @@ round-robin::
     rank 0            b0    b2    b4    b6          position = batches this rank has handed out
     rank 1               b1    b3    b5    b7
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterator, Optional, Sequence
@@ -37,9 +38,15 @@ def bucket_batch_size(size: int, multiple: int) -> int:
     return 1 << (size.bit_length() - 1)
 
 
-def make_batches(src_sizes: Sequence[int], max_tokens: Optional[int] = None, max_sentences: Optional[int] = None,
-                 pad_to_multiple: int = 0, seed: int = 0, epoch: int = 0,
-                 required_batch_size_multiple: int = 1) -> list[list[int]]:
+def make_batches(
+    src_sizes: Sequence[int],
+    max_tokens: Optional[int] = None,
+    max_sentences: Optional[int] = None,
+    pad_to_multiple: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    required_batch_size_multiple: int = 1,
+) -> list[list[int]]:
     """Batches of example indices bucketed by padded source length, in a shuffled order fixed by
     ``(seed, epoch)``.
 
@@ -56,8 +63,9 @@ def make_batches(src_sizes: Sequence[int], max_tokens: Optional[int] = None, max
     order = np.lexsort((rng.permutation(len(src)), padded_length(src, pad_to_multiple)))  # elementwise on arrays
 
     def over_budget(count: int, longest: int) -> bool:
-        return ((max_sentences is not None and count > max_sentences)
-                or (max_tokens is not None and count * padded_length(longest, pad_to_multiple) > max_tokens))
+        return (max_sentences is not None and count > max_sentences) or (
+            max_tokens is not None and count * padded_length(longest, pad_to_multiple) > max_tokens
+        )
 
     batches: list[list[int]] = []
     current: list[int] = []
@@ -65,9 +73,11 @@ def make_batches(src_sizes: Sequence[int], max_tokens: Optional[int] = None, max
     for index in order.tolist():
         size = int(src[index])
         if max_tokens is not None and padded_length(size, pad_to_multiple) > max_tokens:
-            raise DataError(f"example {index} has {size} source tokens (padded "
-                            f"{padded_length(size, pad_to_multiple)}), more than max_tokens={max_tokens}; "
-                            f"raise max_tokens or lower max_source_positions")
+            raise DataError(
+                f"example {index} has {size} source tokens (padded "
+                f"{padded_length(size, pad_to_multiple)}), more than max_tokens={max_tokens}; "
+                f"raise max_tokens or lower max_source_positions"
+            )
         while current and over_budget(len(current) + 1, max(longest, size)):
             keep = bucket_batch_size(len(current), required_batch_size_multiple)
             batches.append(current[:keep])
@@ -82,9 +92,15 @@ def make_batches(src_sizes: Sequence[int], max_tokens: Optional[int] = None, max
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def shape_bound(max_tokens: Optional[int], max_sentences: Optional[int], max_source_positions: int,
-                pad_to_multiple: int, required_batch_size_multiple: int, max_target_positions: int,
-                target_pad_to_multiple: int) -> int:
+def shape_bound(
+    max_tokens: Optional[int],
+    max_sentences: Optional[int],
+    max_source_positions: int,
+    pad_to_multiple: int,
+    required_batch_size_multiple: int,
+    max_target_positions: int,
+    target_pad_to_multiple: int,
+) -> int:
     """At most how many distinct (batch size, source width, target width) shapes bucketed batches take:
     for every padded source width, the allowed batch sizes that fit the budget, times the target widths.
     (Splitting batches to even out ranks, :func:`even_out`, adds up to world size - 1 more per epoch.)"""
@@ -108,6 +124,7 @@ def pad_target(batch: dict, multiple: int, pad_id: int) -> dict:
     extra = padded_length(width, multiple) - width if multiple > 1 else 0
     if extra:
         import torch.nn.functional as F
+
         for key in ("target", "prev_output_tokens"):
             batch[key] = F.pad(batch[key], (0, extra), value=pad_id)
     return batch
@@ -124,11 +141,10 @@ def even_out(batches: list[list[int]], world_size: int) -> tuple[list[list[int]]
         if len(batch) < 2:
             need = world_size - len(batches) % world_size
             repeated = need
-            batches.extend(batches[:need] if need <= len(batches) else
-                           [batches[i % len(batches)] for i in range(need)])
+            batches.extend(batches[:need] if need <= len(batches) else [batches[i % len(batches)] for i in range(need)])
             break
         half = len(batch) // 2
-        batches[largest:largest + 1] = [batch[:half], batch[half:]]
+        batches[largest : largest + 1] = [batch[:half], batch[half:]]
     return batches, repeated
 
 
@@ -142,8 +158,14 @@ class ShardedBatchSampler:
     ``state_dict(position=steps_taken_this_epoch)``.
     """
 
-    def __init__(self, batches_fn: Callable[[int], list[list[int]]], rank: int = 0, world_size: int = 1,
-                 seed: int = 0, epoch: int = 0):
+    def __init__(
+        self,
+        batches_fn: Callable[[int], list[list[int]]],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+    ):
         if not 0 <= rank < world_size:
             raise DataError(f"sampler: rank {rank} outside world size {world_size}")
         self.batches_fn, self.rank, self.world_size, self.seed = batches_fn, rank, world_size, seed
@@ -157,7 +179,7 @@ class ShardedBatchSampler:
             batches, self.repeated = even_out(self.batches_fn(epoch), self.world_size)
             order = np.random.default_rng((self.seed, epoch, 1)).permutation(len(batches))
             batches = [batches[i] for i in order]
-            self._cache = (epoch, batches[self.rank::self.world_size])
+            self._cache = (epoch, batches[self.rank :: self.world_size])
         return self._cache[1]
 
     def set_epoch(self, epoch: int) -> None:

@@ -11,13 +11,14 @@ at any point leaves the old data-bin as it was and no temporary directory behind
 
 At most ``4 × workers`` chunks are in flight, so memory stays bounded however large the corpus is.
 """
+
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import json
-import multiprocessing
 import logging
+import multiprocessing
 import os
 import re
 import secrets
@@ -31,8 +32,7 @@ import numpy as np
 from ..errors import DataError
 from .indexed import FORMAT, ShardWriter, dtype_for_vocab
 from .sources import SplitSource
-from .spm import EOS_ID, SPM_MODEL, SPM_VOCAB, SPECIAL_IDS, check_special_ids, load_spm, spm_sha256, \
-    train_spm
+from .spm import EOS_ID, SPECIAL_IDS, SPM_MODEL, SPM_VOCAB, check_special_ids, load_spm, spm_sha256, train_spm
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ META_FORMAT = "pyramidion-data-v1"
 #: a chunk sent to a worker closes at this many documents or characters, whichever comes first
 CHUNK_DOCS = 64
 CHUNK_CHARS = 1 << 18
-COUNT_KEYS = ("input", "examples", "empty_skipped", "truncated_source", "truncated_target",
-              "dropped_too_long")
+COUNT_KEYS = ("input", "examples", "empty_skipped", "truncated_source", "truncated_target", "dropped_too_long")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,20 +53,23 @@ COUNT_KEYS = ("input", "examples", "empty_skipped", "truncated_source", "truncat
 _WORKER: dict = {}
 
 
-def _init_worker(model_path: str, dtype: str, max_source: Optional[int], max_target: Optional[int],
-                 truncate_source: bool) -> None:
+def _init_worker(
+    model_path: str, dtype: str, max_source: Optional[int], max_target: Optional[int], truncate_source: bool
+) -> None:
     import sentencepiece as spm
+
     proc = spm.SentencePieceProcessor()
     proc.Load(model_path)
-    _WORKER.update(proc=proc, dtype=np.dtype(dtype), max_source=max_source, max_target=max_target,
-                   truncate_source=truncate_source)
+    _WORKER.update(
+        proc=proc, dtype=np.dtype(dtype), max_source=max_source, max_target=max_target, truncate_source=truncate_source
+    )
 
 
 def _with_eos(ids: list[int], limit: Optional[int], dtype) -> tuple[np.ndarray, bool]:
     """``ids + [</s>]``, cut to ``limit`` tokens (the last one stays ``</s>``); and whether it was cut."""
     cut = limit is not None and len(ids) + 1 > limit
     if cut:
-        ids = ids[:limit - 1]
+        ids = ids[: limit - 1]
     array = np.empty(len(ids) + 1, dtype=dtype)
     array[:-1] = ids
     array[-1] = EOS_ID
@@ -93,8 +95,7 @@ def _encode_chunk(chunk: list[tuple[str, str, Optional[str]]]) -> list[tuple]:
             out.append(("too_long", ex_id, None, None, False, False))
             continue
         source, source_cut = _with_eos(src_ids, w["max_source"], w["dtype"])
-        target, target_cut = (None, False) if tgt_ids is None else _with_eos(tgt_ids, w["max_target"],
-                                                                               w["dtype"])
+        target, target_cut = (None, False) if tgt_ids is None else _with_eos(tgt_ids, w["max_target"], w["dtype"])
         out.append(("ok", ex_id, source, target, source_cut, target_cut))
     return out
 
@@ -103,8 +104,10 @@ def _chunks(records: Iterable, max_docs: int = CHUNK_DOCS, max_chars: int = CHUN
     chunk, chars = [], 0
     for record in records:
         if not isinstance(record[1], str) or (record[2] is not None and not isinstance(record[2], str)):
-            raise DataError(f"example {record[0]!r}: document/summary is not text "
-                            f"({type(record[1]).__name__}/{type(record[2]).__name__})")
+            raise DataError(
+                f"example {record[0]!r}: document/summary is not text "
+                f"({type(record[1]).__name__}/{type(record[2]).__name__})"
+            )
         chunk.append(record)
         chars += len(record[1]) + len(record[2] or "")
         if len(chunk) == max_docs or chars >= max_chars:
@@ -130,8 +133,9 @@ class _Encoder:
             # unguarded __main__ script
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                               initializer=_init_worker, initargs=init_args)
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=init_args
+            )
         else:
             _init_worker(*init_args)
 
@@ -148,8 +152,10 @@ class _Encoder:
             while pending:
                 yield pending.popleft().result()
         except concurrent.futures.process.BrokenProcessPool:
-            raise DataError("a tokenizer worker process died (killed, or out of memory?); nothing was "
-                            "written; retry with fewer --workers") from None
+            raise DataError(
+                "a tokenizer worker process died (killed, or out of memory?); nothing was "
+                "written; retry with fewer --workers"
+            ) from None
 
     def close(self):
         if self.pool is not None:
@@ -159,6 +165,7 @@ class _Encoder:
 # --------------------------------------------------------------------------------------------------
 # main side
 # --------------------------------------------------------------------------------------------------
+
 
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -172,16 +179,27 @@ def has_byte_fallback(proc) -> bool:
     return piece != proc.unk_id() and bool(proc.IsByte(piece))
 
 
-def prepare_spm(destdir: Path, sources: dict[str, SplitSource], *, spm_model: str | None = None,
-                vocab_size: int = 32000, model_type: str = "unigram", character_coverage: float = 0.9995,
-                sample_size: int = 2_000_000, user_symbols: tuple[str, ...] = ("<mask>",),
-                byte_fallback: Optional[bool] = None, workers: int = 1, progress: bool = True) -> Path:
+def prepare_spm(
+    destdir: Path,
+    sources: dict[str, SplitSource],
+    *,
+    spm_model: str | None = None,
+    vocab_size: int = 32000,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    sample_size: int = 2_000_000,
+    user_symbols: tuple[str, ...] = ("<mask>",),
+    byte_fallback: Optional[bool] = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
     """Copy a given model into ``destdir`` (checking its special ids) or train one on the train split.
 
     ``byte_fallback``: None (the default) = on when the vocabulary has room for the 256 byte pieces,
     else off with a warning; True = on or a one-line error; False = off.
     """
     from tqdm import tqdm
+
     destdir.mkdir(parents=True, exist_ok=True)
     if spm_model:
         src = Path(spm_model)
@@ -189,8 +207,11 @@ def prepare_spm(destdir: Path, sources: dict[str, SplitSource], *, spm_model: st
         check_special_ids(proc, str(src), user_symbols)
         shutil.copyfile(src, destdir / SPM_MODEL)
         vocab = src.with_suffix(".vocab")
-        lines = (vocab.read_text(encoding="utf-8") if vocab.is_file() else
-                 "".join(f"{proc.IdToPiece(i)}\t{proc.GetScore(i)}\n" for i in range(proc.GetPieceSize())))
+        lines = (
+            vocab.read_text(encoding="utf-8")
+            if vocab.is_file()
+            else "".join(f"{proc.IdToPiece(i)}\t{proc.GetScore(i)}\n" for i in range(proc.GetPieceSize()))
+        )
         (destdir / SPM_VOCAB).write_text(lines, encoding="utf-8")
         return destdir / SPM_MODEL
     if "train" not in sources:
@@ -198,37 +219,66 @@ def prepare_spm(destdir: Path, sources: dict[str, SplitSource], *, spm_model: st
     train = sources["train"]
 
     def texts():
-        for _, document, summary in tqdm(train.records(), total=train.num_rows, desc="spm text",
-                                         unit="doc", disable=not progress):
+        for _, document, summary in tqdm(
+            train.records(), total=train.num_rows, desc="spm text", unit="doc", disable=not progress
+        ):
             yield document or ""
             if summary:
                 yield summary
 
     if progress:
         print(f"training sentencepiece ({model_type}, vocab {vocab_size}) on {train.description}", flush=True)
-    return train_spm(texts(), destdir, vocab_size=vocab_size, model_type=model_type,
-                     character_coverage=character_coverage, sample_size=sample_size,
-                     user_symbols=user_symbols, byte_fallback=byte_fallback, num_threads=workers)
+    return train_spm(
+        texts(),
+        destdir,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        sample_size=sample_size,
+        user_symbols=user_symbols,
+        byte_fallback=byte_fallback,
+        num_threads=workers,
+    )
 
 
-def binarize_split(source: SplitSource, destdir: Path, *, vocab: int, sha: str,
-                   max_source_positions: Optional[int] = None, max_target_positions: Optional[int] = None,
-                   truncate_source: bool = True, unlabeled: bool = False, workers: int = 1,
-                   progress: bool = True, require_examples: bool = False) -> dict:
+def binarize_split(
+    source: SplitSource,
+    destdir: Path,
+    *,
+    vocab: int,
+    sha: str,
+    max_source_positions: Optional[int] = None,
+    max_target_positions: Optional[int] = None,
+    truncate_source: bool = True,
+    unlabeled: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    require_examples: bool = False,
+) -> dict:
     """Write ``<split>.source``, ``<split>.target`` and ``<split>.summaries.jsonl`` (unless unlabeled) and
     ``<split>.ids.json``. The raw summaries are what generation scores against: the targets are cut to
     ``max_target_positions`` and pass through the vocabulary, the summaries are the input's text."""
     from tqdm import tqdm
+
     split = source.split
     sides = ("source",) if unlabeled else ("source", "target")
     writers = {side: ShardWriter(destdir / f"{split}.{side}", vocab, sha) for side in sides}
     summaries_path = destdir / SUMMARIES.format(split=split)
-    summaries = None if unlabeled else open(summaries_path.with_name(summaries_path.name + ".tmp"), "w",
-                                            encoding="utf-8")
+    summaries = (
+        None if unlabeled else open(summaries_path.with_name(summaries_path.name + ".tmp"), "w", encoding="utf-8")
+    )
     counts = dict.fromkeys(COUNT_KEYS, 0)
     ids: list[str] = []
-    encoder = _Encoder(workers, (str(destdir / SPM_MODEL), dtype_for_vocab(vocab).name, max_source_positions,
-                                 max_target_positions, truncate_source))
+    encoder = _Encoder(
+        workers,
+        (
+            str(destdir / SPM_MODEL),
+            dtype_for_vocab(vocab).name,
+            max_source_positions,
+            max_target_positions,
+            truncate_source,
+        ),
+    )
     in_flight = collections.deque()  # the chunks sent, in order: results come back in the same order
 
     def sent(chunks):
@@ -241,7 +291,7 @@ def binarize_split(source: SplitSource, destdir: Path, *, vocab: int, sha: str,
         bar = tqdm(total=source.num_rows, desc=f"binarize {split}", unit="doc", disable=not progress)
         for results in encoder.map(sent(_chunks(source.records()))):
             chunk = in_flight.popleft()
-            for (status, ex_id, src, tgt, src_cut, tgt_cut), record in zip(results, chunk):
+            for (status, ex_id, src, tgt, src_cut, tgt_cut), record in zip(results, chunk, strict=True):
                 counts["input"] += 1
                 if status == "bad_text":
                     raise DataError(f"{source.description}: example {ex_id!r}: text cannot be tokenized ({src})")
@@ -262,11 +312,17 @@ def binarize_split(source: SplitSource, destdir: Path, *, vocab: int, sha: str,
             bar.update(len(results))
         bar.close()
         if require_examples and counts["examples"] == 0:
-            raise DataError(f"{source.description}: no examples left ({counts['empty_skipped']} empty, "
-                            f"{counts['dropped_too_long']} too long)")
+            raise DataError(
+                f"{source.description}: no examples left ({counts['empty_skipped']} empty, "
+                f"{counts['dropped_too_long']} too long)"
+            )
         for writer in writers.values():
-            writer.finish({"split": split, "max_positions": max_source_positions if writer is writers["source"]
-                           else max_target_positions})
+            writer.finish(
+                {
+                    "split": split,
+                    "max_positions": max_source_positions if writer is writers["source"] else max_target_positions,
+                }
+            )
         if summaries is not None:
             summaries.close()
             os.replace(summaries.name, summaries_path)
@@ -294,8 +350,10 @@ def _first_file(path: Path) -> Optional[Path]:
 
 
 #: the names a data-bin's entries have (with the temporaries of an interrupted older version)
-_DATA_BIN_ENTRY = re.compile(r"(spm\.(model|vocab)|meta\.json|[^/]+\.(source|target)\.(bin|idx|json)|[^/]+\.ids\.json"
-                             r"|[^/]+\.summaries\.jsonl)(\.tmp)?|\.spm-.*")
+_DATA_BIN_ENTRY = re.compile(
+    r"(spm\.(model|vocab)|meta\.json|[^/]+\.(source|target)\.(bin|idx|json)|[^/]+\.ids\.json"
+    r"|[^/]+\.summaries\.jsonl)(\.tmp)?|\.spm-.*"
+)
 
 
 def check_destdir(destdir: str | os.PathLike, overwrite: bool) -> None:
@@ -311,13 +369,17 @@ def check_destdir(destdir: str | os.PathLike, overwrite: bool) -> None:
     if not destdir.is_dir() or not any(destdir.iterdir()):
         return
     if not overwrite:
-        raise DataError(f"--destdir {destdir}: already exists and is not empty; pass --overwrite to replace it "
-                        f"(the old one is kept until the new one is complete) or choose another directory")
+        raise DataError(
+            f"--destdir {destdir}: already exists and is not empty; pass --overwrite to replace it "
+            f"(the old one is kept until the new one is complete) or choose another directory"
+        )
     foreign = sorted(entry.name for entry in destdir.iterdir() if not _DATA_BIN_ENTRY.fullmatch(entry.name))
     if foreign:  # --overwrite replaces the whole directory: never one that holds anything else
-        raise DataError(f"--destdir {destdir}: holds {foreign[0]!r}"
-                        + (f" and {len(foreign) - 1} more entries" if len(foreign) > 1 else "")
-                        + " that pyramidion-preprocess did not write; refusing to replace it even with --overwrite")
+        raise DataError(
+            f"--destdir {destdir}: holds {foreign[0]!r}"
+            + (f" and {len(foreign) - 1} more entries" if len(foreign) > 1 else "")
+            + " that pyramidion-preprocess did not write; refusing to replace it even with --overwrite"
+        )
 
 
 def _temporary_destdir(destdir: Path, overwrite: bool) -> Path:
@@ -335,8 +397,9 @@ def _temporary_destdir(destdir: Path, overwrite: bool) -> Path:
             except FileExistsError:
                 continue
     except OSError as err:
-        raise DataError(f"--destdir {destdir}: cannot write in {parent} ({err.strerror or type(err).__name__})"
-                        ) from None
+        raise DataError(
+            f"--destdir {destdir}: cannot write in {parent} ({err.strerror or type(err).__name__})"
+        ) from None
 
 
 def _move_into_place(tmp: Path, destdir: Path, overwrite: bool) -> None:
@@ -361,11 +424,21 @@ def _move_into_place(tmp: Path, destdir: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def preprocess(sources: dict[str, SplitSource], destdir: str | os.PathLike, *, spm_model: str | None = None,
-               spm_options: dict | None = None, max_source_positions: Optional[int] = None,
-               max_target_positions: Optional[int] = None, truncate_source: bool = True,
-               unlabeled: bool = False, workers: int = 1, progress: bool = True,
-               describe: str = "", overwrite: bool = False) -> dict:
+def preprocess(
+    sources: dict[str, SplitSource],
+    destdir: str | os.PathLike,
+    *,
+    spm_model: str | None = None,
+    spm_options: dict | None = None,
+    max_source_positions: Optional[int] = None,
+    max_target_positions: Optional[int] = None,
+    truncate_source: bool = True,
+    unlabeled: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    describe: str = "",
+    overwrite: bool = False,
+) -> dict:
     """The whole of ``pyramidion-preprocess``: spm model, every split, then ``meta.json``, all written into
     a temporary directory that replaces ``destdir`` at the end. Returns meta.
 
@@ -375,10 +448,19 @@ def preprocess(sources: dict[str, SplitSource], destdir: str | os.PathLike, *, s
     destdir = Path(os.path.realpath(destdir) if Path(destdir).is_symlink() else os.path.abspath(destdir))
     tmp = _temporary_destdir(destdir, overwrite)
     try:
-        meta = _preprocess_into(tmp, sources, spm_model=spm_model, spm_options=spm_options,
-                                max_source_positions=max_source_positions, max_target_positions=max_target_positions,
-                                truncate_source=truncate_source, unlabeled=unlabeled, workers=workers,
-                                progress=progress, describe=describe)
+        meta = _preprocess_into(
+            tmp,
+            sources,
+            spm_model=spm_model,
+            spm_options=spm_options,
+            max_source_positions=max_source_positions,
+            max_target_positions=max_target_positions,
+            truncate_source=truncate_source,
+            unlabeled=unlabeled,
+            workers=workers,
+            progress=progress,
+            describe=describe,
+        )
         _move_into_place(tmp, destdir, overwrite)
     finally:  # also on KeyboardInterrupt: no temporary directory is left behind
         if tmp.exists():
@@ -386,9 +468,20 @@ def preprocess(sources: dict[str, SplitSource], destdir: str | os.PathLike, *, s
     return meta
 
 
-def _preprocess_into(destdir: Path, sources: dict[str, SplitSource], *, spm_model, spm_options,
-                     max_source_positions, max_target_positions, truncate_source, unlabeled, workers, progress,
-                     describe) -> dict:
+def _preprocess_into(
+    destdir: Path,
+    sources: dict[str, SplitSource],
+    *,
+    spm_model,
+    spm_options,
+    max_source_positions,
+    max_target_positions,
+    truncate_source,
+    unlabeled,
+    workers,
+    progress,
+    describe,
+) -> dict:
     spm_options = dict(spm_options or {})
     user_symbols = tuple(spm_options.get("user_symbols", ("<mask>",)))
     prepare_spm(destdir, sources, spm_model=spm_model, workers=workers, progress=progress, **spm_options)
@@ -396,21 +489,42 @@ def _preprocess_into(destdir: Path, sources: dict[str, SplitSource], *, spm_mode
     vocab, sha = int(proc.GetPieceSize()), spm_sha256(destdir)
     splits = {}
     for split, source in sources.items():
-        counts = binarize_split(source, destdir, vocab=vocab, sha=sha, max_source_positions=max_source_positions,
-                                max_target_positions=max_target_positions, truncate_source=truncate_source,
-                                unlabeled=unlabeled, workers=workers, progress=progress,
-                                require_examples=split == "train")
-        splits[split] = {"sides": ["source"] if unlabeled else ["source", "target"], "source": source.description,
-                         "counts": counts}
+        counts = binarize_split(
+            source,
+            destdir,
+            vocab=vocab,
+            sha=sha,
+            max_source_positions=max_source_positions,
+            max_target_positions=max_target_positions,
+            truncate_source=truncate_source,
+            unlabeled=unlabeled,
+            workers=workers,
+            progress=progress,
+            require_examples=split == "train",
+        )
+        splits[split] = {
+            "sides": ["source"] if unlabeled else ["source", "target"],
+            "source": source.description,
+            "counts": counts,
+        }
         if not unlabeled:
             splits[split]["summaries"] = SUMMARIES.format(split=split)
-    meta = {"format": META_FORMAT, "shard_format": FORMAT, "vocab_size": vocab, "spm_sha256": sha,
-            "dtype": dtype_for_vocab(vocab).name, "special_ids": SPECIAL_IDS,
-            "user_symbols": [s for s in user_symbols if proc.PieceToId(s) != proc.unk_id()],
-            "byte_fallback": has_byte_fallback(proc),
-            "unlabeled": unlabeled, "max_source_positions": max_source_positions,
-            "max_target_positions": max_target_positions, "truncate_source": truncate_source,
-            "input": describe, "splits": splits}
+    meta = {
+        "format": META_FORMAT,
+        "shard_format": FORMAT,
+        "vocab_size": vocab,
+        "spm_sha256": sha,
+        "dtype": dtype_for_vocab(vocab).name,
+        "special_ids": SPECIAL_IDS,
+        "user_symbols": [s for s in user_symbols if proc.PieceToId(s) != proc.unk_id()],
+        "byte_fallback": has_byte_fallback(proc),
+        "unlabeled": unlabeled,
+        "max_source_positions": max_source_positions,
+        "max_target_positions": max_target_positions,
+        "truncate_source": truncate_source,
+        "input": describe,
+        "splits": splits,
+    }
     _write_json(destdir / META, meta)
     return meta
 
@@ -428,9 +542,10 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
 def summary_table(meta: dict) -> str:
     """The end-of-run report: one row of counts per split."""
     head = ("split", *COUNT_KEYS)
-    rows = [head] + [(split, *(str(info["counts"][k]) for k in COUNT_KEYS))
-                     for split, info in meta["splits"].items()]
+    rows = [head] + [(split, *(str(info["counts"][k]) for k in COUNT_KEYS)) for split, info in meta["splits"].items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    ]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ Both truncate on read to the positions the model has (keeping the final ``</s>``
 ``src_sizes`` (for :func:`make_batches`) and ``tgt_sizes``. The shard readers are lazy memmaps, so a dataset
 is cheap to pickle into ``DataLoader`` workers.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 
 from ..config.data import DenoisingConfig, GapSentencesConfig, SpanCorruptionConfig
+from ..errors import DataError
 from .binarize import read_meta
 from .denoise import SENTINEL_FORMAT, add_noise, gap_sentences, sentence_end_table, span_corruption
-from ..errors import DataError
 from .indexed import ShardReader
 from .spm import BOS_ID, EOS_ID, PAD_ID, load_spm, spm_sha256
 
@@ -44,22 +45,24 @@ def open_shard(data_dir: str | os.PathLike, split: str, side: str) -> ShardReade
     if split not in meta["splits"]:
         raise DataError(f"{data_dir}: no split {split!r} (splits: {', '.join(meta['splits'])})")
     if side not in meta["splits"][split]["sides"]:
-        raise DataError(f"{data_dir}: split {split!r} has no {side} side (unlabeled data? use the "
-                        f"denoising task)")
+        raise DataError(f"{data_dir}: split {split!r} has no {side} side (unlabeled data? use the denoising task)")
     sha = spm_sha256(data_dir)
     if meta["spm_sha256"] != sha:
-        raise DataError(f"{Path(data_dir) / 'meta.json'}: built with spm model {meta['spm_sha256'][:12]}, but "
-                        f"spm.model is {sha[:12]}; re-run pyramidion-preprocess")
+        raise DataError(
+            f"{Path(data_dir) / 'meta.json'}: built with spm model {meta['spm_sha256'][:12]}, but "
+            f"spm.model is {sha[:12]}; re-run pyramidion-preprocess"
+        )
     reader = ShardReader(Path(data_dir) / f"{split}.{side}", expected_sha256=sha)
-    reader.header  # validate now: a mismatch should fail at startup, not in a worker
+    reader.header  # noqa: B018 (a property that validates): a mismatch should fail at startup, not in a worker
     return reader
 
 
 class _ShardDataset(torch.utils.data.Dataset):
     def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int):
         if max_source_positions < 2 or max_target_positions < 2:
-            raise DataError(f"max positions must be >= 2 (one token and </s>), got "
-                            f"{max_source_positions}/{max_target_positions}")
+            raise DataError(
+                f"max positions must be >= 2 (one token and </s>), got {max_source_positions}/{max_target_positions}"
+            )
         self.data_dir, self.split = str(data_dir), split
         self.max_source_positions, self.max_target_positions = max_source_positions, max_target_positions
         self.source = open_shard(data_dir, split, "source")
@@ -80,8 +83,9 @@ class SummarizationDataset(_ShardDataset):
     """Document -> summary pairs. ``truncate=False`` leaves out (and counts in ``num_dropped``) sources
     longer than ``max_source_positions`` instead of cutting them; targets are always cut."""
 
-    def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int,
-                 truncate: bool = True):
+    def __init__(
+        self, data_dir, split: str, max_source_positions: int, max_target_positions: int, truncate: bool = True
+    ):
         super().__init__(data_dir, split, max_source_positions, max_target_positions)
         self.target = open_shard(data_dir, split, "target")
         src, tgt = self.source.sizes, self.target.sizes
@@ -96,9 +100,11 @@ class SummarizationDataset(_ShardDataset):
 
     def __getitem__(self, i: int) -> dict:
         j = int(self.indices[i])
-        return {"id": i,
-                "source": torch.from_numpy(truncate(self.source[j], self.max_source_positions)),
-                "target": torch.from_numpy(truncate(self.target[j], self.max_target_positions))}
+        return {
+            "id": i,
+            "source": torch.from_numpy(truncate(self.source[j], self.max_source_positions)),
+            "target": torch.from_numpy(truncate(self.target[j], self.max_target_positions)),
+        }
 
 
 class _PretrainingDataset(_ShardDataset):
@@ -109,8 +115,7 @@ class _PretrainingDataset(_ShardDataset):
     cut to the encoder's positions; ``src_sizes`` are upper bounds (no objective lengthens a source).
     """
 
-    def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int,
-                 seed: int = 0):
+    def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int, seed: int = 0):
         super().__init__(data_dir, split, max_source_positions, max_target_positions)
         self.seed, self.epoch = seed, 0
         # the vocabulary is read here only (not kept: the dataset is pickled into DataLoader workers)
@@ -126,15 +131,18 @@ class _PretrainingDataset(_ShardDataset):
         """The id of a user-defined piece the objective needs; one line naming ``key`` when missing."""
         piece_id = int(proc.PieceToId(piece))
         if piece_id == proc.unk_id():
-            raise DataError(f"{self.data_dir}/spm.model: no piece for {key} {piece!r} (re-run "
-                            f"pyramidion-preprocess with --spm-user-symbols including it)")
+            raise DataError(
+                f"{self.data_dir}/spm.model: no piece for {key} {piece!r} (re-run "
+                f"pyramidion-preprocess with --spm-user-symbols including it)"
+            )
         return piece_id
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def make_pair(self, body: np.ndarray, document: np.ndarray, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def make_pair(
+        self, body: np.ndarray, document: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(source, target) without their ``</s>``; ``body`` is the truncated document without ``</s>``."""
         raise NotImplementedError
 
@@ -143,8 +151,8 @@ class _PretrainingDataset(_ShardDataset):
         body = truncate(document, self.max_source_positions)[:-1]
         rng = np.random.default_rng((self.seed, self.epoch, int(i)))
         source, target = self.make_pair(body, document, rng)
-        source = np.append(source[:len(body)], EOS_ID).astype(np.int64)  # BART's infilling may insert
-        target = np.append(target[:self.max_target_positions - 1], EOS_ID).astype(np.int64)
+        source = np.append(source[: len(body)], EOS_ID).astype(np.int64)  # BART's infilling may insert
+        target = np.append(target[: self.max_target_positions - 1], EOS_ID).astype(np.int64)
         return source, target
 
     def __getitem__(self, i: int) -> dict:
@@ -156,16 +164,29 @@ class DenoisingDataset(_PretrainingDataset):
     """BART: source = the document with sentences permuted and spans infilled, target = the document
     (its first ``max_target_positions`` tokens: on long documents most of the text is never a target)."""
 
-    def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int,
-                 cfg: DenoisingConfig | None = None, seed: int = 0):
+    def __init__(
+        self,
+        data_dir,
+        split: str,
+        max_source_positions: int,
+        max_target_positions: int,
+        cfg: DenoisingConfig | None = None,
+        seed: int = 0,
+    ):
         self.cfg = cfg or DenoisingConfig()
         super().__init__(data_dir, split, max_source_positions, max_target_positions, seed)
         self.tgt_sizes = np.minimum(self.source.sizes, max_target_positions)
 
     def make_pair(self, body, document, rng):
-        noised = add_noise(body, mask_id=self.mask_id, sentence_end=self.sentence_end,
-                           mask_ratio=self.cfg.mask_ratio, poisson_lambda=self.cfg.poisson_lambda,
-                           permute_ratio=self.cfg.permute_sentences, rng=rng)
+        noised = add_noise(
+            body,
+            mask_id=self.mask_id,
+            sentence_end=self.sentence_end,
+            mask_ratio=self.cfg.mask_ratio,
+            poisson_lambda=self.cfg.poisson_lambda,
+            permute_ratio=self.cfg.permute_sentences,
+            rng=rng,
+        )
         return noised, document[:-1]
 
     def read_vocabulary(self, proc) -> None:
@@ -176,16 +197,29 @@ class GapSentencesDataset(_PretrainingDataset):
     """PEGASUS: the most representative sentences of the (encoder-length) document, each masked by one
     token in the source, are the target, in document order (:func:`~.denoise.gap_sentences`)."""
 
-    def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int,
-                 cfg: GapSentencesConfig | None = None, seed: int = 0):
+    def __init__(
+        self,
+        data_dir,
+        split: str,
+        max_source_positions: int,
+        max_target_positions: int,
+        cfg: GapSentencesConfig | None = None,
+        seed: int = 0,
+    ):
         self.cfg = cfg or GapSentencesConfig()
         super().__init__(data_dir, split, max_source_positions, max_target_positions, seed)
         self.tgt_sizes = np.minimum(self.src_sizes, max_target_positions)
 
     def make_pair(self, body, document, rng):
-        source, target, _ = gap_sentences(body, sentence_end=self.sentence_end, mask_id=self.mask_id,
-                                          ratio=self.cfg.ratio, score_noise=self.cfg.score_noise,
-                                          max_target_tokens=self.max_target_positions - 1, rng=rng)
+        source, target, _ = gap_sentences(
+            body,
+            sentence_end=self.sentence_end,
+            mask_id=self.mask_id,
+            ratio=self.cfg.ratio,
+            score_noise=self.cfg.score_noise,
+            max_target_tokens=self.max_target_positions - 1,
+            rng=rng,
+        )
         return source, target
 
     def read_vocabulary(self, proc) -> None:
@@ -207,8 +241,15 @@ class SpanCorruptionDataset(_PretrainingDataset):
     """T5: random spans of the (encoder-length) document become sentinels in the source; the target
     lists each sentinel and its span (:func:`~.denoise.span_corruption`)."""
 
-    def __init__(self, data_dir, split: str, max_source_positions: int, max_target_positions: int,
-                 cfg: SpanCorruptionConfig | None = None, seed: int = 0):
+    def __init__(
+        self,
+        data_dir,
+        split: str,
+        max_source_positions: int,
+        max_target_positions: int,
+        cfg: SpanCorruptionConfig | None = None,
+        seed: int = 0,
+    ):
         self.cfg = cfg or SpanCorruptionConfig()
         super().__init__(data_dir, split, max_source_positions, max_target_positions, seed)
         self.tgt_sizes = np.minimum(self.src_sizes, max_target_positions)
@@ -216,47 +257,60 @@ class SpanCorruptionDataset(_PretrainingDataset):
     def read_vocabulary(self, proc) -> None:
         self.sentinel_ids = sentinel_ids(proc, self.cfg.max_sentinels)
         if len(self.sentinel_ids) == 0:
-            raise DataError(f"{self.data_dir}/spm.model: no sentinel pieces ({SENTINEL_FORMAT.format(0)}, ...) "
-                            f"for data.task span_corruption; re-run pyramidion-preprocess with --spm-sentinels "
-                            f"{self.cfg.max_sentinels}")
+            raise DataError(
+                f"{self.data_dir}/spm.model: no sentinel pieces ({SENTINEL_FORMAT.format(0)}, ...) "
+                f"for data.task span_corruption; re-run pyramidion-preprocess with --spm-sentinels "
+                f"{self.cfg.max_sentinels}"
+            )
 
     def make_pair(self, body, document, rng):
-        return span_corruption(body, sentinel_ids=self.sentinel_ids, noise_density=self.cfg.noise_density,
-                               mean_span=self.cfg.mean_noise_span_length,
-                               max_target_tokens=self.max_target_positions - 1, rng=rng)
+        return span_corruption(
+            body,
+            sentinel_ids=self.sentinel_ids,
+            noise_density=self.cfg.noise_density,
+            mean_span=self.cfg.mean_noise_span_length,
+            max_target_tokens=self.max_target_positions - 1,
+            rng=rng,
+        )
 
 
-def pretraining_dataset(task: str, data_dir, split: str, max_source_positions: int, max_target_positions: int,
-                        data_cfg, seed: int = 0) -> _PretrainingDataset:
+def pretraining_dataset(
+    task: str, data_dir, split: str, max_source_positions: int, max_target_positions: int, data_cfg, seed: int = 0
+) -> _PretrainingDataset:
     """The dataset of pretraining objective ``task`` (``data.task``), with its config section."""
     if task == "denoising":
-        return DenoisingDataset(data_dir, split, max_source_positions, max_target_positions,
-                                data_cfg.denoising, seed)
+        return DenoisingDataset(data_dir, split, max_source_positions, max_target_positions, data_cfg.denoising, seed)
     if task == "gap_sentences":
-        return GapSentencesDataset(data_dir, split, max_source_positions, max_target_positions,
-                                   data_cfg.gap_sentences, seed)
+        return GapSentencesDataset(
+            data_dir, split, max_source_positions, max_target_positions, data_cfg.gap_sentences, seed
+        )
     if task == "span_corruption":
-        return SpanCorruptionDataset(data_dir, split, max_source_positions, max_target_positions,
-                                     data_cfg.span_corruption, seed)
-    raise DataError(f"data.task: {task!r} is not a pretraining objective (denoising, gap_sentences, "
-                    f"span_corruption)")
+        return SpanCorruptionDataset(
+            data_dir, split, max_source_positions, max_target_positions, data_cfg.span_corruption, seed
+        )
+    raise DataError(f"data.task: {task!r} is not a pretraining objective (denoising, gap_sentences, span_corruption)")
 
 
-def collate(samples: list[dict], pad_id: int = PAD_ID, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
-            pad_to_multiple: int = 0) -> dict:
+def collate(
+    samples: list[dict], pad_id: int = PAD_ID, bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_to_multiple: int = 0
+) -> dict:
     """Right-padded batch tensors (fairseq layout)::
 
-        src_tokens          B×S  documents, S = longest (rounded up to pad_to_multiple when > 0)
-        src_lengths         B
-        prev_output_tokens  B×T  <s> + target[:-1]   (teacher forcing, shifted right)
-        target              B×T  target, padded
-        ids                 B    dataset indices;  ntokens: non-pad target tokens
+    src_tokens          B×S  documents, S = longest (rounded up to pad_to_multiple when > 0)
+    src_lengths         B
+    prev_output_tokens  B×T  <s> + target[:-1]   (teacher forcing, shifted right)
+    target              B×T  target, padded
+    ids                 B    dataset indices;  ntokens: non-pad target tokens
     """
     if not samples:
-        return {"ids": torch.zeros(0, dtype=torch.long), "src_tokens": torch.zeros(0, 0, dtype=torch.long),
-                "src_lengths": torch.zeros(0, dtype=torch.long),
-                "prev_output_tokens": torch.zeros(0, 0, dtype=torch.long),
-                "target": torch.zeros(0, 0, dtype=torch.long), "ntokens": 0}
+        return {
+            "ids": torch.zeros(0, dtype=torch.long),
+            "src_tokens": torch.zeros(0, 0, dtype=torch.long),
+            "src_lengths": torch.zeros(0, dtype=torch.long),
+            "prev_output_tokens": torch.zeros(0, 0, dtype=torch.long),
+            "target": torch.zeros(0, 0, dtype=torch.long),
+            "ntokens": 0,
+        }
     batch = len(samples)
     src_lengths = torch.tensor([len(s["source"]) for s in samples], dtype=torch.long)
     tgt_lengths = [len(s["target"]) for s in samples]
@@ -269,10 +323,15 @@ def collate(samples: list[dict], pad_id: int = PAD_ID, bos_id: int = BOS_ID, eos
     prev_output_tokens = torch.full((batch, tgt_width), pad_id, dtype=torch.long)
     for row, sample in enumerate(samples):
         source, tgt = sample["source"], sample["target"]
-        src_tokens[row, :len(source)] = source
-        target[row, :len(tgt)] = tgt
+        src_tokens[row, : len(source)] = source
+        target[row, : len(tgt)] = tgt
         prev_output_tokens[row, 0] = bos_id
-        prev_output_tokens[row, 1:len(tgt)] = tgt[:-1]
-    return {"ids": torch.tensor([s["id"] for s in samples], dtype=torch.long), "src_tokens": src_tokens,
-            "src_lengths": src_lengths, "prev_output_tokens": prev_output_tokens, "target": target,
-            "ntokens": int(sum(tgt_lengths))}
+        prev_output_tokens[row, 1 : len(tgt)] = tgt[:-1]
+    return {
+        "ids": torch.tensor([s["id"] for s in samples], dtype=torch.long),
+        "src_tokens": src_tokens,
+        "src_lengths": src_lengths,
+        "prev_output_tokens": prev_output_tokens,
+        "target": target,
+        "ntokens": int(sum(tgt_lengths)),
+    }

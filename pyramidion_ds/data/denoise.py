@@ -21,6 +21,7 @@ Spans are laid out without overlap, so exactly ``round(mask_ratio × n)`` origin
 
 Everything is numpy and takes an explicit ``Generator``, so a caller seeds it per (seed, epoch, index).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def sentence_bounds(tokens: np.ndarray, sentence_end: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], ends[ends < len(tokens)], [len(tokens)]))
 
 
-def permute_sentences(tokens: np.ndarray, sentence_end: np.ndarray, ratio: float,
-                      rng: np.random.Generator) -> np.ndarray:
+def permute_sentences(
+    tokens: np.ndarray, sentence_end: np.ndarray, ratio: float, rng: np.random.Generator
+) -> np.ndarray:
     """Shuffle ``ceil(ratio × sentences)`` of the sentences among their own places (BART's scheme)."""
     if ratio <= 0 or len(tokens) == 0:
         return tokens
@@ -60,7 +62,7 @@ def permute_sentences(tokens: np.ndarray, sentence_end: np.ndarray, ratio: float
     order = np.arange(num_sentences)
     chosen = rng.permutation(num_sentences)[:num_to_permute]
     order[chosen] = chosen[rng.permutation(num_to_permute)]
-    return np.concatenate([tokens[bounds[s]:bounds[s + 1]] for s in order])
+    return np.concatenate([tokens[bounds[s] : bounds[s + 1]] for s in order])
 
 
 def span_lengths(num_to_mask: int, poisson_lambda: float, rng: np.random.Generator) -> np.ndarray:
@@ -70,14 +72,15 @@ def span_lengths(num_to_mask: int, poisson_lambda: float, rng: np.random.Generat
         draw = rng.poisson(poisson_lambda, size=max(8, int(num_to_mask / poisson_lambda * 1.2) + 8))
         lengths = np.concatenate((lengths, draw))
     total = np.cumsum(lengths)
-    last = int(np.searchsorted(total, num_to_mask))           # first index where the sum reaches it
-    lengths = lengths[:last + 1].copy()
+    last = int(np.searchsorted(total, num_to_mask))  # first index where the sum reaches it
+    lengths = lengths[: last + 1].copy()
     lengths[-1] -= int(total[last]) - num_to_mask
     return lengths
 
 
-def text_infill(tokens: np.ndarray, mask_id: int, mask_ratio: float, poisson_lambda: float,
-                rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def text_infill(
+    tokens: np.ndarray, mask_id: int, mask_ratio: float, poisson_lambda: float, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
     """-> (noised tokens, number of original tokens hidden under mask tokens)."""
     n = len(tokens)
     num_to_mask = int(round(n * mask_ratio))
@@ -88,7 +91,7 @@ def text_infill(tokens: np.ndarray, mask_id: int, mask_ratio: float, poisson_lam
     num_spans = len(lengths)
     # each span goes before a distinct kept token (or at the end); slots shared only if there are too few
     gaps = np.sort(rng.choice(kept_count + 1, size=num_spans, replace=num_spans > kept_count + 1))
-    starts = gaps + np.concatenate(([0], np.cumsum(lengths)[:-1]))   # in original positions
+    starts = gaps + np.concatenate(([0], np.cumsum(lengths)[:-1]))  # in original positions
     hidden = np.zeros(n, dtype=bool)
     span_index = np.repeat(np.arange(num_spans), lengths)
     hidden[starts[span_index] + (np.arange(num_to_mask) - np.repeat(np.cumsum(lengths) - lengths, lengths))] = True
@@ -96,8 +99,16 @@ def text_infill(tokens: np.ndarray, mask_id: int, mask_ratio: float, poisson_lam
     return np.insert(kept, gaps, mask_id), num_to_mask
 
 
-def add_noise(tokens: np.ndarray, *, mask_id: int, sentence_end: np.ndarray, mask_ratio: float,
-              poisson_lambda: float, permute_ratio: float, rng: np.random.Generator) -> np.ndarray:
+def add_noise(
+    tokens: np.ndarray,
+    *,
+    mask_id: int,
+    sentence_end: np.ndarray,
+    mask_ratio: float,
+    poisson_lambda: float,
+    permute_ratio: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Sentence permutation, then text infilling, on a document without its trailing ``</s>``."""
     tokens = permute_sentences(tokens, sentence_end, permute_ratio, rng)
     noised, _ = text_infill(tokens, mask_id, mask_ratio, poisson_lambda, rng)
@@ -107,6 +118,7 @@ def add_noise(tokens: np.ndarray, *, mask_id: int, sentence_end: np.ndarray, mas
 # --------------------------------------------------------------------------------------------------
 # PEGASUS gap sentences
 # --------------------------------------------------------------------------------------------------
+
 
 def sentence_importance(tokens: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """ROUGE-1 F1 of each sentence against the rest of the document, on piece ids (PEGASUS "Ind").
@@ -118,7 +130,7 @@ def sentence_importance(tokens: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     total = np.bincount(tokens)
     scores = np.zeros(num_sentences)
     for s in range(num_sentences):
-        ids, counts = np.unique(tokens[bounds[s]:bounds[s + 1]], return_counts=True)
+        ids, counts = np.unique(tokens[bounds[s] : bounds[s + 1]], return_counts=True)
         length, rest_length = int(counts.sum()), n - int(counts.sum())
         overlap = np.minimum(counts, total[ids] - counts).sum()
         if overlap == 0 or rest_length == 0:
@@ -128,9 +140,16 @@ def sentence_importance(tokens: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return scores
 
 
-def gap_sentences(tokens: np.ndarray, *, sentence_end: np.ndarray, mask_id: int, ratio: float,
-                  score_noise: float, max_target_tokens: int, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gap_sentences(
+    tokens: np.ndarray,
+    *,
+    sentence_end: np.ndarray,
+    mask_id: int,
+    ratio: float,
+    score_noise: float,
+    max_target_tokens: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (source, target, indices of the gap sentences) for a document without its ``</s>``.
 
     The ``ceil(ratio × sentences)`` most important sentences (importance × (1 + U(-noise, noise))) are
@@ -160,9 +179,11 @@ def gap_sentences(tokens: np.ndarray, *, sentence_end: np.ndarray, mask_id: int,
     chosen = np.sort(np.array(chosen, dtype=np.int64))
     is_gap = np.zeros(num_sentences, dtype=bool)
     is_gap[chosen] = True
-    pieces = [np.array([mask_id], dtype=tokens.dtype) if is_gap[s] else tokens[bounds[s]:bounds[s + 1]]
-              for s in range(num_sentences)]
-    target = [tokens[bounds[s]:bounds[s + 1]] for s in chosen]
+    pieces = [
+        np.array([mask_id], dtype=tokens.dtype) if is_gap[s] else tokens[bounds[s] : bounds[s + 1]]
+        for s in range(num_sentences)
+    ]
+    target = [tokens[bounds[s] : bounds[s + 1]] for s in chosen]
     return (np.concatenate(pieces), np.concatenate(target) if target else tokens[:0], chosen)
 
 
@@ -180,27 +201,34 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
     return np.diff(np.concatenate(([0], cuts, [num_items])))
 
 
-def span_counts(length: int, noise_density: float, mean_span: float, max_spans: int,
-                max_target_tokens: int) -> tuple[int, int]:
+def span_counts(
+    length: int, noise_density: float, mean_span: float, max_spans: int, max_target_tokens: int
+) -> tuple[int, int]:
     """(hidden tokens, spans) for a document of ``length``: T5's ``round(density × length)`` hidden in
     ``round(hidden / mean_span)`` spans, as far as sentinels and the target (each span's sentinel + its
     tokens) allow; every span and every gap between spans keeps at least one token."""
     if length < 2:
         return 0, 0
-    hidden = min(max(int(round(length * noise_density)), 1), length - 1)      # as T5: 1 <= hidden < length
+    hidden = min(max(int(round(length * noise_density)), 1), length - 1)  # as T5: 1 <= hidden < length
     spans = min(max(1, int(round(hidden / mean_span))), max_spans)
-    hidden = min(hidden, int(round(spans * mean_span)))            # fewer spans -> fewer hidden tokens
-    if hidden + spans > max_target_tokens:                          # sentinel + span per span must fit
+    hidden = min(hidden, int(round(spans * mean_span)))  # fewer spans -> fewer hidden tokens
+    if hidden + spans > max_target_tokens:  # sentinel + span per span must fit
         hidden = int(max_target_tokens * mean_span / (mean_span + 1))
         spans = max(1, min(spans, int(round(hidden / mean_span))))
         hidden = min(hidden, max_target_tokens - spans)
-    spans = min(spans, hidden, length - hidden)                     # non-empty spans and gaps
+    spans = min(spans, hidden, length - hidden)  # non-empty spans and gaps
     return (hidden, spans) if spans > 0 else (0, 0)
 
 
-def span_corruption(tokens: np.ndarray, *, sentinel_ids: np.ndarray, noise_density: float,
-                    mean_span: float, max_target_tokens: int, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def span_corruption(
+    tokens: np.ndarray,
+    *,
+    sentinel_ids: np.ndarray,
+    noise_density: float,
+    mean_span: float,
+    max_target_tokens: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """-> (source, target) for a document without its ``</s>`` (T5, Raffel et al. 2020, §3.1.4).
 
     Hidden spans and the kept gaps between them are random segmentations (T5's
@@ -218,10 +246,10 @@ def span_corruption(tokens: np.ndarray, *, sentinel_ids: np.ndarray, noise_densi
     gap_lengths = _random_segmentation(len(tokens) - hidden, spans, rng)
     starts = np.cumsum(gap_lengths) + np.concatenate(([0], np.cumsum(span_lengths)[:-1]))
     source, target, position = [], [], 0
-    for k, (start, span) in enumerate(zip(starts, span_lengths)):
-        sentinel = sentinel_ids[k:k + 1].astype(tokens.dtype)
+    for k, (start, span) in enumerate(zip(starts, span_lengths, strict=True)):
+        sentinel = sentinel_ids[k : k + 1].astype(tokens.dtype)
         source += [tokens[position:start], sentinel]
-        target += [sentinel, tokens[start:start + span]]
+        target += [sentinel, tokens[start : start + span]]
         position = start + span
     source.append(tokens[position:])
     return np.concatenate(source), np.concatenate(target)

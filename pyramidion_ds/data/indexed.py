@@ -16,6 +16,7 @@ from 0 to ``num_tokens``, and every example is non-empty and ends with ``</s>`` 
 of the last tokens: a page per example, never the whole ``.bin``). An index copied from another shard,
 a truncated or appended data file, or a header of another split is refused before training reads it.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,13 @@ def shard_paths(prefix: str | os.PathLike) -> dict[str, Path]:
 def length_stats(lengths: np.ndarray) -> dict:
     if len(lengths) == 0:
         return {"min": 0, "max": 0, "mean": 0.0, "p50": 0, "p95": 0}
-    return {"min": int(lengths.min()), "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2),
-            "p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95))}
+    return {
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 2),
+        "p50": int(np.percentile(lengths, 50)),
+        "p95": int(np.percentile(lengths, 95)),
+    }
 
 
 class ShardWriter:
@@ -55,7 +61,7 @@ class ShardWriter:
         self.tmp = {k: p.with_name(p.name + ".tmp") for k, p in self.paths.items()}
         self.vocab_size, self.spm_sha256 = vocab_size, spm_sha256
         self.dtype = dtype_for_vocab(vocab_size)
-        for path in self.paths.values():          # an old shard must not survive half-replaced
+        for path in self.paths.values():  # an old shard must not survive half-replaced
             path.unlink(missing_ok=True)
         self._bin = open(self.tmp["bin"], "wb")
         self._lengths: list[int] = []
@@ -71,13 +77,20 @@ class ShardWriter:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         offsets.tofile(self.tmp["idx"])
-        header = {"format": FORMAT, "dtype": self.dtype.name, "vocab_size": self.vocab_size,
-                  "spm_sha256": self.spm_sha256, "num_examples": int(len(lengths)),
-                  "num_tokens": int(offsets[-1]), "lengths": length_stats(lengths), **(extra or {})}
+        header = {
+            "format": FORMAT,
+            "dtype": self.dtype.name,
+            "vocab_size": self.vocab_size,
+            "spm_sha256": self.spm_sha256,
+            "num_examples": int(len(lengths)),
+            "num_tokens": int(offsets[-1]),
+            "lengths": length_stats(lengths),
+            **(extra or {}),
+        }
         self.tmp["json"].write_text(json.dumps(header, indent=1) + "\n", encoding="utf-8")
         os.replace(self.tmp["bin"], self.paths["bin"])
         os.replace(self.tmp["idx"], self.paths["idx"])
-        os.replace(self.tmp["json"], self.paths["json"])     # the header last: it marks completeness
+        os.replace(self.tmp["json"], self.paths["json"])  # the header last: it marks completeness
         return header
 
     def abort(self) -> None:
@@ -108,8 +121,9 @@ class ShardReader:
     def _open(self) -> None:
         paths = self.paths
         if not paths["json"].is_file():
-            raise DataError(f"{paths['json']}: missing shard header (incomplete or absent shard; "
-                            f"re-run pyramidion-preprocess)")
+            raise DataError(
+                f"{paths['json']}: missing shard header (incomplete or absent shard; re-run pyramidion-preprocess)"
+            )
         try:
             header = json.loads(paths["json"].read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -117,9 +131,11 @@ class ShardReader:
         if header.get("format") != FORMAT:
             raise DataError(f"{paths['json']}: format {header.get('format')!r}, expected {FORMAT!r}")
         if self.expected_sha256 and header.get("spm_sha256") != self.expected_sha256:
-            raise DataError(f"{paths['json']}: built with spm model {str(header.get('spm_sha256'))[:12]}, "
-                            f"but the vocabulary in use is {self.expected_sha256[:12]}; re-run "
-                            f"pyramidion-preprocess with this spm model")
+            raise DataError(
+                f"{paths['json']}: built with spm model {str(header.get('spm_sha256'))[:12]}, "
+                f"but the vocabulary in use is {self.expected_sha256[:12]}; re-run "
+                f"pyramidion-preprocess with this spm model"
+            )
         for kind in ("bin", "idx"):
             if not paths[kind].is_file():
                 raise DataError(f"{paths[kind]}: missing (header present, data absent)")
@@ -129,30 +145,41 @@ class ShardReader:
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{paths['json']}: incomplete shard header ({type(err).__name__}: {err})") from None
         if paths["idx"].stat().st_size != 8 * (n + 1):
-            raise DataError(f"{paths['idx']}: {paths['idx'].stat().st_size} bytes, expected {8 * (n + 1)} "
-                            f"for {n} examples")
+            raise DataError(
+                f"{paths['idx']}: {paths['idx'].stat().st_size} bytes, expected {8 * (n + 1)} for {n} examples"
+            )
         offsets = np.memmap(paths["idx"], dtype=np.int64, mode="r")
         bin_bytes = paths["bin"].stat().st_size
         data_len = bin_bytes // dtype.itemsize
         if offsets[0] != 0 or np.any(np.diff(offsets) <= 0):
-            raise DataError(f"{paths['idx']}: offsets are not strictly increasing from 0 (corrupt index; every "
-                            f"example holds at least </s>)")
+            raise DataError(
+                f"{paths['idx']}: offsets are not strictly increasing from 0 (corrupt index; every "
+                f"example holds at least </s>)"
+            )
         if offsets[-1] > data_len:
-            raise DataError(f"{paths['idx']}: index points past the data file (offset {int(offsets[-1])} > "
-                            f"{data_len} tokens in {paths['bin'].name})")
+            raise DataError(
+                f"{paths['idx']}: index points past the data file (offset {int(offsets[-1])} > "
+                f"{data_len} tokens in {paths['bin'].name})"
+            )
         if bin_bytes != num_tokens * dtype.itemsize:
-            raise DataError(f"{paths['bin']}: {bin_bytes} bytes, expected {num_tokens * dtype.itemsize} "
-                            f"({num_tokens} {dtype.name} tokens, as its header says)")
+            raise DataError(
+                f"{paths['bin']}: {bin_bytes} bytes, expected {num_tokens * dtype.itemsize} "
+                f"({num_tokens} {dtype.name} tokens, as its header says)"
+            )
         if offsets[-1] != num_tokens:
-            raise DataError(f"{paths['idx']}: last offset {int(offsets[-1])}, expected {num_tokens} (the header's "
-                            f"num_tokens; an index of another shard?)")
+            raise DataError(
+                f"{paths['idx']}: last offset {int(offsets[-1])}, expected {num_tokens} (the header's "
+                f"num_tokens; an index of another shard?)"
+            )
         if n:  # through a mapping of its own, unmapped right away: the reader's stays untouched
             check = np.memmap(paths["bin"], dtype=dtype, mode="r")
             ends = np.flatnonzero(check[np.asarray(offsets[1:]) - 1] != EOS_ID)
             del check
             if len(ends):
-                raise DataError(f"{paths['bin']}: example {int(ends[0])} (of {n}; {len(ends)} in all) does not end "
-                                f"with </s> (id {EOS_ID}); the .idx does not belong to this .bin")
+                raise DataError(
+                    f"{paths['bin']}: example {int(ends[0])} (of {n}; {len(ends)} in all) does not end "
+                    f"with </s> (id {EOS_ID}); the .idx does not belong to this .bin"
+                )
         self._header = header
         self._offsets = offsets
         # a zero-length file cannot be memory-mapped
@@ -183,4 +210,4 @@ class ShardReader:
         if not -len(self) <= i < len(self):
             raise IndexError(f"example {i} out of range for {len(self)} examples in {self.prefix}")
         i = int(i) % len(self)
-        return np.array(self._tokens[offsets[i]:offsets[i + 1]], dtype=np.int64)
+        return np.array(self._tokens[offsets[i] : offsets[i + 1]], dtype=np.int64)

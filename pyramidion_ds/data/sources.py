@@ -7,6 +7,7 @@ document that is a number, unreadable file) are one-line :class:`DataError`s tha
 line or row, raised before any tokenization starts (a non-text value in a csv/parquet row: when the row
 is read).
 """
+
 from __future__ import annotations
 
 import os
@@ -68,6 +69,7 @@ def _open_binary(path: Path):
     if compression is None:
         return open(path, "rb")
     import importlib
+
     return importlib.import_module(compression).open(path, "rb")
 
 
@@ -75,17 +77,21 @@ def utf8_lines(path: Path) -> Iterator[str]:
     """The file's lines decoded strictly (a .gz/.bz2/.xz file decompressed); the first bytes that are not
     UTF-8 are a one-line error that names the line and column, a damaged archive one that names the file."""
     import lzma
+
     try:
         with _open_binary(path) as fh:
             for line_no, raw in enumerate(fh, 1):
                 try:
                     yield raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise DataError(f"{path}: line {line_no}: not valid UTF-8 (byte "
-                                    f"0x{raw[err.start]:02x} at column {err.start + 1})") from None
+                    raise DataError(
+                        f"{path}: line {line_no}: not valid UTF-8 (byte "
+                        f"0x{raw[err.start]:02x} at column {err.start + 1})"
+                    ) from None
     except (OSError, EOFError, lzma.LZMAError) as err:
-        raise DataError(f"{path}: cannot be decompressed ({err}); expected a complete "
-                        f"{split_suffixes(path)[1]} file") from None
+        raise DataError(
+            f"{path}: cannot be decompressed ({err}); expected a complete {split_suffixes(path)[1]} file"
+        ) from None
 
 
 def check_utf8(path: Path) -> None:
@@ -109,6 +115,7 @@ def check_jsonl(path: Path, text_fields: tuple[str, ...]) -> int:
     naming its line: not UTF-8, not JSON, not an object, or a text field holding something other than
     text (or null). Returns the number of objects; an empty file (no objects) is an error too."""
     import json
+
     rows = 0
     for line_no, line in enumerate(utf8_lines(path), 1):
         if not line.strip():
@@ -132,6 +139,7 @@ def check_jsonl(path: Path, text_fields: tuple[str, ...]) -> int:
 # --------------------------------------------------------------------------------------------------
 # the original release: <split>/in.tsv (documents) + <split>/expected.tsv (summaries), one per line
 # --------------------------------------------------------------------------------------------------
+
 
 def _tsv_lines(path: Path) -> Iterator[str]:
     return (line.rstrip("\r\n") for line in utf8_lines(path))
@@ -160,8 +168,7 @@ def tsv_sources(tsv_dir: str | os.PathLike, unlabeled: bool = False) -> dict[str
         if not unlabeled:
             n_sums = _count_lines(sums)
             if n_sums != n_docs:
-                raise DataError(f"{sums}: {n_sums} lines, but {docs} has {n_docs}; expected one summary "
-                                f"per document")
+                raise DataError(f"{sums}: {n_sums} lines, but {docs} has {n_docs}; expected one summary per document")
 
         def records(split=ours, docs=docs, sums=sums):
             summaries = _tsv_lines(sums) if not unlabeled else None
@@ -170,8 +177,7 @@ def tsv_sources(tsv_dir: str | os.PathLike, unlabeled: bool = False) -> dict[str
 
         sources[ours] = SplitSource(ours, str(root / theirs), n_docs, records)
     if not sources:
-        raise DataError(f"--tsv-dir {root}: none of {', '.join(f'{s}/in.tsv' for s in TSV_SPLITS.values())} "
-                        f"found")
+        raise DataError(f"--tsv-dir {root}: none of {', '.join(f'{s}/in.tsv' for s in TSV_SPLITS.values())} found")
     return sources
 
 
@@ -179,11 +185,13 @@ def tsv_sources(tsv_dir: str | os.PathLike, unlabeled: bool = False) -> dict[str
 # anything the `datasets` library reads: local files or a dataset by name (offline cache honoured)
 # --------------------------------------------------------------------------------------------------
 
-def _dataset_records(ds, split: str, where: str, document_column: str, summary_column: str,
-                     unlabeled: bool, id_column: str = "id") -> SplitSource:
+
+def _dataset_records(
+    ds, split: str, where: str, document_column: str, summary_column: str, unlabeled: bool, id_column: str = "id"
+) -> SplitSource:
     columns = list(ds.column_names)
     needed = [document_column] + ([] if unlabeled else [summary_column])
-    for column, flag in zip(needed, ("--document-column", "--summary-column")):
+    for column, flag in zip(needed, ("--document-column", "--summary-column"), strict=False):
         if column not in columns:
             raise DataError(f"{where}: no column {column!r} (columns: {', '.join(columns)}); set {flag}")
     has_id = id_column in columns
@@ -197,8 +205,11 @@ def _dataset_records(ds, split: str, where: str, document_column: str, summary_c
 
     def records():
         for i, row in enumerate(ds.select_columns(keep)):
-            yield (str(row[id_column]) if has_id else f"{split}-{i}", text(row, document_column, i),
-                   None if unlabeled else text(row, summary_column, i))
+            yield (
+                str(row[id_column]) if has_id else f"{split}-{i}",
+                text(row, document_column, i),
+                None if unlabeled else text(row, summary_column, i),
+            )
 
     return SplitSource(split, where, len(ds), records)
 
@@ -215,11 +226,13 @@ def _load(loader: Callable, where: str):
         raise DataError(f"{where}: cannot be read ({type(err).__name__}: {first})") from None
 
 
-def file_sources(spec: dict[str, str], document_column: str = "document", summary_column: str = "summary",
-                 unlabeled: bool = False) -> dict[str, SplitSource]:
+def file_sources(
+    spec: dict[str, str], document_column: str = "document", summary_column: str = "summary", unlabeled: bool = False
+) -> dict[str, SplitSource]:
     import datasets
+
     datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()      # converting a local file is quick; our own bars follow
+    datasets.disable_progress_bars()  # converting a local file is quick; our own bars follow
     sources = {}
     for split, path_text in spec.items():
         path = Path(path_text)
@@ -228,27 +241,40 @@ def file_sources(spec: dict[str, str], document_column: str = "document", summar
         suffix, compression = split_suffixes(path)
         if suffix not in FILE_FORMATS or (compression and suffix == ".parquet"):
             given = "".join(path.suffixes[-2:]) if compression else path.suffix
-            raise DataError(f"{path}: unknown file type {given!r}, expected one of {', '.join(FILE_FORMATS)} "
-                            f"(text formats also as {'/'.join(COMPRESSIONS)})")
+            raise DataError(
+                f"{path}: unknown file type {given!r}, expected one of {', '.join(FILE_FORMATS)} "
+                f"(text formats also as {'/'.join(COMPRESSIONS)})"
+            )
         fmt = FILE_FORMATS[suffix]
         if suffix == ".jsonl":  # an empty one included
             check_jsonl(path, (document_column,) + (() if unlabeled else (summary_column,)))
         elif path.stat().st_size == 0:
-            raise DataError(f"{path}: empty file, expected examples with columns {document_column!r}"
-                            + ("" if unlabeled else f" and {summary_column!r}"))
+            raise DataError(
+                f"{path}: empty file, expected examples with columns {document_column!r}"
+                + ("" if unlabeled else f" and {summary_column!r}")
+            )
         elif fmt != "parquet":
             check_utf8(path)
-        ds = _load(lambda: datasets.load_dataset(fmt, data_files={"data": str(path)}, split="data"), str(path))
+        ds = _load(
+            lambda fmt=fmt, path=path: datasets.load_dataset(fmt, data_files={"data": str(path)}, split="data"),
+            str(path),
+        )
         sources[split] = _dataset_records(ds, split, str(path), document_column, summary_column, unlabeled)
     return sources
 
 
-def hub_sources(name: str, config: str | None = None, split_map: dict[str, str] | None = None,
-                document_column: str = "document", summary_column: str = "summary",
-                unlabeled: bool = False) -> dict[str, SplitSource]:
+def hub_sources(
+    name: str,
+    config: str | None = None,
+    split_map: dict[str, str] | None = None,
+    document_column: str = "document",
+    summary_column: str = "summary",
+    unlabeled: bool = False,
+) -> dict[str, SplitSource]:
     """A dataset by name (or local folder) through ``datasets.load_dataset``; with ``HF_DATASETS_OFFLINE=1``
     only the local cache is used. Without ``split_map`` the usual names are tried and absent ones skipped."""
     import datasets
+
     datasets.logging.set_verbosity_error()
     where = f"--source-dataset {name}" + (f" ({config})" if config else "")
     loaded = _load(lambda: datasets.load_dataset(name, config), where)
@@ -257,12 +283,14 @@ def hub_sources(name: str, config: str | None = None, split_map: dict[str, str] 
     for ours, theirs in (split_map or DEFAULT_HF_SPLITS).items():
         if theirs not in loaded:
             if split_map:
-                raise DataError(f"{where}: no split {theirs!r} (splits: {', '.join(available)}); "
-                                f"fix --split-map")
+                raise DataError(f"{where}: no split {theirs!r} (splits: {', '.join(available)}); fix --split-map")
             continue
-        sources[ours] = _dataset_records(loaded[theirs], ours, f"{where} split {theirs!r}", document_column,
-                                         summary_column, unlabeled)
+        sources[ours] = _dataset_records(
+            loaded[theirs], ours, f"{where} split {theirs!r}", document_column, summary_column, unlabeled
+        )
     if not sources:
-        raise DataError(f"{where}: none of the splits {', '.join(DEFAULT_HF_SPLITS.values())} "
-                        f"(splits: {', '.join(available)}); set --split-map")
+        raise DataError(
+            f"{where}: none of the splits {', '.join(DEFAULT_HF_SPLITS.values())} "
+            f"(splits: {', '.join(available)}); set --split-map"
+        )
     return sources

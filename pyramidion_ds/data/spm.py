@@ -8,6 +8,7 @@ Sentencepiece skips training "sentences" longer than ``max_sentence_length`` byt
 are tens of thousands of characters, so training text is cut into pieces of at most
 :data:`TRAIN_PIECE_CHARS` characters at whitespace first.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,6 +40,7 @@ def _model_path(data_dir_or_model: str | os.PathLike) -> Path:
 def load_spm(data_dir: str | os.PathLike):
     """The :class:`sentencepiece.SentencePieceProcessor` of a data dir (or of a ``.model`` path)."""
     import sentencepiece as spm
+
     path = _model_path(data_dir)
     proc = spm.SentencePieceProcessor()
     try:
@@ -63,11 +65,25 @@ def spm_sha256(data_dir: str | os.PathLike) -> str:
 
 #: trainer fields that change how text is encoded or decoded (the rest only steer training: the path of
 #: the training text, sample sizes, thread counts, ... and differ between two trainings of one vocabulary)
-_ENCODING_TRAINER_FIELDS = ("model_type", "byte_fallback", "treat_whitespace_as_suffix",
-                            "allow_whitespace_only_pieces", "unk_surface", "unk_id", "bos_id", "eos_id",
-                            "pad_id")
-_NORMALIZER_FIELDS = ("name", "precompiled_charsmap", "add_dummy_prefix", "remove_extra_whitespaces",
-                      "escape_whitespaces", "normalization_rule_tsv")
+_ENCODING_TRAINER_FIELDS = (
+    "model_type",
+    "byte_fallback",
+    "treat_whitespace_as_suffix",
+    "allow_whitespace_only_pieces",
+    "unk_surface",
+    "unk_id",
+    "bos_id",
+    "eos_id",
+    "pad_id",
+)
+_NORMALIZER_FIELDS = (
+    "name",
+    "precompiled_charsmap",
+    "add_dummy_prefix",
+    "remove_extra_whitespaces",
+    "escape_whitespaces",
+    "normalization_rule_tsv",
+)
 
 
 def spm_identity(data_dir_or_model: str | os.PathLike) -> str:
@@ -79,13 +95,15 @@ def spm_identity(data_dir_or_model: str | os.PathLike) -> str:
     text gives the same identity and a rerun of the quick start can resume.
     """
     from sentencepiece import sentencepiece_model_pb2
+
     path = _model_path(data_dir_or_model)
     proto = sentencepiece_model_pb2.ModelProto()
     try:
         proto.ParseFromString(path.read_bytes())
     except Exception as err:  # protobuf's DecodeError; the message is one line
-        raise DataError(f"{path}: not a sentencepiece model ({str(err).splitlines()[0] if str(err) else err})") \
-            from None
+        raise DataError(
+            f"{path}: not a sentencepiece model ({str(err).splitlines()[0] if str(err) else err})"
+        ) from None
     if not proto.pieces:
         raise DataError(f"{path}: not a sentencepiece model (no pieces)")
     digest = hashlib.sha256(b"pyramidion-spm-identity-1\0")
@@ -107,8 +125,9 @@ def spm_identity(data_dir_or_model: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def same_vocabulary(recorded: dict, current_identity: str, current_sha256: str,
-                    recorded_model: str | os.PathLike | None = None) -> bool | None:
+def same_vocabulary(
+    recorded: dict, current_identity: str, current_sha256: str, recorded_model: str | os.PathLike | None = None
+) -> bool | None:
     """Whether a vocabulary recorded as ``{"spm_identity", "spm_sha256"}`` (a checkpoint manifest, an
     export's ``export.json``) is the current one.
 
@@ -134,12 +153,18 @@ def vocab_size(data_dir: str | os.PathLike) -> int:
 
 def check_special_ids(proc, where: str, user_symbols: Iterable[str] = ()) -> None:
     """Fail in one line when a reused model does not have fairseq's special ids (or a needed symbol)."""
-    expected = {"bos": (proc.bos_id(), BOS_ID), "pad": (proc.pad_id(), PAD_ID),
-                "eos": (proc.eos_id(), EOS_ID), "unk": (proc.unk_id(), UNK_ID)}
+    expected = {
+        "bos": (proc.bos_id(), BOS_ID),
+        "pad": (proc.pad_id(), PAD_ID),
+        "eos": (proc.eos_id(), EOS_ID),
+        "unk": (proc.unk_id(), UNK_ID),
+    }
     wrong = [f"{name}={got} (expected {want})" for name, (got, want) in expected.items() if got != want]
     if wrong:
-        raise DataError(f"{where}: special ids {', '.join(wrong)}; train it with bos_id=0 pad_id=1 "
-                        f"eos_id=2 unk_id=3 or let pyramidion-preprocess train one")
+        raise DataError(
+            f"{where}: special ids {', '.join(wrong)}; train it with bos_id=0 pad_id=1 "
+            f"eos_id=2 unk_id=3 or let pyramidion-preprocess train one"
+        )
     for symbol in user_symbols:
         if proc.PieceToId(symbol) == proc.unk_id():
             raise DataError(f"{where}: has no piece for user symbol '{symbol}'")
@@ -158,10 +183,18 @@ def training_pieces(text: str, max_chars: int = TRAIN_PIECE_CHARS) -> Iterable[s
             yield line
 
 
-def train_spm(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 32000,
-              model_type: str = "unigram", character_coverage: float = 0.9995,
-              sample_size: int = 2_000_000, user_symbols: Iterable[str] = ("<mask>",),
-              byte_fallback: Optional[bool] = None, num_threads: int = 1) -> Path:
+def train_spm(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int = 32000,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    sample_size: int = 2_000_000,
+    user_symbols: Iterable[str] = ("<mask>",),
+    byte_fallback: Optional[bool] = None,
+    num_threads: int = 1,
+) -> Path:
     """Train ``out_dir/spm.model`` (+ ``spm.vocab``) on ``texts`` (documents and summaries).
 
     ``sample_size`` is the number of training pieces sentencepiece samples (``input_sentence_size``).
@@ -172,6 +205,7 @@ def train_spm(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: i
     The model appears complete or not at all: it is trained under a temporary prefix, then renamed.
     """
     import sentencepiece as spm
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     user_symbols = [s for s in user_symbols if s]
@@ -189,12 +223,23 @@ def train_spm(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: i
 
         def train(with_bytes: bool) -> None:
             spm.SentencePieceTrainer.Train(
-                input=str(text_path), model_prefix=str(prefix), vocab_size=vocab_size,
-                model_type=model_type, character_coverage=character_coverage,
-                input_sentence_size=sample_size, shuffle_input_sentence=True,
-                bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, byte_fallback=with_bytes,
-                user_defined_symbols=user_symbols, max_sentence_length=4 * TRAIN_PIECE_CHARS + 64,
-                num_threads=max(1, num_threads), minloglevel=2)
+                input=str(text_path),
+                model_prefix=str(prefix),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                input_sentence_size=sample_size,
+                shuffle_input_sentence=True,
+                bos_id=BOS_ID,
+                pad_id=PAD_ID,
+                eos_id=EOS_ID,
+                unk_id=UNK_ID,
+                byte_fallback=with_bytes,
+                user_defined_symbols=user_symbols,
+                max_sentence_length=4 * TRAIN_PIECE_CHARS + 64,
+                num_threads=max(1, num_threads),
+                minloglevel=2,
+            )
 
         try:
             try:
@@ -208,7 +253,8 @@ def train_spm(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: i
                     f"sentencepiece: a vocabulary of {vocab_size} has no room for byte fallback's 256 byte "
                     f"pieces{f' (it would need {needed.group(1)})' if needed else ''}; trained without it, so "
                     f"characters outside the vocabulary become <unk>. Raise --spm-vocab-size, or pass "
-                    f"--no-spm-byte-fallback to silence this")
+                    f"--no-spm-byte-fallback to silence this"
+                )
                 train(False)
         except RuntimeError as err:
             message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

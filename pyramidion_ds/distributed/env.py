@@ -65,9 +65,11 @@ class World:
     """one of LAUNCHERS"""
 
     def __str__(self) -> str:
-        return (f"launcher={self.launcher} world_size={self.world_size} rank={self.rank} "
-                f"local_rank={self.local_rank}/{self.local_world_size} "
-                f"master={self.master_addr}:{self.master_port}")
+        return (
+            f"launcher={self.launcher} world_size={self.world_size} rank={self.rank} "
+            f"local_rank={self.local_rank}/{self.local_world_size} "
+            f"master={self.master_addr}:{self.master_port}"
+        )
 
 
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -77,8 +79,7 @@ Run = Callable[..., "subprocess.CompletedProcess[str]"]
 # public API
 
 
-def discover_world(env: Mapping[str, str] = os.environ, *, run: Run = subprocess.run,
-                   mpi_comm: Any = None) -> World:
+def discover_world(env: Mapping[str, str] = os.environ, *, run: Run = subprocess.run, mpi_comm: Any = None) -> World:
     """Read the launcher's environment into a `World`.
 
     Precedence: explicit torch variables (RANK, WORLD_SIZE, MASTER_ADDR: torchrun, the deepspeed
@@ -109,15 +110,17 @@ def discover_world(env: Mapping[str, str] = os.environ, *, run: Run = subprocess
 def apply_world(world: World, environ: dict[str, str] | None = None) -> None:
     """Write the world into the variables torch.distributed's env:// rendezvous reads."""
     target = os.environ if environ is None else environ
-    target.update({
-        "RANK": str(world.rank),
-        "LOCAL_RANK": str(world.local_rank),
-        "WORLD_SIZE": str(world.world_size),
-        "LOCAL_WORLD_SIZE": str(world.local_world_size),
-        "MASTER_ADDR": world.master_addr,
-        "MASTER_PORT": str(world.master_port),
-        LAUNCHER_ENV: world.launcher,
-    })
+    target.update(
+        {
+            "RANK": str(world.rank),
+            "LOCAL_RANK": str(world.local_rank),
+            "WORLD_SIZE": str(world.world_size),
+            "LOCAL_WORLD_SIZE": str(world.local_world_size),
+            "MASTER_ADDR": world.master_addr,
+            "MASTER_PORT": str(world.master_port),
+            LAUNCHER_ENV: world.launcher,
+        }
+    )
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30) -> World:
@@ -133,6 +136,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
         log.info("distributed: %s", world)
 
     import torch
+
     if not torch.cuda.is_available():
         use_cpu_accelerator()
     import deepspeed
@@ -144,9 +148,13 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     # Every variable deepspeed wants is set now, so auto_mpi_discovery would do nothing; keep it off
     # so DeepSpeed never overrides our world with its own (fixed-port) MPI guess.
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               distributed_port=world.master_port, verbose=world.rank == 0,
-                               timeout=timedelta(minutes=timeout_minutes))
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        distributed_port=world.master_port,
+        verbose=world.rank == 0,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
     if not torch.cuda.is_available():
         release_cpu_shm_segment(world)
     return world
@@ -171,6 +179,7 @@ def skip_cpu_shm_allreduce() -> None:
     reduces through torch.distributed (gloo), so nothing is lost. DeepSpeed reads op compatibility from
     the cached ``deepspeed.ops.__compatible_ops__`` dict, which is meant to be edited this way."""
     import deepspeed.ops
+
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
@@ -210,8 +219,10 @@ def _world_from_torch_env(env: Mapping[str, str]) -> World:
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         if not env.get(name):
             present = ", ".join(f"{n}={env[n]}" for n in ("RANK", "WORLD_SIZE", "MASTER_ADDR") if n in env)
-            raise DistEnvError(f"{name} is not set but {present} is: a torchrun-style launch needs RANK, "
-                               "WORLD_SIZE and MASTER_ADDR (and MASTER_PORT) together")
+            raise DistEnvError(
+                f"{name} is not set but {present} is: a torchrun-style launch needs RANK, "
+                "WORLD_SIZE and MASTER_ADDR (and MASTER_PORT) together"
+            )
     rank = _int(env, "RANK")
     world_size = _int(env, "WORLD_SIZE")
     # A hand-made launch may omit the local variables: then assume one node.
@@ -251,9 +262,11 @@ def _world_from_slurm(env: Mapping[str, str], run: Run) -> World:
             raise DistEnvError(
                 f"SLURM_JOB_ID={job_id} is set but {missing} is not: this is the batch script (or an "
                 f"salloc shell), not a task of the job's {job_tasks} task(s); run under srun, e.g. "
-                "`srun python -m pyramidion_ds.cli.train ...`")
-        return World(0, 0, 1, 1, "127.0.0.1", _int(env, "MASTER_PORT") if "MASTER_PORT" in env
-                     else slurm_port(job_id), "slurm")
+                "`srun python -m pyramidion_ds.cli.train ...`"
+            )
+        return World(
+            0, 0, 1, 1, "127.0.0.1", _int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(job_id), "slurm"
+        )
     rank = _int(env, "SLURM_PROCID")
     local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
     if "SLURM_NTASKS" in env:
@@ -273,8 +286,10 @@ def _world_from_slurm(env: Mapping[str, str], run: Run) -> World:
             if env.get(var):
                 break
         else:
-            raise DistEnvError(f"SLURM_JOB_ID={job_id}: none of SLURM_STEP_NODELIST, SLURM_JOB_NODELIST is "
-                               "set, so the master node is unknown (set MASTER_ADDR)")
+            raise DistEnvError(
+                f"SLURM_JOB_ID={job_id}: none of SLURM_STEP_NODELIST, SLURM_JOB_NODELIST is "
+                "set, so the master node is unknown (set MASTER_ADDR)"
+            )
         first_host = first_host_of_nodelist(env[var], run=run, var=var)
         master_addr = resolve_slurm_node(first_host, run=run, var=var, nodelist=env[var])
 
@@ -315,8 +330,7 @@ def expand_tasks_per_node(value: str, *, var: str = "SLURM_TASKS_PER_NODE") -> l
     return counts
 
 
-def expand_nodelist(nodelist: str, *, run: Run = subprocess.run,
-                    var: str = "SLURM_JOB_NODELIST") -> list[str]:
+def expand_nodelist(nodelist: str, *, run: Run = subprocess.run, var: str = "SLURM_JOB_NODELIST") -> list[str]:
     """All host names of a SLURM node list ('node[01-03],gpu7'), expanded by `scontrol show hostnames`."""
     if not any(c in nodelist for c in "[],"):
         return [nodelist.strip()]
@@ -330,18 +344,20 @@ def expand_nodelist(nodelist: str, *, run: Run = subprocess.run,
     hosts = result.stdout.split()
     if result.returncode != 0 or not hosts:
         reason = (result.stderr or "").strip().splitlines()
-        raise DistEnvError(f"{var}={nodelist} does not expand: `scontrol show hostnames` said "
-                           f"{reason[-1] if reason else f'nothing (exit {result.returncode})'}")
+        raise DistEnvError(
+            f"{var}={nodelist} does not expand: `scontrol show hostnames` said "
+            f"{reason[-1] if reason else f'nothing (exit {result.returncode})'}"
+        )
     return hosts
 
 
-def first_host_of_nodelist(nodelist: str, *, run: Run = subprocess.run,
-                           var: str = "SLURM_JOB_NODELIST") -> str:
+def first_host_of_nodelist(nodelist: str, *, run: Run = subprocess.run, var: str = "SLURM_JOB_NODELIST") -> str:
     return expand_nodelist(nodelist, run=run, var=var)[0]
 
 
-def resolve_slurm_node(name: str, *, run: Run = subprocess.run, var: str = "SLURM_JOB_NODELIST",
-                       nodelist: str | None = None) -> str:
+def resolve_slurm_node(
+    name: str, *, run: Run = subprocess.run, var: str = "SLURM_JOB_NODELIST", nodelist: str | None = None
+) -> str:
     """An IP address for a SLURM node name: DNS / /etc/hosts first, else the node's NodeAddr.
 
     Node names need not resolve (slurm.conf may map them to NodeAddr=…); ask the controller then.
@@ -354,20 +370,24 @@ def resolve_slurm_node(name: str, *, run: Run = subprocess.run, var: str = "SLUR
     try:
         result = run(["scontrol", "show", "node", name], capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
-        raise DistEnvError(f"{where}: node {name} does not resolve and scontrol is not installed to "
-                           "look up its NodeAddr; set MASTER_ADDR") from None
+        raise DistEnvError(
+            f"{where}: node {name} does not resolve and scontrol is not installed to "
+            "look up its NodeAddr; set MASTER_ADDR"
+        ) from None
     except subprocess.TimeoutExpired:
         raise DistEnvError(f"{where}: node {name} does not resolve and `scontrol show node` timed out") from None
     match = re.search(r"\bNodeAddr=(\S+)", result.stdout or "")
     if result.returncode != 0 or not match:
-        raise DistEnvError(f"{where}: node {name} does not resolve and `scontrol show node {name}` "
-                           "gives no NodeAddr; set MASTER_ADDR")
+        raise DistEnvError(
+            f"{where}: node {name} does not resolve and `scontrol show node {name}` gives no NodeAddr; set MASTER_ADDR"
+        )
     addr = match.group(1)
     try:
         return socket.gethostbyname(addr)
     except OSError:
-        raise DistEnvError(f"{where}: node {name} has NodeAddr={addr}, which does not resolve either; "
-                           "set MASTER_ADDR") from None
+        raise DistEnvError(
+            f"{where}: node {name} has NodeAddr={addr}, which does not resolve either; set MASTER_ADDR"
+        ) from None
 
 
 def hostfile_from_slurm(nodelist: str, slots: int, *, run: Run = subprocess.run) -> str:
@@ -432,10 +452,14 @@ def _world_from_mpi(env: Mapping[str, str], mpi_comm: Any) -> World:
 
         mpi_comm = MPI.COMM_WORLD
     if (mpi_comm.Get_rank(), mpi_comm.Get_size()) != (rank, world_size):
-        raise DistEnvError(f"MPI variables say rank {rank} of {world_size} but MPI_COMM_WORLD says "
-                           f"{mpi_comm.Get_rank()} of {mpi_comm.Get_size()}")
-    for rank_var, size_var in (("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-                               ("MPI_LOCALRANKID", "MPI_LOCALNRANKS")):
+        raise DistEnvError(
+            f"MPI variables say rank {rank} of {world_size} but MPI_COMM_WORLD says "
+            f"{mpi_comm.Get_rank()} of {mpi_comm.Get_size()}"
+        )
+    for rank_var, size_var in (
+        ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ):
         if rank_var in env and size_var in env:
             local_rank, local_world_size = _int(env, rank_var), _int(env, size_var)
             break
@@ -451,8 +475,9 @@ def _world_from_mpi(env: Mapping[str, str], mpi_comm: Any) -> World:
         addr = env.get("MASTER_ADDR") or ("127.0.0.1" if local_world_size == world_size else _routable_address())
         if "MASTER_PORT" in env:
             port = _int(env, "MASTER_PORT")
-            proposal = (_port_in_use_message(port, "MASTER_PORT") if world_size > 1 and _port_in_use(port)
-                        else (addr, port))
+            proposal = (
+                _port_in_use_message(port, "MASTER_PORT") if world_size > 1 and _port_in_use(port) else (addr, port)
+            )
         else:
             proposal = (addr, _free_port())
     proposal = mpi_comm.bcast(proposal, root=0)
@@ -484,24 +509,33 @@ def _check_world(world: World) -> None:
     if world.world_size < 1:
         raise DistEnvError(f"{names['world_size']}={world.world_size}: the world size must be at least 1")
     if not 0 <= world.rank < world.world_size:
-        raise DistEnvError(f"{names['rank']}={world.rank} is not below {names['world_size']}="
-                           f"{world.world_size}: ranks run from 0 to world size - 1")
+        raise DistEnvError(
+            f"{names['rank']}={world.rank} is not below {names['world_size']}="
+            f"{world.world_size}: ranks run from 0 to world size - 1"
+        )
     if not 0 <= world.local_rank < world.local_world_size:
-        raise DistEnvError(f"{names['local_rank']}={world.local_rank} is not below the {world.local_world_size} "
-                           f"process(es) on this node ({names['local_world_size']})")
+        raise DistEnvError(
+            f"{names['local_rank']}={world.local_rank} is not below the {world.local_world_size} "
+            f"process(es) on this node ({names['local_world_size']})"
+        )
     if not 0 < world.master_port < 65536:
         raise DistEnvError(f"MASTER_PORT={world.master_port} is not a TCP port (1-65535)")
 
 
 _VARIABLE_NAMES = {
-    "torchrun": dict(rank="RANK", world_size="WORLD_SIZE", local_rank="LOCAL_RANK",
-                     local_world_size="LOCAL_WORLD_SIZE"),
-    "slurm": dict(rank="SLURM_PROCID", world_size="SLURM_NTASKS", local_rank="SLURM_LOCALID",
-                  local_world_size="SLURM_STEP_TASKS_PER_NODE"),
-    "mpi": dict(rank="MPI rank", world_size="MPI world size", local_rank="MPI local rank",
-                local_world_size="MPI local size"),
-    "single": dict(rank="rank", world_size="world size", local_rank="local rank",
-                   local_world_size="local size"),
+    "torchrun": dict(
+        rank="RANK", world_size="WORLD_SIZE", local_rank="LOCAL_RANK", local_world_size="LOCAL_WORLD_SIZE"
+    ),
+    "slurm": dict(
+        rank="SLURM_PROCID",
+        world_size="SLURM_NTASKS",
+        local_rank="SLURM_LOCALID",
+        local_world_size="SLURM_STEP_TASKS_PER_NODE",
+    ),
+    "mpi": dict(
+        rank="MPI rank", world_size="MPI world size", local_rank="MPI local rank", local_world_size="MPI local size"
+    ),
+    "single": dict(rank="rank", world_size="world size", local_rank="local rank", local_world_size="local size"),
 }
 _VARIABLE_NAMES["deepspeed"] = dict(_VARIABLE_NAMES["torchrun"], local_world_size="LOCAL_SIZE")
 
@@ -527,8 +561,10 @@ def _port_in_use(port: int) -> bool:
 
 
 def _port_in_use_message(port: int, source: str) -> str:
-    return (f"master port {port} (from {source}) is already in use on {socket.gethostname()}; "
-            "another job holds it: set MASTER_PORT to a free port")
+    return (
+        f"master port {port} (from {source}) is already in use on {socket.gethostname()}; "
+        "another job holds it: set MASTER_PORT to a free port"
+    )
 
 
 def _port_source(world: World, env: Mapping[str, str]) -> str:

@@ -23,12 +23,22 @@ def _default_slots(env) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyramidion_ds.distributed.hostfile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST"),
-                        help="SLURM node list (default: $SLURM_JOB_NODELIST)")
-    parser.add_argument("--slots", type=int, default=_default_slots(os.environ),
-                        help="processes per host (default: $SLURM_GPUS_ON_NODE, else $SLURM_NTASKS_PER_NODE)")
+    parser = argparse.ArgumentParser(
+        prog="python -m pyramidion_ds.distributed.hostfile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--nodelist",
+        default=os.environ.get("SLURM_JOB_NODELIST"),
+        help="SLURM node list (default: $SLURM_JOB_NODELIST)",
+    )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=_default_slots(os.environ),
+        help="processes per host (default: $SLURM_GPUS_ON_NODE, else $SLURM_NTASKS_PER_NODE)",
+    )
     args = parser.parse_args(argv)
     if not args.nodelist:
         parser.error("no node list: pass --nodelist or run inside a SLURM allocation (SLURM_JOB_NODELIST)")

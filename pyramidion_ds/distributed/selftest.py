@@ -22,11 +22,15 @@ from pyramidion_ds.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyramidion_ds.distributed.selftest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pyramidion_ds.distributed.selftest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("out_dir", type=Path, help="where each rank writes rank{R}.json")
-    parser.add_argument("--backend", choices=("nccl", "gloo"),
-                        help="default: nccl with CUDA, else gloo (as the trainer chooses)")
+    parser.add_argument(
+        "--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, else gloo (as the trainer chooses)"
+    )
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -47,11 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     value = torch.tensor([float(world.rank + 1)], device=device)
     dist.all_reduce(value)
     record = dict(
-        rank=world.rank, local_rank=world.local_rank, world_size=world.world_size,
-        local_world_size=world.local_world_size, launcher=world.launcher,
-        master_addr=world.master_addr, master_port=world.master_port,
-        torch_rank=dist.get_rank(), torch_world_size=dist.get_world_size(),
-        backend=backend, device=str(device), all_reduce_sum=value.item(), hostname=socket.gethostname(), pid=os.getpid(),
+        rank=world.rank,
+        local_rank=world.local_rank,
+        world_size=world.world_size,
+        local_world_size=world.local_world_size,
+        launcher=world.launcher,
+        master_addr=world.master_addr,
+        master_port=world.master_port,
+        torch_rank=dist.get_rank(),
+        torch_world_size=dist.get_world_size(),
+        backend=backend,
+        device=str(device),
+        all_reduce_sum=value.item(),
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
         slurm_nodename=os.environ.get("SLURMD_NODENAME"),
     )
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ both (``train.*``), so there is one place to set them.
 top-level ``ds_configs/`` is installed as the data-only package ``pyramidion_ds.ds_configs`` (setup.py maps
 it), so ``zero3_bf16`` resolves from any directory, in an editable or a regular install.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,18 +21,54 @@ from pathlib import Path
 from ..config import Config, ConfigError
 
 #: ZeRO options that only mean something at stage 3
-STAGE3_ONLY = ("offload_param", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
-               "stage3_max_live_parameters", "stage3_max_reuse_distance",
-               "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
-               "zero_hpz_partition_size", "zero_quantized_weights", "mics_shard_size")
+STAGE3_ONLY = (
+    "offload_param",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "stage3_gather_16bit_weights_on_model_save",
+    "stage3_gather_fp16_weights_on_model_save",
+    "zero_hpz_partition_size",
+    "zero_quantized_weights",
+    "mics_shard_size",
+)
 KNOWN_TOP_LEVEL = {
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "gradient_clipping", "bf16", "fp16", "zero_optimization", "steps_per_print", "wall_clock_breakdown",
-    "activation_checkpointing", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-    "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "flops_profiler",
-    "comms_logger", "memory_breakdown", "dump_state", "checkpoint", "aio", "data_types",
-    "seq_parallel_communication_data_type", "torch_autocast", "compile", "timers", "monitor_config",
-    "tensorboard", "wandb", "csv_monitor", "comet", "optimizer", "scheduler", "amp", "elasticity",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+    "zero_optimization",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "activation_checkpointing",
+    "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer",
+    "communication_data_type",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "flops_profiler",
+    "comms_logger",
+    "memory_breakdown",
+    "dump_state",
+    "checkpoint",
+    "aio",
+    "data_types",
+    "seq_parallel_communication_data_type",
+    "torch_autocast",
+    "compile",
+    "timers",
+    "monitor_config",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "comet",
+    "optimizer",
+    "scheduler",
+    "amp",
+    "elasticity",
 }
 
 
@@ -60,11 +97,13 @@ def ds_config_path(name_or_path: str | Path) -> Path:
     if path.is_file():
         return path
     shipped = shipped_ds_configs()
-    name = path.name[:-len(".json")] if path.name.endswith(".json") else path.name
+    name = path.name[: -len(".json")] if path.name.endswith(".json") else path.name
     if str(name_or_path) in (name, f"{name}.json") and name in shipped:
         return shipped[name]
-    raise ConfigError(f"train.deepspeed_config: '{name_or_path}' does not exist and is not a shipped DeepSpeed "
-                      f"config name ({', '.join(shipped) or 'none found'})")
+    raise ConfigError(
+        f"train.deepspeed_config: '{name_or_path}' does not exist and is not a shipped DeepSpeed "
+        f"config name ({', '.join(shipped) or 'none found'})"
+    )
 
 
 def read_ds_config(path: str | Path) -> dict:
@@ -74,10 +113,11 @@ def read_ds_config(path: str | Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError(f"train.deepspeed_config: '{path}' is not UTF-8 text")
+        raise ConfigError(f"train.deepspeed_config: '{path}' is not UTF-8 text") from None
     except json.JSONDecodeError as err:
-        raise ConfigError(f"train.deepspeed_config: '{path}' is not valid JSON at line {err.lineno}, "
-                          f"column {err.colno}: {err.msg}")
+        raise ConfigError(
+            f"train.deepspeed_config: '{path}' is not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"train.deepspeed_config: '{path}' must hold a JSON object")
     return data
@@ -100,8 +140,10 @@ def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "de
         raise ConfigError(f"{where} unknown key '{unknown[0]}'")
     for block in ("optimizer", "scheduler"):
         if block in ds:
-            raise ConfigError(f"{where} '{block}' block is not used: the trainer builds it from train.* "
-                              f"(train.lr, train.lr_scheduler, ...); remove it from the JSON")
+            raise ConfigError(
+                f"{where} '{block}' block is not used: the trainer builds it from train.* "
+                f"(train.lr, train.lr_scheduler, ...); remove it from the JSON"
+            )
 
     # ---- precision -------------------------------------------------------------------------------
     bf16, fp16 = ds.setdefault("bf16", {}), ds.setdefault("fp16", {})
@@ -126,8 +168,13 @@ def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "de
     gas = cfg.train.update_freq
     _agree(ds, "train_micro_batch_size_per_gpu", micro, "data.max_sentences", where)
     _agree(ds, "gradient_accumulation_steps", gas, "train.update_freq", where)
-    _agree(ds, "train_batch_size", micro * gas * world_size,
-           f"data.max_sentences x train.update_freq x world size ({micro} x {gas} x {world_size})", where)
+    _agree(
+        ds,
+        "train_batch_size",
+        micro * gas * world_size,
+        f"data.max_sentences x train.update_freq x world size ({micro} x {gas} x {world_size})",
+        where,
+    )
     _agree(ds, "gradient_clipping", float(cfg.train.clip_norm), "train.clip_norm", where)
 
     # ---- ZeRO ------------------------------------------------------------------------------------
@@ -140,8 +187,9 @@ def resolve_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "de
     if stage < 3:
         misplaced = [key for key in STAGE3_ONLY if key in zero]
         if misplaced:
-            raise ConfigError(f"{where} zero_optimization.{misplaced[0]} is a stage-3 option but "
-                              f"zero_optimization.stage is {stage}")
+            raise ConfigError(
+                f"{where} zero_optimization.{misplaced[0]} is a stage-3 option but zero_optimization.stage is {stage}"
+            )
     if "offload_optimizer" in zero and stage < 1:
         raise ConfigError(f"{where} zero_optimization.offload_optimizer needs stage >= 1 (got {stage})")
     return ds
@@ -152,8 +200,10 @@ def _agree(ds: dict, key: str, value, trainer_key: str, where: str) -> None:
     if current == "auto":
         ds[key] = value
     elif current != value:
-        raise ConfigError(f"{where} {key}={current!r} contradicts {trainer_key}={value!r}; "
-                          f"set it to \"auto\" to follow the trainer, or change the trainer value")
+        raise ConfigError(
+            f"{where} {key}={current!r} contradicts {trainer_key}={value!r}; "
+            f'set it to "auto" to follow the trainer, or change the trainer value'
+        )
 
 
 def zero_stage(ds: dict) -> int:
@@ -183,6 +233,7 @@ def validate_ds_config(ds: dict, source: str = "deepspeed config") -> None:
 
     from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import BaseModel, ValidationError
+
     check = {key: value for key, value in ds.items() if key != "train_batch_size"}
     try:
         DeepSpeedConfig(check)
@@ -204,18 +255,29 @@ def validate_ds_config(ds: dict, source: str = "deepspeed config") -> None:
 
 
 #: DeepSpeed's pydantic model names -> the JSON block they parse
-_MODEL_BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedZeroOffloadOptimizerConfig":
-                 "zero_optimization.offload_optimizer", "DeepSpeedZeroOffloadParamConfig":
-                 "zero_optimization.offload_param", "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16",
-                 "DeepSpeedActivationCheckpointingConfig": "activation_checkpointing",
-                 "DeepSpeedFlopsProfilerConfig": "flops_profiler", "CommsConfig": "comms_logger"}
+_MODEL_BLOCKS = {
+    "DeepSpeedZeroConfig": "zero_optimization",
+    "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer",
+    "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
+    "DeepSpeedBF16Config": "bf16",
+    "DeepSpeedFP16Config": "fp16",
+    "DeepSpeedActivationCheckpointingConfig": "activation_checkpointing",
+    "DeepSpeedFlopsProfilerConfig": "flops_profiler",
+    "CommsConfig": "comms_logger",
+}
 
 
 def _model_class(title: str):
     import importlib
-    for module in ("deepspeed.runtime.zero.config", "deepspeed.runtime.zero.offload_config",
-                   "deepspeed.runtime.precision_config", "deepspeed.runtime.activation_checkpointing.config",
-                   "deepspeed.profiling.config", "deepspeed.comm.config"):
+
+    for module in (
+        "deepspeed.runtime.zero.config",
+        "deepspeed.runtime.zero.offload_config",
+        "deepspeed.runtime.precision_config",
+        "deepspeed.runtime.activation_checkpointing.config",
+        "deepspeed.profiling.config",
+        "deepspeed.comm.config",
+    ):
         try:
             found = getattr(importlib.import_module(module), title, None)
         except ImportError:

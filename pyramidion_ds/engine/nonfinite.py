@@ -23,6 +23,7 @@ Where the reduced gradients live at the accumulation boundary, by optimizer::
 
 fp16 keeps DeepSpeed's loss scaler, which skips overflowing steps itself.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,7 +94,7 @@ def skipped_step(engine):
     try:
         yield
     finally:
-        for obj, step in zip(targets, saved):
+        for obj, step in zip(targets, saved, strict=True):
             if step is None:
                 del obj.step
             else:

@@ -1,4 +1,5 @@
 """Optimizer, learning-rate schedule and loss, as fairseq users know them."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-
 
 #: parameters of the encoder's top-k scorers (``model.encoder.scorers``), whatever wraps the model
 SCORER_PARAMS = ".encoder.scorers."
@@ -18,8 +18,7 @@ def is_scorer_param(name: str) -> bool:
     return SCORER_PARAMS in f".{name}"
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
-                 scorer_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, scorer_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms and embeddings' positions (1-D tensors).
 
     With ``scorer_lr_scale`` != 1 the scorers' parameters get groups of their own at ``lr × scale``
@@ -35,9 +34,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
         # under ZeRO-3 a partitioned parameter is flat; ds_shape keeps its real shape
         shape = getattr(param, "ds_shape", param.shape)
         groups[(split and is_scorer_param(name), len(shape) >= 2)].append(param)
-    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
-             "lr": lr * scorer_lr_scale if scorer else lr}
-            for (scorer, decays), params in groups.items() if params]
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if decays else 0.0,
+            "lr": lr * scorer_lr_scale if scorer else lr,
+        }
+        for (scorer, decays), params in groups.items()
+        if params
+    ]
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, offload: bool) -> tuple[torch.optim.Optimizer, str]:
@@ -50,10 +55,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, offload: bool) -
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs), "DeepSpeedCPUAdam"
     if torch.cuda.is_available():
         try:
             from deepspeed.ops.adam import FusedAdam
+
             return FusedAdam(groups, adam_w_mode=True, **kwargs), "FusedAdam"
         except Exception as err:  # the op did not build (no compiler, wrong arch list): torch's fused kernel
             print(f"FusedAdam unavailable ({type(err).__name__}: {err}); using torch.optim.AdamW(fused=True)")
@@ -78,7 +85,7 @@ def lr_lambda(cfg: TrainConfig):
         if not total or step >= total:
             return end_ratio if total else 1.0
         remaining = 1.0 - (step - warmup) / max(1, total - warmup)
-        return (1.0 - end_ratio) * remaining ** cfg.power + end_ratio
+        return (1.0 - end_ratio) * remaining**cfg.power + end_ratio
 
     def inverse_sqrt(step: int) -> float:
         if warmup and step < warmup:
@@ -96,8 +103,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
-def label_smoothed_nll_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float,
-                            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def label_smoothed_nll_loss(
+    logits: torch.Tensor, target: torch.Tensor, epsilon: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fairseq's label-smoothed cross-entropy, summed over non-pad tokens.
 
     logits: B×T×V, target: B×T. Returns (loss, nll_loss), both sums; epsilon = 0 gives plain CE.

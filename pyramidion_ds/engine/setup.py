@@ -5,6 +5,7 @@ when the JSON asks for stage 3 (parameters are partitioned as they are created, 
 one device never exists whole), handed DeepSpeed's activation-checkpoint function (applied per pyramid
 stage or per layer), and wrapped by ``deepspeed.initialize`` with our optimizer and schedule.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,8 @@ from .optim import make_optimizer, make_scheduler
 
 @dataclass
 class Engine:
-    engine: Any                 # deepspeed.DeepSpeedEngine
-    model: torch.nn.Module      # the plain module inside the engine
+    engine: Any  # deepspeed.DeepSpeedEngine
+    model: torch.nn.Module  # the plain module inside the engine
     optimizer_name: str
     zero_stage: int
     precision: str
@@ -31,9 +32,11 @@ class Engine:
 def build_model(cfg: Config, ds_config: dict | None = None) -> torch.nn.Module:
     """Construct the model, partitioned at creation under ZeRO-3."""
     from ..model import PyramidionModel
+
     context = contextlib.nullcontext()
     if ds_config is not None and zero_stage(ds_config) == 3:
         import deepspeed
+
         context = deepspeed.zero.Init(config_dict_or_path=ds_config)
     with context:
         return PyramidionModel(cfg.model)
@@ -49,22 +52,31 @@ def configure_activation_checkpointing(model: torch.nn.Module, granularity: str,
         model.set_activation_checkpointing(None, "off")
         return
     import deepspeed
+
     deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
     model.set_activation_checkpointing(deepspeed.checkpointing.checkpoint, granularity)
 
 
 def build_engine(cfg: Config, ds_config: dict, model: torch.nn.Module | None = None) -> Engine:
     import deepspeed
+
     model = build_model(cfg, ds_config) if model is None else model
     configure_activation_checkpointing(model, cfg.train.activation_checkpointing, ds_config)
     optimizer, optimizer_name = make_optimizer(model, cfg.train, offload=offloads_optimizer(ds_config))
     scheduler = make_scheduler(optimizer, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
     if cfg.train.compile:
         compile_engine(engine, cfg)
-    return Engine(engine=engine, model=engine.module, optimizer_name=optimizer_name,
-                  zero_stage=zero_stage(ds_config), precision=precision_of(ds_config), ds_config=ds_config)
+    return Engine(
+        engine=engine,
+        model=engine.module,
+        optimizer_name=optimizer_name,
+        zero_stage=zero_stage(ds_config),
+        precision=precision_of(ds_config),
+        ds_config=ds_config,
+    )
 
 
 def recompile_limit(cfg: Config) -> int:
@@ -72,10 +84,17 @@ def recompile_limit(cfg: Config) -> int:
     :func:`pyramidion_ds.data.batching.shape_bound`), in training and in evaluation mode, plus slack for
     the few batches that evening out across ranks splits."""
     from ..data.batching import shape_bound
+
     m = cfg.model
-    shapes = shape_bound(cfg.data.max_tokens, cfg.data.max_sentences, m.max_source_positions,
-                         cfg.source_pad_multiple, cfg.batch_size_multiple, m.max_target_positions,
-                         cfg.target_pad_multiple)
+    shapes = shape_bound(
+        cfg.data.max_tokens,
+        cfg.data.max_sentences,
+        m.max_source_positions,
+        cfg.source_pad_multiple,
+        cfg.batch_size_multiple,
+        m.max_target_positions,
+        cfg.target_pad_multiple,
+    )
     return 2 * shapes + 8
 
 
@@ -84,13 +103,13 @@ def compile_engine(engine, cfg: Config) -> None:
     the top-k's Python loop over widths would break) and ``train.compile_mode``; raises Dynamo's
     recompile limit to what the shape buckets need (its default, 8, would silently fall back to eager)."""
     import torch._dynamo
+
     limit = recompile_limit(cfg)
     for name in ("recompile_limit", "cache_size_limit"):  # torch >= 2.6 / older name
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
     if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                               limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit)
     kwargs = {"dynamic": False}
     if cfg.train.compile_mode != "default":
         kwargs["mode"] = cfg.train.compile_mode
@@ -114,16 +133,19 @@ def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Ten
     if missing:
         raise ValueError(f"checkpoint lacks parameter '{missing[0]}' ({len(missing)} missing)")
     if unexpected:
-        raise ValueError(f"checkpoint has parameter '{unexpected[0]}' this model does not "
-                         f"({len(unexpected)} unexpected)")
+        raise ValueError(
+            f"checkpoint has parameter '{unexpected[0]}' this model does not ({len(unexpected)} unexpected)"
+        )
     for name, param in params.items():
         shape = tuple(getattr(param, "ds_shape", param.shape))
         if tuple(state_dict[name].shape) != shape:
-            raise ValueError(f"parameter '{name}' has shape {tuple(state_dict[name].shape)} in the "
-                             f"checkpoint, {shape} in this model")
+            raise ValueError(
+                f"parameter '{name}' has shape {tuple(state_dict[name].shape)} in the checkpoint, {shape} in this model"
+            )
     if zero3:
         import deepspeed
         import torch.distributed as dist
+
         for name, param in params.items():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if dist.get_rank() == 0:

@@ -12,6 +12,7 @@ captured once and replayed::
 
 A cache whose buffers change (finished sources dropped: ``cache.version`` moves) is captured again.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,7 +36,7 @@ class GraphedDecodeStep:
         self._warm = False
 
     def __call__(self, prev_tokens: Tensor, encoder_out, cache: StaticDecoderCache) -> Tensor:
-        new_tokens = prev_tokens[:, cache.length:]
+        new_tokens = prev_tokens[:, cache.length :]
         if not self._warm:
             logits = self._eager_on_side_stream(new_tokens, encoder_out.mask, cache)
             self._warm = True

@@ -10,6 +10,7 @@ length, packed by ``batch_size`` / ``max_tokens``), then dealt round-robin to th
 so a batch holds the same sources whatever the world size, and each rank decodes exactly what a
 single process would have decoded for those sources.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,16 +28,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Example:
-    index: int                 #: position in the input (output order)
-    id: str                    #: id from the input (data dir ids, jsonl "id", or the line number)
-    source: np.ndarray         #: token ids ending with </s>, at most max_source_positions
-    reference: Optional[str]   #: reference summary text, when the input has one
+    index: int  #: position in the input (output order)
+    id: str  #: id from the input (data dir ids, jsonl "id", or the line number)
+    source: np.ndarray  #: token ids ending with </s>, at most max_source_positions
+    reference: Optional[str]  #: reference summary text, when the input has one
 
 
 @dataclass
 class Inputs:
     examples: list[Example]
-    num_truncated: int         #: sources longer than max_source_positions, cut (keeping </s>)
+    num_truncated: int  #: sources longer than max_source_positions, cut (keeping </s>)
     original_lengths: list[int]
 
 
@@ -54,6 +55,7 @@ def raw_references(data_dir: str | Path, split: str, ids: Optional[list]) -> Opt
     against the split's ``ids`` (one per example, in shard order), or None for a data dir written before
     preprocess kept them."""
     from ..data.binarize import SUMMARIES
+
     path = Path(data_dir) / SUMMARIES.format(split=split)
     if not path.is_file():
         return None
@@ -65,15 +67,24 @@ def raw_references(data_dir: str | Path, split: str, ids: Optional[list]) -> Opt
                 references.append(record["summary"])
                 summary_ids.append(record.get("id"))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise DataError(f"{path}: line {line_no}: expected an object with a \"summary\"") from None
+                raise DataError(f'{path}: line {line_no}: expected an object with a "summary"') from None
     if ids is not None and summary_ids != ids:
-        raise DataError(f"{path}: {len(references)} summaries that are not those of the {len(ids)} examples in "
-                        f"{split}.ids.json; re-run pyramidion-preprocess")
+        raise DataError(
+            f"{path}: {len(references)} summaries that are not those of the {len(ids)} examples in "
+            f"{split}.ids.json; re-run pyramidion-preprocess"
+        )
     return references
 
 
-def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, spm, eos_id: int,
-                  expected_vocabulary: Optional[dict] = None, recorded_model: Optional[Path] = None) -> Inputs:
+def from_data_dir(
+    data_dir: str | Path,
+    split: str,
+    max_source_positions: int,
+    spm,
+    eos_id: int,
+    expected_vocabulary: Optional[dict] = None,
+    recorded_model: Optional[Path] = None,
+) -> Inputs:
     """Split ``split`` of a pyramidion-preprocess output. References are the raw summaries preprocess kept
     (what ``--input FILE.jsonl`` scores against too); a data dir written before it kept them falls back to
     the detokenized targets, which are cut to ``max_target_positions`` and lose what the vocabulary
@@ -84,10 +95,15 @@ def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, s
     records that hold the file's sha256 only); data binarized with another vocabulary is refused."""
     from ..data.dataset import open_shard
     from ..data.spm import same_vocabulary, spm_identity, spm_sha256
-    if expected_vocabulary and same_vocabulary(expected_vocabulary, spm_identity(data_dir),
-                                               spm_sha256(data_dir), recorded_model) is False:
-        raise DataError(f"{data_dir}: its spm.model is not the vocabulary the model was trained with; "
-                        f"binarize the data with the model's spm.model")
+
+    if (
+        expected_vocabulary
+        and same_vocabulary(expected_vocabulary, spm_identity(data_dir), spm_sha256(data_dir), recorded_model) is False
+    ):
+        raise DataError(
+            f"{data_dir}: its spm.model is not the vocabulary the model was trained with; "
+            f"binarize the data with the model's spm.model"
+        )
     source = open_shard(data_dir, split, "source")
     try:
         target = open_shard(data_dir, split, "target")
@@ -99,12 +115,16 @@ def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, s
         raise DataError(f"{ids_path}: {len(ids)} ids, but the {split} shards hold {len(source)} examples")
     references = raw_references(data_dir, split, ids) if target is not None else None
     if references is not None and len(references) != len(source):
-        raise DataError(f"{data_dir}: {len(references)} raw summaries for {len(source)} {split} examples; re-run "
-                        f"pyramidion-preprocess")
+        raise DataError(
+            f"{data_dir}: {len(references)} raw summaries for {len(source)} {split} examples; re-run "
+            f"pyramidion-preprocess"
+        )
     if target is not None and references is None:
-        log.warning(f"{data_dir}: no {split}.summaries.jsonl (written by pyramidion-preprocess before it kept the "
-                    f"raw summaries); scoring against the decoded targets, which are truncated and lose "
-                    f"characters the vocabulary lacks: re-run pyramidion-preprocess for honest ROUGE")
+        log.warning(
+            f"{data_dir}: no {split}.summaries.jsonl (written by pyramidion-preprocess before it kept the "
+            f"raw summaries); scoring against the decoded targets, which are truncated and lose "
+            f"characters the vocabulary lacks: re-run pyramidion-preprocess for honest ROUGE"
+        )
     examples, lengths = [], []
     for i in range(len(source)):
         tokens = source[i]
@@ -115,14 +135,16 @@ def from_data_dir(data_dir: str | Path, split: str, max_source_positions: int, s
         elif target is not None:
             body = [int(t) for t in target[i] if t != eos_id]
             reference = spm.DecodeIds(body)
-        examples.append(Example(i, str(ids[i]) if ids else str(i), truncate_ids(tokens, max_source_positions, eos_id),
-                                reference))
+        examples.append(
+            Example(i, str(ids[i]) if ids else str(i), truncate_ids(tokens, max_source_positions, eos_id), reference)
+        )
     return Inputs(examples, sum(n > max_source_positions for n in lengths), lengths)
 
 
 def from_file(path: str | Path, max_source_positions: int, spm, eos_id: int) -> Inputs:
     """One document per line (plain text), or jsonl objects with "document" [+ "summary", "id"]."""
     from ..data.sources import _tsv_lines, json_kind
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--input {path}: no such file")
@@ -139,7 +161,7 @@ def from_file(path: str | Path, max_source_positions: int, spm, eos_id: int) -> 
                 raise DataError(f"{path}: line {line_no}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("document"), str):
                 got = json_kind(record.get("document")) if isinstance(record, dict) else json_kind(record)
-                raise DataError(f"{path}: line {line_no}: expected an object with a \"document\" string, got {got}")
+                raise DataError(f'{path}: line {line_no}: expected an object with a "document" string, got {got}')
             document = record["document"]
             reference = record.get("summary")
             if reference is not None and not isinstance(reference, str):
@@ -151,18 +173,22 @@ def from_file(path: str | Path, max_source_positions: int, spm, eos_id: int) -> 
             raise DataError(f"{path}: line {line_no}: empty document")
         tokens = list(spm.EncodeAsIds(document)) + [eos_id]
         lengths.append(len(tokens))
-        examples.append(Example(len(examples), example_id, truncate_ids(tokens, max_source_positions, eos_id),
-                                reference))
+        examples.append(
+            Example(len(examples), example_id, truncate_ids(tokens, max_source_positions, eos_id), reference)
+        )
     if not examples:
         raise DataError(f"--input {path}: no documents")
     return Inputs(examples, sum(n > max_source_positions for n in lengths), lengths)
 
 
-def batches_for_rank(examples: list[Example], batch_size: int, max_tokens: int, pad_to_multiple: int,
-                     rank: int, world_size: int) -> list[list[Example]]:
+def batches_for_rank(
+    examples: list[Example], batch_size: int, max_tokens: int, pad_to_multiple: int, rank: int, world_size: int
+) -> list[list[Example]]:
     """This rank's batches (round-robin over one length-sorted batching of all examples)."""
     from ..data.batching import make_batches
+
     sizes = [len(e.source) for e in examples]
-    batches = make_batches(sizes, max_tokens=max_tokens or None, max_sentences=batch_size,
-                           pad_to_multiple=pad_to_multiple, seed=0, epoch=0)
+    batches = make_batches(
+        sizes, max_tokens=max_tokens or None, max_sentences=batch_size, pad_to_multiple=pad_to_multiple, seed=0, epoch=0
+    )
     return [[examples[i] for i in batch] for batch in batches[rank::world_size]]

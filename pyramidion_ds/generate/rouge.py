@@ -6,6 +6,7 @@ at existing newlines, and after a ``.``, ``!`` or ``?`` followed by whitespace (
 ROUGE-1/2/L see the texts unchanged. Reported numbers are means over documents of precision, recall and
 F1, in [0, 1].
 """
+
 from __future__ import annotations
 
 import re
@@ -25,12 +26,13 @@ def split_sentences(text: str) -> str:
 def rouge_scores(hypotheses: list[str], references: list[str]) -> dict:
     """{rouge_type: {"precision", "recall", "fmeasure"}} averaged over pairs, plus "count"."""
     from rouge_score import rouge_scorer
+
     if len(hypotheses) != len(references):
         raise ValueError(f"rouge: {len(hypotheses)} hypotheses but {len(references)} references")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES[:3]), use_stemmer=True)
     lsum_scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
     totals = {t: {"precision": 0.0, "recall": 0.0, "fmeasure": 0.0} for t in ROUGE_TYPES}
-    for hyp, ref in zip(hypotheses, references):
+    for hyp, ref in zip(hypotheses, references, strict=True):
         plain = scorer.score(ref, hyp)
         lsum = lsum_scorer.score(split_sentences(ref), split_sentences(hyp))["rougeLsum"]
         for rouge_type in ROUGE_TYPES:
@@ -46,5 +48,7 @@ def rouge_scores(hypotheses: list[str], references: list[str]) -> dict:
 def format_rouge(scores: dict) -> str:
     """One line: 'ROUGE-1 45.12 | ROUGE-2 ...' (F1 × 100)."""
     names = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
-    return " | ".join(f"{names[t]} {100 * scores[t]['fmeasure']:.2f}" for t in ROUGE_TYPES) + \
-        f" (F1, {scores['count']} documents, stemmed)"
+    return (
+        " | ".join(f"{names[t]} {100 * scores[t]['fmeasure']:.2f}" for t in ROUGE_TYPES)
+        + f" (F1, {scores['count']} documents, stemmed)"
+    )

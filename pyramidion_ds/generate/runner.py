@@ -7,6 +7,7 @@
     inputs ──batches_for_rank──> rank r decodes batches r, r+N, r+2N, ... (no collective inside the loop)
     gather_object ──> rank 0: input order ──> hypotheses (+ fairseq-style log) ──> ROUGE ──> explain pages
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class GenerateRequest:
     """What the command line asks for, beyond the generation config."""
-    path: str                              #: run dir or export dir
-    data: str = ""                         #: data dir for --gen-subset (default: the run's data.data)
-    input: str = ""                        #: text / jsonl file instead of a data dir
-    dtype: str = "fp32"                    #: compute dtype (and export dtype when consolidating)
+
+    path: str  #: run dir or export dir
+    data: str = ""  #: data dir for --gen-subset (default: the run's data.data)
+    input: str = ""  #: text / jsonl file instead of a data dir
+    dtype: str = "fp32"  #: compute dtype (and export dtype when consolidating)
     cpu: bool = False
 
 
@@ -50,14 +52,24 @@ class Result:
 
 
 def search_options(gen: GenerationConfig, use_cache: bool = True) -> SearchOptions:
-    return SearchOptions(beam=gen.beam, nbest=min(gen.nbest, gen.beam), lenpen=gen.lenpen, min_len=gen.min_len,
-                         max_len_a=gen.max_len_a, max_len_b=gen.max_len_b,
-                         no_repeat_ngram_size=gen.no_repeat_ngram_size, sampling=gen.sampling,
-                         temperature=gen.temperature, use_cache=use_cache, cuda_graph=not gen.no_cuda_graph)
+    return SearchOptions(
+        beam=gen.beam,
+        nbest=min(gen.nbest, gen.beam),
+        lenpen=gen.lenpen,
+        min_len=gen.min_len,
+        max_len_a=gen.max_len_a,
+        max_len_b=gen.max_len_b,
+        no_repeat_ngram_size=gen.no_repeat_ngram_size,
+        sampling=gen.sampling,
+        temperature=gen.temperature,
+        use_cache=use_cache,
+        cuda_graph=not gen.no_cuda_graph,
+    )
 
 
-def collate_sources(batch: list[Example], pad_id: int, pad_to_multiple: int, max_width: int,
-                    device) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_sources(
+    batch: list[Example], pad_id: int, pad_to_multiple: int, max_width: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """B×S right-padded sources (S rounded up to ``pad_to_multiple`` as in training) and their lengths."""
     lengths = [len(e.source) for e in batch]
     width = max(lengths)
@@ -65,12 +77,11 @@ def collate_sources(batch: list[Example], pad_id: int, pad_to_multiple: int, max
         width = min(-(-width // pad_to_multiple) * pad_to_multiple, max_width)
     tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
     for row, example in enumerate(batch):
-        tokens[row, :len(example.source)] = torch.from_numpy(example.source)
+        tokens[row, : len(example.source)] = torch.from_numpy(example.source)
     return tokens.to(device), torch.tensor(lengths, device=device)
 
 
-def decode_batch(model, spm, batch: list[Example], gen: GenerationConfig, pad_to_multiple: int,
-                 device) -> list[Result]:
+def decode_batch(model, spm, batch: list[Example], gen: GenerationConfig, pad_to_multiple: int, device) -> list[Result]:
     cfg = model.cfg
     src_tokens, src_lengths = collate_sources(batch, cfg.pad_id, pad_to_multiple, cfg.max_source_positions, device)
     opts = search_options(gen)
@@ -78,12 +89,18 @@ def decode_batch(model, spm, batch: list[Example], gen: GenerationConfig, pad_to
         opts.generator = torch.Generator(device=device).manual_seed(gen.seed * 1_000_003 + batch[0].index)
     hypotheses = generate(model, src_tokens, src_lengths, opts)
     results = []
-    for example, hyps in zip(batch, hypotheses):
+    for example, hyps in zip(batch, hypotheses, strict=True):
         nbest = []
         for h in hyps:
             body = [t for t in h.tokens if t != cfg.eos_id]
-            nbest.append({"text": spm.DecodeIds(body), "tokens": h.tokens, "score": h.score,
-                          "positional_scores": h.positional_scores})
+            nbest.append(
+                {
+                    "text": spm.DecodeIds(body),
+                    "tokens": h.tokens,
+                    "score": h.score,
+                    "positional_scores": h.positional_scores,
+                }
+            )
         results.append(Result(example.index, example.id, len(example.source), example.reference, nbest))
     return results
 
@@ -97,17 +114,19 @@ def load_inputs(req: GenerateRequest, gen: GenerationConfig, cfg, spm, export_di
         if not data_dir:
             raise UsageError("nothing to generate for: pass --input FILE, or --data DIR with --gen-subset")
         meta = json.loads((export_dir / "export.json").read_text()) if (export_dir / "export.json").is_file() else {}
-        inputs = from_data_dir(data_dir, gen.gen_subset, max_src, spm, cfg.model.eos_id, meta,
-                               export_dir / "spm.model")
+        inputs = from_data_dir(data_dir, gen.gen_subset, max_src, spm, cfg.model.eos_id, meta, export_dir / "spm.model")
     if inputs.num_truncated:
-        log.warning(f"truncated {inputs.num_truncated} of {len(inputs.examples)} sources to {max_src} tokens "
-                    f"(model.max_source_positions; longest was {max(inputs.original_lengths)})")
+        log.warning(
+            f"truncated {inputs.num_truncated} of {len(inputs.examples)} sources to {max_src} tokens "
+            f"(model.max_source_positions; longest was {max(inputs.original_lengths)})"
+        )
     return inputs
 
 
 def run_consolidate(run_dir: str, export_dir: Optional[str], dtype: str) -> int:
-    from ..logs import setup_logging
     from ..checkpoint.export import consolidate
+    from ..logs import setup_logging
+
     setup_logging(0)
     print(consolidate(run_dir, export_dir, dtype))
     return 0
@@ -116,13 +135,16 @@ def run_consolidate(run_dir: str, export_dir: Optional[str], dtype: str) -> int:
 def run_generation(req: GenerateRequest, overrides: dict) -> int:
     """Generate for ``req`` with the model's saved ``generation`` config updated by ``overrides``."""
     from ..distributed.env import discover_world
+
     world = discover_world()
     distributed = world.world_size > 1
     if distributed:
         from ..distributed import init_distributed
+
         init_distributed()
     rank, world_size = world.rank, world.world_size
     from ..logs import setup_logging
+
     setup_logging(rank)
     device = torch.device("cpu")
     if torch.cuda.is_available() and not req.cpu:
@@ -142,6 +164,7 @@ def run_generation(req: GenerateRequest, overrides: dict) -> int:
             problem = str(err)
     if distributed:
         import torch.distributed as dist
+
         shared = [problem]
         dist.broadcast_object_list(shared, src=0)
         problem = shared[0]
@@ -156,14 +179,23 @@ def run_generation(req: GenerateRequest, overrides: dict) -> int:
     inputs = load_inputs(req, gen, cfg, spm, export_dir)
     pad_to_multiple = cfg.source_pad_multiple
     batches = batches_for_rank(inputs.examples, gen.batch_size, gen.max_tokens, pad_to_multiple, rank, world_size)
-    log.info(f"generating {len(inputs.examples)} sources in {len(batches)} batches on this rank "
-             f"(world size {world_size}, {device}, {req.dtype}, beam {gen.beam})")
+    log.info(
+        f"generating {len(inputs.examples)} sources in {len(batches)} batches on this rank "
+        f"(world size {world_size}, {device}, {req.dtype}, beam {gen.beam})"
+    )
 
     from tqdm import tqdm
+
     started = time.perf_counter()
     results: list[Result] = []
-    with tqdm(total=sum(len(b) for b in batches), desc=f"generate[{rank}]" if distributed else "generate",
-              unit="doc", disable=rank != 0 or not gen.progress, file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=sum(len(b) for b in batches),
+        desc=f"generate[{rank}]" if distributed else "generate",
+        unit="doc",
+        disable=rank != 0 or not gen.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
         for batch in batches:
             results.extend(decode_batch(model, spm, batch, gen, pad_to_multiple, device))
             bar.update(len(batch))
@@ -171,6 +203,7 @@ def run_generation(req: GenerateRequest, overrides: dict) -> int:
 
     if distributed:  # the only collective after the beam loops: each rank's results to rank 0
         import torch.distributed as dist
+
         gathered = [None] * world_size if rank == 0 else None
         dist.gather_object(results, gathered, dst=0)
         if rank == 0:
@@ -181,13 +214,20 @@ def run_generation(req: GenerateRequest, overrides: dict) -> int:
         write_outputs(results, gen, name, elapsed)
         if gen.explain:
             from .explain import write_explain_page
+
             pages = Path(gen.results_path) / f"explain-{name}"
-            for result in results[:gen.explain]:
+            for result in results[: gen.explain]:
                 example = inputs.examples[result.index]
-                write_explain_page(model, spm, example.source.tolist(), pad_to_multiple,
-                                   pages / f"{result.index:06d}.html", title=f"{name} #{result.index} ({result.id})",
-                                   hypothesis=result.hypotheses[0]["text"] if result.hypotheses else "",
-                                   reference=result.reference)
+                write_explain_page(
+                    model,
+                    spm,
+                    example.source.tolist(),
+                    pad_to_multiple,
+                    pages / f"{result.index:06d}.html",
+                    title=f"{name} #{result.index} ({result.id})",
+                    hypothesis=result.hypotheses[0]["text"] if result.hypotheses else "",
+                    reference=result.reference,
+                )
             log.info(f"explain pages for {min(gen.explain, len(results))} documents in {pages}")
     if distributed:
         _barrier()
@@ -217,8 +257,7 @@ def write_outputs(results: list[Result], gen: GenerationConfig, name: str, elaps
         (out / f"generate-{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         (out / f"{name}.hyp").write_text("".join(h.replace("\n", " ") + "\n" for h in best), encoding="utf-8")
         if scores is not None:
-            (out / f"{name}.ref").write_text("".join(_one_line(r.reference) + "\n" for r in results),
-                                             encoding="utf-8")
+            (out / f"{name}.ref").write_text("".join(_one_line(r.reference) + "\n" for r in results), encoding="utf-8")
             (out / f"rouge-{name}.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
         log.info(f"{summary}; hypotheses in {out / f'{name}.hyp'}")
     else:
@@ -235,5 +274,6 @@ def _one_line(text: str) -> str:
 
 def _barrier() -> None:
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -20,6 +20,7 @@ softmax(logits / temperature); a row that draws ``</s>`` is finalized and stops.
 :func:`exhaustive_search` scores every sequence of a tiny model and is the reference the tests and
 ``pyramidion-bench generate`` compare beam search against.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -36,6 +37,7 @@ from .cuda_graph import GraphedDecodeStep
 @dataclass
 class SearchOptions:
     """What one call of :func:`generate` does (built from :class:`GenerationConfig` by the runner)."""
+
     beam: int = 4
     nbest: int = 1
     lenpen: float = 1.0
@@ -45,16 +47,16 @@ class SearchOptions:
     no_repeat_ngram_size: int = 0
     sampling: bool = False
     temperature: float = 1.0
-    use_cache: bool = True   #: False decodes the whole prefix every step (the benchmark's baseline)
+    use_cache: bool = True  #: False decodes the whole prefix every step (the benchmark's baseline)
     static_cache: bool = False  #: preallocated KV cache, one fixed kernel sequence per step (any device)
-    cuda_graph: bool = False    #: on CUDA: static cache, each step replayed from a CUDA graph (CPU: ignored)
+    cuda_graph: bool = False  #: on CUDA: static cache, each step replayed from a CUDA graph (CPU: ignored)
     generator: Optional[torch.Generator] = field(default=None, repr=False)  #: sampling RNG
 
 
 @dataclass
 class Hypothesis:
-    tokens: list[int]              #: generated ids, ending with </s>
-    score: float                   #: sum of log-probabilities / len(tokens)**lenpen
+    tokens: list[int]  #: generated ids, ending with </s>
+    score: float  #: sum of log-probabilities / len(tokens)**lenpen
     positional_scores: list[float]  #: log-probability of each token
 
 
@@ -68,18 +70,22 @@ def _block_ngrams(lprobs: Tensor, tokens: Tensor, n: int) -> None:
     """Forbid every token that would repeat an n-gram already in the row. tokens: R×L (with <s>)."""
     if tokens.size(1) < n:
         return
-    windows = tokens.unfold(1, n, 1)                     # R×W×n, every n-gram so far
-    last = tokens[:, tokens.size(1) - (n - 1):]          # R×(n-1), the prefix of the next n-gram
-    match = (windows[:, :, :n - 1] == last.unsqueeze(1)).all(dim=2) if n > 1 else \
-        torch.ones(windows.shape[:2], dtype=torch.bool, device=tokens.device)
+    windows = tokens.unfold(1, n, 1)  # R×W×n, every n-gram so far
+    last = tokens[:, tokens.size(1) - (n - 1) :]  # R×(n-1), the prefix of the next n-gram
+    match = (
+        (windows[:, :, : n - 1] == last.unsqueeze(1)).all(dim=2)
+        if n > 1
+        else torch.ones(windows.shape[:2], dtype=torch.bool, device=tokens.device)
+    )
     banned = torch.zeros_like(lprobs, dtype=torch.int32)
     banned.scatter_add_(1, windows[:, :, n - 1], match.to(torch.int32))
     lprobs.masked_fill_(banned > 0, -math.inf)
 
 
 @torch.no_grad()
-def generate(model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions,
-             encoder_out=None) -> list[list[Hypothesis]]:
+def generate(
+    model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions, encoder_out=None
+) -> list[list[Hypothesis]]:
     """The ``nbest`` best hypotheses of every source (best first). src_tokens: B×S right-padded."""
     cfg = model.cfg
     bos, eos, pad = cfg.bos_id, cfg.eos_id, cfg.pad_id
@@ -110,7 +116,7 @@ def generate(model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions
 
     for step in range(steps):
         B = alive.numel()
-        logits = decode(tokens[:, :step + 1], encoder_out, cache).float()
+        logits = decode(tokens[:, : step + 1], encoder_out, cache).float()
         if opts.temperature != 1.0:
             logits = logits / opts.temperature
         lprobs = torch.log_softmax(logits, dim=-1)
@@ -125,7 +131,7 @@ def generate(model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions
             lprobs[at_limit] = -math.inf
             lprobs[at_limit, eos] = eos_lp
         if opts.no_repeat_ngram_size > 0:
-            _block_ngrams(lprobs, tokens[:, :step + 1], opts.no_repeat_ngram_size)
+            _block_ngrams(lprobs, tokens[:, : step + 1], opts.no_repeat_ngram_size)
 
         if opts.sampling:
             cand_scores, cand_beams, cand_tokens = _sample(lprobs, scores, K, opts.generator)
@@ -143,7 +149,7 @@ def generate(model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions
         if eos_pos:
             where = torch.tensor(eos_pos, device=device)
             rows = cand_rows[where[:, 0], where[:, 1]]
-            prefix = tokens.index_select(0, rows)[:, 1:step + 1].tolist()
+            prefix = tokens.index_select(0, rows)[:, 1 : step + 1].tolist()
             pos = positional.index_select(0, rows)[:, :step].tolist()
             final_scores = cand_scores[where[:, 0], where[:, 1]].tolist()
             final_lprobs = cand_lprobs[where[:, 0], where[:, 1]].tolist()
@@ -151,13 +157,16 @@ def generate(model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions
             for i, (b, _) in enumerate(eos_pos):
                 done = finalized[alive_cpu[b]]
                 if len(done) < K:
-                    done.append(Hypothesis(prefix[i] + [eos], final_scores[i] / (step + 1) ** opts.lenpen,
-                                           pos[i] + [final_lprobs[i]]))
+                    done.append(
+                        Hypothesis(
+                            prefix[i] + [eos], final_scores[i] / (step + 1) ** opts.lenpen, pos[i] + [final_lprobs[i]]
+                        )
+                    )
 
         # next beams: the first K candidates that are live and not </s>
         live = finite & ~is_eos
         order_key = torch.arange(cand_scores.size(1), device=device) + (~live).long() * cand_scores.size(1)
-        pick = order_key.topk(K, dim=1, largest=False).indices                       # B×K
+        pick = order_key.topk(K, dim=1, largest=False).indices  # B×K
         picked_live = live.gather(1, pick)
         next_scores = cand_scores.gather(1, pick).masked_fill(~picked_live, -math.inf)
         next_rows = cand_rows.gather(1, pick)
@@ -168,7 +177,7 @@ def generate(model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions
         finished |= ~picked_live.any(dim=1)
         if step == steps - 1 or bool(finished.all()):
             break
-        keep = (~finished).nonzero().squeeze(1)                                      # kept batch rows
+        keep = (~finished).nonzero().squeeze(1)  # kept batch rows
         rows = next_rows.index_select(0, keep).view(-1)
         tokens = tokens.index_select(0, rows)
         tokens[:, step + 1] = next_tokens.index_select(0, keep).view(-1)
@@ -183,7 +192,7 @@ def generate(model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions
             encoder_out = encoder_out.select(keep)
             alive = alive.index_select(0, keep)
 
-    return [sorted(hyps, key=lambda h: -h.score)[:opts.nbest] for hyps in finalized]
+    return [sorted(hyps, key=lambda h: -h.score)[: opts.nbest] for hyps in finalized]
 
 
 def _sample(lprobs: Tensor, scores: Tensor, K: int, generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -203,6 +212,7 @@ def _sample(lprobs: Tensor, scores: Tensor, K: int, generator) -> tuple[Tensor, 
 # the reference: every sequence of a tiny model, scored exactly
 # ------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def exhaustive_search(model, src_tokens: Tensor, src_lengths: Tensor, opts: SearchOptions) -> list[list[Hypothesis]]:
     """All sequences ``t1..tm </s>`` (min_len <= m <= max_len) of every source, scored as beam search
@@ -213,7 +223,7 @@ def exhaustive_search(model, src_tokens: Tensor, src_lengths: Tensor, opts: Sear
     limits = max_lengths(src_lengths, opts, cfg.max_target_positions).tolist()
     results = []
     for b in range(src_tokens.size(0)):
-        source = src_tokens[b:b + 1, :int(src_lengths[b])]
+        source = src_tokens[b : b + 1, : int(src_lengths[b])]
         hyps = []
         for length in range(opts.min_len, limits[b] + 1):  # every sequence of one length in one forward
             seqs = [list(body) + [cfg.eos_id] for body in itertools.product(allowed, repeat=length)]
@@ -223,14 +233,14 @@ def exhaustive_search(model, src_tokens: Tensor, src_lengths: Tensor, opts: Sear
                 continue
             targets = torch.tensor(seqs)
             prefix = torch.cat([torch.full((len(seqs), 1), cfg.bos_id), targets[:, :-1]], dim=1)
-            logits = model.forward(source.expand(len(seqs), -1), src_lengths[b:b + 1].expand(len(seqs)), prefix)
+            logits = model.forward(source.expand(len(seqs), -1), src_lengths[b : b + 1].expand(len(seqs)), prefix)
             lprobs = torch.log_softmax(logits.float() / opts.temperature, dim=-1)
             pos = lprobs.gather(2, targets.unsqueeze(2)).squeeze(2).tolist()
-            hyps.extend(Hypothesis(seq, sum(p) / len(seq) ** opts.lenpen, p) for seq, p in zip(seqs, pos))
-        results.append(sorted(hyps, key=lambda h: -h.score)[:opts.nbest])
+            hyps.extend(Hypothesis(seq, sum(p) / len(seq) ** opts.lenpen, p) for seq, p in zip(seqs, pos, strict=True))
+        results.append(sorted(hyps, key=lambda h: -h.score)[: opts.nbest])
     return results
 
 
 def _repeats_ngram(seq: list[int], n: int) -> bool:
-    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
     return len(grams) != len(set(grams))

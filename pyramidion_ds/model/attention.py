@@ -9,6 +9,7 @@ Cross-attention keeps the encoder's K/V at one row per *source* (B×H×k×dh); t
 (source-major: row b·beam + j is beam j of source b) are folded into the query length instead, so the
 K/V are computed once per source and never copied per beam.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class StaticKeyValue:
     ``position`` is a 1-element long tensor on the device, so a decoding step has fixed shapes and reads
     no Python state: the same kernels every step, which is what a CUDA graph replays.
     """
+
     key: Tensor
     value: Tensor
     position: Tensor
@@ -115,8 +117,9 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out[:, :n] if pad else out)
 
     # -- decoder self-attention ------------------------------------------------------------------------
-    def causal(self, x: Tensor, past: Union[KeyValue, StaticKeyValue, None] = None
-               ) -> tuple[Tensor, Union[KeyValue, StaticKeyValue]]:
+    def causal(
+        self, x: Tensor, past: Union[KeyValue, StaticKeyValue, None] = None
+    ) -> tuple[Tensor, Union[KeyValue, StaticKeyValue]]:
         """Causal self-attention of the t new positions x (B×t×d) after ``past`` (B×H×L0×dh each).
 
         Returns the output B×t×d and the K/V of all L0 + t positions (the next step's ``past``). With a
@@ -158,8 +161,9 @@ class MultiheadAttention(nn.Module):
         num_sources = source_kv[0].size(0)
         rows, t, d = x.shape
         if rows % num_sources:
-            raise ValueError(f"cross-attention: {rows} decoder rows are not a whole number of beams over "
-                             f"{num_sources} sources")
+            raise ValueError(
+                f"cross-attention: {rows} decoder rows are not a whole number of beams over {num_sources} sources"
+            )
         beam = rows // num_sources
         q = self.split_heads(self.q_proj(x).reshape(num_sources, beam * t, d))  # B×H×(beam·t)×dh
         out = self._sdpa(q, source_kv[0], source_kv[1], attn_mask=source_mask[:, None, None, :])

@@ -12,6 +12,7 @@ buffers allocated once for the longest output: self_kv[layer] is (B·beam)×H×T
 tensor, and a beam reorder is only recorded (``order``) and applied at the start of the next step, so
 every step is the same fixed sequence of kernels with no host synchronisation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,14 +35,17 @@ class DecoderCache:
 
     def reorder(self, new_order: Tensor) -> None:
         """Keep decoder rows ``new_order`` (beam search: each new row comes from a beam of the same source)."""
-        self.self_kv = [None if kv is None else (kv[0].index_select(0, new_order), kv[1].index_select(0, new_order))
-                        for kv in self.self_kv]
+        self.self_kv = [
+            None if kv is None else (kv[0].index_select(0, new_order), kv[1].index_select(0, new_order))
+            for kv in self.self_kv
+        ]
 
     def select_sources(self, source_order: Tensor) -> None:
         """Keep sources ``source_order`` in the shared cross-attention K/V (drop finished sources)."""
         if self.source_kv is not None:
-            self.source_kv = [(k.index_select(0, source_order), v.index_select(0, source_order))
-                              for k, v in self.source_kv]
+            self.source_kv = [
+                (k.index_select(0, source_order), v.index_select(0, source_order)) for k, v in self.source_kv
+            ]
 
 
 class StaticDecoderCache(DecoderCache):
@@ -69,8 +73,10 @@ class StaticDecoderCache(DecoderCache):
         if order.numel() == self.rows:
             self.order.copy_(order)
             return
-        self.self_kv = [StaticKeyValue(kv.key.index_select(0, order), kv.value.index_select(0, order), self.position)
-                        for kv in self.self_kv]
+        self.self_kv = [
+            StaticKeyValue(kv.key.index_select(0, order), kv.value.index_select(0, order), self.position)
+            for kv in self.self_kv
+        ]
         self.identity = torch.arange(order.numel(), device=order.device)
         self.order = self.identity.clone()
         self.version += 1
@@ -124,13 +130,14 @@ class Decoder(nn.Module):
             cache.length += embedded.size(1)
         return self.layer_norm(x) if self.layer_norm is not None else x
 
-
     def new_static_cache(self, encoder_out: EncoderOut, rows: int, max_length: int) -> StaticDecoderCache:
         """A :class:`StaticDecoderCache` for ``rows`` decoder rows (source-major beams over the sources of
         ``encoder_out``) and up to ``max_length`` positions; the cross-attention K/V are computed here."""
         if max_length > self.positions.max_positions:
-            raise ValueError(f"static decoder cache: {max_length} positions requested, the model has "
-                             f"{self.positions.max_positions} (max_target_positions)")
+            raise ValueError(
+                f"static decoder cache: {max_length} positions requested, the model has "
+                f"{self.positions.max_positions} (max_target_positions)"
+            )
         source_kv = [layer.encoder_attn.source_key_value(encoder_out.hidden) for layer in self.layers]
         key = source_kv[0][0]
         shape = (rows, key.size(1), max_length, key.size(3))
@@ -143,7 +150,7 @@ class Decoder(nn.Module):
         sync, no Python-side state: ``cache.length`` is the caller's), so it can be captured and replayed."""
         cache.apply_order()
         x = self.dropout(embedded + self.positions.at(cache.position).to(embedded.dtype))
-        for layer, source_kv, self_kv in zip(self.layers, cache.source_kv, cache.self_kv):
+        for layer, source_kv, self_kv in zip(self.layers, cache.source_kv, cache.self_kv, strict=True):
             x, _ = layer(x, source_kv, source_mask, self_kv)
         cache.position.add_(1)
         return self.layer_norm(x) if self.layer_norm is not None else x
@@ -151,6 +158,8 @@ class Decoder(nn.Module):
 
 def _first_output(layer: DecoderLayer) -> Callable[..., Tensor]:
     """A checkpointable function of tensors only: (x, source_k, source_v, source_mask) → x."""
+
     def run(x, source_k, source_v, source_mask):
         return layer(x, (source_k, source_v), source_mask)[0]
+
     return run

@@ -19,6 +19,7 @@ layer-normalised copy, ``[LN]`` above (``layer_norm``): the stream grows layer b
 the scores saturate in the sigmoid and the ranking between slots is lost. Neither choice adds
 parameters, so one checkpoint loads with either.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,6 +41,7 @@ CheckpointFn = Callable[..., Tensor]
 @dataclass
 class Stage:
     """Layers run at one width; ``pooled_width`` is the top-k target after them (None: no pooling)."""
+
     layers: list[int]
     width: int
     chunk_size: int
@@ -49,19 +51,20 @@ class Stage:
 @dataclass
 class PoolingInfo:
     """What one top-k kept, for statistics and the explain page (detached)."""
+
     after_layer: int
     input_width: int
     output_width: int
-    input_scores: Tensor      #: B×input_width, the scorer's ratings of the slots it pooled
-    pooled_scores: Tensor     #: B×output_width
+    input_scores: Tensor  #: B×input_width, the scorer's ratings of the slots it pooled
+    pooled_scores: Tensor  #: B×output_width
     source_positions: Tensor  #: B×output_width, original token position dominating each kept slot
-    mask: Tensor              #: B×output_width, True = real content
+    mask: Tensor  #: B×output_width, True = real content
 
 
 @dataclass
 class EncoderOut:
-    hidden: Tensor   #: B×k×d, the pooled encoder output
-    mask: Tensor     #: B×k bool, True = real content (False = padding)
+    hidden: Tensor  #: B×k×d, the pooled encoder output
+    mask: Tensor  #: B×k bool, True = real content (False = padding)
     source_positions: Tensor  #: B×k, original token position dominating each output slot
     pooling: list[PoolingInfo] = field(default_factory=list)
 
@@ -72,19 +75,24 @@ class EncoderOut:
 
     def select(self, source_order: Tensor) -> "EncoderOut":
         """Rows ``source_order`` (e.g. repeat each source per beam, or drop finished sources)."""
-        return EncoderOut(self.hidden.index_select(0, source_order), self.mask.index_select(0, source_order),
-                          self.source_positions.index_select(0, source_order), self.pooling)
+        return EncoderOut(
+            self.hidden.index_select(0, source_order),
+            self.mask.index_select(0, source_order),
+            self.source_positions.index_select(0, source_order),
+            self.pooling,
+        )
 
 
 def pooling_layers(cfg: ModelConfig, widths: Optional[list[int]] = None) -> set[int]:
     """Encoder layers followed by a scorer + top-k in the configured pyramid."""
     widths = cfg.encoder_widths() if widths is None else widths
     previous = [cfg.max_source_positions] + widths[:-1]
-    return {i for i, (w_in, w_out) in enumerate(zip(previous, widths)) if w_out < w_in}
+    return {i for i, (w_in, w_out) in enumerate(zip(previous, widths, strict=True)) if w_out < w_in}
 
 
-def encoder_stages(cfg: ModelConfig, input_width: int, widths: Optional[list[int]] = None,
-                   pooling: Optional[set[int]] = None) -> list[Stage]:
+def encoder_stages(
+    cfg: ModelConfig, input_width: int, widths: Optional[list[int]] = None, pooling: Optional[set[int]] = None
+) -> list[Stage]:
     """Group the encoder's layers into stages for an input of ``input_width`` tokens (config only).
 
     A stage ends at every configured pooling layer whatever the input width, so every batch runs the
@@ -151,13 +159,29 @@ class Encoder(nn.Module):
                     x = x + 0.0 * self.score_logits(last, x)
                 continue
             scores = torch.sigmoid(self.score_logits(last, x).squeeze(-1).float()) + 1e-5
-            pooled = successive_halving_topk(x, scores, stage.pooled_width, base=self.cfg.topk_base,
-                                             flip_right=self.cfg.flip_right, sort_back=self.cfg.sort_back,
-                                             mask=real_mask, hard=self.cfg.hard_topk)
+            pooled = successive_halving_topk(
+                x,
+                scores,
+                stage.pooled_width,
+                base=self.cfg.topk_base,
+                flip_right=self.cfg.flip_right,
+                sort_back=self.cfg.sort_back,
+                mask=real_mask,
+                hard=self.cfg.hard_topk,
+            )
             x, real_mask = pooled.values, pooled.mask
             source_positions = source_positions.gather(1, pooled.source_index)
-            pooling.append(PoolingInfo(last, stage.width, stage.pooled_width, scores.detach(),
-                                       pooled.scores.detach(), source_positions, real_mask))
+            pooling.append(
+                PoolingInfo(
+                    last,
+                    stage.width,
+                    stage.pooled_width,
+                    scores.detach(),
+                    pooled.scores.detach(),
+                    source_positions,
+                    real_mask,
+                )
+            )
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return EncoderOut(x, real_mask, source_positions, pooling)
@@ -177,4 +201,3 @@ class Encoder(nn.Module):
         for index in layer_indices:
             x = self.layers[index](x, real_mask, chunk_size)
         return x
-

@@ -1,4 +1,5 @@
 """Embeddings and transformer layers (pre- or post-norm), fairseq parameter names."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ class TokenEmbedding(nn.Module):
         self.pad_id = pad_id
         self.scale = math.sqrt(d_model)
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
-        nn.init.normal_(self.weight, mean=0.0, std=d_model ** -0.5)
+        nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
         with torch.no_grad():
             self.weight[pad_id].zero_()
 
@@ -43,7 +44,7 @@ class PositionEmbedding(nn.Module):
         self.max_positions = max_positions
         if learned:
             self.weight = nn.Parameter(torch.empty(max_positions, d_model))
-            nn.init.normal_(self.weight, mean=0.0, std=d_model ** -0.5)
+            nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
         else:
             half = d_model // 2
             freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000.0) / max(half - 1, 1)))
@@ -56,10 +57,12 @@ class PositionEmbedding(nn.Module):
     def forward(self, length: int, offset: int = 0) -> Tensor:
         """Embeddings of positions offset..offset+length-1: length×d."""
         if offset + length > self.max_positions:
-            raise ValueError(f"positions: {offset + length} positions requested, the model has "
-                             f"{self.max_positions} (max_source_positions / max_target_positions)")
+            raise ValueError(
+                f"positions: {offset + length} positions requested, the model has "
+                f"{self.max_positions} (max_source_positions / max_target_positions)"
+            )
         weight = self.weight if hasattr(self, "weight") else self.table
-        return weight[offset:offset + length]
+        return weight[offset : offset + length]
 
     def at(self, position: Tensor) -> Tensor:
         """Embedding of the position held in a 1-element long tensor: 1×d (no host sync, no bounds check)."""
@@ -115,8 +118,9 @@ class DecoderLayer(_Layer):
         self.encoder_attn = MultiheadAttention(cfg.d_model, cfg.num_heads, cfg.attention_dropout, cross=True)
         self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, x: Tensor, source_kv: KeyValue, source_mask: Tensor,
-                past: Optional[KeyValue] = None) -> tuple[Tensor, KeyValue]:
+    def forward(
+        self, x: Tensor, source_kv: KeyValue, source_mask: Tensor, past: Optional[KeyValue] = None
+    ) -> tuple[Tensor, KeyValue]:
         """x: (B·beam)×t×d new positions; returns the output and this layer's self-attention K/V."""
         present = []
 
@@ -126,6 +130,5 @@ class DecoderLayer(_Layer):
             return out
 
         x = self.residual(x, self.self_attn_layer_norm, self_attention)
-        x = self.residual(x, self.encoder_attn_layer_norm,
-                          lambda h: self.encoder_attn.cross(h, source_kv, source_mask))
+        x = self.residual(x, self.encoder_attn_layer_norm, lambda h: self.encoder_attn.cross(h, source_kv, source_mask))
         return self.residual(x, self.final_layer_norm, self.ffn), present[0]

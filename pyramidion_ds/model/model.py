@@ -3,6 +3,7 @@
 Plain PyTorch: DeepSpeed (ZeRO-3 construction, activation checkpointing) is applied from outside
 through :meth:`PyramidionModel.set_activation_checkpointing` and ordinary module hooks.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -23,8 +24,10 @@ class PyramidionModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not cfg.vocab_size:
-            raise ValueError("model.vocab_size: got 0, expected the vocabulary size (take it from the "
-                             "sentencepiece model before building the model)")
+            raise ValueError(
+                "model.vocab_size: got 0, expected the vocabulary size (take it from the "
+                "sentencepiece model before building the model)"
+            )
         self.cfg = cfg
         self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
         self.encoder = Encoder(cfg)
@@ -34,8 +37,10 @@ class PyramidionModel(nn.Module):
     def encode(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None) -> EncoderOut:
         """src_tokens B×n (right-padded with pad_id) → EncoderOut (hidden B×k×d, mask B×k, pooling info)."""
         if src_tokens.size(1) > self.cfg.max_source_positions:
-            raise ValueError(f"encode: source of {src_tokens.size(1)} tokens is longer than "
-                             f"model.max_source_positions ({self.cfg.max_source_positions})")
+            raise ValueError(
+                f"encode: source of {src_tokens.size(1)} tokens is longer than "
+                f"model.max_source_positions ({self.cfg.max_source_positions})"
+            )
         if src_lengths is None:
             real_mask = src_tokens.ne(self.cfg.pad_id)
         else:
@@ -55,8 +60,7 @@ class PyramidionModel(nn.Module):
         """A fixed-shape cache for ``rows`` decoder rows and ``max_length`` positions (CUDA-graph decoding)."""
         return self.decoder.new_static_cache(encoder_out, rows, max_length)
 
-    def decode_step(self, prev_tokens: Tensor, encoder_out: EncoderOut,
-                    cache: Optional[DecoderCache] = None) -> Tensor:
+    def decode_step(self, prev_tokens: Tensor, encoder_out: EncoderOut, cache: Optional[DecoderCache] = None) -> Tensor:
         """Logits (B·beam)×V of the last position of ``prev_tokens`` ((B·beam)×t, all tokens so far).
 
         With a cache only the positions not yet in it are run (normally the last one) and the cache is
@@ -64,10 +68,12 @@ class PyramidionModel(nn.Module):
         source (its beams are rows b·beam .. b·beam+beam-1 of ``prev_tokens``) or one per decoder row.
         A :class:`StaticDecoderCache` takes exactly one new position per call.
         """
-        new_tokens = prev_tokens if cache is None else prev_tokens[:, cache.length:]
+        new_tokens = prev_tokens if cache is None else prev_tokens[:, cache.length :]
         if new_tokens.size(1) == 0:
-            raise ValueError(f"decode_step: the cache already holds {cache.length} positions and prev_tokens "
-                             f"has {prev_tokens.size(1)}; nothing new to decode")
+            raise ValueError(
+                f"decode_step: the cache already holds {cache.length} positions and prev_tokens "
+                f"has {prev_tokens.size(1)}; nothing new to decode"
+            )
         if isinstance(cache, StaticDecoderCache):
             logits = self.static_step(new_tokens, encoder_out.mask, cache)
             cache.length += 1
@@ -114,8 +120,9 @@ class PyramidionModel(nn.Module):
         ("layer"); decoder layers are checkpointed one by one in both. ``checkpoint_fn(function, *args)``
         is e.g. ``deepspeed.checkpointing.checkpoint``; "off" or None disables it."""
         if granularity not in GRANULARITIES:
-            raise ValueError(f"activation checkpointing granularity: got {granularity!r}, expected one of "
-                             f"{', '.join(GRANULARITIES)}")
+            raise ValueError(
+                f"activation checkpointing granularity: got {granularity!r}, expected one of {', '.join(GRANULARITIES)}"
+            )
         if granularity == "off":
             checkpoint_fn = None
         self.encoder.checkpoint_fn = checkpoint_fn
@@ -143,10 +150,13 @@ def training_flops(cfg: ModelConfig, batch_size: int, src_len: int, tgt_len: int
             encoder += 2 * stage.width * d  # scorer
             width = stage.pooled_width
     pooled = width
-    decoder_layer = (2 * tgt_len * (4 * d * d + 2 * d * f)   # self-attn projections + FFN
-                     + 4 * tgt_len * tgt_len * d              # causal self-attention (full square)
-                     + 2 * tgt_len * 2 * d * d + 2 * pooled * 2 * d * d  # cross q/out, k/v projections
-                     + 4 * tgt_len * pooled * d)              # cross-attention
+    decoder_layer = (
+        2 * tgt_len * (4 * d * d + 2 * d * f)  # self-attn projections + FFN
+        + 4 * tgt_len * tgt_len * d  # causal self-attention (full square)
+        + 2 * tgt_len * 2 * d * d
+        + 2 * pooled * 2 * d * d  # cross q/out, k/v projections
+        + 4 * tgt_len * pooled * d
+    )  # cross-attention
     output_projection = 2 * tgt_len * d * cfg.vocab_size
     forward = encoder + cfg.decoder_layers * decoder_layer + output_projection
     return float(3 * batch_size * forward)

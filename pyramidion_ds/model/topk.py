@@ -22,6 +22,7 @@ On CUDA the same plan and mix run as four Triton kernels (:mod:`.topk_triton`, t
 backward); ``PYRAMIDION_TOPK=auto|torch|triton`` chooses (``docs/topk_kernels.md``). ``hard`` mode stays
 on torch in both: ``topk`` and a few ``gather``s.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,9 @@ DUMMY_LOGIT = -3.0e4
 
 
 class TopKOutput(NamedTuple):
-    values: Tensor        #: B×k×d pooled representations
-    scores: Tensor        #: B×k pooled scores
-    mask: Tensor          #: B×k bool, True where the slot holds real (non-padding) content
+    values: Tensor  #: B×k×d pooled representations
+    scores: Tensor  #: B×k pooled scores
+    mask: Tensor  #: B×k bool, True where the slot holds real (non-padding) content
     source_index: Tensor  #: B×k long, input position that dominates each slot's mixing weight
 
 
@@ -54,9 +55,17 @@ def round_widths(n: int, k: int) -> list[int]:
     return widths
 
 
-def successive_halving_topk(x: Tensor, scores: Tensor, k: int, *, base: float = 20.0, flip_right: bool = True,
-                            sort_back: bool = False, mask: Optional[Tensor] = None,
-                            hard: bool = False) -> TopKOutput:
+def successive_halving_topk(
+    x: Tensor,
+    scores: Tensor,
+    k: int,
+    *,
+    base: float = 20.0,
+    flip_right: bool = True,
+    sort_back: bool = False,
+    mask: Optional[Tensor] = None,
+    hard: bool = False,
+) -> TopKOutput:
     """Pool ``x`` (B×n×d) to k slots guided by ``scores`` (B×n, in (0, 1]).
 
     ``mask`` (B×n bool, True = real token) marks padding, which never outranks a real token.
@@ -65,14 +74,17 @@ def successive_halving_topk(x: Tensor, scores: Tensor, k: int, *, base: float = 
     ``scores`` (through the mixing weights and the mixed scores). When k >= n the input is returned.
     """
     if x.dim() != 3 or scores.shape != x.shape[:2]:
-        raise ValueError(f"successive_halving_topk: x must be B×n×d and scores B×n, got x {tuple(x.shape)} "
-                         f"and scores {tuple(scores.shape)}")
+        raise ValueError(
+            f"successive_halving_topk: x must be B×n×d and scores B×n, got x {tuple(x.shape)} "
+            f"and scores {tuple(scores.shape)}"
+        )
     batch, n, _ = x.shape
     if mask is None:
         mask = torch.ones(batch, n, dtype=torch.bool, device=x.device)
     elif mask.shape != scores.shape:
-        raise ValueError(f"successive_halving_topk: mask must be B×n like scores {tuple(scores.shape)}, "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(
+            f"successive_halving_topk: mask must be B×n like scores {tuple(scores.shape)}, got {tuple(mask.shape)}"
+        )
     if k < 1:
         raise ValueError(f"successive_halving_topk: k must be positive, got {k}")
     if k >= n:
@@ -82,6 +94,7 @@ def successive_halving_topk(x: Tensor, scores: Tensor, k: int, *, base: float = 
     compute_dtype = torch.promote_types(scores.dtype, torch.float32)
     if not hard and _use_triton(x, compute_dtype):  # the kernels read padding scores as 0 themselves
         from . import topk_triton
+
         return TopKOutput(*topk_triton.pool(x, scores.to(compute_dtype), mask, k, base, flip_right, sort_back))
     scores = torch.where(mask, scores.to(compute_dtype), 0.0)
     if hard:
@@ -109,11 +122,14 @@ def _use_triton(x: Tensor, compute_dtype: torch.dtype) -> bool:
     if choice == "auto" and not x.is_cuda:
         return False
     from . import topk_triton
+
     supported = compute_dtype == torch.float32 and x.dtype != torch.float64
     if choice == "triton":
         if not topk_triton.AVAILABLE or not supported:
-            raise ValueError(f"{BACKEND_ENV}=triton: needs an importable triton and float32 (or narrower) "
-                             f"scores and x, got scores in {compute_dtype} and x in {x.dtype}")
+            raise ValueError(
+                f"{BACKEND_ENV}=triton: needs an importable triton and float32 (or narrower) "
+                f"scores and x, got scores in {compute_dtype} and x in {x.dtype}"
+            )
         return True
     return x.is_cuda and supported and topk_triton.AVAILABLE
 
@@ -145,8 +161,8 @@ def _pooling_plan(scores: Tensor, mask: Tensor, k: int, base: float, flip_right:
         # rank by score (as stated, not by base**score, which can round distinct scores together); the stable
         # sort puts real ties and all padding (-inf) in position order, on every device and in the Triton path
         order = torch.where(mask, scores, -math.inf).argsort(dim=1, descending=True, stable=True)
-        left = order[:, num_pass:num_pass + num_pairs]
-        right = order[:, num_pass + num_pairs:]
+        left = order[:, num_pass : num_pass + num_pairs]
+        right = order[:, num_pass + num_pairs :]
         if flip_right:
             right = right.flip(1)
         if num_pass:
@@ -174,7 +190,8 @@ def _pooling_plan(scores: Tensor, mask: Tensor, k: int, base: float, flip_right:
         else:
             gathered = weights.gather(1, pairs.unsqueeze(-1).expand(-1, -1, group))
             weights = (gathered.view(batch, new_width, 2, group) * pair_weights.unsqueeze(-1)).view(
-                batch, new_width, 2 * group)
+                batch, new_width, 2 * group
+            )
     return members, weights, scores, mask
 
 
@@ -209,8 +226,9 @@ class _MixMembers(torch.autograd.Function):
             gathered = x_rows.index_select(0, flat_members.view(-1)).view(batch * k, group, dim)
             values = torch.bmm(mix_weights.unsqueeze(1), gathered).view(batch * k, dim)
         else:  # CPU: the fused gather + weighted sum is ~3× faster than filling a B×k×G×d buffer
-            values = F.embedding_bag(flat_members.view(batch * k, group), x_rows, per_sample_weights=mix_weights,
-                                     mode="sum")
+            values = F.embedding_bag(
+                flat_members.view(batch * k, group), x_rows, per_sample_weights=mix_weights, mode="sum"
+            )
         # per input position: its slot (row of the flattened B×k output) and total weight; dummies land
         # in the extra column n, which is dropped
         slot = torch.arange(batch * k, device=x.device).view(batch, k, 1).expand(batch, k, group)

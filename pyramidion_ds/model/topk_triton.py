@@ -37,6 +37,7 @@ CUDA tensors, or on CPU tensors through Triton's interpreter when the process im
 ``TRITON_INTERPRET=1`` (tests compare them with the torch path there). ``triton`` is imported
 guardedly: :data:`AVAILABLE` is False without it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,6 +51,7 @@ from .topk import round_widths  # the rounds of both paths follow one rule
 try:  # the model must import on installs without a working triton
     import triton
     import triton.language as tl
+
     AVAILABLE = True
 except Exception:  # pragma: no cover - depends on the install
     triton = tl = None
@@ -72,9 +74,29 @@ def plan_length(n: int, k: int) -> int:
 # Plain functions made kernels by _kernel() on first launch (triton.jit: compiled, or with TRITON_INTERPRET=1
 # at triton's import, interpreted on CPU tensors).
 
-def _plan_forward(scores_ptr, mask_ptr, members_ptr, wpos_ptr, slot_ptr, pooled_scores_ptr, pooled_mask_ptr,
-                  source_ptr, plan_index_ptr, plan_value_ptr, scratch_ptr, n, k, num_rounds, group, plan_len,
-                  log2_base, FLIP: tl.constexpr, SORT_BACK: tl.constexpr, BLOCK: tl.constexpr):
+
+def _plan_forward(
+    scores_ptr,
+    mask_ptr,
+    members_ptr,
+    wpos_ptr,
+    slot_ptr,
+    pooled_scores_ptr,
+    pooled_mask_ptr,
+    source_ptr,
+    plan_index_ptr,
+    plan_value_ptr,
+    scratch_ptr,
+    n,
+    k,
+    num_rounds,
+    group,
+    plan_len,
+    log2_base,
+    FLIP: tl.constexpr,
+    SORT_BACK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK)
     in_row = idx < n
@@ -150,8 +172,7 @@ def _plan_forward(scores_ptr, mask_ptr, members_ptr, wpos_ptr, slot_ptr, pooled_
         next_offset = offset + width
         new_score = tl.where(paired, score * weight + partner_score * partner_weight, score)
         tl.store(plan_score + next_offset + new_slot, new_score, mask=live & is_top)
-        tl.store(plan_mask + next_offset + new_slot, (real | (paired & partner_real)).to(tl.int32),
-                 mask=live & is_top)
+        tl.store(plan_mask + next_offset + new_slot, (real | (paired & partner_real)).to(tl.int32), mask=live & is_top)
         tl.debug_barrier()
         # positions follow their slot
         slot_rank = tl.load(rank_ptr + pos_slot, mask=in_row, other=0)
@@ -175,8 +196,21 @@ def _plan_forward(scores_ptr, mask_ptr, members_ptr, wpos_ptr, slot_ptr, pooled_
     tl.store(source_ptr + row * k + pos_slot, idx.to(tl.int64), mask=in_row & (pos_group == 0))
 
 
-def _plan_backward(grad_wpos_ptr, grad_pooled_ptr, plan_index_ptr, plan_value_ptr, work_ptr, grad_scores_ptr,
-                   n, k, num_rounds, plan_len, log2_base, ln_base, BLOCK: tl.constexpr):
+def _plan_backward(
+    grad_wpos_ptr,
+    grad_pooled_ptr,
+    plan_index_ptr,
+    plan_value_ptr,
+    work_ptr,
+    grad_scores_ptr,
+    n,
+    k,
+    num_rounds,
+    plan_len,
+    log2_base,
+    ln_base,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK)
     plan_slot = plan_index_ptr + row * 3 * plan_len
@@ -191,7 +225,7 @@ def _plan_backward(grad_wpos_ptr, grad_pooled_ptr, plan_index_ptr, plan_value_pt
     tl.store(subtree + idx, tl.load(grad_wpos_ptr + row * n + idx, mask=idx < n, other=0.0), mask=idx < n)
     width = n
     offset = 0
-    for r in range(num_rounds):  # forward sweep: T of every section
+    for _r in range(num_rounds):  # forward sweep: T of every section
         new_width = tl.maximum(k, (width + 1) // 2)
         live = idx < width
         tl.debug_barrier()
@@ -199,11 +233,13 @@ def _plan_backward(grad_wpos_ptr, grad_pooled_ptr, plan_index_ptr, plan_value_pt
         left = live & (code >= -1)
         paired = left & (code >= 0)
         new_slot = tl.load(plan_slot + offset + idx, mask=left, other=0)
-        value = tl.load(plan_weight + offset + idx, mask=left, other=0.0) * tl.load(subtree + offset + idx,
-                                                                                     mask=left, other=0.0)
+        value = tl.load(plan_weight + offset + idx, mask=left, other=0.0) * tl.load(
+            subtree + offset + idx, mask=left, other=0.0
+        )
         partner = tl.where(paired, code, 0)
         value += tl.load(plan_weight + offset + partner, mask=paired, other=0.0) * tl.load(
-            subtree + offset + partner, mask=paired, other=0.0)
+            subtree + offset + partner, mask=paired, other=0.0
+        )
         tl.store(subtree + offset + width + new_slot, value, mask=left)
         offset += width
         width = new_width
@@ -234,8 +270,11 @@ def _plan_backward(grad_wpos_ptr, grad_pooled_ptr, plan_index_ptr, plan_value_pt
         grad_self = next_q * tl.load(subtree + offset + idx, mask=live, other=0.0) + next_a * score
         grad_partner = next_q * tl.load(subtree + offset + partner, mask=paired, other=0.0) + next_a * partner_score
         # softmax backward over the pair, as torch writes it: w_i (g_i - Σ_j w_j g_j)
-        left_first = tl.where(code >= 0, weight * grad_self + partner_weight * grad_partner,
-                              partner_weight * grad_partner + weight * grad_self)
+        left_first = tl.where(
+            code >= 0,
+            weight * grad_self + partner_weight * grad_partner,
+            partner_weight * grad_partner + weight * grad_self,
+        )
         grad_logit = tl.where(paired, weight * (grad_self - left_first), 0.0)
         logit = tl.exp2(score * log2_base)
         grad_score = next_a * weight + tl.where(real, grad_logit * (logit * ln_base), 0.0)
@@ -248,8 +287,19 @@ def _plan_backward(grad_wpos_ptr, grad_pooled_ptr, plan_index_ptr, plan_value_pt
     tl.store(grad_scores_ptr + row * n + idx, grad, mask=in_row)
 
 
-def _mix_forward(x_ptr, wpos_ptr, members_ptr, values_ptr, n, k, dim, group, total_slots,
-                 BLOCK_SLOTS: tl.constexpr, BLOCK_DIM: tl.constexpr):
+def _mix_forward(
+    x_ptr,
+    wpos_ptr,
+    members_ptr,
+    values_ptr,
+    n,
+    k,
+    dim,
+    group,
+    total_slots,
+    BLOCK_SLOTS: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+):
     slots = tl.program_id(0).to(tl.int64) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
     cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     valid = slots < total_slots
@@ -261,15 +311,27 @@ def _mix_forward(x_ptr, wpos_ptr, members_ptr, values_ptr, n, k, dim, group, tot
         real = valid & (member < n)
         position = row_start + member
         weight = tl.load(wpos_ptr + position, mask=real, other=0.0)
-        rows = tl.load(x_ptr + position[:, None] * dim + cols[None, :], mask=real[:, None] & col_ok[None, :],
-                       other=0.0)
+        rows = tl.load(x_ptr + position[:, None] * dim + cols[None, :], mask=real[:, None] & col_ok[None, :], other=0.0)
         acc += weight[:, None] * rows.to(tl.float32)
-    tl.store(values_ptr + slots[:, None] * dim + cols[None, :], acc.to(values_ptr.dtype.element_ty),
-             mask=valid[:, None] & col_ok[None, :])
+    tl.store(
+        values_ptr + slots[:, None] * dim + cols[None, :],
+        acc.to(values_ptr.dtype.element_ty),
+        mask=valid[:, None] & col_ok[None, :],
+    )
 
 
-def _mix_backward(x_ptr, grad_values_ptr, wpos_ptr, slot_ptr, grad_x_ptr, grad_wpos_ptr, total_positions, dim,
-                  BLOCK_POSITIONS: tl.constexpr, BLOCK_DIM: tl.constexpr):
+def _mix_backward(
+    x_ptr,
+    grad_values_ptr,
+    wpos_ptr,
+    slot_ptr,
+    grad_x_ptr,
+    grad_wpos_ptr,
+    total_positions,
+    dim,
+    BLOCK_POSITIONS: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+):
     positions = tl.program_id(0).to(tl.int64) * BLOCK_POSITIONS + tl.arange(0, BLOCK_POSITIONS)
     valid = positions < total_positions
     slot = tl.load(slot_ptr + positions, mask=valid, other=0).to(tl.int64)
@@ -280,8 +342,11 @@ def _mix_backward(x_ptr, grad_values_ptr, wpos_ptr, slot_ptr, grad_x_ptr, grad_w
         ok = valid[:, None] & (cols < dim)[None, :]
         grad_rows = tl.load(grad_values_ptr + slot[:, None] * dim + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         rows = tl.load(x_ptr + positions[:, None] * dim + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(grad_x_ptr + positions[:, None] * dim + cols[None, :],
-                 (weight[:, None] * grad_rows).to(grad_x_ptr.dtype.element_ty), mask=ok)
+        tl.store(
+            grad_x_ptr + positions[:, None] * dim + cols[None, :],
+            (weight[:, None] * grad_rows).to(grad_x_ptr.dtype.element_ty),
+            mask=ok,
+        )
         dot += tl.sum(grad_rows * rows, axis=1)
     tl.store(grad_wpos_ptr + positions, dot, mask=valid)
 
@@ -299,8 +364,10 @@ def interpreted() -> bool:
 def _launch(fn, grid, *args, **meta):
     global launch_count, launching
     if not args[0].is_cuda and not interpreted():
-        raise RuntimeError("the Triton top-k kernels take CPU tensors only in Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is imported")
+        raise RuntimeError(
+            "the Triton top-k kernels take CPU tensors only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported"
+        )
     launch_count += 1
     launching = True  # the interpreter runs torch operators of its own; counters skip those
     try:
@@ -327,6 +394,7 @@ MIX_ROWS, MIX_COLUMNS = 8, 128
 
 # ------------------------------------------------------------------------------------------- launchers
 
+
 def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool, sort_back: bool):
     """The rounds on scores. scores: B×n float32 (padding entries are read as 0), mask: B×n bool.
 
@@ -335,10 +403,10 @@ def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: 
     saved plan: index B×3×L int32 and values B×2×L float32 (L = :func:`plan_length`).
     """
     batch, n = scores.shape
-    if n >= 2 ** 24:
+    if n >= 2**24:
         raise ValueError(f"Triton top-k: at most 2**24 positions per row, got {n}")
     num_rounds = len(round_widths(n, k))
-    group, length, block = 2 ** num_rounds, plan_length(n, k), _row_block(n)
+    group, length, block = 2**num_rounds, plan_length(n, k), _row_block(n)
     device = scores.device
     members = torch.empty(batch, k, group, dtype=torch.int32, device=device)
     weight_of_position = torch.empty(batch, n, dtype=torch.float32, device=device)
@@ -349,25 +417,74 @@ def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: 
     plan_index = torch.empty(batch, 3, length, dtype=torch.int32, device=device)
     plan_value = torch.empty(batch, 2, length, dtype=torch.float32, device=device)
     scratch = torch.empty(batch, 2, block, dtype=torch.int32, device=device)
-    _launch(_plan_forward, (batch,), scores.contiguous(), mask.contiguous(), members, weight_of_position,
-            slot_of_position, pooled_scores, pooled_mask, source_index, plan_index, plan_value, scratch, n, k,
-            num_rounds, group, length, math.log2(base), FLIP=flip_right, SORT_BACK=sort_back, BLOCK=block,
-            num_warps=_row_warps(block))
-    return (members, weight_of_position, slot_of_position, pooled_scores, pooled_mask, source_index, plan_index,
-            plan_value)
+    _launch(
+        _plan_forward,
+        (batch,),
+        scores.contiguous(),
+        mask.contiguous(),
+        members,
+        weight_of_position,
+        slot_of_position,
+        pooled_scores,
+        pooled_mask,
+        source_index,
+        plan_index,
+        plan_value,
+        scratch,
+        n,
+        k,
+        num_rounds,
+        group,
+        length,
+        math.log2(base),
+        FLIP=flip_right,
+        SORT_BACK=sort_back,
+        BLOCK=block,
+        num_warps=_row_warps(block),
+    )
+    return (
+        members,
+        weight_of_position,
+        slot_of_position,
+        pooled_scores,
+        pooled_mask,
+        source_index,
+        plan_index,
+        plan_value,
+    )
 
 
-def plan_backward(grad_weight_of_position: Tensor, grad_pooled_scores: Tensor, plan_index: Tensor,
-                  plan_value: Tensor, k: int, base: float) -> Tensor:
+def plan_backward(
+    grad_weight_of_position: Tensor,
+    grad_pooled_scores: Tensor,
+    plan_index: Tensor,
+    plan_value: Tensor,
+    k: int,
+    base: float,
+) -> Tensor:
     """Gradient of the scores (B×n float32) from those of weight_of_position (B×n) and pooled scores (B×k)."""
     batch, n = grad_weight_of_position.shape
     length, block = plan_index.size(2), _row_block(n)
     grad_scores = torch.empty(batch, n, dtype=torch.float32, device=plan_index.device)
     work = torch.empty(batch, 3, length, dtype=torch.float32, device=plan_index.device)
-    _launch(_plan_backward, (batch,), grad_weight_of_position.float().contiguous(),
-            grad_pooled_scores.float().contiguous(), plan_index, plan_value, work, grad_scores, n, k,
-            len(round_widths(n, k)), length, math.log2(base), math.log(base), BLOCK=block,
-            num_warps=_row_warps(block))
+    _launch(
+        _plan_backward,
+        (batch,),
+        grad_weight_of_position.float().contiguous(),
+        grad_pooled_scores.float().contiguous(),
+        plan_index,
+        plan_value,
+        work,
+        grad_scores,
+        n,
+        k,
+        len(round_widths(n, k)),
+        length,
+        math.log2(base),
+        math.log(base),
+        BLOCK=block,
+        num_warps=_row_warps(block),
+    )
     return grad_scores
 
 
@@ -378,8 +495,21 @@ def mix_forward(x: Tensor, weight_of_position: Tensor, members: Tensor) -> Tenso
     values = x.new_empty(batch, k, dim)
     block_dim = min(MIX_COLUMNS, triton.next_power_of_2(dim))
     grid = (triton.cdiv(batch * k, MIX_ROWS), triton.cdiv(dim, block_dim))
-    _launch(_mix_forward, grid, x.contiguous(), weight_of_position, members, values, n, k, dim, group, batch * k,
-            BLOCK_SLOTS=MIX_ROWS, BLOCK_DIM=block_dim)
+    _launch(
+        _mix_forward,
+        grid,
+        x.contiguous(),
+        weight_of_position,
+        members,
+        values,
+        n,
+        k,
+        dim,
+        group,
+        batch * k,
+        BLOCK_SLOTS=MIX_ROWS,
+        BLOCK_DIM=block_dim,
+    )
     return values
 
 
@@ -389,9 +519,20 @@ def mix_backward(grad_values: Tensor, x: Tensor, weight_of_position: Tensor, slo
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     grad_weight = weight_of_position.new_empty(batch, n)
     block_dim = min(MIX_COLUMNS, triton.next_power_of_2(dim))
-    _launch(_mix_backward, (triton.cdiv(batch * n, MIX_ROWS),), x.contiguous(), grad_values.contiguous(),
-            weight_of_position, slot_of_position, grad_x, grad_weight, batch * n, dim, BLOCK_POSITIONS=MIX_ROWS,
-            BLOCK_DIM=block_dim)
+    _launch(
+        _mix_backward,
+        (triton.cdiv(batch * n, MIX_ROWS),),
+        x.contiguous(),
+        grad_values.contiguous(),
+        weight_of_position,
+        slot_of_position,
+        grad_x,
+        grad_weight,
+        batch * n,
+        dim,
+        BLOCK_POSITIONS=MIX_ROWS,
+        BLOCK_DIM=block_dim,
+    )
     return grad_x, grad_weight
 
 
@@ -400,8 +541,16 @@ class _TopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scores, mask, k, base, flip_right, sort_back):
-        members, weight_of_position, slot_of_position, pooled_scores, pooled_mask, source_index, plan_index, \
-            plan_value = plan_forward(scores, mask, k, base, flip_right, sort_back)
+        (
+            members,
+            weight_of_position,
+            slot_of_position,
+            pooled_scores,
+            pooled_mask,
+            source_index,
+            plan_index,
+            plan_value,
+        ) = plan_forward(scores, mask, k, base, flip_right, sort_back)
         values = mix_forward(x, weight_of_position, members)
         ctx.k, ctx.base = k, base
         ctx.save_for_backward(x, weight_of_position, slot_of_position, plan_index, plan_value)
@@ -430,9 +579,11 @@ class _TopK(torch.autograd.Function):
 # Registered for every device; CPU tensors need the interpreter (tests).
 
 if AVAILABLE:
+
     @torch.library.custom_op("pyramidion::topk_plan", mutates_args=())
-    def topk_plan(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool,
-                  sort_back: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def topk_plan(
+        scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool, sort_back: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """:func:`plan_forward` as a custom op."""
         return plan_forward(scores, mask, k, base, flip_right, sort_back)
 
@@ -441,14 +592,26 @@ if AVAILABLE:
         batch, n = scores.shape
         group, length = 2 ** len(round_widths(n, k)), plan_length(n, k)
         new = scores.new_empty
-        return (new(batch, k, group, dtype=torch.int32), new(batch, n, dtype=torch.float32),
-                new(batch, n, dtype=torch.int32), new(batch, k, dtype=torch.float32), new(batch, k, dtype=torch.bool),
-                new(batch, k, dtype=torch.int64), new(batch, 3, length, dtype=torch.int32),
-                new(batch, 2, length, dtype=torch.float32))
+        return (
+            new(batch, k, group, dtype=torch.int32),
+            new(batch, n, dtype=torch.float32),
+            new(batch, n, dtype=torch.int32),
+            new(batch, k, dtype=torch.float32),
+            new(batch, k, dtype=torch.bool),
+            new(batch, k, dtype=torch.int64),
+            new(batch, 3, length, dtype=torch.int32),
+            new(batch, 2, length, dtype=torch.float32),
+        )
 
     @torch.library.custom_op("pyramidion::topk_plan_backward", mutates_args=())
-    def topk_plan_backward(grad_weight_of_position: Tensor, grad_pooled_scores: Tensor, plan_index: Tensor,
-                           plan_value: Tensor, k: int, base: float) -> Tensor:
+    def topk_plan_backward(
+        grad_weight_of_position: Tensor,
+        grad_pooled_scores: Tensor,
+        plan_index: Tensor,
+        plan_value: Tensor,
+        k: int,
+        base: float,
+    ) -> Tensor:
         """:func:`plan_backward` as a custom op."""
         return plan_backward(grad_weight_of_position, grad_pooled_scores, plan_index, plan_value, k, base)
 
@@ -462,16 +625,26 @@ if AVAILABLE:
         ctx.save_for_backward(output[6], output[7])
         ctx.mark_non_differentiable(*(output[i] for i in (0, 2, 4, 5, 6, 7)))
 
-    def _plan_backward_autograd(ctx, grad_members, grad_weight_of_position, grad_slot, grad_pooled_scores,
-                                grad_pooled_mask, grad_source, grad_plan_index, grad_plan_value):
+    def _plan_backward_autograd(
+        ctx,
+        grad_members,
+        grad_weight_of_position,
+        grad_slot,
+        grad_pooled_scores,
+        grad_pooled_mask,
+        grad_source,
+        grad_plan_index,
+        grad_plan_value,
+    ):
         plan_index, plan_value = ctx.saved_tensors
         batch = plan_index.size(0)
         if grad_weight_of_position is None:
             grad_weight_of_position = plan_value.new_zeros(batch, ctx.n)
         if grad_pooled_scores is None:
             grad_pooled_scores = plan_value.new_zeros(batch, ctx.k)
-        grad_scores = topk_plan_backward(grad_weight_of_position, grad_pooled_scores, plan_index, plan_value, ctx.k,
-                                         ctx.base)
+        grad_scores = topk_plan_backward(
+            grad_weight_of_position, grad_pooled_scores, plan_index, plan_value, ctx.k, ctx.base
+        )
         return grad_scores, None, None, None, None, None
 
     topk_plan.register_autograd(_plan_backward_autograd, setup_context=_plan_setup_context)
@@ -486,15 +659,17 @@ if AVAILABLE:
         return x.new_empty(x.size(0), members.size(1), x.size(2))
 
     @torch.library.custom_op("pyramidion::topk_mix_backward", mutates_args=())
-    def topk_mix_backward(grad_values: Tensor, x: Tensor, weight_of_position: Tensor,
-                          slot_of_position: Tensor) -> tuple[Tensor, Tensor]:
+    def topk_mix_backward(
+        grad_values: Tensor, x: Tensor, weight_of_position: Tensor, slot_of_position: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """:func:`mix_backward` as a custom op."""
         return mix_backward(grad_values, x, weight_of_position, slot_of_position)
 
     @topk_mix_backward.register_fake
     def _(grad_values, x, weight_of_position, slot_of_position):
         return torch.empty_like(x, memory_format=torch.contiguous_format), weight_of_position.new_empty(
-            weight_of_position.shape)
+            weight_of_position.shape
+        )
 
     def _mix_setup_context(ctx, inputs, output):
         x, weight_of_position, members, slot_of_position = inputs
@@ -517,6 +692,7 @@ def pool(x: Tensor, scores: Tensor, mask: Tensor, k: int, base: float, flip_righ
     if not torch.compiler.is_compiling():
         return _TopK.apply(x, scores, mask, k, base, flip_right, sort_back)
     members, weight_of_position, slot_of_position, pooled_scores, pooled_mask, source_index, _, _ = topk_plan(
-        scores, mask, k, base, flip_right, sort_back)
+        scores, mask, k, base, flip_right, sort_back
+    )
     values = topk_mix(x, weight_of_position, members, slot_of_position)
     return values, pooled_scores, pooled_mask, source_index

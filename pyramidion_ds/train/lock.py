@@ -18,6 +18,7 @@ only: two jobs on different nodes would both get the lock, so use ``flock`` ther
 A lock left by a trainer that died (kill -9, node crash) is taken over with a warning naming it.
 On a clean exit the text is cleared before the lock is released.
 """
+
 from __future__ import annotations
 
 import errno
@@ -60,13 +61,14 @@ class RunDirLock:
     def acquire(self, force: bool = False, warn=print) -> "RunDirLock":
         """Take the lock or raise :class:`RunDirLocked`; ``warn`` gets one line on a stale lock taken over."""
         import fcntl
+
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunDirLocked(self._refusal(self._read(), "it holds the lock"))
+            raise RunDirLocked(self._refusal(self._read(), "it holds the lock")) from None
         except OSError as err:
             if err.errno not in NO_FLOCK:
                 os.close(fd)
@@ -80,12 +82,17 @@ class RunDirLock:
                 same_host = holder.get("host") == me["host"]
                 if not same_host or pid_alive(int(holder["pid"])):
                     os.close(fd)
-                    why = ("it is alive" if same_host else
-                           "this filesystem has no flock, so a holder on another host cannot be checked; "
-                           "if that job is gone, set train.force_unlock true")
+                    why = (
+                        "it is alive"
+                        if same_host
+                        else "this filesystem has no flock, so a holder on another host cannot be checked; "
+                        "if that job is gone, set train.force_unlock true"
+                    )
                     raise RunDirLocked(self._refusal(holder, why))
-            warn(f"taking over the lock of {self.run_dir} left by a trainer that is gone ({_holder_text(holder)})"
-                 + ("" if self.flock else "; this filesystem does not support flock"))
+            warn(
+                f"taking over the lock of {self.run_dir} left by a trainer that is gone ({_holder_text(holder)})"
+                + ("" if self.flock else "; this filesystem does not support flock")
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         os.fsync(fd)
@@ -93,8 +100,10 @@ class RunDirLock:
         return self
 
     def _refusal(self, holder: dict, why: str) -> str:
-        return (f"train.save_dir '{self.run_dir}' is in use by another trainer: {_holder_text(holder)} ({why}); "
-                f"stop that run or choose another save_dir")
+        return (
+            f"train.save_dir '{self.run_dir}' is in use by another trainer: {_holder_text(holder)} ({why}); "
+            f"stop that run or choose another save_dir"
+        )
 
     def release(self) -> None:
         """Clear the text, then let go (closing the file releases the flock)."""

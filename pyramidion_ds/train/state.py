@@ -11,6 +11,7 @@ Stop signals and launchers, as the loop sees them::
                             gone too, so a collective save could hang); the latest complete checkpoint
                             is untouched, only a half-written newer one may be left (resume skips it)
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,15 +1,16 @@
 """The training loop: one code path from 1 CPU process to many GPUs.
 
-    pyramidion-train CONFIG  ->  run_training(cfg)
-        init_distributed (launcher-agnostic)  ->  data (token-budget batches, rank shards)
-        ->  engine (DeepSpeed)  ->  resume / init-from  ->  loop:
-              update = update_freq micro-batches (engine.backward / engine.step)
-              every log_interval:      tensorboard + progress bar (loss, lr, grad norm, tokens/s, MFU)
-              every validate interval: valid loss/ppl, best checkpoint, patience
-              on SIGTERM/SIGUSR1:      finish the update, save, exit EXIT_PREEMPTED (launcher requeues)
-              non-finite loss/grads:   skip the update (weights, optimizer, LR schedule unchanged)
-        SAVE_DIR/.lock held by rank 0 from before its first write; the ranks stop if their launcher dies
+pyramidion-train CONFIG  ->  run_training(cfg)
+    init_distributed (launcher-agnostic)  ->  data (token-budget batches, rank shards)
+    ->  engine (DeepSpeed)  ->  resume / init-from  ->  loop:
+          update = update_freq micro-batches (engine.backward / engine.step)
+          every log_interval:      tensorboard + progress bar (loss, lr, grad norm, tokens/s, MFU)
+          every validate interval: valid loss/ppl, best checkpoint, patience
+          on SIGTERM/SIGUSR1:      finish the update, save, exit EXIT_PREEMPTED (launcher requeues)
+          non-finite loss/grads:   skip the update (weights, optimizer, LR schedule unchanged)
+    SAVE_DIR/.lock held by rank 0 from before its first write; the ranks stop if their launcher dies
 """
+
 from __future__ import annotations
 
 import json
@@ -32,20 +33,38 @@ from ..checkpoint.manifest import CheckpointDir, stale_layout_problem, tag_for, 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict, save_resolved, to_dict
 from ..config.core import read_yaml
 from ..config.model import POOLING_KEYS
-from ..engine import (build_engine, build_model, label_smoothed_nll_loss, load_full_state_dict,
-                      read_ds_config, resolve_ds_config, validate_ds_config)
+from ..engine import (
+    build_engine,
+    build_model,
+    label_smoothed_nll_loss,
+    load_full_state_dict,
+    read_ds_config,
+    resolve_ds_config,
+    validate_ds_config,
+)
 from ..engine.nonfinite import local_grads_nonfinite, skipped_step
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, UsageError
 from ..logs import setup_logging
 from .lock import RunDirLock, RunDirLocked
-from .state import (LauncherWatchdog, PreemptionFlag, ignore_stop_signals, rng_state, seed_everything,
-                    set_rng_state)
+from .state import LauncherWatchdog, PreemptionFlag, ignore_stop_signals, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
 #: model fields that must agree between a checkpoint and the model it is loaded into
-ARCHITECTURE_KEYS = ("d_model", "num_heads", "ffn_dim", "encoder_layers", "decoder_layers", "vocab_size",
-                     "positions", "normalize_before", "activation", "pad_id", "bos_id", "eos_id")
+ARCHITECTURE_KEYS = (
+    "d_model",
+    "num_heads",
+    "ffn_dim",
+    "encoder_layers",
+    "decoder_layers",
+    "vocab_size",
+    "positions",
+    "normalize_before",
+    "activation",
+    "pad_id",
+    "bos_id",
+    "eos_id",
+)
 #: model fields that change what the same weights compute: a resume must keep them (init-from may change them)
 COMPUTATION_KEYS = ("variant", "chunk_size", "topk_base", "flip_right", "sort_back", "scorer_input")
 #: known dense bf16 peaks (TFLOP/s) for MFU when train.peak_tflops is 0
@@ -60,12 +79,12 @@ class TrainingError(RuntimeError):
 # checks before any step
 # --------------------------------------------------------------------------------------------------
 
+
 def architecture_mismatch(saved: dict, current: dict) -> str | None:
     for key in ARCHITECTURE_KEYS:
         if saved.get(key) != current.get(key) and not (key == "vocab_size" and not saved.get(key)):
             return f"model.{key} is {saved.get(key)!r} there, {current.get(key)!r} here"
-    if saved.get("positions") == "learned" and saved.get("max_source_positions") != current.get(
-            "max_source_positions"):
+    if saved.get("positions") == "learned" and saved.get("max_source_positions") != current.get("max_source_positions"):
         return "learned positions of another max_source_positions"
     return None
 
@@ -99,25 +118,30 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
     saved = read_yaml(saved_path).get("model", {})
     problem = computation_mismatch(saved, cfg.model)
     if problem:
-        raise UsageError(f"train.save_dir '{run_dir}' holds checkpoints of another model ({problem}); "
-                         f"resume with its settings, choose another save_dir, or start from its weights "
-                         f"with --train.init_from {run_dir}")
+        raise UsageError(
+            f"train.save_dir '{run_dir}' holds checkpoints of another model ({problem}); "
+            f"resume with its settings, choose another save_dir, or start from its weights "
+            f"with --train.init_from {run_dir}"
+        )
 
 
 def fill_vocab(cfg: Config) -> tuple[int, str, str]:
     """Take the vocabulary size, spm file hash and vocabulary identity from the data directory; refuse a
     contradicting config."""
     from ..data import spm_identity, spm_sha256, vocab_size
+
     data_dir = Path(cfg.data.data)
     if not cfg.data.data:
         raise UsageError("data.data is empty: point it at a directory written by pyramidion-preprocess")
     if not (data_dir / "meta.json").is_file():
-        raise UsageError(f"data.data: '{data_dir}' has no meta.json; run pyramidion-preprocess --destdir "
-                         f"{data_dir} first")
+        raise UsageError(
+            f"data.data: '{data_dir}' has no meta.json; run pyramidion-preprocess --destdir {data_dir} first"
+        )
     size = vocab_size(data_dir)
     if cfg.model.vocab_size and cfg.model.vocab_size != size:
-        raise UsageError(f"model.vocab_size is {cfg.model.vocab_size} but the data's sentencepiece model "
-                         f"has {size} pieces")
+        raise UsageError(
+            f"model.vocab_size is {cfg.model.vocab_size} but the data's sentencepiece model has {size} pieces"
+        )
     cfg.model.vocab_size = size
     return size, spm_sha256(data_dir), spm_identity(data_dir)
 
@@ -126,9 +150,11 @@ def fill_vocab(cfg: Config) -> tuple[int, str, str]:
 # the loop
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Meters:
     """Sums over the updates since the last log line (this rank's share)."""
+
     loss: float = 0.0
     nll: float = 0.0
     ntokens: int = 0
@@ -202,8 +228,10 @@ class Trainer:
         cfg.model.validate()
         unused = cfg.model.drop_unused_pooling()
         if unused and self.rank == 0:
-            self.notes.append(f"model.variant {cfg.model.variant} does not pool: ignoring {', '.join(unused)} "
-                              f"(the saved config.yaml records the defaults it ran with)")
+            self.notes.append(
+                f"model.variant {cfg.model.variant} does not pool: ignoring {', '.join(unused)} "
+                f"(the saved config.yaml records the defaults it ran with)"
+            )
         check_run_dir(cfg, self.run_dir)
         raw_ds = read_ds_config(cfg.train.deepspeed_config)
         self.ds_config = resolve_ds_config(raw_ds, cfg, self.world_size, source=cfg.train.deepspeed_config)
@@ -235,10 +263,12 @@ class Trainer:
         # DeepSpeed saves and loads through it: files hashed while written, never unpickled unsafely
         self.checkpoint_files = install_checkpoint_files(self.engine)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
-        log.info(f"model: {cfg.model.variant} preset={cfg.model.preset} params={n_params / 1e6:.2f}M "
-                 f"encoder widths={cfg.model.encoder_widths()} | ZeRO-{self.bundle.zero_stage} "
-                 f"{self.bundle.precision} optimizer={self.bundle.optimizer_name} "
-                 f"checkpointing={cfg.train.activation_checkpointing} world={self.world}")
+        log.info(
+            f"model: {cfg.model.variant} preset={cfg.model.preset} params={n_params / 1e6:.2f}M "
+            f"encoder widths={cfg.model.encoder_widths()} | ZeRO-{self.bundle.zero_stage} "
+            f"{self.bundle.precision} optimizer={self.bundle.optimizer_name} "
+            f"checkpointing={cfg.train.activation_checkpointing} world={self.world}"
+        )
         self.peak_flops = self._peak_flops()
         self.model.encoder.register_forward_hook(self._pooling_hook)
 
@@ -247,53 +277,81 @@ class Trainer:
             self.init_from()
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(cfg.train.tensorboard_logdir or str(self.run_dir / "tensorboard"))
 
     def open_data(self) -> None:
         """Open the train and valid splits (headers, sizes and vocabulary are checked on opening)."""
         from ..data import SummarizationDataset, pretraining_dataset
+
         cfg, m = self.cfg, self.cfg.model
 
         def dataset(split):
             if cfg.data.task != "summarization":
-                return pretraining_dataset(cfg.data.task, cfg.data.data, split, m.max_source_positions,
-                                           m.max_target_positions, cfg.data, seed=cfg.train.seed)
-            return SummarizationDataset(cfg.data.data, split, m.max_source_positions, m.max_target_positions,
-                                        truncate=cfg.data.truncate_source)
+                return pretraining_dataset(
+                    cfg.data.task,
+                    cfg.data.data,
+                    split,
+                    m.max_source_positions,
+                    m.max_target_positions,
+                    cfg.data,
+                    seed=cfg.train.seed,
+                )
+            return SummarizationDataset(
+                cfg.data.data, split, m.max_source_positions, m.max_target_positions, truncate=cfg.data.truncate_source
+            )
 
         self.train_data = dataset(cfg.data.train_subset)
         self.valid_data = dataset(cfg.data.valid_subset)
 
     def build_data(self) -> None:
         from ..data import ShardedBatchSampler, make_batches
+
         cfg = self.cfg
 
         def batches_for(ds, shuffle_seed):  # under train.compile: few batch shapes, bounded recompiles
-            return lambda epoch: make_batches(ds.src_sizes, max_tokens=cfg.data.max_tokens,
-                                              max_sentences=cfg.data.max_sentences,
-                                              pad_to_multiple=cfg.source_pad_multiple, seed=shuffle_seed,
-                                              epoch=epoch, required_batch_size_multiple=cfg.batch_size_multiple)
+            return lambda epoch: make_batches(
+                ds.src_sizes,
+                max_tokens=cfg.data.max_tokens,
+                max_sentences=cfg.data.max_sentences,
+                pad_to_multiple=cfg.source_pad_multiple,
+                seed=shuffle_seed,
+                epoch=epoch,
+                required_batch_size_multiple=cfg.batch_size_multiple,
+            )
 
-        self.train_sampler = ShardedBatchSampler(batches_for(self.train_data, cfg.train.seed), self.rank,
-                                                 self.world_size, cfg.train.seed)
+        self.train_sampler = ShardedBatchSampler(
+            batches_for(self.train_data, cfg.train.seed), self.rank, self.world_size, cfg.train.seed
+        )
         self.valid_batches = batches_for(self.valid_data, cfg.train.seed)(0)
-        log.info(f"data: {len(self.train_data)} train / {len(self.valid_data)} valid examples "
-                 f"({cfg.data.task}), max_tokens={cfg.data.max_tokens}, padded to multiples of "
-                 f"{cfg.source_pad_multiple}")
+        log.info(
+            f"data: {len(self.train_data)} train / {len(self.valid_data)} valid examples "
+            f"({cfg.data.task}), max_tokens={cfg.data.max_tokens}, padded to multiples of "
+            f"{cfg.source_pad_multiple}"
+        )
 
     def _loader(self, dataset, batches):
         from ..data import collate
         from ..data.batching import pad_target
+
         cfg, m = self.cfg, self.cfg.model
         return torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
-            collate_fn=lambda samples: pad_target(collate(samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id,
-                                                          pad_to_multiple=cfg.source_pad_multiple),
-                                                  cfg.target_pad_multiple, m.pad_id),
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=lambda samples: pad_target(
+                collate(
+                    samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id, pad_to_multiple=cfg.source_pad_multiple
+                ),
+                cfg.target_pad_multiple,
+                m.pad_id,
+            ),
             worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM must reach the rank only
             # its own generator: creating a loader iterator must not draw from the global RNG that
             # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one
-            generator=torch.Generator().manual_seed(self.cfg.train.seed), persistent_workers=False)
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),
+            persistent_workers=False,
+        )
 
     # ------------------------------------------------------------------ resume / init
     def client_state(self) -> dict:
@@ -301,10 +359,19 @@ class Trainer:
         dist.all_gather_object(rngs, rng_state())
         # the loader prefetches ahead of training: record the batches actually trained on
         sampler = self.train_sampler.state_dict(position=self.epoch_position)
-        return {"update": self.update, "epoch": self.epoch, "sampler": sampler,
-                "rng": rngs, "best": dict(self.best), "bad_validations": self.bad_validations,
-                "valid_history": self.valid_history, "config": to_dict(self.cfg),
-                "spm_sha256": self.spm_hash, "spm_identity": self.spm_id, "world_size": self.world_size}
+        return {
+            "update": self.update,
+            "epoch": self.epoch,
+            "sampler": sampler,
+            "rng": rngs,
+            "best": dict(self.best),
+            "bad_validations": self.bad_validations,
+            "valid_history": self.valid_history,
+            "config": to_dict(self.cfg),
+            "spm_sha256": self.spm_hash,
+            "spm_identity": self.spm_id,
+            "world_size": self.world_size,
+        }
 
     def verify_on_ranks(self, info) -> str | None:
         """Compare the files of a checkpoint (``CheckpointInfo``) with their checksums, each rank hashing
@@ -313,22 +380,25 @@ class Trainer:
         if not (dist.is_initialized() and self.world_size > 1):
             return info.checksum_problem(names)
         problems = [None] * self.world_size
-        dist.all_gather_object(problems, info.checksum_problem(names[self.rank::self.world_size]))
+        dist.all_gather_object(problems, info.checksum_problem(names[self.rank :: self.world_size]))
         return next((problem for problem in problems if problem), None)
 
     def check_resume(self):
         """The checkpoint a resume continues (complete and verified, newest first), refused when it was
         trained with another vocabulary; None to start from scratch."""
         from ..data import same_vocabulary
+
         info = self.ckpt.latest_complete(warn=self.notes.append, verify=self.verify)
         if info is None:
             if self.ckpt.tags():
                 self.notes.append(f"no complete checkpoint in {self.ckpt.root}; starting from scratch")
             return None
         if same_vocabulary(info.manifest, self.spm_id, self.spm_hash, self.run_dir / "spm.model") is False:
-            raise UsageError(f"checkpoint {info.path} was trained with another sentencepiece vocabulary than "
-                             f"{Path(self.cfg.data.data) / 'spm.model'}; pass --no-resume to train from scratch "
-                             f"in this save_dir (its checkpoints get replaced), or choose another train.save_dir")
+            raise UsageError(
+                f"checkpoint {info.path} was trained with another sentencepiece vocabulary than "
+                f"{Path(self.cfg.data.data) / 'spm.model'}; pass --no-resume to train from scratch "
+                f"in this save_dir (its checkpoints get replaced), or choose another train.save_dir"
+            )
         info.check_pickles()
         if info.world_size == self.world_size:  # ZeRO's own load: its optimizer state must fit the layout
             problem = stale_layout_problem(info.path)
@@ -350,15 +420,16 @@ class Trainer:
         self.best, self.bad_validations = client["best"], client["bad_validations"]
         self.valid_history = client.get("valid_history", [])
         set_rng_state(client["rng"][self.rank])
-        log.info(f"resumed from {info.path} at update {self.update} (epoch {self.epoch}, sampler "
-                 f"{client['sampler']})")
+        log.info(f"resumed from {info.path} at update {self.update} (epoch {self.epoch}, sampler {client['sampler']})")
         return True
 
     def _resume_other_world(self, info) -> bool:
         """Different world size: weights through consolidation; optimizer and data position start over."""
-        log.warning(f"checkpoint {info.path} was written by {info.world_size} ranks, this run has "
-                    f"{self.world_size}: loading consolidated weights, resetting optimizer state and the "
-                    f"data position (update count and LR schedule continue)")
+        log.warning(
+            f"checkpoint {info.path} was written by {info.world_size} ranks, this run has "
+            f"{self.world_size}: loading consolidated weights, resetting optimizer state and the "
+            f"data position (update count and LR schedule continue)"
+        )
         self.load_weights(consolidated_state_dict(info))
         self.update = info.update
         self.epoch = int(info.manifest.get("epoch", 1))
@@ -370,15 +441,18 @@ class Trainer:
     def check_init_from(self) -> None:
         """--init-from must be the same architecture and vocabulary (read before anything is written)."""
         from ..checkpoint.weights import init_source
+
         path = self.cfg.train.init_from
         self.init_source = init_source(path, warn=self.notes.append, verify=self.verify)
         problem = architecture_mismatch(self.init_source.saved_model, to_dict(self.cfg.model))
         if problem:
             raise UsageError(f"train.init_from '{path}' is another architecture: {problem}")
         if self.init_source.same_vocabulary(self.spm_id, self.spm_hash) is False:
-            raise UsageError(f"train.init_from '{path}' used another sentencepiece vocabulary than "
-                             f"{Path(self.cfg.data.data) / 'spm.model'}; binarize the fine-tuning data with it: "
-                             f"pyramidion-preprocess --spm-model {Path(path) / 'spm.model'} ...")
+            raise UsageError(
+                f"train.init_from '{path}' used another sentencepiece vocabulary than "
+                f"{Path(self.cfg.data.data) / 'spm.model'}; binarize the fine-tuning data with it: "
+                f"pyramidion-preprocess --spm-model {Path(path) / 'spm.model'} ..."
+            )
 
     def load_weights(self, state: dict) -> None:
         """Full weights into the engine's model (init-from, resume on another world size).
@@ -394,8 +468,9 @@ class Trainer:
     def init_from(self) -> None:
         """Weights only (pretrain -> fine-tune): from a run dir (ZeRO shards) or an export dir."""
         self.load_weights(self.init_source.state_dict())
-        log.info(f"initialized weights from {self.cfg.train.init_from}; optimizer, LR schedule and update "
-                 f"count start fresh")
+        log.info(
+            f"initialized weights from {self.cfg.train.init_from}; optimizer, LR schedule and update count start fresh"
+        )
 
     # ------------------------------------------------------------------ steps
     def _batch_to_device(self, batch: dict) -> dict:
@@ -407,8 +482,12 @@ class Trainer:
 
         ``nonfinite``: a bool or a 0-dim tensor on the engine's device (no host sync before the all-reduce).
         """
-        flags = torch.stack([torch.as_tensor(nonfinite, dtype=torch.float32, device=self.engine.device).reshape(()),
-                             torch.tensor(float(self.preempt.requested), device=self.engine.device)])
+        flags = torch.stack(
+            [
+                torch.as_tensor(nonfinite, dtype=torch.float32, device=self.engine.device).reshape(()),
+                torch.tensor(float(self.preempt.requested), device=self.engine.device),
+            ]
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
@@ -419,8 +498,9 @@ class Trainer:
         micro-batches there to find the accumulation boundary); the last one's is in finish_update."""
         batch = self._batch_to_device(batch)
         logits = self.engine(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
-        loss_sum, nll_sum = label_smoothed_nll_loss(logits, batch["target"], self.cfg.train.label_smoothing,
-                                                    self.cfg.model.pad_id)
+        loss_sum, nll_sum = label_smoothed_nll_loss(
+            logits, batch["target"], self.cfg.train.label_smoothing, self.cfg.model.pad_id
+        )
         ntokens = max(1, int(batch["ntokens"]))
         loss = loss_sum / ntokens
         pending["loss_nonfinite"] = pending.get("loss_nonfinite", 0) + (~torch.isfinite(loss.detach())).float()
@@ -428,10 +508,14 @@ class Trainer:
         if not last:
             self.engine.step()
         bsz, src_len = batch["src_tokens"].shape
-        for key, value in (("loss", float(loss_sum.detach())), ("nll", float(nll_sum.detach())),
-                           ("ntokens", ntokens), ("src_tokens", int(batch["src_lengths"].sum())),
-                           ("tgt_tokens", ntokens),
-                           ("flops", self.model.flops_per_step(bsz, src_len, batch["target"].shape[1]))):
+        for key, value in (
+            ("loss", float(loss_sum.detach())),
+            ("nll", float(nll_sum.detach())),
+            ("ntokens", ntokens),
+            ("src_tokens", int(batch["src_lengths"].sum())),
+            ("tgt_tokens", ntokens),
+            ("flops", self.model.flops_per_step(bsz, src_len, batch["target"].shape[1])),
+        ):
             pending[key] = pending.get(key, 0) + value
 
     def finish_update(self, meters: Meters, pending: dict) -> tuple[str | None, bool]:
@@ -468,8 +552,10 @@ class Trainer:
             self.preempt.install()
         _, preempted = self._flags(False)
         if preempted:  # asked to stop while starting up: nothing new to save
-            log.warning(f"received {self.preempt.signal_name or 'a stop signal on another rank'} before the "
-                        f"first update; exiting with code {EXIT_PREEMPTED} so the launcher can requeue")
+            log.warning(
+                f"received {self.preempt.signal_name or 'a stop signal on another rank'} before the "
+                f"first update; exiting with code {EXIT_PREEMPTED} so the launcher can requeue"
+            )
             return EXIT_PREEMPTED
         meters = Meters()
         progress = self._progress()
@@ -494,12 +580,16 @@ class Trainer:
                 skipped, preempted = self.finish_update(meters, pending)
                 if skipped:
                     self.nonfinite_streak += 1
-                    log.warning(f"non-finite {skipped} at update {self.update + 1}; update skipped "
-                                f"({self.nonfinite_streak}/{cfg.max_nonfinite_steps})")
+                    log.warning(
+                        f"non-finite {skipped} at update {self.update + 1}; update skipped "
+                        f"({self.nonfinite_streak}/{cfg.max_nonfinite_steps})"
+                    )
                     if self.nonfinite_streak >= cfg.max_nonfinite_steps:
-                        raise TrainingError(f"non-finite loss or gradients for {self.nonfinite_streak} consecutive "
-                                            f"updates at update {self.update + 1}; stopping without saving (latest "
-                                            f"complete checkpoint: {self.ckpt.read_pointer('latest') or 'none'})")
+                        raise TrainingError(
+                            f"non-finite loss or gradients for {self.nonfinite_streak} consecutive "
+                            f"updates at update {self.update + 1}; stopping without saving (latest "
+                            f"complete checkpoint: {self.ckpt.read_pointer('latest') or 'none'})"
+                        )
                     if preempted:
                         return self.stop_for_requeue()
                     continue
@@ -519,8 +609,9 @@ class Trainer:
                     break
             if self.ckpt.read_pointer("latest") != tag_for(self.update):
                 self.validate_and_save()
-            log.info(f"done: {self.update} updates, best {self.best['metric']} = {self.best['value']} "
-                     f"({self.best['tag']})")
+            log.info(
+                f"done: {self.update} updates, best {self.best['metric']} = {self.best['value']} ({self.best['tag']})"
+            )
             return EXIT_OK
         finally:
             progress.close()
@@ -536,15 +627,18 @@ class Trainer:
         dist.broadcast_object_list(latest, src=0)  # rank 0's view: save_dir may be node-local elsewhere
         if latest[0] != tag:  # not saved at this update already
             tag = self.save()
-        log.warning(f"received {self.preempt.signal_name or 'a stop signal on another rank'}: "
-                    f"saved {tag} at update {self.update}; exiting with code {EXIT_PREEMPTED} "
-                    f"so the launcher can requeue")
+        log.warning(
+            f"received {self.preempt.signal_name or 'a stop signal on another rank'}: "
+            f"saved {tag} at update {self.update}; exiting with code {EXIT_PREEMPTED} "
+            f"so the launcher can requeue"
+        )
         return EXIT_PREEMPTED
 
     def _done(self) -> bool:
         cfg = self.cfg.train
-        return bool((cfg.max_update and self.update >= cfg.max_update)
-                    or (cfg.max_epoch and self.epoch > cfg.max_epoch))
+        return bool(
+            (cfg.max_update and self.update >= cfg.max_update) or (cfg.max_epoch and self.epoch > cfg.max_epoch)
+        )
 
     def _epoch_iterator(self):
         self.train_sampler.set_epoch(self.epoch)
@@ -569,7 +663,7 @@ class Trainer:
     def validate(self) -> dict:
         self.engine.eval()
         sums = torch.zeros(3, dtype=torch.float64)
-        mine = self.valid_batches[self.rank::self.world_size]
+        mine = self.valid_batches[self.rank :: self.world_size]
         # every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively);
         # a rank with fewer batches repeats its first one and counts nothing for it
         steps = math.ceil(len(self.valid_batches) / self.world_size)
@@ -579,8 +673,9 @@ class Trainer:
             logits = self.engine(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
             if i >= len(mine):
                 continue
-            loss_sum, nll_sum = label_smoothed_nll_loss(logits, batch["target"], self.cfg.train.label_smoothing,
-                                                        self.cfg.model.pad_id)
+            loss_sum, nll_sum = label_smoothed_nll_loss(
+                logits, batch["target"], self.cfg.train.label_smoothing, self.cfg.model.pad_id
+            )
             sums += torch.tensor([float(loss_sum), float(nll_sum), float(batch["ntokens"])], dtype=torch.float64)
         self.engine.train()
         sums = sums.to(self.engine.device)
@@ -594,11 +689,13 @@ class Trainer:
         stats = self.validate()
         metric = self.cfg.train.best_checkpoint_metric
         if metric not in stats:
-            raise ConfigError(f"train.best_checkpoint_metric: got {metric!r}, expected one of "
-                              f"{', '.join(k for k in stats if k != 'update')}")
+            raise ConfigError(
+                f"train.best_checkpoint_metric: got {metric!r}, expected one of "
+                f"{', '.join(k for k in stats if k != 'update')}"
+            )
         value = stats[metric]
-        better = self.best["value"] is None or (
-            value > self.best["value"] if self.cfg.train.maximize_best_checkpoint_metric else value < self.best["value"])
+        best = self.best["value"]
+        better = best is None or (value > best if self.cfg.train.maximize_best_checkpoint_metric else value < best)
         tag = tag_for(self.update)
         if better:
             self.best = {"metric": metric, "value": value, "tag": tag}
@@ -606,9 +703,11 @@ class Trainer:
         else:
             self.bad_validations += 1
         self.valid_history.append(stats)
-        log.info(f"valid | update {self.update} | loss {stats['loss']:.4f} | nll {stats['nll_loss']:.4f} | "
-                 f"ppl {stats['ppl']:.2f} | best {metric} {self.best['value']:.4f}"
-                 + ("" if better else f" | no improvement {self.bad_validations}/{self.cfg.train.patience}"))
+        log.info(
+            f"valid | update {self.update} | loss {stats['loss']:.4f} | nll {stats['nll_loss']:.4f} | "
+            f"ppl {stats['ppl']:.2f} | best {metric} {self.best['value']:.4f}"
+            + ("" if better else f" | no improvement {self.bad_validations}/{self.cfg.train.patience}")
+        )
         if self.writer is not None:
             for key in ("loss", "nll_loss", "ppl"):
                 self.writer.add_scalar(f"valid/{key}", stats[key], self.update)
@@ -616,8 +715,9 @@ class Trainer:
         self.save(best=better)
         patience = self.cfg.train.patience
         if patience >= 0 and self.bad_validations > patience:
-            log.info(f"early stop: {metric} has not improved for {self.bad_validations} validations "
-                     f"(patience {patience})")
+            log.info(
+                f"early stop: {metric} has not improved for {self.bad_validations} validations (patience {patience})"
+            )
             return True
         return False
 
@@ -649,9 +749,18 @@ class Trainer:
         if error is None and self.rank == 0:
             try:
                 digests = {name: value for _, written in reports for name, value in written.items()}
-                self.ckpt.finalize(tag, update=self.update, world_size=self.world_size, digests=digests,
-                                   extra={"epoch": self.epoch, "spm_sha256": self.spm_hash,
-                                          "spm_identity": self.spm_id, "zero_stage": self.bundle.zero_stage})
+                self.ckpt.finalize(
+                    tag,
+                    update=self.update,
+                    world_size=self.world_size,
+                    digests=digests,
+                    extra={
+                        "epoch": self.epoch,
+                        "spm_sha256": self.spm_hash,
+                        "spm_identity": self.spm_id,
+                        "zero_stage": self.bundle.zero_stage,
+                    },
+                )
             except OSError as err:
                 error = self._save_error(err)
         if dist.is_initialized() and self.world_size > 1:
@@ -663,15 +772,20 @@ class Trainer:
                 self.ckpt.discard(tag)  # frees the space first, so the log line below can be written
             self._barrier()
             previous = self.ckpt.latest_complete(warn=lambda message: None)
-            raise TrainingError(f"saving checkpoint {tag} at update {self.update} failed: {error}; removed the "
-                                f"partial checkpoint (latest complete checkpoint: "
-                                f"{previous.tag if previous else 'none'})")
+            raise TrainingError(
+                f"saving checkpoint {tag} at update {self.update} failed: {error}; removed the "
+                f"partial checkpoint (latest complete checkpoint: "
+                f"{previous.tag if previous else 'none'})"
+            )
         if self.rank == 0:
             if best:
                 self.ckpt.mark_best(tag)
             removed = self.ckpt.prune(self.cfg.train.keep_last_checkpoints)
-            log.info(f"saved checkpoint {tag}" + (" (best)" if best else "")
-                     + (f"; removed {', '.join(removed)}" if removed else ""))
+            log.info(
+                f"saved checkpoint {tag}"
+                + (" (best)" if best else "")
+                + (f"; removed {', '.join(removed)}" if removed else "")
+            )
         self._barrier()
         return tag
 
@@ -684,10 +798,18 @@ class Trainer:
     # ------------------------------------------------------------------ logging
     def _progress(self):
         from tqdm import tqdm
+
         total = self.cfg.train.max_update or None
-        return tqdm(total=total, initial=self.update, desc="train", unit="upd", dynamic_ncols=True,
-                    disable=self.rank != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                    file=sys.stderr)
+        return tqdm(
+            total=total,
+            initial=self.update,
+            desc="train",
+            unit="upd",
+            dynamic_ncols=True,
+            disable=self.rank != 0,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            file=sys.stderr,
+        )
 
     def _peak_flops(self) -> float:
         if self.cfg.train.peak_tflops:
@@ -700,14 +822,21 @@ class Trainer:
         return 0.0
 
     def log_train(self, meters: Meters, progress) -> None:
-        sums = torch.tensor([meters.loss, meters.nll, meters.ntokens, meters.src_tokens + meters.tgt_tokens,
-                             meters.flops], dtype=torch.float64, device=self.engine.device)
+        sums = torch.tensor(
+            [meters.loss, meters.nll, meters.ntokens, meters.src_tokens + meters.tgt_tokens, meters.flops],
+            dtype=torch.float64,
+            device=self.engine.device,
+        )
         dist.all_reduce(sums)
         loss, nll, ntok, tokens, flops = sums.tolist()
         elapsed = max(time.perf_counter() - meters.started, 1e-9)
-        stats = {"loss": loss / max(ntok, 1), "nll_loss": nll / max(ntok, 1),
-                 "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed,
-                 "tflops_per_s": flops / elapsed / 1e12}
+        stats = {
+            "loss": loss / max(ntok, 1),
+            "nll_loss": nll / max(ntok, 1),
+            "lr": self.engine.get_lr()[0],
+            "tokens_per_s": tokens / elapsed,
+            "tflops_per_s": flops / elapsed / 1e12,
+        }
         stats["ppl"] = math.exp(min(stats["nll_loss"], 50.0))
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -721,8 +850,10 @@ class Trainer:
             stats[f"pooling/{name}"] = total / max(count, 1)
         self.pooling_sums.clear()
         progress.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
-        log.info(f"train | update {self.update} | epoch {self.epoch} | "
-                 + " | ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+        log.info(
+            f"train | update {self.update} | epoch {self.epoch} | "
+            + " | ".join(f"{k} {v:.4g}" for k, v in stats.items())
+        )
         if self.writer is not None:
             for key, value in stats.items():
                 self.writer.add_scalar(key if key.startswith("pooling/") else f"train/{key}", value, self.update)
@@ -733,8 +864,10 @@ class Trainer:
             return
         for info in encoder_out.pooling:
             kept = info.pooled_scores[info.mask].float()
-            for name, value in ((f"layer{info.after_layer}_kept_score", kept.mean()),
-                                (f"layer{info.after_layer}_input_score", info.input_scores.float().mean())):
+            for name, value in (
+                (f"layer{info.after_layer}_kept_score", kept.mean()),
+                (f"layer{info.after_layer}_input_score", info.input_scores.float().mean()),
+            ):
                 total = self.pooling_sums.setdefault(name, [0.0, 0])
                 total[0] += float(value)
                 total[1] += 1
@@ -748,14 +881,17 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def run_training(cfg: Config) -> int:
     from ..distributed import init_distributed
+
     # DeepSpeed calls torch.distributed APIs torch has deprecated: one warning per rank per update
-    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning
+    )
     # A stop signal can come before the first update (SLURM preempts whenever it likes): record it from
     # the start, so startup is never killed half-way (e.g. inside DeepSpeed's op build, which would leave
     # a stale lock behind) and the launcher still gets the "requeue me" code.
@@ -763,11 +899,14 @@ def run_training(cfg: Config) -> int:
     watchdog, lock = None, None
     try:
         setup_logging(0)  # rank discovery logs on rank 0 only
-        world = init_distributed(None if cfg.distributed.backend == "auto" else cfg.distributed.backend,
-                                 timeout_minutes=cfg.distributed.timeout_minutes)
+        world = init_distributed(
+            None if cfg.distributed.backend == "auto" else cfg.distributed.backend,
+            timeout_minutes=cfg.distributed.timeout_minutes,
+        )
         setup_logging(world.rank)
-        watchdog = LauncherWatchdog(world.launcher in ("deepspeed", "torchrun"),
-                                    lambda reason: _launcher_gone(reason, cfg, world.rank)).start()
+        watchdog = LauncherWatchdog(
+            world.launcher in ("deepspeed", "torchrun"), lambda reason: _launcher_gone(reason, cfg, world.rank)
+        ).start()
         trainer = Trainer(cfg, world, preempt)
         trainer.check()  # bad input stops here, with nothing written
         lock = lock_run_dir(cfg, world.rank)  # before the first write, or refused with nothing written
@@ -792,6 +931,7 @@ def check_training(cfg: Config, world_size: int) -> int:
     start-up and DeepSpeed's op build. Checksums are left to the ranks (they share the hashing); nothing is
     written, no process group is started."""
     from ..distributed.env import World
+
     if world_size < 1:
         raise UsageError(f"--world-size {world_size}: expected the number of ranks the job starts (>= 1)")
     setup_logging(0)
@@ -833,8 +973,10 @@ def record_exit(code: int, rank: int) -> int:
 def _launcher_gone(reason: str, cfg: Config, rank: int) -> None:
     """LauncherWatchdog: end this rank now, without saving (see train.state)."""
     latest = CheckpointDir(cfg.train.save_dir).read_pointer("latest")
-    log.error(f"stopping: {reason}; exiting without saving (latest complete checkpoint: {latest or 'none'}); "
-              f"nothing collects this run's exit code, so restart it by hand or through the scheduler")
+    log.error(
+        f"stopping: {reason}; exiting without saving (latest complete checkpoint: {latest or 'none'}); "
+        f"nothing collects this run's exit code, so restart it by hand or through the scheduler"
+    )
     for handler in logging.getLogger("pyramidion_ds").handlers:
         handler.flush()
     os._exit(record_exit(EXIT_ERROR, rank))

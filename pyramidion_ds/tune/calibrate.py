@@ -7,6 +7,7 @@ Three schedules per preset (the default halving, the original release's two-step
 the three checkpointing modes; each row is one real forward+backward (``measure.py``) next to
 ``activation_bytes``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,20 +34,34 @@ def main(argv=None):
     p.add_argument("--presets", default="debug,base")
     p.add_argument("--batch", type=int, default=0, help="0 = per preset (debug 4, base 1)")
     args = p.parse_args(argv)
-    print("| preset | device | dtype | B | encoder widths | checkpointing | measured MiB | estimate MiB | estimate/measured |")
+    print(
+        "| preset | device | dtype | B | encoder widths | checkpointing | measured MiB | estimate MiB "
+        "| estimate/measured |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
         batch = args.batch or BATCH[preset]
         for schedule in SCHEDULES[preset]:
             for ckpt in ("off", "stage", "layer"):
                 m = ModelConfig(preset=preset, vocab_size=VOCAB[preset], pooling_schedule=schedule)
-                got = measure_activation_peak(m, batch, m.max_source_positions, m.max_target_positions,
-                                              dtype=DTYPES[args.dtype], checkpointing=ckpt, device=args.device)
-                est = activation_bytes(m, batch, m.max_source_positions, m.max_target_positions,
-                                       precision=args.dtype, checkpointing=ckpt)
-                print(f"| {preset} | {args.device} | {args.dtype} | {batch} | {m.encoder_widths()} | {ckpt} | "
-                      f"{got.peak_bytes / 2**20:.1f} | {est.peak_bytes / 2**20:.1f} | "
-                      f"{est.peak_bytes / got.peak_bytes:.3f} |", flush=True)
+                got = measure_activation_peak(
+                    m,
+                    batch,
+                    m.max_source_positions,
+                    m.max_target_positions,
+                    dtype=DTYPES[args.dtype],
+                    checkpointing=ckpt,
+                    device=args.device,
+                )
+                est = activation_bytes(
+                    m, batch, m.max_source_positions, m.max_target_positions, precision=args.dtype, checkpointing=ckpt
+                )
+                print(
+                    f"| {preset} | {args.device} | {args.dtype} | {batch} | {m.encoder_widths()} | {ckpt} | "
+                    f"{got.peak_bytes / 2**20:.1f} | {est.peak_bytes / 2**20:.1f} | "
+                    f"{est.peak_bytes / got.peak_bytes:.3f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

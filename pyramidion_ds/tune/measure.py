@@ -12,6 +12,7 @@ How, per device:
   (``prof.events()`` is no good for this: it attributes most allocations to their operator and keeps only
   frees as ``[memory]`` rows; ``tracemalloc`` and RSS do not see torch's allocator precisely.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,19 +24,21 @@ import torch
 
 @dataclass
 class Measurement:
-    peak_bytes: int         #: peak allocated above parameters + gradients during the step
+    peak_bytes: int  #: peak allocated above parameters + gradients during the step
     device: str
     dtype: str
 
 
 def _checkpoint_fn(function, *args):
     from torch.utils.checkpoint import checkpoint
+
     return checkpoint(function, *args, use_reentrant=False)
 
 
 def cpu_peak_bytes(step) -> int:
     """Peak of CPU bytes allocated by torch while ``step()`` runs, relative to its start."""
     from torch.profiler import ProfilerActivity, profile
+
     # kineto prints "USDT: ... profiler_start" / "profiler_stop" at its highest log level on every profile;
     # the profiler only counts allocations here, so it stays silent unless the user set a level
     quiet = "KINETO_LOG_LEVEL" not in os.environ
@@ -47,8 +50,11 @@ def cpu_peak_bytes(step) -> int:
     finally:
         if quiet:
             os.environ.pop("KINETO_LOG_LEVEL", None)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and "CPU" in str(e.device_type()))
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and "CPU" in str(e.device_type())
+    )
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -56,12 +62,22 @@ def cpu_peak_bytes(step) -> int:
     return peak
 
 
-def measure_activation_peak(model_cfg, batch_size: int, src_len: int, tgt_len: int, *,
-                            dtype: torch.dtype = torch.bfloat16, checkpointing: str = "off",
-                            label_smoothing: float = 0.1, device: str = "cpu", seed: int = 0) -> Measurement:
+def measure_activation_peak(
+    model_cfg,
+    batch_size: int,
+    src_len: int,
+    tgt_len: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    checkpointing: str = "off",
+    label_smoothing: float = 0.1,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Measurement:
     """Build the model from ``model_cfg``, run one warm-up step (so gradients exist), then measure one."""
     from ..engine import label_smoothed_nll_loss
     from ..model import PyramidionModel
+
     cfg = copy.deepcopy(model_cfg)
     torch.manual_seed(seed)
     model = PyramidionModel(cfg).to(device=device, dtype=dtype).train()

@@ -30,13 +30,14 @@ input (and, for the decoder, each layer's input and its source K/V), ``layer`` e
 the backward then recomputes one block at a time, so the peak is the larger of (everything kept + the
 logits transient) and (what is kept up to a block + that block's recompute + its gradient transient).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..model.encoder import encoder_stages  # the model's own stage grouping, from the config alone
 
-GIB = 2 ** 30
+GIB = 2**30
 
 #: bytes per activation element for train.precision
 ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -46,21 +47,22 @@ OFFLOADS = ("none", "optimizer", "all")
 BUFFER_FACTOR = 1.5
 
 # calibrated constants (see docs/tuning.md for the measurements behind them)
-POOL_BYTES_PER_POSITION = 48       #: scores, sigmoid, slot/weight per position, flat member indices
-POOL_BYTES_PER_ROUND = 8           #: per position and successive-halving round (mixing weights)
-LOGITS_TRANSIENT_FP32 = 2          #: extra fp32 B×t×V copies alive at the start of the backward
-GRAD_TRANSIENT_WIDE = 2            #: n·f-sized gradients alive while a layer runs its backward
-GRAD_TRANSIENT_NARROW = 3          #: n·d-sized gradients alive while a layer runs its backward
+POOL_BYTES_PER_POSITION = 48  #: scores, sigmoid, slot/weight per position, flat member indices
+POOL_BYTES_PER_ROUND = 8  #: per position and successive-halving round (mixing weights)
+LOGITS_TRANSIENT_FP32 = 2  #: extra fp32 B×t×V copies alive at the start of the backward
+GRAD_TRANSIENT_WIDE = 2  #: n·f-sized gradients alive while a layer runs its backward
+GRAD_TRANSIENT_NARROW = 3  #: n·d-sized gradients alive while a layer runs its backward
 
 
 # ------------------------------------------------------------------------------------------------
 # parameters
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ParamCount:
-    total: int           #: all parameters (tied embedding counted once)
-    largest_layer: int   #: most parameters owned directly by one module (DeepSpeed's definition)
+    total: int  #: all parameters (tied embedding counted once)
+    largest_layer: int  #: most parameters owned directly by one module (DeepSpeed's definition)
 
 
 def count_parameters(m) -> ParamCount:
@@ -72,10 +74,10 @@ def count_parameters(m) -> ParamCount:
     encoder_layer = attention + ffn + 2 * norm
     decoder_layer = 2 * attention + ffn + 3 * norm
     total = m.vocab_size * d
-    total += m.encoder_layers * (encoder_layer + d + 1)   # + one scorer Linear(d, 1) per layer
+    total += m.encoder_layers * (encoder_layer + d + 1)  # + one scorer Linear(d, 1) per layer
     total += m.decoder_layers * decoder_layer
     if m.normalize_before:
-        total += 2 * norm                                 # final encoder and decoder LayerNorms
+        total += 2 * norm  # final encoder and decoder LayerNorms
     largest = max(m.vocab_size * d, d * d + d, d * f + f, f * d + d)
     if m.positions == "learned":
         total += (m.max_source_positions + m.max_target_positions) * d
@@ -86,6 +88,7 @@ def count_parameters(m) -> ParamCount:
 # ------------------------------------------------------------------------------------------------
 # model states
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelStates:
@@ -108,16 +111,28 @@ def model_states(params: ParamCount, stage: int, offload: str, num_nodes: int, g
     total, gpus = params.total, num_nodes * gpus_per_node
     if stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            total_params=total, largest_layer_params=params.largest_layer, num_gpus_per_node=gpus_per_node,
-            num_nodes=num_nodes, cpu_offload=offload != "none", cpu_offload_params=offload == "all",
-            zero_init=True, additional_buffer_factor=BUFFER_FACTOR)
+            total_params=total,
+            largest_layer_params=params.largest_layer,
+            num_gpus_per_node=gpus_per_node,
+            num_nodes=num_nodes,
+            cpu_offload=offload != "none",
+            cpu_offload_params=offload == "all",
+            zero_init=True,
+            additional_buffer_factor=BUFFER_FACTOR,
+        )
         return ModelStates(int(gpu), int(cpu))
     if stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
         cpu, gpu = estimate_zero2_model_states_mem_needs(
-            total_params=total, num_gpus_per_node=gpus_per_node, num_nodes=num_nodes,
-            cpu_offload=offload == "optimizer", additional_buffer_factor=BUFFER_FACTOR)
+            total_params=total,
+            num_gpus_per_node=gpus_per_node,
+            num_nodes=num_nodes,
+            cpu_offload=offload == "optimizer",
+            additional_buffer_factor=BUFFER_FACTOR,
+        )
         return ModelStates(int(gpu), int(cpu))
     if stage == 1:
         if offload == "optimizer":  # as DeepSpeed's stage-1/2 offload: 16-bit params + grads stay
@@ -131,9 +146,11 @@ def model_states(params: ParamCount, stage: int, offload: str, num_nodes: int, g
 # activations
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Block:
     """A unit of the backward: bytes it keeps after the forward, and (if checkpointed) recomputes."""
+
     name: str
     kept: int
     recompute: int = 0
@@ -143,8 +160,8 @@ class Block:
 @dataclass
 class ActivationEstimate:
     peak_bytes: int
-    kept_bytes: int                    #: kept from the forward for the backward
-    logits_bytes: int                  #: logits transient at the start of the backward
+    kept_bytes: int  #: kept from the forward for the backward
+    logits_bytes: int  #: logits transient at the start of the backward
     blocks: list[Block] = field(default_factory=list)
 
     @property
@@ -166,7 +183,7 @@ def encoder_layer_bytes(m, n: int, chunk: int, b: int, attention: str = "fused")
     n_pad = _padded(n, chunk)
     mask = 1 if m.dropout > 0 else 0
     act_f = 2 if m.activation == "gelu" else 1  # gelu keeps its input, fc2 its output; relu shares one
-    total = 4 * n * d * b + 5 * n_pad * d * b   # x, LN out, x+attn, LN out | q, k, v, attn out, merged
+    total = 4 * n * d * b + 5 * n_pad * d * b  # x, LN out, x+attn, LN out | q, k, v, attn out, merged
     total += act_f * n * f * b + (n * f if m.activation_dropout > 0 else 0)
     total += 2 * n * d * mask + 2 * _layer_norm_stats(n) + 4 * heads * n_pad
     if n_pad != n:
@@ -196,8 +213,16 @@ def pooling_bytes(m, n: int, k: int, b: int) -> int:
     return n * m.d_model * b + n * (POOL_BYTES_PER_POSITION + POOL_BYTES_PER_ROUND * rounds + b)
 
 
-def activation_bytes(m, batch_size: int, src_len: int, tgt_len: int, *, precision: str = "bf16",
-                     checkpointing: str = "off", attention: str = "fused") -> ActivationEstimate:
+def activation_bytes(
+    m,
+    batch_size: int,
+    src_len: int,
+    tgt_len: int,
+    *,
+    precision: str = "bf16",
+    checkpointing: str = "off",
+    attention: str = "fused",
+) -> ActivationEstimate:
     """Peak activation bytes of one forward+backward of ``batch_size`` examples (above params + grads).
 
     ``m`` is a ModelConfig with ``vocab_size`` set. ``checkpointing``: off | stage | layer.

@@ -9,6 +9,7 @@ The step-time model is relative and rough on purpose: it ranks candidates, it do
 Every candidate is scored for the same requested global batch; the fastest that fits within
 ``safety × GPU memory`` (and the CPU memory of a node for offload) wins.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,17 +20,16 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from ..model.model import training_flops  # the model's own FLOPs formula, from the config alone
-from .memory import ACTIVATION_BYTES, GIB, ParamCount, activation_bytes, count_parameters, \
-    model_states
+from .memory import ACTIVATION_BYTES, GIB, ParamCount, activation_bytes, count_parameters, model_states
 
 # rough hardware figures for the relative time model (H100-class node; only ratios matter)
-GPU_TFLOPS = 400.0             #: achieved bf16 TFLOP/s at large micro-batches
+GPU_TFLOPS = 400.0  #: achieved bf16 TFLOP/s at large micro-batches
 HALF_EFFICIENCY_TOKENS = 2048  #: micro-batch source tokens at which throughput is half the achieved peak
-INTRA_NODE_GBPS = 200.0        #: NVLink bus bandwidth per GPU
-INTER_NODE_GBPS = 25.0         #: network bandwidth per GPU across nodes
+INTRA_NODE_GBPS = 200.0  #: NVLink bus bandwidth per GPU
+INTER_NODE_GBPS = 25.0  #: network bandwidth per GPU across nodes
 PCIE_GBPS = 25.0
 CPU_ADAM_PARAMS_PER_S = 1.0e9  #: DeepSpeed CPUAdam throughput per node
-CHECKPOINT_RECOMPUTE = 4 / 3   #: forward recomputed once: (1 + 2 + 1) / (1 + 2)
+CHECKPOINT_RECOMPUTE = 4 / 3  #: forward recomputed once: (1 + 2 + 1) / (1 + 2)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Cluster:
     gpus_per_node: int = 8
     gpu_mem_gib: float = 80.0
     cpu_mem_gib: float = 512.0
-    device: str = "gpu"        #: "gpu", or "cpu" (CPU ranks: tests and --measure on a laptop; no offload)
+    device: str = "gpu"  #: "gpu", or "cpu" (CPU ranks: tests and --measure on a laptop; no offload)
 
     @property
     def world_size(self) -> int:
@@ -66,7 +66,7 @@ class Candidate:
     activations_gib: float
     buffers_gib: float
     cpu_gib_per_node: float
-    time: float = 0.0          #: estimated seconds per update (relative use only)
+    time: float = 0.0  #: estimated seconds per update (relative use only)
     fits: bool = False
     why_not: str = ""
 
@@ -75,8 +75,10 @@ class Candidate:
         return self.states_gib + self.activations_gib + self.buffers_gib
 
     def describe(self) -> str:
-        return (f"ZeRO-{self.stage}, offload {self.offload}, micro-batch {self.micro_batch}, "
-                f"activation checkpointing {self.checkpointing}")
+        return (
+            f"ZeRO-{self.stage}, offload {self.offload}, micro-batch {self.micro_batch}, "
+            f"activation checkpointing {self.checkpointing}"
+        )
 
 
 @dataclass
@@ -132,15 +134,24 @@ def update_time(m, cand: Candidate, params: ParamCount, cluster: Cluster, src_le
     offload = 0.0
     if cand.offload != "none":
         share = total / world
-        offload += 2 * 2 * share / (PCIE_GBPS * 1e9)                            # grads down, params up
-        offload += share * cluster.gpus_per_node / CPU_ADAM_PARAMS_PER_S        # ranks share the node's CPUs
+        offload += 2 * 2 * share / (PCIE_GBPS * 1e9)  # grads down, params up
+        offload += share * cluster.gpus_per_node / CPU_ADAM_PARAMS_PER_S  # ranks share the node's CPUs
     if cand.offload == "all":
-        offload += cand.update_freq * 2 * 2 * total / (PCIE_GBPS * 1e9)         # fetched in fwd and bwd
+        offload += cand.update_freq * 2 * 2 * total / (PCIE_GBPS * 1e9)  # fetched in fwd and bwd
     return compute + comm + offload
 
 
-def make_plan(m, cluster: Cluster, src_len: int, tgt_len: int, global_batch: int, *, precision: str = "bf16",
-              safety: float = 0.9, checkpointing: tuple[str, ...] = ("off", "stage", "layer")) -> Plan:
+def make_plan(
+    m,
+    cluster: Cluster,
+    src_len: int,
+    tgt_len: int,
+    global_batch: int,
+    *,
+    precision: str = "bf16",
+    safety: float = 0.9,
+    checkpointing: tuple[str, ...] = ("off", "stage", "layer"),
+) -> Plan:
     """Score every candidate; ``chosen`` is the fastest that fits (None when nothing does)."""
     if precision not in ACTIVATION_BYTES:
         raise ValueError(f"precision: got {precision!r}, expected one of {', '.join(ACTIVATION_BYTES)}")
@@ -159,9 +170,17 @@ def make_plan(m, cluster: Cluster, src_len: int, tgt_len: int, global_batch: int
             for ckpt in checkpointing:
                 for micro in micro_batches(per_rank):
                     acts = activation_bytes(m, micro, src_len, tgt_len, precision=precision, checkpointing=ckpt)
-                    cand = Candidate(stage, offload, ckpt, micro, math.ceil(per_rank / micro),
-                                     states.gpu_bytes / GIB, acts.peak_bytes / GIB,
-                                     buffer_bytes(stage, params.total) / GIB, states.cpu_bytes_per_node / GIB)
+                    cand = Candidate(
+                        stage,
+                        offload,
+                        ckpt,
+                        micro,
+                        math.ceil(per_rank / micro),
+                        states.gpu_bytes / GIB,
+                        acts.peak_bytes / GIB,
+                        buffer_bytes(stage, params.total) / GIB,
+                        states.cpu_bytes_per_node / GIB,
+                    )
                     cand.time = update_time(m, cand, params, cluster, src_len, tgt_len)
                     if cand.gpu_gib > budget:
                         cand.why_not = f"needs {cand.gpu_gib:.2f} GiB > {budget:.2f} GiB per {cluster.rank_name}"
@@ -173,13 +192,17 @@ def make_plan(m, cluster: Cluster, src_len: int, tgt_len: int, global_batch: int
     fitting = [c for c in candidates if c.fits]
     # fastest; ties go to less offload, lower stage, less recompute, bigger micro-batch
     order = {"none": 0, "optimizer": 1, "all": 2, "off": 0, "stage": 1, "layer": 2}
-    chosen = min(fitting, key=lambda c: (round(c.time, 9), order[c.offload], c.stage, order[c.checkpointing],
-                                         -c.micro_batch), default=None)
+    chosen = min(
+        fitting,
+        key=lambda c: (round(c.time, 9), order[c.offload], c.stage, order[c.checkpointing], -c.micro_batch),
+        default=None,
+    )
     return Plan(params, global_batch, candidates, chosen, budget, cluster=cluster)
 
 
 def _fp32_states(total: int, stage: int, world: int):
     from .memory import ModelStates
+
     partitioned = {0: 0, 1: 8, 2: 12, 3: 16}[stage]
     return ModelStates(int(16 * total - partitioned * total + partitioned * total / world), int(4 * total))
 
@@ -191,9 +214,11 @@ def smallest_need(plan: Plan) -> Candidate:
 def nothing_fits_message(plan: Plan, cluster: Cluster) -> str:
     best = smallest_need(plan)
     more = "GPUs" if cluster.device == "gpu" else "CPU processes (--gpus-per-node)"
-    return (f"nothing fits: smallest need is {best.gpu_gib:.2f} GiB per {cluster.rank_name} with {best.describe()} "
-            f"(budget {plan.budget_gib:.2f} GiB = safety x {cluster.gpu_mem_gib:g} GiB); use more {more}, "
-            f"a shorter --src-len, a more aggressive --pooling-schedule or a smaller model")
+    return (
+        f"nothing fits: smallest need is {best.gpu_gib:.2f} GiB per {cluster.rank_name} with {best.describe()} "
+        f"(budget {plan.budget_gib:.2f} GiB = safety x {cluster.gpu_mem_gib:g} GiB); use more {more}, "
+        f"a shorter --src-len, a more aggressive --pooling-schedule or a smaller model"
+    )
 
 
 def table(plan: Plan, all_rows: bool = False) -> str:
@@ -217,21 +242,26 @@ def table(plan: Plan, all_rows: bool = False) -> str:
     # per rank: GPU memory, or with --device cpu one CPU process's RAM (no offload column: nothing to offload to)
     gpu = plan.cluster.device == "gpu"
     memory = f"{plan.cluster.memory_name} GiB"
-    header = (f"{'stage':>5} {'offload':>9} {'ckpt':>5} {'micro':>5} {'accum':>5} {'states':>8} {'activ':>8} "
-              f"{'buffers':>8} {memory:>8}" + (f" {'CPU GiB':>8}" if gpu else "") + f" {'time':>6}  fits")
+    header = (
+        f"{'stage':>5} {'offload':>9} {'ckpt':>5} {'micro':>5} {'accum':>5} {'states':>8} {'activ':>8} "
+        f"{'buffers':>8} {memory:>8}" + (f" {'CPU GiB':>8}" if gpu else "") + f" {'time':>6}  fits"
+    )
     lines = [header, "-" * len(header)]
     for c in rows:
         mark = "*" if c is plan.chosen else ""
-        lines.append(f"{c.stage:>5} {c.offload:>9} {c.checkpointing:>5} {c.micro_batch:>5} {c.update_freq:>5} "
-                     f"{c.states_gib:8.2f} {c.activations_gib:8.2f} {c.buffers_gib:8.2f} {c.gpu_gib:8.2f} "
-                     + (f"{c.cpu_gib_per_node:8.1f} " if gpu else "")
-                     + f"{c.time / best_time:6.2f}  {'yes' if c.fits else 'no'}{mark}")
+        lines.append(
+            f"{c.stage:>5} {c.offload:>9} {c.checkpointing:>5} {c.micro_batch:>5} {c.update_freq:>5} "
+            f"{c.states_gib:8.2f} {c.activations_gib:8.2f} {c.buffers_gib:8.2f} {c.gpu_gib:8.2f} "
+            + (f"{c.cpu_gib_per_node:8.1f} " if gpu else "")
+            + f"{c.time / best_time:6.2f}  {'yes' if c.fits else 'no'}{mark}"
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
 # outputs
 # ------------------------------------------------------------------------------------------------
+
 
 def _template(stage: int, offload: str, precision: str, device: str) -> dict:
     if device == "cpu":
@@ -243,6 +273,7 @@ def _template(stage: int, offload: str, precision: str, device: str) -> dict:
     else:
         name = f"zero{stage}_bf16" if not (precision == "fp16" and stage == 2) else "zero2_fp16"
     from ..engine import read_ds_config
+
     return read_ds_config(name)  # a shipped name: found in any install, from any directory
 
 
@@ -268,11 +299,20 @@ def ds_config_for(cand: Candidate, precision: str, world_size: int, device: str 
 def trainer_overrides(cand: Candidate, m, src_len: int, tgt_len: int, precision: str, ds_path: str) -> dict:
     """The trainer config keys that go with the JSON (nested, as in a run YAML)."""
     return {
-        "model": {"preset": m.preset, "variant": m.variant, "pooling_schedule": m.pooling_schedule,
-                  "max_source_positions": src_len, "max_target_positions": tgt_len},
+        "model": {
+            "preset": m.preset,
+            "variant": m.variant,
+            "pooling_schedule": m.pooling_schedule,
+            "max_source_positions": src_len,
+            "max_target_positions": tgt_len,
+        },
         "data": {"max_sentences": cand.micro_batch, "max_tokens": cand.micro_batch * src_len},
-        "train": {"update_freq": cand.update_freq, "activation_checkpointing": cand.checkpointing,
-                  "precision": precision, "deepspeed_config": ds_path},
+        "train": {
+            "update_freq": cand.update_freq,
+            "activation_checkpointing": cand.checkpointing,
+            "precision": precision,
+            "deepspeed_config": ds_path,
+        },
     }
 
 
@@ -291,5 +331,9 @@ def override_flags(overrides: dict) -> list[str]:
 
 
 def plan_summary(plan: Plan) -> dict:
-    return {"params": asdict(plan.params), "global_batch": plan.global_batch, "budget_gib": plan.budget_gib,
-            "chosen": asdict(plan.chosen) if plan.chosen else None}
+    return {
+        "params": asdict(plan.params),
+        "global_batch": plan.global_batch,
+        "budget_gib": plan.budget_gib,
+        "chosen": asdict(plan.chosen) if plan.chosen else None,
+    }

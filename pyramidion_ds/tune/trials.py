@@ -7,6 +7,7 @@
 
 The command line (``pyramidion_ds.cli.tune``) prints what these return and decides the exit code.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,6 +34,7 @@ def check_outputs(ds: dict, overrides: dict, world_size: int, config: str | None
 
     from ..config import load_config
     from ..engine import resolve_ds_config
+
     cfg = load_config(config, _run_overrides(overrides))
     resolved = resolve_ds_config(ds, cfg, world_size, source="tuned ds_config.json")
     check = dict(resolved)
@@ -47,15 +49,24 @@ def measure_activations(m, chosen: Candidate, precision: str, device: str) -> Me
     import torch
 
     from .measure import measure_activation_peak
+
     where = "cuda" if torch.cuda.is_available() and device == "gpu" else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    return measure_activation_peak(m, chosen.micro_batch, m.max_source_positions, m.max_target_positions,
-                                   dtype=dtype, checkpointing=chosen.checkpointing, device=where)
+    return measure_activation_peak(
+        m,
+        chosen.micro_batch,
+        m.max_source_positions,
+        m.max_target_positions,
+        dtype=dtype,
+        checkpointing=chosen.checkpointing,
+        device=where,
+    )
 
 
 @dataclass
 class Trial:
     """A few real updates of the chosen configuration under the DeepSpeed launcher."""
+
     command: list[str]
     log_path: Path  #: the run's train.log, where the peak memory of every update is reported
 
@@ -77,16 +88,30 @@ def prepare_trial(cfg, m, overrides: dict, data: str, updates: int, out: Path, r
     import yaml
 
     from ..config import to_dict
+
     run_dir = out / "measure_run"
     config = to_dict(cfg)
     config["model"] = to_dict(m)
     config["data"].update(data=str(data), num_workers=0)
-    config["train"].update(save_dir=str(run_dir), max_update=updates, log_interval=1,
-                           validate_interval_updates=0, save_interval_updates=0, resume=False)
+    config["train"].update(
+        save_dir=str(run_dir),
+        max_update=updates,
+        log_interval=1,
+        validate_interval_updates=0,
+        save_interval_updates=0,
+        resume=False,
+    )
     config_path = out / "measure_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-               "--module", "pyramidion_ds.cli.train", str(config_path), *_run_overrides(overrides)]
+    command = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--module",
+        "pyramidion_ds.cli.train",
+        str(config_path),
+        *_run_overrides(overrides),
+    ]
     return Trial(command, run_dir / "train.log")
 
 

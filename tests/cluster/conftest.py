@@ -30,8 +30,17 @@ import pytest
 
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel")
 NODES = ("node1", "node2")
-FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-                   "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+FINISHED_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def find_binary(name: str) -> str | None:
@@ -78,12 +87,13 @@ class SlurmCluster:
         node_lines = "\n".join(
             f"NodeName={name} NodeAddr=127.0.0.1 NodeHostname={name} Port={_free_port()} "
             f"CPUs={cpus} RealMemory=1000 State=UNKNOWN"
-            for name in NODES)
+            for name in NODES
+        )
         root = self.root
         self.conf.write_text(f"""\
 # written by tests/cluster/conftest.py: two slurmd on one machine
 ClusterName=pyramidiontest
-SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
+SlurmctldHost={socket.gethostname().split(".")[0]}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
@@ -115,7 +125,7 @@ SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
 {node_lines}
-PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     # ---------------------------------------------------------------- daemons
@@ -123,21 +133,34 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")
         # Own session: a Ctrl-C in the terminal running pytest does not reach the daemons first.
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
 
     def start(self, timeout: float = 60) -> None:
         self.write_config()
         munge = self.root / "munge"
-        self._spawn("munged", [find_binary("munged"), "--foreground", "--force",
-                               f"--socket={self.munge_socket}", f"--key-file={munge / 'munge.key'}",
-                               f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
-                               f"--seed-file={munge / 'munged.seed'}"])
+        self._spawn(
+            "munged",
+            [
+                find_binary("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={munge / 'munge.key'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ],
+        )
         self._wait_for(lambda: self.munge_socket.exists(), "munged socket", timeout)
         self._spawn("slurmctld", [find_binary("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)])
-        self._wait_for(lambda: self.run(["scontrol", "ping"], check=False).returncode == 0,
-                       "slurmctld to answer `scontrol ping`", timeout)
+        self._wait_for(
+            lambda: self.run(["scontrol", "ping"], check=False).returncode == 0,
+            "slurmctld to answer `scontrol ping`",
+            timeout,
+        )
         for node in NODES:
             self._spawn(f"slurmd-{node}", [find_binary("slurmd"), "-D", "-f", str(self.conf), "-N", node])
         self._wait_for(self._all_idle, "both nodes idle in sinfo", timeout)
@@ -148,7 +171,7 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
 
     def _all_idle(self) -> bool:
         out = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False).stdout.split()
-        states = dict(zip(out[::2], out[1::2]))
+        states = dict(zip(out[::2], out[1::2], strict=False))
         return all(states.get(node) == "idle" for node in NODES)
 
     def _wait_for(self, condition, what: str, timeout: float) -> None:
@@ -156,8 +179,7 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}\n"
-                                       + self.logs())
+                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}\n" + self.logs())
             if condition():
                 return
             time.sleep(0.3)
@@ -211,8 +233,7 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
 
     # ---------------------------------------------------------------- clients
 
-    def run(self, argv: list[str], *, check: bool = True, timeout: float = 30,
-            **kwargs) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], *, check: bool = True, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
         argv = [find_binary(argv[0]) or argv[0], *argv[1:]]
         kwargs.setdefault("env", self.env)
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
@@ -238,8 +259,10 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
                 return info
             if time.monotonic() > deadline:
                 self.run(["scancel", str(job_id)], check=False)
-                raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s "
-                                   f"(reason {info.get('Reason')})\n" + self.logs())
+                raise TimeoutError(
+                    f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s "
+                    f"(reason {info.get('Reason')})\n" + self.logs()
+                )
             time.sleep(0.5)
 
 
@@ -275,9 +298,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop_on_signal)
     try:
         cluster.start()
-        print(f"export SLURM_CONF={cluster.conf}\n"
-              f"two nodes (node1, node2), partition debug; files and daemon logs in {cluster.root}",
-              flush=True)
+        print(
+            f"export SLURM_CONF={cluster.conf}\n"
+            f"two nodes (node1, node2), partition debug; files and daemon logs in {cluster.root}",
+            flush=True,
+        )
         if sys.stdin.isatty():
             print("(press Enter or Ctrl-C to stop)", flush=True)
             input()

@@ -33,10 +33,13 @@ def read_ranks(out_dir: Path) -> dict[int, dict]:
 
 def test_two_nodes_rendezvous_through_srun(slurm_cluster, tmp_path):
     out_dir = tmp_path / "ranks"
-    script = batch_script(tmp_path / "selftest.sbatch",
-                          f"srun --kill-on-bad-exit=1 $PYTHON -m pyramidion_ds.distributed.selftest {out_dir}")
-    job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out",
-                                  "--time=10", script, cwd=tmp_path)
+    script = batch_script(
+        tmp_path / "selftest.sbatch",
+        f"srun --kill-on-bad-exit=1 $PYTHON -m pyramidion_ds.distributed.selftest {out_dir}",
+    )
+    job_id = slurm_cluster.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out", "--time=10", script, cwd=tmp_path
+    )
     info = slurm_cluster.wait_job(job_id, timeout=420)
     log = (tmp_path / f"job-{job_id}.out").read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
@@ -58,8 +61,9 @@ def test_two_nodes_rendezvous_through_srun(slurm_cluster, tmp_path):
 def test_selftest_without_srun_says_so(slurm_cluster, tmp_path):
     out_dir = tmp_path / "ranks"
     script = batch_script(tmp_path / "nosrun.sbatch", f"$PYTHON -m pyramidion_ds.distributed.selftest {out_dir}")
-    job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out",
-                                  "--time=5", script, cwd=tmp_path)
+    job_id = slurm_cluster.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out", "--time=5", script, cwd=tmp_path
+    )
     info = slurm_cluster.wait_job(job_id, timeout=120)
     log = (tmp_path / f"job-{job_id}.out").read_text()
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), log
@@ -70,8 +74,9 @@ def test_selftest_without_srun_says_so(slurm_cluster, tmp_path):
 
 def test_hostfile_for_the_allocation(slurm_cluster, tmp_path):
     script = batch_script(tmp_path / "hostfile.sbatch", f"PYTHON=$PYTHON {REPO}/launch/slurm/hostfile.sh")
-    job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/hostfile",
-                                  "--time=5", script, cwd=tmp_path)
+    job_id = slurm_cluster.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/hostfile", "--time=5", script, cwd=tmp_path
+    )
     info = slurm_cluster.wait_job(job_id, timeout=120)
     hostfile = (tmp_path / "hostfile").read_text()
     assert info["JobState"] == "COMPLETED", hostfile

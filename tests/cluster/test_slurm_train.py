@@ -37,14 +37,32 @@ JOB_TIMEOUT = 420  # the first DeepSpeed launch on a machine JIT-builds an op (~
 def corpus(tmp_path_factory):
     """The synthetic corpus, binarized by the real pyramidion-preprocess (as tests/integration does)."""
     from pyramidion_ds.data.synthetic import write_corpus
+
     root = tmp_path_factory.mktemp("corpus")
-    paths = write_corpus(root / "raw", {"train": 64, "valid": 8, "test": 8}, seed=0, min_words=150,
-                         max_words=250)
+    paths = write_corpus(root / "raw", {"train": 64, "valid": 8, "test": 8}, seed=0, min_words=150, max_words=250)
     files = ",".join(f"{split}={path}" for split, path in paths.items())
-    proc = subprocess.run([sys.executable, "-m", "pyramidion_ds.cli.preprocess", "--source-files", files,
-                           "--destdir", str(root / "bin"), "--spm-vocab-size", "256", "--workers", "1",
-                           "--max-source-positions", "512", "--max-target-positions", "128"],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyramidion_ds.cli.preprocess",
+            "--source-files",
+            files,
+            "--destdir",
+            str(root / "bin"),
+            "--spm-vocab-size",
+            "256",
+            "--workers",
+            "1",
+            "--max-source-positions",
+            "512",
+            "--max-target-positions",
+            "128",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "bin"
 
@@ -65,10 +83,16 @@ def job_env(slurm_cluster):
 
 
 def write_config(tmp_path: Path, name: str, data_dir: Path, save_dir: str | None = None, **sections) -> Path:
-    cfg = {"model": {"preset": "debug"},
-           "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
-           "train": {"save_dir": save_dir or str(tmp_path / name), "deepspeed_config": str(ZERO3_CPU),
-                     "lr": 2e-3, "log_interval": 1}}
+    cfg = {
+        "model": {"preset": "debug"},
+        "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
+        "train": {
+            "save_dir": save_dir or str(tmp_path / name),
+            "deepspeed_config": str(ZERO3_CPU),
+            "lr": 2e-3,
+            "log_interval": 1,
+        },
+    }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     path = tmp_path / f"{name}.yaml"
@@ -94,12 +118,15 @@ def wait_until(cluster, job_id: int, condition, what: str, timeout: float = JOB_
         if condition(info):
             return info
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            pytest.fail(f"job {job_id} ended ({info.get('JobState')} {info.get('ExitCode')}) before {what}\n"
-                        f"{log()[-6000:]}")
+            pytest.fail(
+                f"job {job_id} ended ({info.get('JobState')} {info.get('ExitCode')}) before {what}\n{log()[-6000:]}"
+            )
         if time.monotonic() > deadline:
             cluster.run(["scancel", str(job_id)], check=False)
-            pytest.fail(f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s waiting for {what}\n"
-                        f"{log()[-6000:]}\n{cluster.logs()}")
+            pytest.fail(
+                f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s waiting for {what}\n"
+                f"{log()[-6000:]}\n{cluster.logs()}"
+            )
         time.sleep(0.5)
 
 
@@ -123,7 +150,9 @@ def test_two_node_zero3_job_completes_and_a_second_submission_resumes(slurm_clus
     log = job_log(tmp_path, "pyramidion-train", job_id)
     assert_completed(info, log)
     assert info["NodeList"] == "node[1-2]"
-    assert f"train.sbatch: job {job_id} (restart 0) on node[1-2], {sys.executable}: {config} --train.max_update 2" in log
+    assert (
+        f"train.sbatch: job {job_id} (restart 0) on node[1-2], {sys.executable}: {config} --train.max_update 2"
+    ) in log
     assert "launcher=slurm world_size=2 rank=0 local_rank=0/1" in log
     assert "ZeRO-3" in log
     assert_zero3_checkpoint(run_dir, 2)
@@ -149,16 +178,21 @@ def test_usr1_saves_requeues_and_the_requeued_job_resumes(slurm_cluster, job_env
     # signals the job steps (the srun tasks), not the batch script.
     slurm_cluster.run(["scancel", "--signal=USR1", str(job_id)])
     # SLURM shows a requeued job PENDING with Reason=None for a moment before its BeginTime hold is set
-    info = wait_until(slurm_cluster, job_id, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING"
-                      and i["Reason"] != "None", "the job was requeued", timeout=120, log=log)
+    info = wait_until(
+        slurm_cluster,
+        job_id,
+        lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING" and i["Reason"] != "None",
+        "the job was requeued",
+        timeout=120,
+        log=log,
+    )
     saved = CheckpointDir(run_dir).latest_complete()
     assert saved is not None and 2 <= saved.update < 100000
-    assert (f"received SIGUSR1: saved {tag_for(saved.update)} at update {saved.update}; exiting with code 75"
-            in log())
+    assert f"received SIGUSR1: saved {tag_for(saved.update)} at update {saved.update}; exiting with code 75" in log()
     assert f"requeueing job {job_id}" in log()
     # SLURM 22.05 holds a requeued job back ~2 minutes (EligibleTime = requeue time + 121 s) ...
     assert info["Reason"] == "BeginTime"
-    held = (datetime.fromisoformat(info["EligibleTime"]) - datetime.fromisoformat(info["SubmitTime"]))
+    held = datetime.fromisoformat(info["EligibleTime"]) - datetime.fromisoformat(info["SubmitTime"])
     assert held.total_seconds() >= 60, info
 
     # ... which leaves time to shorten the run: the requeued job re-reads the same config path.
@@ -166,8 +200,7 @@ def test_usr1_saves_requeues_and_the_requeued_job_resumes(slurm_cluster, job_env
     # The hold lets the nodes clean up and the old run's job credential be revoked. A relaunch within
     # the same second as the requeue is refused (credential revoked) and the job FAILS: start it
     # early only once the nodes are idle again and a few seconds have passed.
-    wait_until(slurm_cluster, job_id, lambda _: slurm_cluster.nodes_idle(), "the nodes were idle", timeout=60,
-               log=log)
+    wait_until(slurm_cluster, job_id, lambda _: slurm_cluster.nodes_idle(), "the nodes were idle", timeout=60, log=log)
     time.sleep(max(0.0, 3 - (datetime.now() - datetime.fromisoformat(info["SubmitTime"])).total_seconds()))
     slurm_cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
     info = slurm_cluster.wait_job(job_id, timeout=JOB_TIMEOUT)
@@ -181,14 +214,21 @@ def test_usr1_saves_requeues_and_the_requeued_job_resumes(slurm_cluster, job_env
 
 def test_pretrain_then_finetune_with_dependency_and_init_from(slurm_cluster, job_env, corpus, tmp_path):
     # relative save_dirs: the jobs run in the submission directory
-    write_config(tmp_path, "pre", corpus, save_dir="pre_run", data={"task": "denoising"},
-                 train={"max_update": 2})
+    write_config(tmp_path, "pre", corpus, save_dir="pre_run", data={"task": "denoising"}, train={"max_update": 2})
     write_config(tmp_path, "fine", corpus, save_dir="fine_run", train={"max_update": 2})
-    proc = subprocess.run([str(PRETRAIN_THEN_FINETUNE), "pre.yaml", "fine.yaml", *CPU_JOB], env=job_env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(PRETRAIN_THEN_FINETUNE), "pre.yaml", "fine.yaml", *CPU_JOB],
+        env=job_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
-    (pre_id, pre_dir), (fine_id,) = (re.search(r"pretraining job (\d+) -> (\S+)", proc.stdout).groups(),
-                                     re.search(r"fine-tuning job (\d+)", proc.stdout).groups())
+    (pre_id, pre_dir), (fine_id,) = (
+        re.search(r"pretraining job (\d+) -> (\S+)", proc.stdout).groups(),
+        re.search(r"fine-tuning job (\d+)", proc.stdout).groups(),
+    )
     pre_id, fine_id = int(pre_id), int(fine_id)
     assert pre_dir == str(tmp_path / "pre_run")
     assert slurm_cluster.job(fine_id)["Dependency"].startswith(f"afterok:{pre_id}")
@@ -213,7 +253,7 @@ def test_bad_input_fails_fast_naming_what_and_where(slurm_cluster, job_env, tmp_
         message = f"config '/nonexistent/run.yaml' does not exist (working directory {tmp_path})"
     else:
         python = tmp_path / "python"  # an interpreter that exists but has no pyramidion_ds
-        python.write_text("#!/bin/sh\nexec /usr/bin/env -i /usr/bin/python3 -I \"$@\"\n")
+        python.write_text('#!/bin/sh\nexec /usr/bin/env -i /usr/bin/python3 -I "$@"\n')
         python.chmod(0o755)
         args, env = ["debug"], dict(job_env, PYRAMIDION_PYTHON=str(python))
         message = f"'{python}' cannot import pyramidion_ds; set PYRAMIDION_PYTHON"
@@ -253,12 +293,17 @@ def test_term_to_every_task_with_loader_workers_saves_and_requeues(slurm_cluster
     log = lambda: job_log(tmp_path, "pyramidion-train", job_id)  # noqa: E731
     wait_until(slurm_cluster, job_id, lambda _: "train | update 2 " in log(), "update 2 was logged", log=log)
     slurm_cluster.run(["scancel", "--signal=TERM", str(job_id)])
-    wait_until(slurm_cluster, job_id, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING",
-               "the job was requeued", timeout=120, log=log)
+    wait_until(
+        slurm_cluster,
+        job_id,
+        lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING",
+        "the job was requeued",
+        timeout=120,
+        log=log,
+    )
     slurm_cluster.run(["scancel", str(job_id)])
     saved = CheckpointDir(run_dir).latest_complete()
     assert saved is not None and 2 <= saved.update < 100000
-    assert (f"received SIGTERM: saved {tag_for(saved.update)} at update {saved.update}; exiting with code 75"
-            in log())
+    assert f"received SIGTERM: saved {tag_for(saved.update)} at update {saved.update}; exiting with code 75" in log()
     assert "is killed by signal" not in log()
     assert f"requeueing job {job_id}" in log()

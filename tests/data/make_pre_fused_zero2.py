@@ -5,14 +5,23 @@ Run once at commit ca70ede in one CPU process (``PYTHONPATH=/tmp/old python
 tests/data/make_pre_fused_zero2.py tests/data/pre_fused_export OUT``); only ``mp_rank_00_model_states.pt``
 (parameter names and shapes, 240 KB) is kept: the optimizer shard is not needed to recognise the layout.
 """
-import os, sys, torch
+
+import os
+import sys
+
+import torch
+
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from pathlib import Path
+
 import deepspeed
 from safetensors.torch import load_file
+
 from pyramidion_ds.generate.export import _run_config  # that commit's path; today pyramidion_ds.checkpoint.export
 from pyramidion_ds.model import PyramidionModel
-from pathlib import Path
-fixture = Path(sys.argv[1]); out = Path(sys.argv[2])
+
+fixture = Path(sys.argv[1])
+out = Path(sys.argv[2])
 deepspeed.init_distributed(dist_backend="gloo")
 model = PyramidionModel(_run_config(fixture).model)
 model.load_state_dict(load_file(str(fixture / "model.safetensors")), strict=False)

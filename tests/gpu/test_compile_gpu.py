@@ -1,5 +1,6 @@
 """The training step compiled on CUDA: inductor, and inductor with CUDA graphs (``reduce-overhead``),
 give eager's loss and gradients (skipped without a GPU)."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,7 @@ def test_compiled_training_step_matches_eager_on_cuda(mode):
     eager.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     torch._dynamo.reset()
-    compiled = torch.compile(training_loss, fullgraph=True, dynamic=False,
-                             mode=None if mode == "default" else mode)
+    compiled = torch.compile(training_loss, fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
     for _ in range(3):  # reduce-overhead records its CUDA graph on a later call, then replays it
         model.zero_grad(set_to_none=True)
         loss = compiled(model, src, src_lengths, prev, target)

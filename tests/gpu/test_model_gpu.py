@@ -1,4 +1,5 @@
 """The model and the top-k on CUDA (skipped without a GPU)."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,7 @@ def test_topk_cuda_matches_cpu(n, k):
     x = torch.randn(4, n, 32, generator=generator, dtype=torch.float64)
     scores = torch.rand(4, n, generator=generator, dtype=torch.float64)
     mask = torch.ones(4, n, dtype=torch.bool)
-    mask[1, n // 3:] = False
+    mask[1, n // 3 :] = False
     outputs = []
     for device in ("cpu", "cuda"):
         xs = x.detach().to(device).requires_grad_(True)
@@ -24,16 +25,18 @@ def test_topk_cuda_matches_cpu(n, k):
         out = successive_halving_topk(xs, ss, k, mask=mask.to(device), sort_back=True)
         (out.values.square().sum() + out.scores.sum()).backward()
         outputs.append([t.cpu() for t in (out.values, out.scores, out.source_index, xs.grad, ss.grad)])
-    for cpu, cuda in zip(*outputs):
+    for cpu, cuda in zip(*outputs, strict=True):
         torch.testing.assert_close(cuda, cpu)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,k,sort_back,flip_right", [(8192, 2048, False, True), (1000, 300, True, True),
-                                                      (4096, 100, True, False)])
+@pytest.mark.parametrize(
+    "n,k,sort_back,flip_right", [(8192, 2048, False, True), (1000, 300, True, True), (4096, 100, True, False)]
+)
 def test_topk_triton_matches_torch_path(monkeypatch, dtype, n, k, sort_back, flip_right):
     """The Triton kernels against the torch path on CUDA: same pairing, values and gradients."""
     from pyramidion_ds.model import topk_triton
+
     if not topk_triton.AVAILABLE:
         pytest.skip("triton does not import")
     generator = torch.Generator().manual_seed(0)
@@ -43,8 +46,8 @@ def test_topk_triton_matches_torch_path(monkeypatch, dtype, n, k, sort_back, fli
     # position) while distinct ones stay far more than an ulp apart, so the pairing must agree exactly
     scores = ((torch.rand(4, n, generator=generator) * 32).ceil() / 32).cuda()
     mask = torch.ones(4, n, dtype=torch.bool, device="cuda")
-    mask[1, n // 3:] = False
-    mask[2, n - 7:] = False
+    mask[1, n // 3 :] = False
+    mask[2, n - 7 :] = False
     grad_values = torch.randn(4, k, 64, generator=generator).to("cuda", dtype)
     grad_scores = torch.randn(4, k, generator=generator).cuda()
     outputs = {}
@@ -83,13 +86,14 @@ def test_model_bf16_autocast_and_incremental_decoding():
         full = model(src, None, prev)
         encoder_out = model.encode(src)
         cache = model.new_cache()
-        steps = torch.stack([model.decode_step(prev[:, :t + 1], encoder_out, cache) for t in range(8)], dim=1)
+        steps = torch.stack([model.decode_step(prev[:, : t + 1], encoder_out, cache) for t in range(8)], dim=1)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-3)
 
 
 def test_cuda_graph_decoding_equals_eager():
     """Replayed steps (and a recapture after a source finishes) give the growing cache's logits."""
     from pyramidion_ds.generate.cuda_graph import GraphedDecodeStep
+
     torch.manual_seed(0)
     cfg = ModelConfig(preset="debug", variant="pyramidion", vocab_size=64, dropout=0.0)
     model = PyramidionModel(cfg).cuda().eval()
@@ -103,8 +107,8 @@ def test_cuda_graph_decoding_equals_eager():
         graphed = GraphedDecodeStep(model)
         order = torch.tensor([2, 0, 0, 4, 5, 3], device="cuda")
         for t in range(5):
-            expected = model.decode_step(rows[:, :t + 1], encoder_out, growing)
-            torch.testing.assert_close(graphed(rows[:, :t + 1], encoder_out, static), expected, atol=1e-4, rtol=1e-3)
+            expected = model.decode_step(rows[:, : t + 1], encoder_out, growing)
+            torch.testing.assert_close(graphed(rows[:, : t + 1], encoder_out, static), expected, atol=1e-4, rtol=1e-3)
             rows = rows[order]
             growing.reorder(order)
             static.reorder(order)
@@ -114,18 +118,21 @@ def test_cuda_graph_decoding_equals_eager():
             cache.select_sources(keep)
         rows, encoder_out = rows[3:], encoder_out.select(keep)
         for t in range(5, 8):
-            expected = model.decode_step(rows[:, :t + 1], encoder_out, growing)
-            torch.testing.assert_close(graphed(rows[:, :t + 1], encoder_out, static), expected, atol=1e-4, rtol=1e-3)
+            expected = model.decode_step(rows[:, : t + 1], encoder_out, growing)
+            torch.testing.assert_close(graphed(rows[:, : t + 1], encoder_out, static), expected, atol=1e-4, rtol=1e-3)
     assert graphed.captures == 2
 
 
 def test_cuda_graph_generation_equals_dynamic_cache():
     from pyramidion_ds.generate.search import SearchOptions, generate
+
     torch.manual_seed(0)
     cfg = ModelConfig(preset="debug", variant="pyramidion", vocab_size=64, dropout=0.0)
     model = PyramidionModel(cfg).cuda().eval()
     src = torch.randint(4, 64, (3, 512), device="cuda")
     lengths = torch.tensor([512, 300, 100], device="cuda")
-    out = [generate(model, src, lengths, SearchOptions(beam=4, nbest=2, max_len_a=0.05, max_len_b=4, cuda_graph=graph))
-           for graph in (False, True)]
+    out = [
+        generate(model, src, lengths, SearchOptions(beam=4, nbest=2, max_len_a=0.05, max_len_b=4, cuda_graph=graph))
+        for graph in (False, True)
+    ]
     assert [[h.tokens for h in s] for s in out[1]] == [[h.tokens for h in s] for s in out[0]]

@@ -1,7 +1,8 @@
 """Run under the DeepSpeed launcher: resume a ZeRO-3 run dir, gather every parameter, save them on rank 0.
 
-    deepspeed --num_gpus 2 tests/integration/gather_zero3.py CONFIG.yaml OUT.pt
+deepspeed --num_gpus 2 tests/integration/gather_zero3.py CONFIG.yaml OUT.pt
 """
+
 import sys
 
 import deepspeed

@@ -8,6 +8,7 @@
 The fault goes in through a hook on one parameter's gradient, in backward, before DeepSpeed reduces
 and partitions it; everything else is the real trainer (pyramidion_ds.cli.train's main).
 """
+
 import json
 import os
 from pathlib import Path
@@ -59,8 +60,13 @@ def setup(self):
         outcome = finish_update(meters, pending)
         if before is not None:
             after = snapshot(self)
-            results[attempt[0]] = {"skipped": outcome[0], "unchanged": len(before) == len(after) and all(
-                torch.equal(a, b) for a, b in zip(before, after)), "tensors": len(before), "param": name}
+            results[attempt[0]] = {
+                "skipped": outcome[0],
+                "unchanged": len(before) == len(after)
+                and all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
+                "tensors": len(before),
+                "param": name,
+            }
             REPORT.mkdir(parents=True, exist_ok=True)
             (REPORT / f"rank{self.rank}.json").write_text(json.dumps(results))
         attempt[0] += 1

@@ -1,6 +1,7 @@
 """Nothing lost, nothing run: checks before the first write, checksummed checkpoints with fallback, no code
 from a run dir, a full disk in one line, an export cache keyed by the checkpoint, a rerun of the same
 corpus that resumes. One 2-rank training run per module; the tests copy it."""
+
 import json
 import os
 import shutil
@@ -12,24 +13,39 @@ import pytest
 import torch
 import yaml
 
-from ds_helpers import ROOT, run_deepspeed, subprocess_env
 from pyramidion_ds.checkpoint import CheckpointDir, tag_for
 from pyramidion_ds.data.spm import file_sha256
 
+from ds_helpers import ROOT, run_deepspeed, subprocess_env
+
 
 def config(tmp_path, name, data_dir, **train):
-    cfg = {"model": {"preset": "debug"},
-           "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
-           "train": {"save_dir": str(tmp_path / name), "deepspeed_config": str(ROOT / "ds_configs/zero2_cpu.json"),
-                     "lr": 2e-3, "log_interval": 1, "save_interval_updates": 1, **train}}
+    cfg = {
+        "model": {"preset": "debug"},
+        "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
+        "train": {
+            "save_dir": str(tmp_path / name),
+            "deepspeed_config": str(ROOT / "ds_configs/zero2_cpu.json"),
+            "lr": 2e-3,
+            "log_interval": 1,
+            "save_interval_updates": 1,
+            **train,
+        },
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
 
 def cli(module, args, timeout=300):
-    return subprocess.run([sys.executable, "-m", f"pyramidion_ds.cli.{module}", *args], capture_output=True,
-                          text=True, env=subprocess_env(), cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", f"pyramidion_ds.cli.{module}", *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def last_line(proc) -> str:
@@ -42,9 +58,25 @@ def snapshot(folder: Path) -> dict:
 
 def preprocess(raw: Path, dest: Path, *extra):
     files = ",".join(f"{split}={raw / f'{split}.jsonl'}" for split in ("train", "valid", "test"))
-    proc = cli("preprocess", ["--source-files", files, "--destdir", str(dest), "--spm-vocab-size", "256",
-                              "--workers", "1", "--max-source-positions", "512", "--max-target-positions", "128",
-                              "--quiet", *extra])
+    proc = cli(
+        "preprocess",
+        [
+            "--source-files",
+            files,
+            "--destdir",
+            str(dest),
+            "--spm-vocab-size",
+            "256",
+            "--workers",
+            "1",
+            "--max-source-positions",
+            "512",
+            "--max-target-positions",
+            "128",
+            "--quiet",
+            *extra,
+        ],
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return dest
 
@@ -88,11 +120,14 @@ def test_resume_with_another_vocabulary_writes_nothing(base_run, synthetic_bin, 
     assert snapshot(run) == before  # spm.model, config.yaml, ds_config.json untouched
 
 
-@pytest.mark.parametrize("breakage, message", [
-    ("truncated_bin", "index points past the data file"),
-    ("missing_header", "missing shard header"),
-    ("zero_typo", "unknown key 'zero_optimization.overlap_com'; did you mean 'overlap_comm'?"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("truncated_bin", "index points past the data file"),
+        ("missing_header", "missing shard header"),
+        ("zero_typo", "unknown key 'zero_optimization.overlap_com'; did you mean 'overlap_comm'?"),
+    ],
+)
 def test_bad_input_is_refused_before_the_first_write(synthetic_bin, tmp_path, breakage, message):
     data, ds = tmp_path / "bin", ROOT / "ds_configs/zero2_cpu.json"
     shutil.copytree(synthetic_bin, data)
@@ -125,9 +160,11 @@ def test_crafted_run_dir_runs_nothing(base_run, synthetic_bin, tmp_path):
     manifest["files"][shard.name] = {"size": shard.stat().st_size, "sha256": file_sha256(shard)}
     manifest_path.write_text(json.dumps(manifest))
 
-    runs = {"consolidate": cli("generate", ["--consolidate", str(run), "--export-dir", str(tmp_path / "export")]),
-            "init_from": cli("train", [config(tmp_path, "fine", synthetic_bin, max_update=1), "--init-from", str(run)]),
-            "resume": cli("train", [config(tmp_path, "run", synthetic_bin, max_update=3)])}
+    runs = {
+        "consolidate": cli("generate", ["--consolidate", str(run), "--export-dir", str(tmp_path / "export")]),
+        "init_from": cli("train", [config(tmp_path, "fine", synthetic_bin, max_update=1), "--init-from", str(run)]),
+        "resume": cli("train", [config(tmp_path, "run", synthetic_bin, max_update=3)]),
+    }
     for what, proc in runs.items():
         assert proc.returncode == 2, (what, proc.stderr[-2000:])
         assert "refusing to load" in last_line(proc) and "system" in last_line(proc), (what, last_line(proc))
@@ -148,8 +185,10 @@ def small_disk(tmp_path):
     """A 6 MiB tmpfs: room for one debug ZeRO-2 checkpoint (3.5 MB) but not two."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mount
     subprocess.run(["umount", str(mount)], capture_output=True)
@@ -167,6 +206,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(s
     ckpt = CheckpointDir(run)
     assert ckpt.read_pointer("latest") == tag_for(1) and ckpt.tags() == [tag_for(1)]  # partial one removed
     from pyramidion_ds.checkpoint.weights import init_source
+
     assert init_source(run).state_dict()  # the previous checkpoint still loads
 
 
@@ -175,6 +215,7 @@ def test_rerun_on_the_same_corpus_resumes_and_generates_and_a_retrain_reexports(
     path of its training text) but the same vocabulary; training resumes (done at once), generation
     works. A --no-resume retrain to the same tag gets a fresh export, not the cached one."""
     from safetensors.torch import load_file
+
     cfg = config(tmp_path, "run", synthetic_bin, max_update=1)
     assert cli("train", [cfg]).returncode == 0
     gen = ["--gen-subset", "test", "--beam", "2", "--max-len-b", "5", "--batch-size", "4", "--no-progress-bar"]
@@ -187,8 +228,9 @@ def test_rerun_on_the_same_corpus_resumes_and_generates_and_a_retrain_reexports(
     rerun = cli("train", [cfg_again])
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resumed from" in rerun.stderr
-    second = cli("generate", [str(tmp_path / "run"), "--data", str(again), *gen,
-                              "--results-path", str(tmp_path / "g2")])
+    second = cli(
+        "generate", [str(tmp_path / "run"), "--data", str(again), *gen, "--results-path", str(tmp_path / "g2")]
+    )
     assert second.returncode == 0, second.stderr[-2000:]
 
     export = tmp_path / "run" / "export" / tag_for(1)
@@ -196,6 +238,7 @@ def test_rerun_on_the_same_corpus_resumes_and_generates_and_a_retrain_reexports(
     retrain = cli("train", [cfg_again, "--no-resume", "--train.seed", "9"])
     assert retrain.returncode == 0, retrain.stderr[-2000:]
     from pyramidion_ds.checkpoint.export import export_for
+
     assert export_for(tmp_path / "run") == export
     meta = json.loads((export / "export.json").read_text())
     assert meta["checkpoint_sha256"] == CheckpointDir(tmp_path / "run").info(tag_for(1)).manifest_sha256

@@ -30,8 +30,18 @@ def launcher(name: str) -> str:
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without any launcher's variables (pytest may itself run under one)."""
     prefixes = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_")
-    names = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "PYRAMIDION_LAUNCHER"}
+    names = {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CROSS_RANK",
+        "CROSS_SIZE",
+        "LOCAL_SIZE",
+        "PYRAMIDION_LAUNCHER",
+    }
     env = {k: v for k, v in os.environ.items() if k not in names and not k.startswith(prefixes)}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
@@ -45,8 +55,7 @@ def free_port() -> int:
 
 
 def run_launch(argv: list[str], env: dict[str, str] | None = None, timeout: float = 420):
-    return subprocess.run(argv, cwd=REPO, env=env or clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(argv, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def assert_two_ranks(out_dir: Path, launcher_name: str, result: subprocess.CompletedProcess) -> None:
@@ -72,14 +81,32 @@ def test_mpiexec(tmp_path):
 
 
 def test_deepspeed_launcher(tmp_path):
-    argv = [launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            "--module", SELFTEST, str(tmp_path)]
+    argv = [
+        launcher("deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        SELFTEST,
+        str(tmp_path),
+    ]
     assert_two_ranks(tmp_path, "deepspeed", run_launch(argv))
 
 
 def test_torchrun(tmp_path):
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(free_port()), "-m", SELFTEST, str(tmp_path)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        SELFTEST,
+        str(tmp_path),
+    ]
     assert_two_ranks(tmp_path, "torchrun", run_launch(argv))
 
 

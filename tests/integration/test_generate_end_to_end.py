@@ -1,5 +1,6 @@
 """pyramidion-generate on a real ZeRO-3 run dir (2 CPU ranks): consolidation, export, 1 vs 2 processes,
 bad input. One tiny training run per session; everything else reuses it."""
+
 import json
 import shutil
 import subprocess
@@ -15,16 +16,26 @@ from pyramidion_ds.checkpoint.export import consolidate, load_export, write_safe
 from pyramidion_ds.generate.inputs import from_data_dir
 from pyramidion_ds.generate.runner import collate_sources
 from pyramidion_ds.generate.search import SearchOptions, generate
+
 from ds_helpers import BIN, ROOT, free_port, gather_zero3_params, run_deepspeed, subprocess_env
 
 
 @pytest.fixture(scope="session")
 def zero3_run(synthetic_bin, tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_zero3")
-    cfg = {"model": {"preset": "debug", "variant": "pyramidion", "dropout": 0.1},
-           "data": {"data": str(synthetic_bin), "max_tokens": 2048, "num_workers": 0},
-           "train": {"save_dir": str(root / "run"), "deepspeed_config": str(ROOT / "ds_configs" / "zero3_cpu.json"),
-                     "lr": 2e-3, "warmup_updates": 3, "log_interval": 1, "seed": 3, "max_update": 4}}
+    cfg = {
+        "model": {"preset": "debug", "variant": "pyramidion", "dropout": 0.1},
+        "data": {"data": str(synthetic_bin), "max_tokens": 2048, "num_workers": 0},
+        "train": {
+            "save_dir": str(root / "run"),
+            "deepspeed_config": str(ROOT / "ds_configs" / "zero3_cpu.json"),
+            "lr": 2e-3,
+            "warmup_updates": 3,
+            "log_interval": 1,
+            "seed": 3,
+            "max_update": 4,
+        },
+    }
     (root / "c.yaml").write_text(yaml.safe_dump(cfg))
     run_deepspeed([str(root / "c.yaml")])
     return root
@@ -36,6 +47,7 @@ def random_export(zero3_run, tmp_path_factory):
     document), so that merging results in input order is really tested."""
     from pyramidion_ds.config import load_config, to_dict
     from pyramidion_ds.model import PyramidionModel
+
     out = tmp_path_factory.mktemp("random_export")
     cfg = load_config(str(zero3_run / "run" / "config.yaml"))
     torch.manual_seed(5)
@@ -52,8 +64,16 @@ def generate_cli(args, nproc=1):
     if nproc == 1:
         cmd = [sys.executable, "-m", "pyramidion_ds.cli.generate", *args]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-               "--module", "pyramidion_ds.cli.generate", *args]
+        cmd = [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "pyramidion_ds.cli.generate",
+            *args,
+        ]
     return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
 
 
@@ -61,6 +81,7 @@ def test_consolidated_export_equals_gathered_zero3_parameters(zero3_run, tmp_pat
     proc = generate_cli(["--consolidate", str(zero3_run / "run"), "--export-dir", str(tmp_path / "export")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
+
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     meta = json.loads((tmp_path / "export" / "export.json").read_text())
     assert meta["tag"] == "update_0000004" and meta["zero_stage"] == 3 and meta["world_size"] == 2
@@ -72,6 +93,7 @@ def test_consolidated_export_equals_gathered_zero3_parameters(zero3_run, tmp_pat
 
 def test_export_generates_like_the_in_memory_model(zero3_run, synthetic_bin):
     from pyramidion_ds.model import PyramidionModel
+
     export = consolidate(zero3_run / "run")  # the cached location: RUN/export/<tag>
     assert export == zero3_run / "run" / "export" / "update_0000004"
     model, cfg, spm = load_export(export)
@@ -86,8 +108,24 @@ def test_export_generates_like_the_in_memory_model(zero3_run, synthetic_bin):
 
 
 def test_two_processes_give_the_outputs_of_one(random_export, synthetic_bin, tmp_path):
-    common = [str(random_export), "--data", str(synthetic_bin), "--gen-subset", "test", "--beam", "3", "--nbest", "2",
-              "--max-len-b", "10", "--batch-size", "2", "--no-repeat-ngram-size", "3", "--no-progress-bar"]
+    common = [
+        str(random_export),
+        "--data",
+        str(synthetic_bin),
+        "--gen-subset",
+        "test",
+        "--beam",
+        "3",
+        "--nbest",
+        "2",
+        "--max-len-b",
+        "10",
+        "--batch-size",
+        "2",
+        "--no-repeat-ngram-size",
+        "3",
+        "--no-progress-bar",
+    ]
     one = generate_cli(common + ["--results-path", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
     two = generate_cli(common + ["--results-path", str(tmp_path / "two"), "--explain", "2"], nproc=2)
@@ -106,6 +144,7 @@ def test_two_processes_give_the_outputs_of_one(random_export, synthetic_bin, tmp
 
 def run_main(capsys, args):
     from pyramidion_ds.cli.generate import main
+
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     return exit_info.value.code, capsys.readouterr()
@@ -137,8 +176,9 @@ def test_bad_input_is_one_line(zero3_run, random_export, tmp_path, capsys):
 
     # too long: truncated with a count, still generates
     docs.write_text(("word " * 700).strip() + "\nshort text\n")
-    code, out = run_main(capsys, [str(random_export), "--input", str(docs), "--max-len-b", "3", "--hard-topk",
-                                  "--no-progress-bar"])
+    code, out = run_main(
+        capsys, [str(random_export), "--input", str(docs), "--max-len-b", "3", "--hard-topk", "--no-progress-bar"]
+    )
     assert code == 0
     assert "truncated 1 of 2 sources to 512 tokens" in out.err
     assert out.out.count("H-") == 2

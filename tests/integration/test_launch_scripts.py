@@ -1,5 +1,6 @@
 """launch/mpi/train.sh (mpiexec from the mpich wheel) and launch/local/train.sh (the DeepSpeed
 launcher, CPU fallback) run the real trainer for a few ZeRO-3 updates with 2 processes."""
+
 import os
 import shutil
 import subprocess
@@ -8,17 +9,28 @@ import sys
 import pytest
 import yaml
 
-from ds_helpers import BIN, ROOT, subprocess_env
 from pyramidion_ds.checkpoint import CheckpointDir
+
+from ds_helpers import BIN, ROOT, subprocess_env
 
 
 def config(tmp_path, data_dir, max_update=2):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"preset": "debug"},
-        "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
-        "train": {"save_dir": str(tmp_path / "run"), "deepspeed_config": str(ROOT / "ds_configs/zero3_cpu.json"),
-                  "lr": 2e-3, "log_interval": 1, "max_update": max_update}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"preset": "debug"},
+                "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
+                "train": {
+                    "save_dir": str(tmp_path / "run"),
+                    "deepspeed_config": str(ROOT / "ds_configs/zero3_cpu.json"),
+                    "lr": 2e-3,
+                    "log_interval": 1,
+                    "max_update": max_update,
+                },
+            }
+        )
+    )
     return path
 
 
@@ -34,8 +46,14 @@ def script_env(**extra):
 
 
 def run_script(script, args, env, timeout=420):
-    return subprocess.run(["bash", str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def test_mpi_script_trains_two_ranks(synthetic_bin, tmp_path):
@@ -64,8 +82,13 @@ def test_local_script_falls_back_to_cpu_processes(synthetic_bin, tmp_path):
     assert "train.sh: 2 processes on" in out
     # nothing a user on a CPU machine reads as trouble: no GPU-probe warnings, no GPU ids, no hostfile
     # warning, no shared-memory op build (1-2 min on a machine's first run, then a line per rank)
-    for noise in ("Setting accelerator to CPU", "CUDA_VISIBLE_DEVICES", "Unable to find hostfile",
-                  "shm_comm", "built successfully"):
+    for noise in (
+        "Setting accelerator to CPU",
+        "CUDA_VISIBLE_DEVICES",
+        "Unable to find hostfile",
+        "shm_comm",
+        "built successfully",
+    ):
         assert noise not in out, f"{noise!r} in the output:\n{out[-3000:]}"
     log = (tmp_path / "run" / "train.log").read_text()
     assert "world_size=2 rank=0" in log and "ZeRO-3" in log
@@ -94,10 +117,27 @@ def test_an_error_every_rank_meets_is_printed_once(synthetic_bin, tmp_path):
     on every rank of a node: only the node's first process prints it."""
     cfg = config(tmp_path, synthetic_bin)
     env = script_env(DS_ACCELERATOR="cpu")
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--log_level",
-                           "error", "--module", "pyramidion_ds.cli.train", str(cfg), "--data.data",
-                           str(tmp_path / "missing")], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            "2",
+            "--log_level",
+            "error",
+            "--module",
+            "pyramidion_ds.cli.train",
+            str(cfg),
+            "--data.data",
+            str(tmp_path / "missing"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert out.count("pyramidion-train: error: data.data:") == 1, out[-3000:]

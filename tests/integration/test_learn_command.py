@@ -1,6 +1,7 @@
 """The pooling-learns experiment (tools/experiments/pooling_learns/run.py, run as a script) end to end at a
 toy budget: corpus, vocabulary, the warm-up stages of growing document length, the main run started from
 the last stage's weights, generation, ROUGE, selection recall and the report."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,31 @@ def test_learn_trains_generates_scores_and_reports_one_variant(tmp_path):
     """The default suite's smoke test of the experiment: corpus, vocabulary, training, generation, ROUGE,
     selection recall and the report, without the warm-up stages (those are in the experiment test below)."""
     out = tmp_path / "learn"
-    argv = [*RUN, "--task", "synthetic", "--out", str(out), "--variants", "pyramidion", "--train-docs", "8",
-            "--max-update", "2", "--curriculum-updates", "0", "--bench-repeats", "0", "--threads", "1",
-            "--set", "train.validate_interval_updates=2", "--set", "train.log_interval=1", "--set", "generation.beam=1"]
+    argv = [
+        *RUN,
+        "--task",
+        "synthetic",
+        "--out",
+        str(out),
+        "--variants",
+        "pyramidion",
+        "--train-docs",
+        "8",
+        "--max-update",
+        "2",
+        "--curriculum-updates",
+        "0",
+        "--bench-repeats",
+        "0",
+        "--threads",
+        "1",
+        "--set",
+        "train.validate_interval_updates=2",
+        "--set",
+        "train.log_interval=1",
+        "--set",
+        "generation.beam=1",
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads((out / "learn.json").read_text())
@@ -36,9 +59,29 @@ def test_learn_trains_generates_scores_and_reports_one_variant(tmp_path):
 @pytest.mark.experiment
 def test_learn_warms_up_in_stages_then_trains_generates_and_reports(tmp_path):
     out = tmp_path / "learn"
-    argv = [*RUN, "--task", "synthetic", "--out", str(out), "--variants", "pyramidion", "--train-docs", "24",
-            "--max-update", "4", "--curriculum-updates", "2", "--bench-repeats", "0", "--threads", "1",
-            "--set", "train.validate_interval_updates=2", "--set", "train.log_interval=1"]
+    argv = [
+        *RUN,
+        "--task",
+        "synthetic",
+        "--out",
+        str(out),
+        "--variants",
+        "pyramidion",
+        "--train-docs",
+        "24",
+        "--max-update",
+        "4",
+        "--curriculum-updates",
+        "2",
+        "--bench-repeats",
+        "0",
+        "--threads",
+        "1",
+        "--set",
+        "train.validate_interval_updates=2",
+        "--set",
+        "train.log_interval=1",
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
@@ -50,14 +93,15 @@ def test_learn_warms_up_in_stages_then_trains_generates_and_reports(tmp_path):
     assert row["updates"] == 4
     spm = (out / "data-bin" / "spm.model").read_bytes()
     longest = []
-    for k, stage in enumerate(stages, 1):
+    for k, _stage in enumerate(stages, 1):
         # every stage shares the main corpus's vocabulary and starts from the previous stage's weights
         assert (out / f"data-bin-warmup-{k}" / "spm.model").read_bytes() == spm
         log = (out / "runs" / f"pyramidion.warmup-{k}.train.log").read_text()
         assert ("initialized weights from" in log) == (k > 1)
         if k > 1:
             assert f"pyramidion.warmup-{k - 1}" in log
-        longest.append(json.loads((out / f"preprocess-warmup-{k}.json").read_text())["lengths"]["train"]["source"]["max"])
+        lengths = json.loads((out / f"preprocess-warmup-{k}.json").read_text())["lengths"]
+        longest.append(lengths["train"]["source"]["max"])
     assert longest == sorted(longest) and longest[0] < 256  # shortest documents first
     main_log = (out / "runs" / "pyramidion.train.log").read_text()
     assert f"initialized weights from {out / 'runs' / f'pyramidion.warmup-{len(stages)}'}" in main_log
@@ -75,8 +119,14 @@ def test_learn_warms_up_in_stages_then_trains_generates_and_reports(tmp_path):
 
 
 def test_learn_rejects_a_warm_up_for_a_task_without_one(tmp_path):
-    proc = subprocess.run([*RUN, "--task", "real", "--out", str(tmp_path / "real"), "--curriculum-updates", "5"],
-                          capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [*RUN, "--task", "real", "--out", str(tmp_path / "real"), "--curriculum-updates", "5"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "--curriculum-updates 5" in proc.stderr and "task real has no warm-up corpus" in proc.stderr
     assert not (tmp_path / "real").exists()

@@ -3,6 +3,7 @@
 Runs the command's ``main`` in-process (the console script is a thin wrapper; ``tests/unit/test_cli.py``
 runs it as a subprocess) except for one real subprocess with 2 workers.
 """
+
 import json
 import os
 import shutil
@@ -20,8 +21,9 @@ from pyramidion_ds.data.synthetic import write_corpus
 
 SPLITS = {"train": 30, "valid": 4, "test": 4}
 TSV_NAMES = {"train": "train", "valid": "dev-0", "test": "test-A"}
-SHARD_FILES = [f"{split}.{side}.{ext}" for split in SPLITS for side in ("source", "target")
-               for ext in ("bin", "idx", "json")]
+SHARD_FILES = [
+    f"{split}.{side}.{ext}" for split in SPLITS for side in ("source", "target") for ext in ("bin", "idx", "json")
+]
 
 
 def run_cli(capsys, *args):
@@ -47,8 +49,9 @@ def layouts(tmp_path_factory):
         hub = root / "hub"
         hub.mkdir(exist_ok=True)
         hf_split = {"valid": "validation"}.get(split, split)
-        (hub / f"{hf_split}.jsonl").write_text("".join(json.dumps({"article": r["document"],
-                                                                   "abstract": r["summary"]}) + "\n" for r in rows))
+        (hub / f"{hf_split}.jsonl").write_text(
+            "".join(json.dumps({"article": r["document"], "abstract": r["summary"]}) + "\n" for r in rows)
+        )
     return root
 
 
@@ -56,8 +59,21 @@ def layouts(tmp_path_factory):
 def tsv_out(layouts, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "tsv"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--quiet", "--tsv-dir", str(layouts / "tsv"), "--destdir", str(out), "--spm-vocab-size", "200",
-              "--max-source-positions", "300", "--max-target-positions", "64"])
+        main(
+            [
+                "--quiet",
+                "--tsv-dir",
+                str(layouts / "tsv"),
+                "--destdir",
+                str(out),
+                "--spm-vocab-size",
+                "200",
+                "--max-source-positions",
+                "300",
+                "--max-target-positions",
+                "64",
+            ]
+        )
     assert exit_info.value.code == 0
     return out
 
@@ -77,8 +93,16 @@ def test_tsv_layout_writes_every_split(tsv_out):
 
 @pytest.mark.parametrize("layout", ["jsonl", "parquet", "hub"])
 def test_every_layout_gives_identical_shards(layout, layouts, tsv_out, tmp_path, capsys):
-    common = ["--destdir", tmp_path / "out", "--spm-model", tsv_out / "spm.model",
-              "--max-source-positions", 300, "--max-target-positions", 64]
+    common = [
+        "--destdir",
+        tmp_path / "out",
+        "--spm-model",
+        tsv_out / "spm.model",
+        "--max-source-positions",
+        300,
+        "--max-target-positions",
+        64,
+    ]
     if layout == "hub":
         args = ["--source-dataset", layouts / "hub", "--document-column", "article", "--summary-column", "abstract"]
     else:
@@ -91,18 +115,43 @@ def test_every_layout_gives_identical_shards(layout, layouts, tsv_out, tmp_path,
 
 
 def test_two_worker_subprocess_matches(layouts, tsv_out, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pyramidion_ds.cli.preprocess", "--tsv-dir", layouts / "tsv",
-                           "--destdir", tmp_path / "out", "--spm-model", tsv_out / "spm.model", "--workers", "2",
-                           "--max-source-positions", "300", "--max-target-positions", "64"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyramidion_ds.cli.preprocess",
+            "--tsv-dir",
+            layouts / "tsv",
+            "--destdir",
+            tmp_path / "out",
+            "--spm-model",
+            tsv_out / "spm.model",
+            "--workers",
+            "2",
+            "--max-source-positions",
+            "300",
+            "--max-target-positions",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "binarize train" in proc.stderr          # progress bars on the long steps
+    assert "binarize train" in proc.stderr  # progress bars on the long steps
     assert files_of(tmp_path / "out") == files_of(tsv_out)
 
 
 def test_unlabeled_for_denoising(layouts, tsv_out, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}", "--unlabeled",
-                           "--destdir", tmp_path / "out", "--spm-model", tsv_out / "spm.model")
+    code, _, err = run_cli(
+        capsys,
+        "--source-files",
+        f"train={layouts / 'jsonl' / 'train.jsonl'}",
+        "--unlabeled",
+        "--destdir",
+        tmp_path / "out",
+        "--spm-model",
+        tsv_out / "spm.model",
+    )
     assert code == 0, err
     assert not (tmp_path / "out" / "train.target.bin").exists()
     ds = DenoisingDataset(tmp_path / "out", "train", 512, 512, seed=0)
@@ -113,9 +162,18 @@ def test_unlabeled_for_denoising(layouts, tsv_out, tmp_path, capsys):
 
 
 def test_drop_instead_of_truncate(layouts, tsv_out, tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "--tsv-dir", layouts / "tsv", "--destdir", tmp_path / "out",
-                           "--spm-model", tsv_out / "spm.model", "--max-source-positions", "900",
-                           "--no-truncate-source")
+    code, out, _ = run_cli(
+        capsys,
+        "--tsv-dir",
+        layouts / "tsv",
+        "--destdir",
+        tmp_path / "out",
+        "--spm-model",
+        tsv_out / "spm.model",
+        "--max-source-positions",
+        "900",
+        "--no-truncate-source",
+    )
     assert code == 0
     counts = json.loads((tmp_path / "out" / "meta.json").read_text())["splits"]["train"]["counts"]
     assert counts["dropped_too_long"] > 0 and counts["truncated_source"] == 0
@@ -132,8 +190,10 @@ def bad_inputs(root):
     (tsv / "expected.tsv").write_text("1\n")
     return [
         (["--source-files", f"train={root / 'latin1.jsonl'}"], "latin1.jsonl: line 1: not valid UTF-8 (byte 0xe9"),
-        (["--source-files", f"train={root / 'cols.jsonl'}"], "no column 'document' (columns: text, summary); "
-                                                             "set --document-column"),
+        (
+            ["--source-files", f"train={root / 'cols.jsonl'}"],
+            "no column 'document' (columns: text, summary); set --document-column",
+        ),
         (["--source-files", f"train={root / 'empty.jsonl'}"], "no examples left (1 empty, 0 too long)"),
         (["--source-files", f"train={root / 'missing.jsonl'}"], "missing.jsonl: no such file"),
         (["--tsv-dir", root / "tsv"], "expected.tsv: 1 lines, but"),
@@ -154,46 +214,72 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tsv_out, capsys):
 
 def test_swapped_spm_model_rejected_on_reuse(tmp_path, layouts, capsys):
     import sentencepiece as spm
+
     prefix = tmp_path / "plain"
     text = tmp_path / "t.txt"
     text.write_text((layouts / "tsv" / "train" / "in.tsv").read_text())
     spm.SentencePieceTrainer.Train(input=str(text), model_prefix=str(prefix), vocab_size=150, minloglevel=2)
-    code, _, err = run_cli(capsys, "--tsv-dir", layouts / "tsv", "--destdir", tmp_path / "out",
-                           "--spm-model", f"{prefix}.model")
+    code, _, err = run_cli(
+        capsys, "--tsv-dir", layouts / "tsv", "--destdir", tmp_path / "out", "--spm-model", f"{prefix}.model"
+    )
     assert code == 2 and "special ids bos=1 (expected 0), pad=-1 (expected 1)" in err
 
 
 # --- the destination: written atomically, replaced only when asked --------------------------------
+
 
 def snapshot(path):
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def leftovers(parent, name):
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f"{name}.tmp-") or
-                  p.name.startswith(f"{name}.old-"))
+    return sorted(
+        p.name for p in parent.iterdir() if p.name.startswith(f"{name}.tmp-") or p.name.startswith(f"{name}.old-")
+    )
 
 
 def test_existing_destdir_needs_overwrite_and_is_replaced_whole(layouts, tsv_out, tmp_path, capsys):
     dest = tmp_path / "bin"
     shutil.copytree(tsv_out, dest)
     before = snapshot(dest)
-    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}", "--destdir", dest,
-                           "--spm-model", tsv_out / "spm.model")
+    code, _, err = run_cli(
+        capsys,
+        "--source-files",
+        f"train={layouts / 'jsonl' / 'train.jsonl'}",
+        "--destdir",
+        dest,
+        "--spm-model",
+        tsv_out / "spm.model",
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "already exists and is not empty; pass --overwrite to replace it" in err
     assert snapshot(dest) == before
     # with --overwrite: only the new splits remain (no stale valid/test shards), nothing left beside it
-    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}", "--destdir", dest,
-                           "--spm-model", tsv_out / "spm.model", "--overwrite")
+    code, _, err = run_cli(
+        capsys,
+        "--source-files",
+        f"train={layouts / 'jsonl' / 'train.jsonl'}",
+        "--destdir",
+        dest,
+        "--spm-model",
+        tsv_out / "spm.model",
+        "--overwrite",
+    )
     assert code == 0, err
     assert not list(dest.glob("valid.*")) and not list(dest.glob("test.*"))
     assert list(json.loads((dest / "meta.json").read_text())["splits"]) == ["train"]
     assert leftovers(tmp_path, "bin") == []
     # an empty directory (made by a job script, say) is fine without --overwrite
     (tmp_path / "empty").mkdir()
-    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}",
-                           "--destdir", tmp_path / "empty", "--spm-model", tsv_out / "spm.model")
+    code, _, err = run_cli(
+        capsys,
+        "--source-files",
+        f"train={layouts / 'jsonl' / 'train.jsonl'}",
+        "--destdir",
+        tmp_path / "empty",
+        "--spm-model",
+        tsv_out / "spm.model",
+    )
     assert code == 0 and (tmp_path / "empty" / "meta.json").is_file(), err
     (tmp_path / "plain").mkdir()  # the data-bin gets the permissions of a plain mkdir (umask), not 0700
     assert dest.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
@@ -205,15 +291,24 @@ def test_a_failing_rerun_leaves_the_old_data_bin_intact(layouts, tsv_out, tmp_pa
     before = snapshot(dest)
     (tmp_path / "empty_docs.jsonl").write_text('{"document": " ", "summary": "a"}\n')
     # fails after the spm model was copied and while binarizing: the old data-bin must not notice
-    code, _, err = run_cli(capsys, "--source-files", f"train={tmp_path / 'empty_docs.jsonl'}", "--destdir", dest,
-                           "--spm-model", tsv_out / "spm.model", "--overwrite")
+    code, _, err = run_cli(
+        capsys,
+        "--source-files",
+        f"train={tmp_path / 'empty_docs.jsonl'}",
+        "--destdir",
+        dest,
+        "--spm-model",
+        tsv_out / "spm.model",
+        "--overwrite",
+    )
     assert code == 2 and "no examples left (1 empty, 0 too long)" in err
     assert snapshot(dest) == before and leftovers(tmp_path, "bin") == []
-    SummarizationDataset(dest, "valid", 300, 64)   # still usable
+    SummarizationDataset(dest, "valid", 300, 64)  # still usable
 
     # an interrupt (Ctrl-C) half-way through a split: the same
     from pyramidion_ds.data.binarize import preprocess
     from pyramidion_ds.data.sources import SplitSource, file_sources
+
     real = file_sources({"train": str(layouts / "jsonl" / "train.jsonl")})["train"]
 
     def interrupted():
@@ -221,9 +316,15 @@ def test_a_failing_rerun_leaves_the_old_data_bin_intact(layouts, tsv_out, tmp_pa
             if i == 10:
                 raise KeyboardInterrupt
             yield record
+
     with pytest.raises(KeyboardInterrupt):
-        preprocess({"train": SplitSource("train", "interrupted", real.num_rows, interrupted)}, dest,
-                   spm_model=str(tsv_out / "spm.model"), progress=False, overwrite=True)
+        preprocess(
+            {"train": SplitSource("train", "interrupted", real.num_rows, interrupted)},
+            dest,
+            spm_model=str(tsv_out / "spm.model"),
+            progress=False,
+            overwrite=True,
+        )
     assert snapshot(dest) == before and leftovers(tmp_path, "bin") == []
 
 
@@ -244,12 +345,21 @@ def test_unwritable_destdir_is_one_line(layouts, tsv_out, tmp_path, capsys):
         read_only = Path("/sys")
     if can_write(read_only):
         pytest.skip("no read-only directory to try")
-    cases = [(tmp_path / "a_file", "is a file, expected a directory"),
-             (tmp_path / "a_file" / "bin", "a_file is a file, not a directory"),
-             (read_only / "bin", f"cannot write in {read_only}")]
+    cases = [
+        (tmp_path / "a_file", "is a file, expected a directory"),
+        (tmp_path / "a_file" / "bin", "a_file is a file, not a directory"),
+        (read_only / "bin", f"cannot write in {read_only}"),
+    ]
     for dest, message in cases:
-        code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}",
-                               "--destdir", dest, "--spm-model", tsv_out / "spm.model")
+        code, _, err = run_cli(
+            capsys,
+            "--source-files",
+            f"train={layouts / 'jsonl' / 'train.jsonl'}",
+            "--destdir",
+            dest,
+            "--spm-model",
+            tsv_out / "spm.model",
+        )
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], (dest, err)
     assert (tmp_path / "a_file").read_text() == "x"
@@ -259,12 +369,21 @@ def test_bad_rows_and_empty_files_are_one_line(tmp_path, tsv_out, capsys):
     (tmp_path / "num.jsonl").write_text('{"document": "fine", "summary": "ok"}\n{"document": 3, "summary": "x"}\n')
     (tmp_path / "cut.jsonl").write_text('{"document": "fine", "summary": "ok"}\n{"document": "c", "summ\n')
     (tmp_path / "empty.jsonl").write_text("")
-    cases = [("num.jsonl", "num.jsonl: line 2: field 'document' is a number (3), expected text"),
-             ("cut.jsonl", "cut.jsonl: line 2: not valid JSON"),
-             ("empty.jsonl", "empty.jsonl: empty file")]
+    cases = [
+        ("num.jsonl", "num.jsonl: line 2: field 'document' is a number (3), expected text"),
+        ("cut.jsonl", "cut.jsonl: line 2: not valid JSON"),
+        ("empty.jsonl", "empty.jsonl: empty file"),
+    ]
     for name, message in cases:
-        code, _, err = run_cli(capsys, "--source-files", f"train={tmp_path / name}", "--destdir", tmp_path / "out",
-                               "--spm-model", tsv_out / "spm.model")
+        code, _, err = run_cli(
+            capsys,
+            "--source-files",
+            f"train={tmp_path / name}",
+            "--destdir",
+            tmp_path / "out",
+            "--spm-model",
+            tsv_out / "spm.model",
+        )
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], (name, err)
         assert not (tmp_path / "out").exists()
@@ -282,7 +401,15 @@ def test_overwrite_never_replaces_a_directory_that_is_not_a_data_bin(layouts, ts
     shutil.copytree(tsv_out, dest)
     (dest / "notes.txt").write_text("mine")
     before = snapshot(dest)
-    code, _, err = run_cli(capsys, "--source-files", f"train={layouts / 'jsonl' / 'train.jsonl'}", "--destdir", dest,
-                           "--spm-model", tsv_out / "spm.model", "--overwrite")
+    code, _, err = run_cli(
+        capsys,
+        "--source-files",
+        f"train={layouts / 'jsonl' / 'train.jsonl'}",
+        "--destdir",
+        dest,
+        "--spm-model",
+        tsv_out / "spm.model",
+        "--overwrite",
+    )
     assert code == 2 and "holds 'notes.txt' that pyramidion-preprocess did not write; refusing to replace it" in err
     assert snapshot(dest) == before

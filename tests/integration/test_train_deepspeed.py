@@ -1,4 +1,5 @@
 """pyramidion-train under the real DeepSpeed launcher, 2 CPU processes (gloo): ZeRO-2 and ZeRO-3."""
+
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import yaml
 
 from pyramidion_ds.checkpoint import CheckpointDir
 from pyramidion_ds.checkpoint.consolidate import consolidated_state_dict
+
 from ds_helpers import ROOT, gather_zero3_params, run_deepspeed, subprocess_env, tensorboard_scalars
 
 
@@ -15,8 +17,15 @@ def write_config(path, data_dir, save_dir, ds_config, **train):
     cfg = {
         "model": {"preset": "debug", "variant": "pyramidion", "dropout": 0.1},
         "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
-        "train": {"save_dir": str(save_dir), "deepspeed_config": str(ROOT / "ds_configs" / ds_config),
-                  "lr": 2e-3, "warmup_updates": 3, "log_interval": 1, "seed": 3, **train},
+        "train": {
+            "save_dir": str(save_dir),
+            "deepspeed_config": str(ROOT / "ds_configs" / ds_config),
+            "lr": 2e-3,
+            "warmup_updates": 3,
+            "log_interval": 1,
+            "seed": 3,
+            **train,
+        },
     }
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -24,8 +33,9 @@ def write_config(path, data_dir, save_dir, ds_config, **train):
 
 def test_zero2_trains_and_loss_goes_down(synthetic_bin, tmp_path):
     run = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", synthetic_bin, run, "zero2_cpu.json", max_update=40,
-                       validate_interval_updates=20)
+    cfg = write_config(
+        tmp_path / "c.yaml", synthetic_bin, run, "zero2_cpu.json", max_update=40, validate_interval_updates=20
+    )
     proc = run_deepspeed([cfg])
     log = (run / "train.log").read_text()
     assert "launcher=deepspeed world_size=2" in proc.stderr + proc.stdout + log
@@ -34,8 +44,7 @@ def test_zero2_trains_and_loss_goes_down(synthetic_bin, tmp_path):
     first, last = [losses[i] for i in range(1, 6)], [losses[i] for i in range(36, 41)]
     assert sum(last) / 5 < 0.8 * sum(first) / 5, losses
     assert tensorboard_scalars(run / "tensorboard", "valid/loss")
-    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_mem_gib",
-                "pooling/layer1_kept_score"):
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_mem_gib", "pooling/layer1_kept_score"):
         assert len(tensorboard_scalars(run / "tensorboard", tag)) == 40, tag
     for name in ("config.yaml", "ds_config.json", "spm.model"):
         assert (run / name).is_file()
@@ -88,8 +97,14 @@ def test_bad_ds_config_fails_before_training(synthetic_bin, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}')
     cfg = write_config(tmp_path / "c.yaml", synthetic_bin, tmp_path / "run", str(bad), max_update=2)
-    proc = subprocess.run([sys.executable, "-m", "pyramidion_ds.cli.train", cfg], capture_output=True,
-                          text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyramidion_ds.cli.train", cfg],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "zero_optimization.offload_param is a stage-3 option" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,4 +1,5 @@
 """Preemption, pretrain -> fine-tune, activation checkpointing, and inputs refused before any step."""
+
 import signal
 import subprocess
 import sys
@@ -6,16 +7,23 @@ import sys
 import pytest
 import yaml
 
-from ds_helpers import ROOT, run_deepspeed, subprocess_env, tensorboard_scalars
 from pyramidion_ds.checkpoint import CheckpointDir
 from pyramidion_ds.errors import EXIT_PREEMPTED
 
+from ds_helpers import ROOT, run_deepspeed, subprocess_env, tensorboard_scalars
+
 
 def config(tmp_path, name, data_dir, **sections):
-    cfg = {"model": {"preset": "debug"},
-           "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
-           "train": {"save_dir": str(tmp_path / name), "deepspeed_config": str(ROOT / "ds_configs/zero2_cpu.json"),
-                     "lr": 2e-3, "log_interval": 1}}
+    cfg = {
+        "model": {"preset": "debug"},
+        "data": {"data": str(data_dir), "max_tokens": 2048, "num_workers": 0},
+        "train": {
+            "save_dir": str(tmp_path / name),
+            "deepspeed_config": str(ROOT / "ds_configs/zero2_cpu.json"),
+            "lr": 2e-3,
+            "log_interval": 1,
+        },
+    }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     path = tmp_path / f"{name}.yaml"
@@ -24,14 +32,26 @@ def config(tmp_path, name, data_dir, **sections):
 
 
 def train_single(args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "pyramidion_ds.cli.train", *args], capture_output=True,
-                          text=True, env=subprocess_env(), cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pyramidion_ds.cli.train", *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def test_sigusr1_saves_and_exits_for_requeue_then_resume_finishes(synthetic_bin, tmp_path):
     cfg = config(tmp_path, "run", synthetic_bin, train={"max_update": 400})
-    proc = subprocess.Popen([sys.executable, "-m", "pyramidion_ds.cli.train", cfg], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyramidion_ds.cli.train", cfg],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
     output = []
     for line in proc.stdout:  # wait until training runs, then signal like SLURM does before a time limit
         output.append(line)
@@ -53,6 +73,7 @@ def test_sigusr1_saves_and_exits_for_requeue_then_resume_finishes(synthetic_bin,
 
 def weights(run_dir):
     from pyramidion_ds.checkpoint.weights import init_source
+
     return init_source(run_dir).state_dict()
 
 
@@ -63,8 +84,12 @@ def test_init_from_weights_survive_the_first_update(synthetic_bin, tmp_path, ds_
     ds = str(ROOT / "ds_configs" / ds_config)
     pre = config(tmp_path, "pre", synthetic_bin, train={"max_update": 3, "deepspeed_config": ds})
     run_deepspeed([pre])
-    fine = config(tmp_path, "fine", synthetic_bin, train={"max_update": 1, "lr": 1e-7, "warmup_updates": 0,
-                                                          "deepspeed_config": ds, "seed": 7})
+    fine = config(
+        tmp_path,
+        "fine",
+        synthetic_bin,
+        train={"max_update": 1, "lr": 1e-7, "warmup_updates": 0, "deepspeed_config": ds, "seed": 7},
+    )
     run_deepspeed([fine, "--init-from", str(tmp_path / "pre")])
     before, after = weights(tmp_path / "pre"), weights(tmp_path / "fine")
     drift = max(float((after[name] - before[name]).abs().max()) for name in before)
@@ -83,18 +108,26 @@ def test_pretrain_gap_sentences_then_finetune_with_init_from(synthetic_bin, tmp_
     assert sorted(tensorboard_scalars(tmp_path / "fine" / "tensorboard", "train/loss")) == [1, 2, 3, 4]
 
     # another architecture is refused before any step, naming the difference
-    other = config(tmp_path, "other", synthetic_bin, model={"preset": "debug", "d_model": 32},
-                   train={"max_update": 2, "init_from": str(tmp_path / "pre")})
+    other = config(
+        tmp_path,
+        "other",
+        synthetic_bin,
+        model={"preset": "debug", "d_model": 32},
+        train={"max_update": 2, "init_from": str(tmp_path / "pre")},
+    )
     proc = train_single([other])
     assert proc.returncode == 2
     assert "is another architecture: model.d_model is 64 there, 32 here" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "other").exists()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--data.data", "/nonexistent/bin"], "has no meta.json"),
-    (["--model.vocab_size", "999"], "but the data's sentencepiece model has"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--data.data", "/nonexistent/bin"], "has no meta.json"),
+        (["--model.vocab_size", "999"], "but the data's sentencepiece model has"),
+    ],
+)
 def test_bad_inputs_stop_before_anything_is_written(synthetic_bin, tmp_path, overrides, message):
     cfg = config(tmp_path, "run", synthetic_bin, train={"max_update": 2})
     proc = train_single([cfg, *overrides])
@@ -109,22 +142,28 @@ def test_run_dir_of_another_model_is_refused(synthetic_bin, tmp_path):
     assert proc.returncode == 2 and "holds checkpoints of another model" in proc.stderr
     # same parameters, another computation: refused before anything is written, nothing deleted
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and "tensorboard" not in p.parts}
-    for overrides, problem in ((["--model.variant", "blockwise"], "model.variant is 'pyramidion' there, "
-                                                                  "'blockwise' here"),
-                               (["--model.pooling_schedule", "[512, 256, 256]"], "encoder widths"),
-                               (["--model.chunk_size", "128"], "model.chunk_size is 64 there, 128 here")):
+    for overrides, problem in (
+        (["--model.variant", "blockwise"], "model.variant is 'pyramidion' there, 'blockwise' here"),
+        (["--model.pooling_schedule", "[512, 256, 256]"], "encoder widths"),
+        (["--model.chunk_size", "128"], "model.chunk_size is 64 there, 128 here"),
+    ):
         proc = train_single([cfg, *overrides, "--train.keep_last_checkpoints", "1", "--train.max_update", "3"])
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert problem in proc.stderr and f"--train.init_from {tmp_path / 'run'}" in proc.stderr
-        after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*")
-                 if p.is_file() and "tensorboard" not in p.parts}
+        after = {
+            p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and "tensorboard" not in p.parts
+        }
         assert after == before
 
 
 def test_repeated_nonfinite_loss_stops_naming_the_update(synthetic_bin, tmp_path):
     # an absurd learning rate without clipping blows the weights up after the first update
-    cfg = config(tmp_path, "run", synthetic_bin, train={"max_update": 40, "lr": 1.0e6, "clip_norm": 0.0,
-                                                        "max_nonfinite_steps": 2, "label_smoothing": 0.0})
+    cfg = config(
+        tmp_path,
+        "run",
+        synthetic_bin,
+        train={"max_update": 40, "lr": 1.0e6, "clip_norm": 0.0, "max_nonfinite_steps": 2, "label_smoothing": 0.0},
+    )
     proc = train_single([cfg])
     assert proc.returncode == 1
     assert "non-finite loss or gradients for 2 consecutive updates at update 2; stopping without saving" in proc.stderr
@@ -135,13 +174,34 @@ def test_repeated_nonfinite_loss_stops_naming_the_update(synthetic_bin, tmp_path
 def test_init_from_another_vocabulary_is_refused(synthetic_bin, tmp_path):
     """Same vocabulary size, other pieces: the sentencepiece hash tells them apart."""
     from pyramidion_ds.data.synthetic import write_corpus
+
     paths = write_corpus(tmp_path / "raw", {"train": 40, "valid": 4}, seed=7, min_words=80, max_words=200)
     other_bin = tmp_path / "other-bin"
     files = ",".join(f"{split}={path}" for split, path in paths.items())
-    proc = subprocess.run([sys.executable, "-m", "pyramidion_ds.cli.preprocess", "--source-files", files,
-                           "--destdir", str(other_bin), "--spm-vocab-size", "256", "--spm-model-type", "bpe",
-                           "--max-source-positions", "512", "--max-target-positions", "128", "--quiet"],
-                          capture_output=True, text=True, env=subprocess_env(), cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyramidion_ds.cli.preprocess",
+            "--source-files",
+            files,
+            "--destdir",
+            str(other_bin),
+            "--spm-vocab-size",
+            "256",
+            "--spm-model-type",
+            "bpe",
+            "--max-source-positions",
+            "512",
+            "--max-target-positions",
+            "128",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     pre = config(tmp_path, "pre", synthetic_bin, train={"max_update": 1})
     assert train_single([pre]).returncode == 0

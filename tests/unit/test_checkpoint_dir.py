@@ -1,4 +1,5 @@
 """Checkpoint completeness, the 'latest' pointer, fallback and pruning (no DeepSpeed needed)."""
+
 from pyramidion_ds.checkpoint import CheckpointDir, tag_for
 
 

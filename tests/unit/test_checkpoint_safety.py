@@ -1,4 +1,5 @@
 """Checksums, safe unpickling, vocabulary identity, DeepSpeed's own config validation (no processes)."""
+
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ def forge_manifest(ckpt: CheckpointDir, tag: str) -> None:
 
 # ------------------------------------------------------------------------------------------ checksums
 
+
 def test_corruption_of_the_right_size_falls_back_when_verified(tmp_path):
     ckpt = CheckpointDir(tmp_path)
     older = save_zero0(ckpt, 10, {"w": torch.ones(4)})
@@ -82,14 +84,14 @@ def test_identity_of_a_checkpoint_is_its_manifest(tmp_path):
 
 # ------------------------------------------------------------------------------------------ unpickling
 
+
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_crafted_pickle_runs_nothing(tmp_path, zip_format):
     marker = tmp_path / "pwned"
     ckpt = CheckpointDir(tmp_path / "run")
     tag = save_zero0(ckpt, 10, {"w": torch.ones(2)})
     shard = ckpt.root / tag / "mp_rank_00_model_states.pt"
-    torch.save({"module": {"w": torch.ones(2)}, "x": Payload(marker)}, shard,
-               _use_new_zipfile_serialization=zip_format)
+    torch.save({"module": {"w": torch.ones(2)}, "x": Payload(marker)}, shard, _use_new_zipfile_serialization=zip_format)
     forge_manifest(ckpt, tag)
     info = ckpt.latest_complete(warn=lambda m: None, verify=True)
     with pytest.raises(CheckpointError, match="refusing to load .*could run code"):
@@ -105,10 +107,16 @@ def test_crafted_pickle_runs_nothing(tmp_path, zip_format):
 def test_real_state_loads_with_the_allow_list(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+
     path = tmp_path / "state.pt"
-    state = {"rng": np.random.get_state(), "scaler": LossScaler(1.0),
-             "dynamic": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False),
-             "stage": ZeroStageEnum.gradients, "flat": [torch.arange(3.0)], "plain": {"a": (1, "b", 2.5)}}
+    state = {
+        "rng": np.random.get_state(),
+        "scaler": LossScaler(1.0),
+        "dynamic": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False),
+        "stage": ZeroStageEnum.gradients,
+        "flat": [torch.arange(3.0)],
+        "plain": {"a": (1, "b", 2.5)},
+    }
     torch.save(state, path)
     loaded = safe_torch_load(path)
     assert loaded["stage"] == ZeroStageEnum.gradients and isinstance(loaded["scaler"], LossScaler)
@@ -127,9 +135,12 @@ def test_no_unsafe_load_left_in_the_package():
 
 # ------------------------------------------------------------------------------------------ vocabulary
 
+
 def test_vocabulary_identity_is_what_the_model_is(tmp_path):
-    texts = [f"the {w} moved {i} crates of {w}s to port {i % 7} on friday ." for i, w in
-             enumerate(["agent", "clerk", "pilot", "trader", "miner", "baker", "judge", "nurse"] * 30)]
+    texts = [
+        f"the {w} moved {i} crates of {w}s to port {i % 7} on friday ."
+        for i, w in enumerate(["agent", "clerk", "pilot", "trader", "miner", "baker", "judge", "nurse"] * 30)
+    ]
     first = train_spm(texts, tmp_path / "a", vocab_size=60)
     second = train_spm(texts, tmp_path / "b", vocab_size=60)  # another temporary path for the text
     other = train_spm(texts[::3] + ["zebra quartz vortex jumps"] * 20, tmp_path / "c", vocab_size=60)
@@ -146,6 +157,7 @@ def test_vocabulary_identity_is_what_the_model_is(tmp_path):
 
 def test_identity_refuses_a_file_that_is_no_model(tmp_path):
     from pyramidion_ds.errors import DataError
+
     (tmp_path / "spm.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match="not a sentencepiece model"):
         spm_identity(tmp_path / "spm.model")
@@ -153,12 +165,20 @@ def test_identity_refuses_a_file_that_is_no_model(tmp_path):
 
 # ------------------------------------------------------------------------------------------ DeepSpeed JSON
 
-@pytest.mark.parametrize("zero, message", [
-    ({"stage": 2, "overlap_com": True}, "unknown key 'zero_optimization.overlap_com'; did you mean 'overlap_comm'?"),
-    ({"stage": 3, "offload_optimizer": {"device": "gpu"}}, "zero_optimization.offload_optimizer.device: "),
-])
+
+@pytest.mark.parametrize(
+    "zero, message",
+    [
+        (
+            {"stage": 2, "overlap_com": True},
+            "unknown key 'zero_optimization.overlap_com'; did you mean 'overlap_comm'?",
+        ),
+        ({"stage": 3, "offload_optimizer": {"device": "gpu"}}, "zero_optimization.offload_optimizer.device: "),
+    ],
+)
 def test_deepspeed_parser_errors_are_one_line_naming_the_key(zero, message):
     from pyramidion_ds.engine import validate_ds_config
+
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero}
     with pytest.raises(ConfigError) as err:
         validate_ds_config(ds, source="x.json")
@@ -178,13 +198,15 @@ def test_checksums_are_those_of_the_bytes_on_disk(tmp_path):
 
 def test_deepspeed_files_are_hashed_while_written_and_loaded_safely(tmp_path):
     from pyramidion_ds.checkpoint.files import checkpoint_files
+
     files = checkpoint_files()
     path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     files.save({"optimizer_state_dict": {"flat": torch.randn(1000)}}, str(path))
     size, sha = files.written[str(path)]
     assert (size, sha) == (path.stat().st_size, file_sha256(path)) and files.error is None
-    assert torch.equal(files.load(str(path))["optimizer_state_dict"]["flat"],
-                       torch.load(path)["optimizer_state_dict"]["flat"])
+    assert torch.equal(
+        files.load(str(path))["optimizer_state_dict"]["flat"], torch.load(path)["optimizer_state_dict"]["flat"]
+    )
     torch.save({"x": Payload(tmp_path / "pwned")}, path)
     with pytest.raises(CheckpointError):
         files.load(str(path))

@@ -1,4 +1,5 @@
 """Console scripts: real help, one-line errors."""
+
 import subprocess
 import sys
 
@@ -6,8 +7,7 @@ import pytest
 
 
 def run(module, *args):
-    return subprocess.run([sys.executable, "-m", f"pyramidion_ds.cli.{module}", *args],
-                          capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", f"pyramidion_ds.cli.{module}", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("module", ["train", "generate", "tune", "preprocess", "bench"])

@@ -6,6 +6,7 @@ backward (AOTAutograd) as inductor does, without generating code; it runs for th
 whose top-k has its own autograd.Function. The other variants share every module with it and differ only
 in widths and chunking, so they are traced by Dynamo alone (``backend="eager"``, half the time).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -33,7 +34,7 @@ def _batch(lengths, tgt_len=16, seed=0):
     src[torch.arange(n).unsqueeze(0) >= src_lengths.unsqueeze(1)] = 1
     prev = torch.randint(4, VOCAB, (len(lengths), tgt_len), generator=generator)
     target = torch.randint(4, VOCAB, (len(lengths), tgt_len), generator=generator)
-    target[-1, tgt_len // 2:] = 1
+    target[-1, tgt_len // 2 :] = 1
     return src, src_lengths, prev, target
 
 
@@ -44,8 +45,10 @@ def training_loss(model, src, src_lengths, prev, target):
     return loss
 
 
-@pytest.mark.parametrize("variant, backend", [("vanilla", "eager"), ("blockwise", "eager"),
-                                              ("transpooler", "eager"), ("pyramidion", "aot_eager")])
+@pytest.mark.parametrize(
+    "variant, backend",
+    [("vanilla", "eager"), ("blockwise", "eager"), ("transpooler", "eager"), ("pyramidion", "aot_eager")],
+)
 def test_training_step_compiles_to_one_graph_with_eager_numerics(variant, backend):
     model = _model(variant)
     batch = _batch([512, 300])  # padded and unpadded rows: the masked path
@@ -77,11 +80,19 @@ def test_unpadded_batch_and_dropout_compile_without_breaks():
 def _epoch_batches(src_sizes, tgt_sizes, multiple, target_multiple):
     from pyramidion_ds.data.batching import make_batches, pad_target
     from pyramidion_ds.data.dataset import collate
+
     generator = torch.Generator().manual_seed(0)
-    for indices in make_batches(src_sizes, max_tokens=1024, pad_to_multiple=64, seed=0, epoch=0,
-                                required_batch_size_multiple=multiple):
-        samples = [{"id": i, "source": torch.randint(4, VOCAB, (src_sizes[i],), generator=generator),
-                    "target": torch.randint(4, VOCAB, (tgt_sizes[i],), generator=generator)} for i in indices]
+    for indices in make_batches(
+        src_sizes, max_tokens=1024, pad_to_multiple=64, seed=0, epoch=0, required_batch_size_multiple=multiple
+    ):
+        samples = [
+            {
+                "id": i,
+                "source": torch.randint(4, VOCAB, (src_sizes[i],), generator=generator),
+                "target": torch.randint(4, VOCAB, (tgt_sizes[i],), generator=generator),
+            }
+            for i in indices
+        ]
         yield pad_target(collate(samples, pad_id=1, bos_id=0, eos_id=2, pad_to_multiple=64), target_multiple, 1)
 
 
@@ -89,12 +100,21 @@ def test_an_epoch_of_bucketed_batches_compiles_a_bounded_number_of_graphs():
     """One epoch of token-budget batches, compiled with static shapes: one graph per bucketed shape, and
     the number of shapes stays under the bound the buckets give (without buckets: one per batch, nearly)."""
     from pyramidion_ds.data.batching import shape_bound
+
     rng = torch.Generator().manual_seed(3)
     src_sizes = torch.randint(20, 257, (60,), generator=rng).tolist()
     tgt_sizes = torch.randint(3, 100, (60,), generator=rng).tolist()
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="debug", variant="pyramidion", vocab_size=VOCAB, dropout=0.0, encoder_layers=2,
-                      decoder_layers=1, max_source_positions=256, pooling_schedule=[128, 32])
+    cfg = ModelConfig(
+        preset="debug",
+        variant="pyramidion",
+        vocab_size=VOCAB,
+        dropout=0.0,
+        encoder_layers=2,
+        decoder_layers=1,
+        max_source_positions=256,
+        pooling_schedule=[128, 32],
+    )
     model = PyramidionModel(cfg).train()
 
     graphs = []
@@ -107,8 +127,9 @@ def test_an_epoch_of_bucketed_batches_compiles_a_bounded_number_of_graphs():
     compiled = torch.compile(training_loss, backend=counting_backend, fullgraph=True, dynamic=False)
     shapes, batches = set(), 0
     for batch in _epoch_batches(src_sizes, tgt_sizes, multiple=8, target_multiple=64):
-        compiled(model, batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"],
-                 batch["target"]).backward()
+        compiled(
+            model, batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"], batch["target"]
+        ).backward()
         shapes.add((*batch["src_tokens"].shape, batch["target"].size(1)))
         batches += 1
     bound = shape_bound(1024, None, 256, 64, 8, cfg.max_target_positions, 64)
@@ -120,16 +141,19 @@ def test_an_epoch_of_bucketed_batches_compiles_a_bounded_number_of_graphs():
 
 def test_bucketed_batches_keep_the_budget_and_every_example_once():
     from pyramidion_ds.data.batching import bucket_batch_size, make_batches, padded_length
+
     assert [bucket_batch_size(n, 8) for n in (1, 3, 5, 7, 8, 13, 16, 23, 24)] == [1, 2, 4, 4, 8, 8, 16, 16, 24]
     rng = torch.Generator().manual_seed(0)
     src_sizes = torch.randint(1, 1025, (500,), generator=rng).tolist()
-    batches = make_batches(src_sizes, max_tokens=8192, pad_to_multiple=64, seed=1, epoch=2,
-                           required_batch_size_multiple=8)
+    batches = make_batches(
+        src_sizes, max_tokens=8192, pad_to_multiple=64, seed=1, epoch=2, required_batch_size_multiple=8
+    )
     assert sorted(i for b in batches for i in b) == list(range(500))
     for b in batches:
         assert len(b) * padded_length(max(src_sizes[i] for i in b), 64) <= 8192
         assert bucket_batch_size(len(b), 8) == len(b)
     plain = make_batches(src_sizes, max_tokens=8192, pad_to_multiple=64, seed=1, epoch=2)
-    assert plain == make_batches(src_sizes, max_tokens=8192, pad_to_multiple=64, seed=1, epoch=2,
-                                 required_batch_size_multiple=1)
+    assert plain == make_batches(
+        src_sizes, max_tokens=8192, pad_to_multiple=64, seed=1, epoch=2, required_batch_size_multiple=1
+    )
     assert len({len(b) for b in batches}) < len({len(b) for b in plain})

@@ -1,12 +1,21 @@
 """Config loading, dotted overrides, presets and one-line errors."""
+
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from pyramidion_ds.config import (MODEL_PRESETS, Config, ConfigError, load_config, save_resolved,
-                                  shipped_configs, to_dict, config_from_dict)
+from pyramidion_ds.config import (
+    MODEL_PRESETS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    save_resolved,
+    shipped_configs,
+    to_dict,
+)
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -30,10 +39,20 @@ def test_presets_fill_sizes(tmp_path, preset):
 
 def test_base_and_large_are_the_stated_sizes():
     base, large = MODEL_PRESETS["base"], MODEL_PRESETS["large"]
-    assert (base["d_model"], base["num_heads"], base["ffn_dim"], base["encoder_layers"],
-            base["decoder_layers"]) == (512, 8, 2048, 6, 6)
-    assert (large["d_model"], large["num_heads"], large["ffn_dim"], large["encoder_layers"],
-            large["decoder_layers"]) == (1024, 16, 4096, 12, 12)
+    assert (base["d_model"], base["num_heads"], base["ffn_dim"], base["encoder_layers"], base["decoder_layers"]) == (
+        512,
+        8,
+        2048,
+        6,
+        6,
+    )
+    assert (
+        large["d_model"],
+        large["num_heads"],
+        large["ffn_dim"],
+        large["encoder_layers"],
+        large["decoder_layers"],
+    ) == (1024, 16, 4096, 12, 12)
 
 
 def test_explicit_field_beats_preset(tmp_path):
@@ -42,9 +61,18 @@ def test_explicit_field_beats_preset(tmp_path):
 
 
 def test_overrides_are_typed_like_yaml(tmp_path):
-    cfg = load_config(write(tmp_path, "model: {chunk_size: 64}"),
-                      ["--model.chunk_size", "256", "--train.lr=3e-4", "--train.adam_betas", "[0.9, 0.95]",
-                       "--model.sort_back", "true"])
+    cfg = load_config(
+        write(tmp_path, "model: {chunk_size: 64}"),
+        [
+            "--model.chunk_size",
+            "256",
+            "--train.lr=3e-4",
+            "--train.adam_betas",
+            "[0.9, 0.95]",
+            "--model.sort_back",
+            "true",
+        ],
+    )
     assert cfg.model.chunk_size == 256
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.train.adam_betas == [0.9, 0.95]
@@ -56,20 +84,23 @@ def test_nested_section_override():
     assert cfg.data.denoising.mask_ratio == 0.25
 
 
-@pytest.mark.parametrize("text, overrides, message", [
-    ("model: {chunk_sise: 3}", [], "unknown config key 'model.chunk_sise'; did you mean 'model.chunk_size'?"),
-    ("modle: {}", [], "unknown config key 'modle'; did you mean 'model'?"),
-    ("", ["--model.chunk_size", "-3"], "model.chunk_size: got -3, expected a value >= 1"),
-    ("", ["--model.variant", "pyramid"], "model.variant: got 'pyramid', expected one of"),
-    ("train: {lr: fast}", [], "train.lr: got 'fast', expected a number"),
-    ("model: {d_model: 66, num_heads: 4}", [], "model.d_model: got 66, expected a multiple of model.num_heads"),
-    ("model: 3", [], "model: got 3, expected a mapping"),
-    ("", ["--model.pooling_schedule", "{0: 2048, 7: 512}"], "layer 7 does not exist"),
-    ("model: {scorer_input: foo}", [], "model.scorer_input: got 'foo', expected one of hidden, layer_norm"),
-    ("train: {scorer_lr_scale: 0}", [], "train.scorer_lr_scale: got 0.0, expected a value > 0.0"),
-    ("", ["model.chunk_size", "3"], "unexpected argument 'model.chunk_size'"),
-    ("", ["--model.chunk_size"], "missing value"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("model: {chunk_sise: 3}", [], "unknown config key 'model.chunk_sise'; did you mean 'model.chunk_size'?"),
+        ("modle: {}", [], "unknown config key 'modle'; did you mean 'model'?"),
+        ("", ["--model.chunk_size", "-3"], "model.chunk_size: got -3, expected a value >= 1"),
+        ("", ["--model.variant", "pyramid"], "model.variant: got 'pyramid', expected one of"),
+        ("train: {lr: fast}", [], "train.lr: got 'fast', expected a number"),
+        ("model: {d_model: 66, num_heads: 4}", [], "model.d_model: got 66, expected a multiple of model.num_heads"),
+        ("model: 3", [], "model: got 3, expected a mapping"),
+        ("", ["--model.pooling_schedule", "{0: 2048, 7: 512}"], "layer 7 does not exist"),
+        ("model: {scorer_input: foo}", [], "model.scorer_input: got 'foo', expected one of hidden, layer_norm"),
+        ("train: {scorer_lr_scale: 0}", [], "train.scorer_lr_scale: got 0.0, expected a value > 0.0"),
+        ("", ["model.chunk_size", "3"], "unexpected argument 'model.chunk_size'"),
+        ("", ["--model.chunk_size"], "missing value"),
+    ],
+)
 def test_errors_name_the_key(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text) if text else None, overrides)
@@ -102,8 +133,19 @@ def test_derived_multiples_follow_the_model_and_compile_and_are_not_saved(tmp_pa
     assert (cfg.source_pad_multiple, cfg.batch_size_multiple, cfg.target_pad_multiple) == (32, 1, 1)
     cfg = load_config(None, ["--train.compile", "true"])
     assert (cfg.source_pad_multiple, cfg.batch_size_multiple, cfg.target_pad_multiple) == (64, 8, 64)
-    cfg = load_config(None, ["--train.compile", "true", "--data.pad_to_multiple", "16",
-                             "--data.required_batch_size_multiple", "2", "--data.target_pad_to_multiple", "4"])
+    cfg = load_config(
+        None,
+        [
+            "--train.compile",
+            "true",
+            "--data.pad_to_multiple",
+            "16",
+            "--data.required_batch_size_multiple",
+            "2",
+            "--data.target_pad_to_multiple",
+            "4",
+        ],
+    )
     assert (cfg.source_pad_multiple, cfg.batch_size_multiple, cfg.target_pad_multiple) == (16, 2, 4)
     saved = yaml.safe_load(save_resolved(load_config(), tmp_path).read_text())["data"]
     keys = ("pad_to_multiple", "required_batch_size_multiple", "target_pad_to_multiple")
@@ -124,8 +166,9 @@ def run_cli(*args):
 def test_cli_typo_is_one_line_and_nonzero():
     proc = run_cli("pyramidion_ds.cli.train", "debug", "--model.chunk_sise", "3")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("pyramidion-train: error: unknown config key 'model.chunk_sise'; "
-                                   "did you mean 'model.chunk_size'?")
+    assert proc.stderr.strip() == (
+        "pyramidion-train: error: unknown config key 'model.chunk_sise'; did you mean 'model.chunk_size'?"
+    )
 
 
 def test_cli_help_lists_config_keys():
@@ -143,8 +186,19 @@ def test_yaml_off_keeps_its_word(tmp_path):
 
 
 def test_pooling_settings_of_a_variant_without_pooling_are_dropped_and_named():
-    cfg = load_config(None, ["--model.variant", "blockwise", "--model.pooling_schedule", "[512, 128, 32]",
-                             "--model.topk_base", "1000", "--model.scorer_input", "layer_norm"])
+    cfg = load_config(
+        None,
+        [
+            "--model.variant",
+            "blockwise",
+            "--model.pooling_schedule",
+            "[512, 128, 32]",
+            "--model.topk_base",
+            "1000",
+            "--model.scorer_input",
+            "layer_norm",
+        ],
+    )
     assert cfg.model.drop_unused_pooling() == ["model.pooling_schedule", "model.topk_base", "model.scorer_input"]
     assert cfg.model.pooling_schedule is None and cfg.model.topk_base == 20.0
     assert cfg.model.scorer_input == "hidden" and cfg.model.drop_unused_pooling() == []
@@ -152,8 +206,15 @@ def test_pooling_settings_of_a_variant_without_pooling_are_dropped_and_named():
     assert kept.model.drop_unused_pooling() == [] and kept.model.pooling_schedule == [512, 128, 32]
 
 
-@pytest.mark.parametrize("flag,value", [("--train.lr", "nan"), ("--train.clip_norm", "inf"),
-                                        ("--data.denoising.mask_ratio", "nan"), ("--generation.lenpen", "-inf")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--train.lr", "nan"),
+        ("--train.clip_norm", "inf"),
+        ("--data.denoising.mask_ratio", "nan"),
+        ("--generation.lenpen", "-inf"),
+    ],
+)
 def test_non_finite_numbers_are_refused_in_every_section(flag, value):
     with pytest.raises(ConfigError, match=rf"^{flag[2:]}: got '?{value}'?, expected a finite number$"):
         load_config(None, [flag, value])

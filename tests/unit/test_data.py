@@ -3,6 +3,7 @@
 One tiny sentencepiece model (vocab 250) and one small binarized synthetic corpus are built once per
 session (in-process, a second or two) and shared by every test here.
 """
+
 import json
 import pickle
 import shutil
@@ -12,8 +13,19 @@ import pytest
 import torch
 
 from pyramidion_ds.config import DenoisingConfig
-from pyramidion_ds.data import (BOS_ID, EOS_ID, PAD_ID, DenoisingDataset, ShardedBatchSampler, SummarizationDataset,
-                                collate, load_spm, make_batches, spm_sha256, vocab_size)
+from pyramidion_ds.data import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    DenoisingDataset,
+    ShardedBatchSampler,
+    SummarizationDataset,
+    collate,
+    load_spm,
+    make_batches,
+    spm_sha256,
+    vocab_size,
+)
 from pyramidion_ds.data.binarize import preprocess, read_meta
 from pyramidion_ds.data.denoise import permute_sentences, sentence_end_table, text_infill
 from pyramidion_ds.data.indexed import ShardReader
@@ -46,6 +58,7 @@ def fresh_copy(data_dir, tmp_path):
 
 
 # --- shards ------------------------------------------------------------------------------------------
+
 
 def test_round_trip_text_shards_tokens_text(data_dir):
     sp = load_spm(data_dir)
@@ -91,7 +104,7 @@ def test_dataset_pickles_for_workers(data_dir):
     ds = SummarizationDataset(data_dir, "valid", 128, 32)
     ds[0]
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone.source._tokens is None           # maps are re-opened in the worker, not copied
+    assert clone.source._tokens is None  # maps are re-opened in the worker, not copied
     assert torch.equal(clone[2]["source"], ds[2]["source"])
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate, num_workers=1)
     assert sum(len(b["ids"]) for b in loader) == len(ds)
@@ -99,9 +112,12 @@ def test_dataset_pickles_for_workers(data_dir):
 
 # --- collate -----------------------------------------------------------------------------------------
 
+
 def test_collate_fairseq_layout():
-    samples = [{"id": 7, "source": torch.tensor([5, 6, 7, EOS_ID]), "target": torch.tensor([9, 10, EOS_ID])},
-               {"id": 2, "source": torch.tensor([8, EOS_ID]), "target": torch.tensor([11, EOS_ID])}]
+    samples = [
+        {"id": 7, "source": torch.tensor([5, 6, 7, EOS_ID]), "target": torch.tensor([9, 10, EOS_ID])},
+        {"id": 2, "source": torch.tensor([8, EOS_ID]), "target": torch.tensor([11, EOS_ID])},
+    ]
     batch = collate(samples, pad_to_multiple=8)
     assert batch["ids"].tolist() == [7, 2] and batch["src_lengths"].tolist() == [4, 2]
     assert batch["src_tokens"].tolist() == [[5, 6, 7, EOS_ID] + [PAD_ID] * 4, [8, EOS_ID] + [PAD_ID] * 6]
@@ -112,6 +128,7 @@ def test_collate_fairseq_layout():
 
 
 # --- batching and sampling ---------------------------------------------------------------------------
+
 
 def sizes(n=203, seed=0):
     return np.random.default_rng(seed).integers(10, 500, n)
@@ -127,10 +144,8 @@ def test_make_batches_respects_budget_and_covers_once(pad):
         longest = max(src[batch])
         padded = -(-longest // pad) * pad if pad else longest
         assert len(batch) * padded <= 2048 and len(batch) <= 16
-    assert batches == make_batches(src, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3,
-                                   epoch=1)
-    assert batches != make_batches(src, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3,
-                                   epoch=2)
+    assert batches == make_batches(src, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3, epoch=1)
+    assert batches != make_batches(src, max_tokens=2048, max_sentences=16, pad_to_multiple=pad, seed=3, epoch=2)
 
 
 def test_make_batches_mixes_lengths_inside_a_padded_length():
@@ -156,7 +171,10 @@ def test_make_batches_errors():
 
 def test_sampler_two_ranks_cover_every_example_once_each_epoch():
     src = sizes()
-    fn = lambda epoch: make_batches(src, max_tokens=1500, seed=1, epoch=epoch)
+
+    def fn(epoch):
+        return make_batches(src, max_tokens=1500, seed=1, epoch=epoch)
+
     for epoch in (0, 1):
         ranks = [ShardedBatchSampler(fn, rank=r, world_size=2, seed=1) for r in range(2)]
         for sampler in ranks:
@@ -166,7 +184,10 @@ def test_sampler_two_ranks_cover_every_example_once_each_epoch():
         seen = sorted(i for batches in per_rank for b in batches for i in b)
         assert seen == list(range(len(src)))
     # an odd number of batches is evened out by splitting, still exactly once
-    odd = lambda epoch: [[0, 1, 2], [3], [4, 5]]
+
+    def odd(epoch):
+        return [[0, 1, 2], [3], [4, 5]]
+
     shares = [list(ShardedBatchSampler(odd, rank=r, world_size=2)) for r in range(2)]
     assert len(shares[0]) == len(shares[1]) == 2
     assert sorted(i for s in shares for b in s for i in b) == list(range(6))
@@ -174,7 +195,10 @@ def test_sampler_two_ranks_cover_every_example_once_each_epoch():
 
 def test_sampler_resumes_exactly():
     src = sizes(150)
-    fn = lambda epoch: make_batches(src, max_tokens=1000, seed=5, epoch=epoch)
+
+    def fn(epoch):
+        return make_batches(src, max_tokens=1000, seed=5, epoch=epoch)
+
     full = ShardedBatchSampler(fn, rank=1, world_size=2, seed=5)
     full.set_epoch(2)
     expected = list(full)
@@ -186,7 +210,7 @@ def test_sampler_resumes_exactly():
     assert state == {"epoch": 2, "position": 4}
     resumed = ShardedBatchSampler(fn, rank=1, world_size=2, seed=5)
     resumed.load_state_dict(state)
-    resumed.set_epoch(2)                         # the same epoch keeps the position
+    resumed.set_epoch(2)  # the same epoch keeps the position
     assert consumed + list(resumed) == expected
     resumed.set_epoch(3)
     assert resumed.state_dict() == {"epoch": 3, "position": 0} and len(list(resumed)) == len(resumed)
@@ -194,15 +218,15 @@ def test_sampler_resumes_exactly():
 
 # --- denoising ---------------------------------------------------------------------------------------
 
+
 def test_text_infill_hides_the_ratio_with_one_mask_per_span():
     tokens = np.arange(100, 1100)
-    noised, hidden = text_infill(tokens, mask_id=4, mask_ratio=0.3, poisson_lambda=3.0,
-                                 rng=np.random.default_rng(0))
+    noised, hidden = text_infill(tokens, mask_id=4, mask_ratio=0.3, poisson_lambda=3.0, rng=np.random.default_rng(0))
     assert hidden == 300
     kept = noised[noised != 4]
-    assert len(kept) == 700 and np.all(np.diff(kept) > 0)        # survivors keep their order
+    assert len(kept) == 700 and np.all(np.diff(kept) > 0)  # survivors keep their order
     spans = int((noised == 4).sum())
-    assert 60 < spans < 160                                       # ~300 / 3 spans
+    assert 60 < spans < 160  # ~300 / 3 spans
 
 
 def test_permutation_keeps_the_sentences(data_dir):
@@ -238,17 +262,22 @@ def test_denoising_dataset_deterministic_and_ratio(data_dir):
 
 # --- bad input ---------------------------------------------------------------------------------------
 
+
 def test_swapped_vocabulary_is_refused(data_dir, tmp_path, raw):
     bad = fresh_copy(data_dir, tmp_path)
     header = json.loads((bad / "train.source.json").read_text())
     header["spm_sha256"] = "0" * 64
     (bad / "train.source.json").write_text(json.dumps(header))
-    with pytest.raises(DataError, match=r"train.source.json: built with spm model 000000000000, but the "
-                                        r"vocabulary in use is"):
+    with pytest.raises(
+        DataError,
+        match=r"train.source.json: built with spm model 000000000000, but the "
+        r"vocabulary in use is",
+    ):
         SummarizationDataset(bad, "train", 128, 32)
     other = tmp_path / "other"
-    preprocess(file_sources({"train": str(raw / "valid.jsonl")}), other, spm_options=dict(SPM, vocab_size=200),
-               progress=False)
+    preprocess(
+        file_sources({"train": str(raw / "valid.jsonl")}), other, spm_options=dict(SPM, vocab_size=200), progress=False
+    )
     shutil.copy(other / "spm.model", bad / "spm.model")
     with pytest.raises(DataError, match="meta.json: built with spm model .* but spm.model is"):
         SummarizationDataset(bad, "valid", 128, 32)
@@ -258,8 +287,11 @@ def test_index_past_data_and_missing_header(data_dir, tmp_path):
     bad = fresh_copy(data_dir, tmp_path)
     with open(bad / "valid.source.bin", "r+b") as fh:
         fh.truncate(100)
-    with pytest.raises(DataError, match=r"valid.source.idx: index points past the data file \(offset \d+ > 50 "
-                                        r"tokens in valid.source.bin\)"):
+    with pytest.raises(
+        DataError,
+        match=r"valid.source.idx: index points past the data file \(offset \d+ > 50 "
+        r"tokens in valid.source.bin\)",
+    ):
         SummarizationDataset(bad, "valid", 128, 32)
     (bad / "train.target.json").unlink()
     with pytest.raises(DataError, match="train.target.json: missing shard header"):
@@ -285,19 +317,26 @@ def test_shard_files_that_do_not_belong_together_are_refused(data_dir, tmp_path)
     # tokens appended to the data file
     with open(bad / "valid.target.bin", "ab") as fh:
         fh.write(np.array([5, 6, EOS_ID], dtype=np.uint16).tobytes())
-    with pytest.raises(DataError, match=r"valid.target.bin: \d+ bytes, expected \d+ \(\d+ uint16 tokens, as its "
-                                        r"header says\)"):
+    with pytest.raises(
+        DataError,
+        match=r"valid.target.bin: \d+ bytes, expected \d+ \(\d+ uint16 tokens, as its "
+        r"header says\)",
+    ):
         SummarizationDataset(bad, "valid", 128, 32)
     SummarizationDataset(bad, "train", 128, 32)  # the other split is untouched and still opens
 
 
 def test_a_number_or_a_bad_line_is_one_error_naming_the_row(tmp_path):
     cases = {
-        "num.jsonl": ('{"document": "fine text", "summary": "ok"}\n{"document": 42, "summary": "x"}\n',
-                      r"num.jsonl: line 2: field 'document' is a number \(42\), expected text"),
+        "num.jsonl": (
+            '{"document": "fine text", "summary": "ok"}\n{"document": 42, "summary": "x"}\n',
+            r"num.jsonl: line 2: field 'document' is a number \(42\), expected text",
+        ),
         "sum.jsonl": ('{"document": "fine text", "summary": ["a"]}\n', r"line 1: field 'summary' is a list"),
-        "broken.jsonl": ('{"document": "a", "summary": "b"}\n\n{"document": "c", \n',
-                         r"broken.jsonl: line 3: not valid JSON \(Expecting property name"),
+        "broken.jsonl": (
+            '{"document": "a", "summary": "b"}\n\n{"document": "c", \n',
+            r"broken.jsonl: line 3: not valid JSON \(Expecting property name",
+        ),
         "array.jsonl": ('["a", "b"]\n', r"array.jsonl: line 1: a list, expected a JSON object per line"),
         "empty.jsonl": ("", r"empty.jsonl: empty file, expected one JSON object per line"),
         "blank.jsonl": ("\n  \n", r"blank.jsonl: empty file, expected one JSON object per line"),
@@ -317,15 +356,18 @@ def test_a_number_or_a_bad_line_is_one_error_naming_the_row(tmp_path):
 
 
 def test_empty_documents_are_counted_skips(tmp_path, data_dir):
-    rows = [{"id": "a", "document": "the board met .", "summary": "met ."},
-            {"id": "b", "document": "   ", "summary": "nothing"},
-            {"id": "c", "document": "the panel met .", "summary": ""},
-            {"id": "d", "document": None, "summary": "x"},
-            {"id": "e", "document": "the staff met on monday .", "summary": "staff met ."}]
+    rows = [
+        {"id": "a", "document": "the board met .", "summary": "met ."},
+        {"id": "b", "document": "   ", "summary": "nothing"},
+        {"id": "c", "document": "the panel met .", "summary": ""},
+        {"id": "d", "document": None, "summary": "x"},
+        {"id": "e", "document": "the staff met on monday .", "summary": "staff met ."},
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    meta = preprocess(file_sources({"train": str(path)}), tmp_path / "out", spm_model=str(data_dir / "spm.model"),
-                      progress=False)
+    meta = preprocess(
+        file_sources({"train": str(path)}), tmp_path / "out", spm_model=str(data_dir / "spm.model"), progress=False
+    )
     counts = meta["splits"]["train"]["counts"]
     assert counts["input"] == 5 and counts["examples"] == 2 and counts["empty_skipped"] == 3
     ds = SummarizationDataset(tmp_path / "out", "train", 64, 64)
@@ -338,8 +380,11 @@ def test_bad_files_and_columns(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl: line 2: not valid UTF-8 \(byte 0xe9 at column 18\)"):
         file_sources({"train": str(path)})
     path.write_text('{"article": "a b c", "abstract": "a"}\n')
-    with pytest.raises(DataError, match=r"no column 'document' \(columns: article, abstract\); "
-                                        r"set --document-column"):
+    with pytest.raises(
+        DataError,
+        match=r"no column 'document' \(columns: article, abstract\); "
+        r"set --document-column",
+    ):
         file_sources({"train": str(path)})
     assert file_sources({"train": str(path)}, document_column="article", summary_column="abstract")
     with pytest.raises(DataError, match="no such file"):
@@ -350,10 +395,17 @@ def test_bad_files_and_columns(tmp_path):
 
 # --- the real samples --------------------------------------------------------------------------------
 
+
 def test_real_samples_pubmed_and_qmsum(shared_data, tmp_path):
     pubmed = file_sources({"train": str(shared_data / "pubmed_sample.jsonl")})
-    meta = preprocess(pubmed, tmp_path / "pubmed", spm_options=dict(vocab_size=1000, sample_size=20_000),
-                      max_source_positions=2048, max_target_positions=256, progress=False)
+    meta = preprocess(
+        pubmed,
+        tmp_path / "pubmed",
+        spm_options=dict(vocab_size=1000, sample_size=20_000),
+        max_source_positions=2048,
+        max_target_positions=256,
+        progress=False,
+    )
     counts = meta["splits"]["train"]["counts"]
     assert counts["examples"] == 50 and counts["truncated_source"] > 0
     # byte fallback (on by default): characters the 1,000 pieces cannot spell still round-trip, no ⁇
@@ -368,8 +420,15 @@ def test_real_samples_pubmed_and_qmsum(shared_data, tmp_path):
         decoded = sp.DecodeIds(sp.EncodeAsIds(text))
         assert "\u2047" not in decoded and decoded == " ".join(text.split())  # sentencepiece folds whitespace
     qmsum = file_sources({"valid": str(shared_data / "qmsum_sample.jsonl")})
-    meta = preprocess(qmsum, tmp_path / "qmsum", spm_model=str(tmp_path / "pubmed" / "spm.model"),
-                      max_source_positions=8192, max_target_positions=256, workers=2, progress=False)
+    meta = preprocess(
+        qmsum,
+        tmp_path / "qmsum",
+        spm_model=str(tmp_path / "pubmed" / "spm.model"),
+        max_source_positions=8192,
+        max_target_positions=256,
+        workers=2,
+        progress=False,
+    )
     counts = meta["splits"]["valid"]["counts"]
     assert counts["examples"] == 70 and counts["truncated_source"] > 30
     sp = load_spm(tmp_path / "qmsum")
@@ -383,13 +442,15 @@ def test_real_samples_pubmed_and_qmsum(shared_data, tmp_path):
 def test_byte_fallback_needs_room_in_the_vocabulary(tmp_path, caplog):
     from pyramidion_ds.data.binarize import has_byte_fallback
     from pyramidion_ds.data.spm import train_spm
+
     texts = [make_example(i, min_words=200, max_words=300).document for i in range(20)]
     with caplog.at_level("WARNING"):
         train_spm(texts, tmp_path / "auto", vocab_size=200)  # the default: off, with a warning, when too small
     assert "has no room for byte fallback's 256 byte pieces" in caplog.text
     assert not has_byte_fallback(load_spm(tmp_path / "auto"))
-    with pytest.raises(DataError, match="byte fallback takes 256 pieces: raise --spm-vocab-size or pass "
-                                        "--no-spm-byte-fallback"):
+    with pytest.raises(
+        DataError, match="byte fallback takes 256 pieces: raise --spm-vocab-size or pass --no-spm-byte-fallback"
+    ):
         train_spm(texts, tmp_path / "on", vocab_size=200, byte_fallback=True)
     caplog.clear()
     train_spm(texts, tmp_path / "big", vocab_size=400)
@@ -399,7 +460,9 @@ def test_byte_fallback_needs_room_in_the_vocabulary(tmp_path, caplog):
 def test_a_killed_tokenizer_worker_is_an_error_not_a_hang(data_dir):
     import os
     import signal
+
     from pyramidion_ds.data.binarize import _Encoder
+
     encoder = _Encoder(2, (str(data_dir / "spm.model"), "uint16", 512, 128, True))
     try:
         chunks = [[("a", "some text here .", "a summary .")]] * 8
@@ -416,8 +479,11 @@ def test_compressed_jsonl_is_read_and_a_damaged_one_is_named(tmp_path):
     """SumPubMed ships as train.jsonl.gz: read as it is; a cut-off archive or an unknown type is one line."""
     import bz2
     import gzip
-    rows = [{"id": "a", "document": "caf\u00e9 met . it rained .", "summary": "met ."},
-            {"id": "b", "document": "the board met .", "summary": "board ."}]
+
+    rows = [
+        {"id": "a", "document": "caf\u00e9 met . it rained .", "summary": "met ."},
+        {"id": "b", "document": "the board met .", "summary": "board ."},
+    ]
     text = "".join(json.dumps(r) + "\n" for r in rows).encode()
     (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(text))
     (tmp_path / "t.jsonl.bz2").write_bytes(bz2.compress(text))

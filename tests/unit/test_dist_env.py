@@ -13,7 +13,6 @@ from contextlib import contextmanager
 
 import pytest
 
-from pyramidion_ds.distributed import env as dist_env
 from pyramidion_ds.distributed import (
     DistEnvError,
     World,
@@ -22,6 +21,7 @@ from pyramidion_ds.distributed import (
     expand_nodelist,
     hostfile_from_slurm,
 )
+from pyramidion_ds.distributed import env as dist_env
 
 
 class FakeScontrol:
@@ -89,35 +89,70 @@ def free_port() -> int:
 def slurm_env(**overrides) -> dict[str, str]:
     """What srun gives task 1 of `sbatch --nodes=2 --ntasks-per-node=1` (seen on the local cluster)."""
     env = {
-        "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
-        "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
-        "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_STEP_NODELIST": "node[1-2]",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+        "SLURM_TASKS_PER_NODE": "1(x2)",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_STEP_NODELIST": "node[1-2]",
     }
     env.update(overrides)
     return {k: v for k, v in env.items() if v is not None}
 
 
-SCONTROL_NODES = FakeScontrol({
-    ("show", "hostnames", "node[1-2]"): (0, "node1\nnode2\n", ""),
-    ("show", "hostnames", "gpu[07-08]"): (0, "gpu07\ngpu08\n", ""),
-    ("show", "node", "gpu07"): (0, "NodeName=gpu07 Arch=x86_64 CoresPerSocket=1\n   NodeAddr=127.0.0.1 "
-                                   "NodeHostName=gpu07 Version=22.05.8\n", ""),
-})
+SCONTROL_NODES = FakeScontrol(
+    {
+        ("show", "hostnames", "node[1-2]"): (0, "node1\nnode2\n", ""),
+        ("show", "hostnames", "gpu[07-08]"): (0, "gpu07\ngpu08\n", ""),
+        ("show", "node", "gpu07"): (
+            0,
+            "NodeName=gpu07 Arch=x86_64 CoresPerSocket=1\n   NodeAddr=127.0.0.1 NodeHostName=gpu07 Version=22.05.8\n",
+            "",
+        ),
+    }
+)
 
 
 # ------------------------------------------------------------------ torchrun / deepspeed launcher
 
 
 def test_torchrun_variables():
-    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "none"}
-    assert discover_world(env) == World(rank=3, local_rank=1, world_size=4, local_world_size=2,
-                                        master_addr="10.0.0.5", master_port=29400, launcher="torchrun")
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.5",
+        "MASTER_PORT": "29400",
+        "TORCHELASTIC_RUN_ID": "none",
+    }
+    assert discover_world(env) == World(
+        rank=3,
+        local_rank=1,
+        world_size=4,
+        local_world_size=2,
+        master_addr="10.0.0.5",
+        master_port=29400,
+        launcher="torchrun",
+    )
 
 
 def test_deepspeed_launcher_variables():
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "CROSS_RANK": "0",
-           "CROSS_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_SIZE": "2",
+        "CROSS_RANK": "0",
+        "CROSS_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     world = discover_world(env)
     assert (world.launcher, world.rank, world.world_size, world.local_world_size) == ("deepspeed", 0, 2, 2)
 
@@ -147,14 +182,28 @@ def test_rank_not_below_world_size():
 
 def test_local_rank_not_below_local_world_size():
     with pytest.raises(DistEnvError, match=r"^LOCAL_RANK=2 is not below"):
-        discover_world({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2",
-                        "MASTER_ADDR": "h", "TORCHELASTIC_RUN_ID": "x"})
+        discover_world(
+            {
+                "RANK": "0",
+                "WORLD_SIZE": "4",
+                "LOCAL_RANK": "2",
+                "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "h",
+                "TORCHELASTIC_RUN_ID": "x",
+            }
+        )
 
 
 @pytest.mark.parametrize("name,value", [("RANK", "one"), ("WORLD_SIZE", "2.0"), ("MASTER_PORT", "")])
 def test_non_integer_variable(name, value):
-    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
-           "TORCHELASTIC_RUN_ID": "x", name: value}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RUN_ID": "x",
+        name: value,
+    }
     with pytest.raises(DistEnvError, match=f"^{name}='{value}' is not an integer"):
         discover_world(env)
 
@@ -169,8 +218,14 @@ def test_port_out_of_range():
 
 def test_port_in_use_is_an_error_for_rank_0_that_opens_the_store():
     with listening_port() as port:
-        env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "CROSS_RANK": "0",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {
+            "RANK": "0",
+            "WORLD_SIZE": "2",
+            "LOCAL_SIZE": "2",
+            "CROSS_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         with pytest.raises(DistEnvError, match=rf"^master port {port} \(from MASTER_PORT\) is already in use"):
             discover_world(env)
         # other ranks only connect; under torchrun the agent itself listens on MASTER_PORT
@@ -198,8 +253,15 @@ def test_derived_slurm_port_in_use_names_the_job(hosts):
 
 def test_slurm_task(hosts):
     world = discover_world(slurm_env(), run=SCONTROL_NODES)
-    assert world == World(rank=1, local_rank=0, world_size=2, local_world_size=1, master_addr="10.1.0.1",
-                          master_port=20000 + 4242, launcher="slurm")
+    assert world == World(
+        rank=1,
+        local_rank=0,
+        world_size=2,
+        local_world_size=1,
+        master_addr="10.1.0.1",
+        master_port=20000 + 4242,
+        launcher="slurm",
+    )
 
 
 def test_slurm_port_follows_the_job_id():
@@ -222,8 +284,13 @@ def test_slurm_step_nodelist_wins_over_the_job_one(hosts):
 
 def test_slurm_single_node_list_needs_no_scontrol(hosts):
     run = FakeScontrol()
-    env = slurm_env(SLURM_STEP_NODELIST="node1", SLURM_JOB_NODELIST="node1", SLURM_NODEID="0",
-                    SLURM_STEP_TASKS_PER_NODE="2", SLURM_LOCALID="1")
+    env = slurm_env(
+        SLURM_STEP_NODELIST="node1",
+        SLURM_JOB_NODELIST="node1",
+        SLURM_NODEID="0",
+        SLURM_STEP_TASKS_PER_NODE="2",
+        SLURM_LOCALID="1",
+    )
     world = discover_world(env, run=run)
     assert (world.master_addr, world.local_rank, world.local_world_size) == ("10.1.0.1", 1, 2)
     assert run.calls == []
@@ -237,8 +304,13 @@ def test_slurm_master_variables_override():
 
 
 def test_slurm_uneven_tasks_per_node(hosts):
-    env = slurm_env(SLURM_NTASKS="7", SLURM_PROCID="6", SLURM_NODEID="3", SLURM_STEP_TASKS_PER_NODE="2(x3),1",
-                    SLURM_NTASKS_PER_NODE=None)
+    env = slurm_env(
+        SLURM_NTASKS="7",
+        SLURM_PROCID="6",
+        SLURM_NODEID="3",
+        SLURM_STEP_TASKS_PER_NODE="2(x3),1",
+        SLURM_NTASKS_PER_NODE=None,
+    )
     assert discover_world(env, run=SCONTROL_NODES).local_world_size == 1
     assert dist_env.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
     with pytest.raises(DistEnvError, match=r"^SLURM_NODEID=4 but SLURM_STEP_TASKS_PER_NODE=2\(x3\),1 lists 4"):
@@ -247,9 +319,17 @@ def test_slurm_uneven_tasks_per_node(hosts):
 
 def batch_script_env(**overrides) -> dict[str, str]:
     """What the batch script of `sbatch --nodes=2 --ntasks-per-node=1` sees (no step, yet a PROCID)."""
-    env = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-           "SLURM_NTASKS": "2", "SLURM_NPROCS": "2", "SLURM_TASKS_PER_NODE": "1(x2)",
-           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2"}
+    env = {
+        "SLURM_JOB_ID": "77",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_NPROCS": "2",
+        "SLURM_TASKS_PER_NODE": "1(x2)",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_NNODES": "2",
+    }
     env.update(overrides)
     return {k: v for k, v in env.items() if v is not None}
 
@@ -290,8 +370,12 @@ def test_slurm_nodelist_that_does_not_expand():
 
 
 def test_slurm_node_that_does_not_resolve(hosts):
-    run = FakeScontrol({("show", "hostnames", "ghost[1-2]"): (0, "ghost1\nghost2\n", ""),
-                        ("show", "node", "ghost1"): (1, "", "Node ghost1 not found\n")})
+    run = FakeScontrol(
+        {
+            ("show", "hostnames", "ghost[1-2]"): (0, "ghost1\nghost2\n", ""),
+            ("show", "node", "ghost1"): (1, "", "Node ghost1 not found\n"),
+        }
+    )
     env = slurm_env(SLURM_STEP_NODELIST=None, SLURM_JOB_NODELIST="ghost[1-2]")
     with pytest.raises(DistEnvError, match=r"^SLURM_JOB_NODELIST=ghost\[1-2\]: node ghost1 does not resolve"):
         discover_world(env, run=run)
@@ -308,7 +392,15 @@ def test_nodelist_expansion_without_scontrol():
         raise FileNotFoundError(argv[0])
 
     assert expand_nodelist("gpu[07-09,12],cpu-a[1-2]x[3-4]", run=no_scontrol) == [
-        "gpu07", "gpu08", "gpu09", "gpu12", "cpu-a1x3", "cpu-a1x4", "cpu-a2x3", "cpu-a2x4"]
+        "gpu07",
+        "gpu08",
+        "gpu09",
+        "gpu12",
+        "cpu-a1x3",
+        "cpu-a1x4",
+        "cpu-a2x3",
+        "cpu-a2x4",
+    ]
     with pytest.raises(DistEnvError, match="does not expand"):
         expand_nodelist("gpu[a-b]", run=no_scontrol)
 
@@ -318,8 +410,14 @@ def test_nodelist_expansion_without_scontrol():
 
 def test_open_mpi_variables_and_master_from_the_environment():
     port = free_port()
-    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "MASTER_ADDR": "10.0.0.2", "MASTER_PORT": str(port)}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "0",
+        "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        "MASTER_ADDR": "10.0.0.2",
+        "MASTER_PORT": str(port),
+    }
     comm = FakeComm(rank=0, size=8)
     assert discover_world(env, mpi_comm=comm) == World(0, 0, 8, 4, "10.0.0.2", port, "mpi")
     assert comm.proposed == ("10.0.0.2", port)
@@ -333,16 +431,22 @@ def test_hydra_variables_take_the_rendezvous_from_rank_0():
 
 def test_mpi_rank_0_proposes_loopback_and_a_free_port_on_one_node():
     comm = FakeComm(rank=0, size=2)
-    world = discover_world({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"},
-                           mpi_comm=comm)
+    world = discover_world(
+        {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"}, mpi_comm=comm
+    )
     assert comm.proposed == (world.master_addr, world.master_port)
     assert world.master_addr == "127.0.0.1" and 0 < world.master_port < 65536
 
 
 def test_mpi_port_in_use_stops_every_rank():
     with listening_port() as port:
-        env = {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2",
-               "MASTER_PORT": str(port)}
+        env = {
+            "PMI_RANK": "0",
+            "PMI_SIZE": "2",
+            "MPI_LOCALRANKID": "0",
+            "MPI_LOCALNRANKS": "2",
+            "MASTER_PORT": str(port),
+        }
         rank_0 = FakeComm(rank=0, size=2)
         with pytest.raises(DistEnvError, match=rf"^master port {port} \(from MASTER_PORT\) is already in use"):
             discover_world(env, mpi_comm=rank_0)
@@ -364,8 +468,14 @@ def test_pmi_rank_without_size():
 
 def test_mpirun_inside_a_slurm_allocation_uses_the_mpi_world():
     # Open MPI's mpirun starts one helper per node with srun: its SLURM_PROCID is the node's index
-    env = slurm_env(SLURM_PROCID="0", SLURM_NTASKS="2", OMPI_COMM_WORLD_RANK="3", OMPI_COMM_WORLD_SIZE="8",
-                    OMPI_COMM_WORLD_LOCAL_RANK="3", OMPI_COMM_WORLD_LOCAL_SIZE="4")
+    env = slurm_env(
+        SLURM_PROCID="0",
+        SLURM_NTASKS="2",
+        OMPI_COMM_WORLD_RANK="3",
+        OMPI_COMM_WORLD_SIZE="8",
+        OMPI_COMM_WORLD_LOCAL_RANK="3",
+        OMPI_COMM_WORLD_LOCAL_SIZE="4",
+    )
     comm = FakeComm(rank=3, size=8, root_value=("10.0.0.2", 29600))
     assert discover_world(env, run=FakeScontrol(), mpi_comm=comm) == World(3, 3, 8, 4, "10.0.0.2", 29600, "mpi")
 
@@ -387,17 +497,24 @@ def test_apply_world_round_trip():
     world = World(1, 0, 2, 1, "10.1.0.1", 24242, "slurm")
     environ: dict[str, str] = {}
     apply_world(world, environ)
-    assert {k: environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                    "MASTER_PORT")} == {
-        "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "10.1.0.1", "MASTER_PORT": "24242"}
+    assert {
+        k: environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    } == {
+        "RANK": "1",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "10.1.0.1",
+        "MASTER_PORT": "24242",
+    }
     # once applied, the world reads back the same, launcher included
     assert discover_world(environ) == world
 
 
 def test_world_prints_for_the_log():
     assert str(World(0, 0, 2, 1, "127.0.0.1", 24242, "slurm")) == (
-        "launcher=slurm world_size=2 rank=0 local_rank=0/1 master=127.0.0.1:24242")
+        "launcher=slurm world_size=2 rank=0 local_rank=0/1 master=127.0.0.1:24242"
+    )
 
 
 # ------------------------------------------------------------------ hostfile, import cost
@@ -410,7 +527,9 @@ def test_hostfile_from_slurm():
 
 
 def test_importing_dist_pulls_in_no_heavy_module():
-    code = ("import sys, pyramidion_ds.distributed; "
-            "print(sorted(m for m in ('torch', 'deepspeed', 'mpi4py', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys, pyramidion_ds.distributed; "
+        "print(sorted(m for m in ('torch', 'deepspeed', 'mpi4py', 'numpy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,5 +1,6 @@
 """Every relative link in README.md and docs/*.md points at a file that exists, and every #anchor at a
 heading of that file (GitHub's heading ids), so moving text between the README and docs/ breaks no link."""
+
 import re
 from pathlib import Path
 

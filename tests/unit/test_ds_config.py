@@ -1,12 +1,19 @@
 """Every shipped DeepSpeed JSON parses in DeepSpeed and in our merge; contradictions fail by name."""
+
 import json
 from pathlib import Path
 
 import pytest
 
 from pyramidion_ds.config import ConfigError, load_config
-from pyramidion_ds.engine import (ds_config_path, precision_of, read_ds_config, resolve_ds_config,
-                                  shipped_ds_configs, zero_stage)
+from pyramidion_ds.engine import (
+    ds_config_path,
+    precision_of,
+    read_ds_config,
+    resolve_ds_config,
+    shipped_ds_configs,
+    zero_stage,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -14,13 +21,22 @@ SHIPPED = sorted((ROOT / "ds_configs").glob("*.json"))
 
 def test_the_issue_set_is_shipped():
     names = {p.stem for p in SHIPPED}
-    assert {"zero0_bf16", "zero1_bf16", "zero2_bf16", "zero3_bf16", "zero3_offload_optimizer",
-            "zero3_offload_all", "zero2_cpu", "zero3_cpu"} <= names
+    assert {
+        "zero0_bf16",
+        "zero1_bf16",
+        "zero2_bf16",
+        "zero3_bf16",
+        "zero3_offload_optimizer",
+        "zero3_offload_all",
+        "zero2_cpu",
+        "zero3_cpu",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_configs_parse_in_deepspeed(path):
     from deepspeed.runtime.config import DeepSpeedConfig
+
     cfg = load_config(None, ["--data.max_sentences", "2", "--train.update_freq", "3"])
     ds = resolve_ds_config(read_ds_config(path), cfg, world_size=1, source=path.name)
     parsed = DeepSpeedConfig(ds)
@@ -37,19 +53,32 @@ def write(tmp_path, data):
     return path
 
 
-@pytest.mark.parametrize("data, overrides, message", [
-    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, [], "both true"),
-    ({"bf16": {"enabled": True}}, ["--train.precision", "fp16"], "bf16.enabled=true contradicts train.precision=fp16"),
-    ({"gradient_accumulation_steps": 4}, [], "gradient_accumulation_steps=4 contradicts train.update_freq=1"),
-    ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}, ["--data.max_sentences", "2"],
-     "train_batch_size=16 contradicts"),
-    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, [],
-     "zero_optimization.offload_param is a stage-3 option but zero_optimization.stage is 2"),
-    ({"zero_optimization": {"stage": 5}}, [], "expected 0, 1, 2 or 3"),
-    ({"optimizer": {"type": "Adam"}}, [], "'optimizer' block is not used"),
-    ({"zero_optimisation": {"stage": 2}}, [], "unknown key 'zero_optimisation'"),
-    ({"gradient_clipping": 0.5}, [], "gradient_clipping=0.5 contradicts train.clip_norm=1.0"),
-])
+@pytest.mark.parametrize(
+    "data, overrides, message",
+    [
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, [], "both true"),
+        (
+            {"bf16": {"enabled": True}},
+            ["--train.precision", "fp16"],
+            "bf16.enabled=true contradicts train.precision=fp16",
+        ),
+        ({"gradient_accumulation_steps": 4}, [], "gradient_accumulation_steps=4 contradicts train.update_freq=1"),
+        (
+            {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2},
+            ["--data.max_sentences", "2"],
+            "train_batch_size=16 contradicts",
+        ),
+        (
+            {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+            [],
+            "zero_optimization.offload_param is a stage-3 option but zero_optimization.stage is 2",
+        ),
+        ({"zero_optimization": {"stage": 5}}, [], "expected 0, 1, 2 or 3"),
+        ({"optimizer": {"type": "Adam"}}, [], "'optimizer' block is not used"),
+        ({"zero_optimisation": {"stage": 2}}, [], "unknown key 'zero_optimisation'"),
+        ({"gradient_clipping": 0.5}, [], "gradient_clipping=0.5 contradicts train.clip_norm=1.0"),
+    ],
+)
 def test_contradictions_fail_by_name(tmp_path, data, overrides, message):
     cfg = load_config(None, overrides)
     with pytest.raises(ConfigError) as err:

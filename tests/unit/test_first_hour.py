@@ -1,5 +1,6 @@
 """What a new user meets in the first hour: the quick start's model really pools, and nothing the README's
 commands write shows up in `git status`."""
+
 import re
 import shutil
 import subprocess
@@ -23,9 +24,18 @@ def test_quickstart_config_pools_every_quickstart_document():
     m = cfg.model
     widths = m.encoder_widths()
     # the corpus the quick start makes: at least one piece per word plus </s>, padded to the chunk size
-    words = [len(make_example(i, min_words=quickstart_flag("min-words"), max_words=quickstart_flag("max-words"),
-                              num_salient=(quickstart_flag("min-salient"), quickstart_flag("max-salient")),
-                              split="train").document.split()) for i in range(300)]
+    words = [
+        len(
+            make_example(
+                i,
+                min_words=quickstart_flag("min-words"),
+                max_words=quickstart_flag("max-words"),
+                num_salient=(quickstart_flag("min-salient"), quickstart_flag("max-salient")),
+                split="train",
+            ).document.split()
+        )
+        for i in range(300)
+    ]
     narrowest_input = -(-(min(words) + 1) // m.chunk_size) * m.chunk_size
     assert m.variant == "pyramidion" and widths[-1] < narrowest_input, (widths, narrowest_input)
     assert max(words) + 1 <= m.max_source_positions  # nothing is cut
@@ -33,9 +43,19 @@ def test_quickstart_config_pools_every_quickstart_document():
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
-@pytest.mark.parametrize("path", ["data/synthetic/train.jsonl", "data-bin/synthetic/meta.json",
-                                  "runs/quickstart/train.log", "tuned/ds_config.json", "exports/arxiv/config.yaml",
-                                  "results/arxiv/test.hyp", "pyramidion-train-12.out", "pyramidion-generate-13.out"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "data/synthetic/train.jsonl",
+        "data-bin/synthetic/meta.json",
+        "runs/quickstart/train.log",
+        "tuned/ds_config.json",
+        "exports/arxiv/config.yaml",
+        "results/arxiv/test.hyp",
+        "pyramidion-train-12.out",
+        "pyramidion-generate-13.out",
+    ],
+)
 def test_what_the_readme_commands_write_is_ignored_by_git(path):
     proc = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
     assert proc.returncode == 0, f"{path} is not ignored by .gitignore"

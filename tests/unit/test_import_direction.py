@@ -5,6 +5,7 @@ resolved to the package module it names, and checked against :data:`RANKS`: a mo
 unit and units of a lower rank only. Units of the same rank (``train``/``generate``, ``bench``/``tune``)
 stay independent of each other.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,18 +19,18 @@ ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
 #: unit (a package or module, matched by the longest prefix) -> rank; imports go to a lower rank only
 RANKS = {
-    "pyramidion_ds": 0,                        # the root __init__ (``__version__``), matched exactly
-    "pyramidion_ds.errors": 0,                 # UsageError, DataError, exit codes: importable by all
-    "pyramidion_ds.distributed": 1,            # rank discovery: imports nothing of ours
-    "pyramidion_ds.logs": 2,                   # quiets DeepSpeed's accelerator probe via distributed.env
+    "pyramidion_ds": 0,  # the root __init__ (``__version__``), matched exactly
+    "pyramidion_ds.errors": 0,  # UsageError, DataError, exit codes: importable by all
+    "pyramidion_ds.distributed": 1,  # rank discovery: imports nothing of ours
+    "pyramidion_ds.logs": 2,  # quiets DeepSpeed's accelerator probe via distributed.env
     "pyramidion_ds.config": 3,
     "pyramidion_ds.data": 4,
     "pyramidion_ds.model": 5,
     "pyramidion_ds.engine": 6,
-    "pyramidion_ds.checkpoint": 7,             # the format: used by train and generate alike
+    "pyramidion_ds.checkpoint": 7,  # the format: used by train and generate alike
     "pyramidion_ds.train": 8,
     "pyramidion_ds.generate": 8,
-    "pyramidion_ds.bench": 9,                  # beside the top: may import anything but cli
+    "pyramidion_ds.bench": 9,  # beside the top: may import anything but cli
     "pyramidion_ds.tune": 9,
     "pyramidion_ds.cli": 10,
     "pyramidion_ds.distributed.selftest": 10,  # a ``python -m`` entry point, like a console script
@@ -66,7 +67,7 @@ def imports_of(module: str) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
@@ -101,31 +102,43 @@ def test_imports_run_down_the_stack():
         if unit is None or to is None:
             offenders.append(f"{where(module, line)}: {module} imports {target}, one of them without a rank")
         elif to != unit and RANKS[to] >= RANKS[unit]:
-            offenders.append(f"{where(module, line)}: {unit} (rank {RANKS[unit]}) imports {target} "
-                             f"({to}, rank {RANKS[to]})")
+            offenders.append(
+                f"{where(module, line)}: {unit} (rank {RANKS[unit]}) imports {target} ({to}, rank {RANKS[to]})"
+            )
     assert not offenders, "imports running up the stack:\n" + "\n".join(offenders)
 
 
-@pytest.mark.parametrize("importer, forbidden", [
-    ("", ("pyramidion_ds.cli",)),  # nothing outside cli/ imports cli/
-    ("pyramidion_ds.generate", ("pyramidion_ds.train",)),
-    ("pyramidion_ds.checkpoint", ("pyramidion_ds.train", "pyramidion_ds.generate", "pyramidion_ds.cli")),
-    ("pyramidion_ds.model", ("pyramidion_ds.train", "pyramidion_ds.engine", "pyramidion_ds.checkpoint")),
-    ("", ("pyramidion_ds.bench", "pyramidion_ds.tune")),  # only cli/ (and themselves) import bench/, tune/
-])
+@pytest.mark.parametrize(
+    "importer, forbidden",
+    [
+        ("", ("pyramidion_ds.cli",)),  # nothing outside cli/ imports cli/
+        ("pyramidion_ds.generate", ("pyramidion_ds.train",)),
+        ("pyramidion_ds.checkpoint", ("pyramidion_ds.train", "pyramidion_ds.generate", "pyramidion_ds.cli")),
+        ("pyramidion_ds.model", ("pyramidion_ds.train", "pyramidion_ds.engine", "pyramidion_ds.checkpoint")),
+        ("", ("pyramidion_ds.bench", "pyramidion_ds.tune")),  # only cli/ (and themselves) import bench/, tune/
+    ],
+)
 def test_named_edges_are_absent(importer, forbidden):
     """The edges the layering exists to prevent, spelled out (the rank table implies them too)."""
+
     def inside(module: str, unit: str) -> bool:
         return module == unit or module.startswith(unit + ".")
 
-    offenders = [f"{where(module, line)}: {module} imports {target}" for module, line, target in edges()
-                 if inside(module, importer or PACKAGE) and not inside(module, "pyramidion_ds.cli")
-                 and any(inside(target, unit) and not inside(module, unit) for unit in forbidden)]
+    offenders = [
+        f"{where(module, line)}: {module} imports {target}"
+        for module, line, target in edges()
+        if inside(module, importer or PACKAGE)
+        and not inside(module, "pyramidion_ds.cli")
+        and any(inside(target, unit) and not inside(module, unit) for unit in forbidden)
+    ]
     assert not offenders, "\n".join(offenders)
 
 
 def test_no_forbidden_third_party_imports():
-    offenders = [f"{where(module, line)}: {module} imports {target}" for module, line, target in edges()
-                 for unit, names in FORBIDDEN_EXTERNAL.items()
-                 if unit_of(module) == unit and target.split(".")[0] in names]
+    offenders = [
+        f"{where(module, line)}: {module} imports {target}"
+        for module, line, target in edges()
+        for unit, names in FORBIDDEN_EXTERNAL.items()
+        if unit_of(module) == unit and target.split(".")[0] in names
+    ]
     assert not offenders, "\n".join(offenders)

@@ -9,6 +9,7 @@ The model is ``base``'s structure (6 + 6 layers, 8 heads, the default halving sc
 at a small width and on a 1024-token input (``max_source_positions`` 1024, chunks of 64), so it runs in
 seconds: the operator count depends on the structure, not on the widths.
 """
+
 from __future__ import annotations
 
 import collections
@@ -44,8 +45,15 @@ class OperatorCounter(TorchDispatchMode):
 
 def count_training_step(variant: str) -> OperatorCounter:
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="base", variant=variant, vocab_size=256, d_model=64, ffn_dim=128,
-                      max_source_positions=1024, chunk_size=64)
+    cfg = ModelConfig(
+        preset="base",
+        variant=variant,
+        vocab_size=256,
+        d_model=64,
+        ffn_dim=128,
+        max_source_positions=1024,
+        chunk_size=64,
+    )
     cfg.validate()
     model = PyramidionModel(cfg).train()
     generator = torch.Generator().manual_seed(0)
@@ -66,5 +74,6 @@ def test_base_training_step_stays_within_its_launch_budget():
         total = sum(counter.ops.values())
         top = ", ".join(f"{name} {count}" for name, count in counter.ops.most_common(8))
         assert total <= BUDGET_ALL_OPERATORS[variant], f"{variant}: {total} operators dispatched ({top})"
-        assert counter.kernels <= BUDGET_KERNEL_OPERATORS[variant], \
+        assert counter.kernels <= BUDGET_KERNEL_OPERATORS[variant], (
             f"{variant}: {counter.kernels} kernel-launching operators ({top})"
+        )

@@ -1,4 +1,5 @@
 """Log lines and progress bars share the launcher's stderr: a log line never lands on a bar's line."""
+
 import io
 import logging
 import sys

@@ -1,4 +1,5 @@
 """The model on the debug preset: encoder masks and shapes, incremental decoding, variants, hooks."""
+
 from __future__ import annotations
 
 import ast
@@ -81,7 +82,7 @@ def test_incremental_decoding_equals_full(variant, normalize_before):
     full = model(src, lengths, prev)
     encoder_out = model.encode(src, lengths)
     cache = model.new_cache()
-    steps = [model.decode_step(prev[:, :t + 1], encoder_out, cache) for t in range(prev.size(1))]
+    steps = [model.decode_step(prev[:, : t + 1], encoder_out, cache) for t in range(prev.size(1))]
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-4)
     # no cache: the whole prefix
     torch.testing.assert_close(model.decode_step(prev, encoder_out), full[:, -1], atol=1e-5, rtol=1e-4)
@@ -96,8 +97,8 @@ def test_beams_share_source_kv_and_reorder():
     rows[1::beam, 1:] = torch.randint(4, VOCAB, rows[1::beam, 1:].shape)
     shared, expanded = model.new_cache(), model.new_cache()
     for t in range(3):
-        a = model.decode_step(rows[:, :t + 1], encoder_out, shared)
-        b = model.decode_step(rows[:, :t + 1], model.expand_encoder_out(encoder_out, beam), expanded)
+        a = model.decode_step(rows[:, : t + 1], encoder_out, shared)
+        b = model.decode_step(rows[:, : t + 1], model.expand_encoder_out(encoder_out, beam), expanded)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert shared.source_kv[0][0].size(0) == 2  # one row per source, not per beam
     # reorder within each source's beams, then continue: equals decoding the reordered prefixes from scratch
@@ -118,23 +119,35 @@ def test_static_cache_decodes_like_the_growing_cache():
     rows[1::beam, 1:] = torch.randint(4, VOCAB, rows[1::beam, 1:].shape)
     growing, static = model.new_cache(), model.new_static_cache(encoder_out, rows.size(0), 6)
     for t in range(3):
-        torch.testing.assert_close(model.decode_step(rows[:, :t + 1], encoder_out, static),
-                                   model.decode_step(rows[:, :t + 1], encoder_out, growing), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            model.decode_step(rows[:, : t + 1], encoder_out, static),
+            model.decode_step(rows[:, : t + 1], encoder_out, growing),
+            atol=1e-5,
+            rtol=1e-4,
+        )
     new_order = torch.tensor([1, 1, 0, 5, 3, 4])
     for cache in (growing, static):
         cache.reorder(new_order)
     assert static.version == 0  # same number of rows: recorded, applied by the next step
     rows = rows[new_order]
-    torch.testing.assert_close(model.decode_step(rows[:, :4], encoder_out, static),
-                               model.decode_step(rows[:, :4], encoder_out, growing), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        model.decode_step(rows[:, :4], encoder_out, static),
+        model.decode_step(rows[:, :4], encoder_out, growing),
+        atol=1e-5,
+        rtol=1e-4,
+    )
     keep = torch.tensor([1])  # source 0 finished: its beams leave both caches
     for cache in (growing, static):
         cache.reorder(torch.tensor([5, 4, 3]))
         cache.select_sources(keep)
     assert static.version == 2 and static.self_kv[0].key.size(0) == 3
     rows, encoder_out = rows[[5, 4, 3]], encoder_out.select(keep)
-    torch.testing.assert_close(model.decode_step(rows[:, :5], encoder_out, static),
-                               model.decode_step(rows[:, :5], encoder_out, growing), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        model.decode_step(rows[:, :5], encoder_out, static),
+        model.decode_step(rows[:, :5], encoder_out, growing),
+        atol=1e-5,
+        rtol=1e-4,
+    )
     with pytest.raises(ValueError, match="max_target_positions"):
         model.new_static_cache(encoder_out, 3, model.cfg.max_target_positions + 1)
 
@@ -152,8 +165,7 @@ def test_variants_share_state_dict_layout():
 
 def test_scorer_input_keeps_the_state_dict_layout():
     hidden, normed = make_model(), make_model(seed=1, scorer_input="layer_norm")
-    assert ({k: v.shape for k, v in hidden.state_dict().items()}
-            == {k: v.shape for k, v in normed.state_dict().items()})
+    assert {k: v.shape for k, v in hidden.state_dict().items()} == {k: v.shape for k, v in normed.state_dict().items()}
     hidden.load_state_dict(normed.state_dict(), strict=True)
     normed.load_state_dict(make_model(seed=2).state_dict(), strict=True)
 
@@ -164,11 +176,13 @@ def test_layer_norm_scorer_ignores_the_scale_of_the_stream():
     hidden, normed = make_model(), make_model(scorer_input="layer_norm")  # same seed: same weights
     x = torch.randn(2, 40, hidden.cfg.d_model)
     with torch.no_grad():
-        torch.testing.assert_close(normed.encoder.score_logits(1, 8.0 * x + 3.0), normed.encoder.score_logits(1, x),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            normed.encoder.score_logits(1, 8.0 * x + 3.0), normed.encoder.score_logits(1, x), atol=1e-4, rtol=1e-4
+        )
         bias = hidden.encoder.scorers[1].bias
-        torch.testing.assert_close(hidden.encoder.score_logits(1, 8.0 * x) - bias,
-                                   8.0 * (hidden.encoder.score_logits(1, x) - bias))
+        torch.testing.assert_close(
+            hidden.encoder.score_logits(1, 8.0 * x) - bias, 8.0 * (hidden.encoder.score_logits(1, x) - bias)
+        )
         src, lengths, prev = batch(hidden.cfg, [512, 300])
         raw_scores = hidden.encode(src, lengths).pooling[0].input_scores
         normed_scores = normed.encode(src, lengths).pooling[0].input_scores
@@ -222,7 +236,8 @@ def test_flops_per_step_follows_the_variant():
     cfg = make_model("blockwise").cfg
     n, d = 512, cfg.d_model
     batch_size = 4
-    assert flops["vanilla"] - flops["blockwise"] == 3 * batch_size * cfg.encoder_layers * 4 * n * (n - cfg.chunk_size) * d
+    saved = 3 * batch_size * cfg.encoder_layers * 4 * n * (n - cfg.chunk_size) * d
+    assert flops["vanilla"] - flops["blockwise"] == saved
 
 
 def test_hard_topk_inference_option():
@@ -257,8 +272,16 @@ def test_same_parameters_get_gradients_whatever_the_batch_width(scorer_input):
     narrow for a pooling step (its scorer gets a zero gradient instead of none)."""
     from pyramidion_ds.config import ModelConfig
     from pyramidion_ds.model import PyramidionModel
-    cfg = ModelConfig(preset="debug", vocab_size=50, max_source_positions=256, chunk_size=32,
-                      pooling_schedule=[256, 128, 64], dropout=0.0, scorer_input=scorer_input)
+
+    cfg = ModelConfig(
+        preset="debug",
+        vocab_size=50,
+        max_source_positions=256,
+        chunk_size=32,
+        pooling_schedule=[256, 128, 64],
+        dropout=0.0,
+        scorer_input=scorer_input,
+    )
     model = PyramidionModel(cfg)
     with_grad = []
     for width in (256, 96):  # 96 < 128: the pooling after layer 1 has nothing to do
@@ -276,14 +299,24 @@ def test_module_order_does_not_depend_on_the_batch_width():
     must call the same modules in the same order, in forward and without gradients too."""
     from pyramidion_ds.config import ModelConfig
     from pyramidion_ds.model import PyramidionModel
-    cfg = ModelConfig(preset="debug", vocab_size=50, max_source_positions=256, chunk_size=32,
-                      pooling_schedule=[256, 128, 64], dropout=0.0)
+
+    cfg = ModelConfig(
+        preset="debug",
+        vocab_size=50,
+        max_source_positions=256,
+        chunk_size=32,
+        pooling_schedule=[256, 128, 64],
+        dropout=0.0,
+    )
     model = PyramidionModel(cfg)
     orders = []
     for width in (256, 96, 40):
         calls = []
-        hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: calls.append(name))
-                 for name, m in model.encoder.named_modules() if name]
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, args, name=name, calls=calls: calls.append(name))
+            for name, m in model.encoder.named_modules()
+            if name
+        ]
         with torch.no_grad():
             model.encode(torch.randint(4, 50, (2, width)))
         for h in hooks:

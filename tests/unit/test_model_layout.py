@@ -4,6 +4,7 @@
 ``q_proj``/``k_proj``/``v_proj``; ``tests/data/make_pre_fused_export.py`` says how), with the logits that
 code computed for a fixed input. Every loader must take it and give the same logits.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -33,6 +34,7 @@ def _logits(model, expected):
 
 def _fixture_model():
     from pyramidion_ds.checkpoint.export import _run_config
+
     return PyramidionModel(_run_config(FIXTURE).model).eval()
 
 
@@ -78,13 +80,17 @@ def test_upgrade_is_idempotent_on_the_new_layout():
 
 def test_incomplete_old_projection_set_is_reported(tmp_path):
     from pyramidion_ds.checkpoint.export import write_safetensors
+
     export = tmp_path / "export"
     shutil.copytree(FIXTURE, export)
     state = load_file(str(FIXTURE / "model.safetensors"))
     del state["encoder.layers.1.self_attn.v_proj.weight"]
     write_safetensors(export / "model.safetensors", state, torch.float32)
-    with pytest.raises(UsageError, match=r"tensor 'encoder\.layers\.1\.self_attn\.qkv_proj\.weight' of the "
-                                         r"configured model is missing"):
+    with pytest.raises(
+        UsageError,
+        match=r"tensor 'encoder\.layers\.1\.self_attn\.qkv_proj\.weight' of the "
+        r"configured model is missing",
+    ):
         load_export(export)
 
 
@@ -97,6 +103,7 @@ def test_fused_projections_cut_the_parameter_tensors():
 def test_resuming_a_pre_fusion_zero_checkpoint_is_refused_with_the_way_out():
     """Its flat optimizer partitions would load without error into the permuted parameter order."""
     from pyramidion_ds.checkpoint.manifest import stale_layout_problem
+
     checkpoint = FIXTURE.parent / "pre_fused_zero2" / "old"
     problem = stale_layout_problem(checkpoint)
     assert problem is not None and "\n" not in problem
@@ -106,7 +113,10 @@ def test_resuming_a_pre_fusion_zero_checkpoint_is_refused_with_the_way_out():
 
 def test_a_checkpoint_of_the_fused_layout_resumes(tmp_path):
     from pyramidion_ds.checkpoint.manifest import stale_layout_problem
+
     model = _fixture_model()
-    torch.save({"module": model.state_dict(), "param_shapes": [{n: p.shape for n, p in model.named_parameters()}]},
-               tmp_path / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": model.state_dict(), "param_shapes": [{n: p.shape for n, p in model.named_parameters()}]},
+        tmp_path / "mp_rank_00_model_states.pt",
+    )
     assert stale_layout_problem(tmp_path) is None

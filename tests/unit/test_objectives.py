@@ -4,17 +4,26 @@ One vocabulary trained on ``../shared/data/pubmed_sample.jsonl`` with ``<mask>``
 BART infilling, PEGASUS gap sentences and T5 span corruption read back through their datasets, at the
 positions a long-document run uses (4,096 source tokens, 256 target tokens).
 """
+
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
 from pyramidion_ds.config import load_config
 from pyramidion_ds.config.data import GapSentencesConfig, SpanCorruptionConfig
 from pyramidion_ds.data import EOS_ID, GapSentencesDataset, SpanCorruptionDataset, load_spm, pretraining_dataset
 from pyramidion_ds.data.binarize import preprocess
-from pyramidion_ds.data.denoise import (SENTINEL_FORMAT, gap_sentences, sentence_bounds, sentence_end_table,
-                                        sentence_importance, span_corruption, span_counts)
+from pyramidion_ds.data.denoise import (
+    SENTINEL_FORMAT,
+    gap_sentences,
+    sentence_bounds,
+    sentence_end_table,
+    sentence_importance,
+    span_corruption,
+    span_counts,
+)
 from pyramidion_ds.data.sources import file_sources
 from pyramidion_ds.errors import DataError
 
@@ -29,24 +38,29 @@ def pubmed_bin(tmp_path_factory):
     shared_data = SHARED_DATA
     out = tmp_path_factory.mktemp("pubmed_bin")
     symbols = ("<mask>",) + tuple(SENTINEL_FORMAT.format(k) for k in range(100))
-    preprocess(file_sources({"train": str(shared_data / "pubmed_sample.jsonl")}, unlabeled=True), out,
-               spm_options=dict(vocab_size=2000, sample_size=200_000, character_coverage=1.0,
-                                user_symbols=symbols), unlabeled=True, progress=False)
+    preprocess(
+        file_sources({"train": str(shared_data / "pubmed_sample.jsonl")}, unlabeled=True),
+        out,
+        spm_options=dict(vocab_size=2000, sample_size=200_000, character_coverage=1.0, user_symbols=symbols),
+        unlabeled=True,
+        progress=False,
+    )
     return out
 
 
 def body_of(dataset, i):
     """The document as the objective saw it: cut to the encoder's positions, without ``</s>``."""
     document = dataset.source[int(dataset.indices[i])]
-    return document[:min(len(document), dataset.max_source_positions) - 1]
+    return document[: min(len(document), dataset.max_source_positions) - 1]
 
 
 def sentences(tokens, table):
     bounds = sentence_bounds(tokens, table)
-    return [tokens[bounds[s]:bounds[s + 1]].tolist() for s in range(len(bounds) - 1)]
+    return [tokens[bounds[s] : bounds[s + 1]].tolist() for s in range(len(bounds) - 1)]
 
 
 # --- PEGASUS gap sentences ---------------------------------------------------------------------------
+
 
 def test_gap_sentences_hide_the_most_representative_sentences_and_generate_them(pubmed_bin):
     cfg = GapSentencesConfig(ratio=0.3, score_noise=0.0)
@@ -61,8 +75,15 @@ def test_gap_sentences_hide_the_most_representative_sentences_and_generate_them(
         assert source[-1] == EOS_ID and target[-1] == EOS_ID
         assert len(source) <= ds.src_sizes[i] and len(target) <= MAX_TARGET
         original = sentences(body, table)
-        _, _, chosen = gap_sentences(body, sentence_end=table, mask_id=mask_id, ratio=0.3, score_noise=0.0,
-                                     max_target_tokens=MAX_TARGET - 1, rng=np.random.default_rng(0))
+        _, _, chosen = gap_sentences(
+            body,
+            sentence_end=table,
+            mask_id=mask_id,
+            ratio=0.3,
+            score_noise=0.0,
+            max_target_tokens=MAX_TARGET - 1,
+            rng=np.random.default_rng(0),
+        )
         # the target is the chosen sentences, in document order
         assert target[:-1].tolist() == [t for s in chosen for t in original[s]]
         # the source is the document with one <mask> in place of each of them, nothing else changed
@@ -103,6 +124,7 @@ def test_gap_sentence_noise_changes_the_choice_by_epoch_and_seed_only(pubmed_bin
 
 # --- T5 span corruption -------------------------------------------------------------------------------
 
+
 def test_span_corruption_sentinels_put_the_document_back_together(pubmed_bin):
     cfg = SpanCorruptionConfig(noise_density=0.15, mean_noise_span_length=3.0, max_sentinels=100)
     ds = SpanCorruptionDataset(pubmed_bin, "train", MAX_SOURCE, MAX_TARGET, cfg, seed=5)
@@ -116,7 +138,7 @@ def test_span_corruption_sentinels_put_the_document_back_together(pubmed_bin):
         assert target[-1] == EOS_ID and len(target) <= MAX_TARGET
         target = target[:-1]
         used = [t for t in source.tolist() if t in sentinels]
-        assert used == sentinels[:len(used)] and len(used) >= 1         # S0, S1, ... in order, once each
+        assert used == sentinels[: len(used)] and len(used) >= 1  # S0, S1, ... in order, once each
         # the target lists every sentinel, each followed by its span
         spans, current = {}, None
         for token in target.tolist():
@@ -134,41 +156,62 @@ def test_span_corruption_sentinels_put_the_document_back_together(pubmed_bin):
         assert hidden + len(used) <= MAX_TARGET - 1
     densities = np.array(densities)
     short = np.array([len(body_of(ds, i)) for i in range(len(ds))]) * 0.15 < 150
-    assert np.all(np.abs(densities[short] - 0.15) < 0.02)                # T5's density where it fits
+    assert np.all(np.abs(densities[short] - 0.15) < 0.02)  # T5's density where it fits
     assert np.all(densities[~short] < 0.15) and (~short).sum() > 10
 
 
 def test_span_counts_respect_density_sentinels_and_target():
     assert span_counts(1000, 0.15, 3.0, 100, 511) == (150, 50)
-    hidden, spans = span_counts(4000, 0.15, 3.0, 100, 511)                # 600 wanted, 100 sentinels max
+    hidden, spans = span_counts(4000, 0.15, 3.0, 100, 511)  # 600 wanted, 100 sentinels max
     assert spans == 100 and hidden == 300 and hidden + spans <= 511
     hidden, spans = span_counts(4000, 0.15, 3.0, 100, 255)
     assert hidden + spans <= 255 and abs(hidden / spans - 3.0) < 0.1
     assert span_counts(1, 0.15, 3.0, 100, 255) == (0, 0)
-    source, target = span_corruption(np.arange(10, 12), sentinel_ids=np.array([4]), noise_density=0.15,
-                                     mean_span=3.0, max_target_tokens=255, rng=np.random.default_rng(0))
-    assert source.tolist() == [10, 4] and target.tolist() == [4, 11]      # two tokens: one kept, one hidden
+    source, target = span_corruption(
+        np.arange(10, 12),
+        sentinel_ids=np.array([4]),
+        noise_density=0.15,
+        mean_span=3.0,
+        max_target_tokens=255,
+        rng=np.random.default_rng(0),
+    )
+    assert source.tolist() == [10, 4] and target.tolist() == [4, 11]  # two tokens: one kept, one hidden
 
 
 def test_span_corruption_without_sentinels_names_the_flag(tmp_path, shared_data):
     out = tmp_path / "bin"
-    preprocess(file_sources({"train": str(shared_data / "pubmed_sample.jsonl")}, unlabeled=True), out,
-               spm_options=dict(vocab_size=400, sample_size=50_000, character_coverage=1.0), unlabeled=True,
-               progress=False)
-    with pytest.raises(DataError, match=r"no sentinel pieces \(<extra_id_0>, \.\.\.\) for data.task "
-                                        r"span_corruption; re-run pyramidion-preprocess with --spm-sentinels 100"):
+    preprocess(
+        file_sources({"train": str(shared_data / "pubmed_sample.jsonl")}, unlabeled=True),
+        out,
+        spm_options=dict(vocab_size=400, sample_size=50_000, character_coverage=1.0),
+        unlabeled=True,
+        progress=False,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"no sentinel pieces \(<extra_id_0>, \.\.\.\) for data.task "
+        r"span_corruption; re-run pyramidion-preprocess with --spm-sentinels 100",
+    ):
         SpanCorruptionDataset(out, "train", MAX_SOURCE, MAX_TARGET)
 
 
 # --- selection by config ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("task", ["denoising", "gap_sentences", "span_corruption"])
 def test_data_task_selects_the_objective(pubmed_bin, task):
-    cfg = load_config(None, ["--data.task", task, "--data.gap_sentences.ratio", "0.2",
-                             "--data.span_corruption.noise_density", "0.1"])
+    cfg = load_config(
+        None, ["--data.task", task, "--data.gap_sentences.ratio", "0.2", "--data.span_corruption.noise_density", "0.1"]
+    )
     ds = pretraining_dataset(cfg.data.task, pubmed_bin, "train", MAX_SOURCE, MAX_TARGET, cfg.data, seed=0)
-    assert type(ds).__name__ == {"denoising": "DenoisingDataset", "gap_sentences": "GapSentencesDataset",
-                                 "span_corruption": "SpanCorruptionDataset"}[task]
+    assert (
+        type(ds).__name__
+        == {
+            "denoising": "DenoisingDataset",
+            "gap_sentences": "GapSentencesDataset",
+            "span_corruption": "SpanCorruptionDataset",
+        }[task]
+    )
     if task != "denoising":
         assert ds.cfg == getattr(cfg.data, task)
     item = ds[0]

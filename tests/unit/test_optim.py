@@ -1,4 +1,5 @@
 """Optimizer groups, fairseq's schedules and label-smoothed loss."""
+
 import math
 
 import pytest
@@ -10,8 +11,19 @@ from pyramidion_ds.model import PyramidionModel
 
 
 def test_polynomial_decay_with_warmup():
-    cfg = load_config(None, ["--train.lr", "1.0", "--train.warmup_updates", "10", "--train.max_update", "110",
-                             "--train.end_learning_rate", "0.1"]).train
+    cfg = load_config(
+        None,
+        [
+            "--train.lr",
+            "1.0",
+            "--train.warmup_updates",
+            "10",
+            "--train.max_update",
+            "110",
+            "--train.end_learning_rate",
+            "0.1",
+        ],
+    ).train
     f = lr_lambda(cfg)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)
@@ -58,9 +70,23 @@ def debug_model(cfg):
 
 
 def test_scorers_learn_at_their_own_lr_through_the_schedule():
-    cfg = load_config(None, ["--model.vocab_size", "50", "--train.lr", "0.01", "--train.scorer_lr_scale", "0.1",
-                             "--train.warmup_updates", "3", "--train.max_update", "8",
-                             "--train.end_learning_rate", "0.001"])
+    cfg = load_config(
+        None,
+        [
+            "--model.vocab_size",
+            "50",
+            "--train.lr",
+            "0.01",
+            "--train.scorer_lr_scale",
+            "0.1",
+            "--train.warmup_updates",
+            "3",
+            "--train.max_update",
+            "8",
+            "--train.end_learning_rate",
+            "0.001",
+        ],
+    )
     model = debug_model(cfg)
     optimizer, _ = make_optimizer(model, cfg.train, offload=False)
     scheduler = make_scheduler(optimizer, cfg.train)
@@ -68,17 +94,23 @@ def test_scorers_learn_at_their_own_lr_through_the_schedule():
     group_names = [{names[id(p)] for p in group["params"]} for group in optimizer.param_groups]
     is_scorer = [all(n.startswith("encoder.scorers.") for n in g) for g in group_names]
     assert all(group_names) and not is_scorer[0]  # no empty group; group 0 (the logged lr) is the model's
-    assert {n for g, scorer in zip(group_names, is_scorer) if scorer for n in g} == {
-        n for n in names.values() if n.startswith("encoder.scorers.")}
-    assert not any(n.startswith("encoder.scorers.") for g, scorer in zip(group_names, is_scorer) if not scorer
-                   for n in g)
+    assert {n for g, scorer in zip(group_names, is_scorer, strict=True) if scorer for n in g} == {
+        n for n in names.values() if n.startswith("encoder.scorers.")
+    }
+    assert not any(
+        n.startswith("encoder.scorers.")
+        for g, scorer in zip(group_names, is_scorer, strict=True)
+        if not scorer
+        for n in g
+    )
     # the decay split holds inside the scorers' groups: weights decay, biases do not
-    assert sorted((g["weight_decay"], sorted({n.rsplit(".", 1)[1] for n in names_}))
-                  for g, names_, scorer in zip(optimizer.param_groups, group_names, is_scorer) if scorer) == [
-        (0.0, ["bias"]), (cfg.train.weight_decay, ["weight"])]
+    groups = zip(optimizer.param_groups, group_names, is_scorer, strict=True)
+    assert sorted(
+        (g["weight_decay"], sorted({n.rsplit(".", 1)[1] for n in names_})) for g, names_, scorer in groups if scorer
+    ) == [(0.0, ["bias"]), (cfg.train.weight_decay, ["weight"])]
     for step in range(10):
         lrs = [g["lr"] for g in optimizer.param_groups]
-        for lr, scorer in zip(lrs, is_scorer):
+        for lr, scorer in zip(lrs, is_scorer, strict=True):
             assert lr == pytest.approx(lrs[0] * (0.1 if scorer else 1.0)), step
         optimizer.step()
         scheduler.step()

@@ -1,4 +1,5 @@
 """The synthetic corpus: deterministic, long, and its summary is exactly the planted sentences."""
+
 import json
 import re
 

@@ -1,4 +1,5 @@
 """The successive-halving top-k against a direct, per-example transcription of the paper's rounds."""
+
 from __future__ import annotations
 
 import math
@@ -23,15 +24,15 @@ def reference_topk(x, scores, mask, k, base, flip_right, sort_back):
         # 1. order by score, descending (padding last; Python's sort is stable)
         rank = sorted(range(width), key=lambda i: -(base ** float(slots[i][1])) if slots[i][2] else 1e9)
         passing, rest = rank[:num_pass], rank[num_pass:]
-        top, bottom = rest[:len(rest) // 2], rest[len(rest) // 2:]
+        top, bottom = rest[: len(rest) // 2], rest[len(rest) // 2 :]
         # 2. pair the top half with the bottom half, best with worst when flip_right
         if flip_right:
             bottom = bottom[::-1]
         new_slots = [(slots[i], i) for i in passing]  # (slot, index of the dominant member)
-        for p, q in zip(top, bottom):
+        for p, q in zip(top, bottom, strict=True):
             (xp, sp, real_p, src_p), (xq, sq, real_q, _) = slots[p], slots[q]
             if real_p and real_q:  # 3. softmax of base**score inside the pair
-                wp, wq = torch.softmax(torch.stack([base ** sp, base ** sq]), dim=0)
+                wp, wq = torch.softmax(torch.stack([base**sp, base**sq]), dim=0)
             elif real_p:
                 wp, wq = 1.0, 0.0
             else:
@@ -65,8 +66,9 @@ def test_operator_equals_paper_rounds(n, k, flip_right, sort_back):
     assert out.values.shape == (4, k, 3) and out.scores.shape == (4, k)
     assert out.mask.shape == (4, k) and out.source_index.shape == (4, k)
     for b in range(4):
-        values, pooled_scores, pooled_mask, source = reference_topk(x[b], scores[b], mask[b], k, 20.0,
-                                                                    flip_right, sort_back)
+        values, pooled_scores, pooled_mask, source = reference_topk(
+            x[b], scores[b], mask[b], k, 20.0, flip_right, sort_back
+        )
         torch.testing.assert_close(out.values[b], values)
         torch.testing.assert_close(out.scores[b], pooled_scores)
         assert out.mask[b].tolist() == pooled_mask.tolist()
@@ -174,7 +176,8 @@ def test_torch_path_dispatch_budget():
         torch.autograd.backward([out.values, out.scores], [torch.ones_like(out.values), torch.ones_like(out.scores)])
     assert len(counter.ops) <= TORCH_PATH_DISPATCH_BUDGET, (
         f"one torch-path top-k forward+backward dispatched {len(counter.ops)} operators, budget "
-        f"{TORCH_PATH_DISPATCH_BUDGET}")
+        f"{TORCH_PATH_DISPATCH_BUDGET}"
+    )
 
 
 def test_full_graph_compile_of_torch_path():

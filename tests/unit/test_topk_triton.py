@@ -9,6 +9,7 @@ Triton's bitonic sort through Python-level reductions (about a second per 64-wid
 kernels only need an ascending sort of int64 keys, which both give. The case ``real_tl_sort`` keeps
 Triton's own sort.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -64,6 +65,7 @@ def _fast_sort(x, dim=None, descending=False):
     import numpy as np
     import triton.language as tl
     from triton.runtime.interpreter import TensorHandle
+
     data = np.sort(x.handle.data, axis=-1)
     if descending:
         data = np.ascontiguousarray(data[..., ::-1])
@@ -74,29 +76,42 @@ def _run_case(name, spec):
     import triton.language as tl
 
     from pyramidion_ds.model import topk, topk_triton
+
     real_sort = tl.sort
     if not spec.get("real_sort"):
         tl.sort = _fast_sort
     try:
         x, scores, mask = case_inputs(**spec)
-        options = dict(flip_right=spec.get("flip_right", True), sort_back=spec.get("sort_back", False),
-                       hard=spec.get("hard", False), base=20.0)
+        options = dict(
+            flip_right=spec.get("flip_right", True),
+            sort_back=spec.get("sort_back", False),
+            hard=spec.get("hard", False),
+            base=20.0,
+        )
         results = {}
         for backend in ("torch", "triton"):
             os.environ[topk.BACKEND_ENV] = backend
-            for dtype in ((torch.float32, torch.float64) if backend == "torch" else (torch.float32,)):
+            for dtype in (torch.float32, torch.float64) if backend == "torch" else (torch.float32,):
                 xs = x.detach().to(dtype).requires_grad_(True)
                 ss = scores.detach().to(dtype).requires_grad_(True)
                 before = topk_triton.launch_count
                 out = topk.successive_halving_topk(xs, ss, spec["k"], mask=mask, **options)
                 generator = torch.Generator().manual_seed(1)
-                grads = [torch.randn(out.values.shape, generator=generator).to(dtype),
-                         torch.randn(out.scores.shape, generator=generator).to(out.scores.dtype)]
+                grads = [
+                    torch.randn(out.values.shape, generator=generator).to(dtype),
+                    torch.randn(out.scores.shape, generator=generator).to(out.scores.dtype),
+                ]
                 torch.autograd.backward([out.values, out.scores], grads)
                 key = backend if dtype == torch.float32 else "float64"
-                results[key] = dict(values=out.values.detach().double(), scores=out.scores.detach().double(),
-                                    mask=out.mask, source_index=out.source_index, grad_x=xs.grad.double(),
-                                    grad_scores=ss.grad.double(), launches=topk_triton.launch_count - before)
+                results[key] = dict(
+                    values=out.values.detach().double(),
+                    scores=out.scores.detach().double(),
+                    mask=out.mask,
+                    source_index=out.source_index,
+                    grad_x=xs.grad.double(),
+                    grad_scores=ss.grad.double(),
+                    launches=topk_triton.launch_count - before,
+                )
         torch_out, triton_out, exact = results["torch"], results["triton"], results["float64"]
         report = {"launches": triton_out["launches"]}
         for field in ("values", "scores", "grad_x", "grad_scores"):
@@ -130,6 +145,7 @@ def _dispatch_counts():
             return func(*args, **(kwargs or {}))
 
     import triton.language as tl
+
     real_sort, tl.sort = tl.sort, _fast_sort
     os.environ[topk.BACKEND_ENV] = "triton"
     try:
@@ -139,8 +155,9 @@ def _dispatch_counts():
         before = topk_triton.launch_count
         with Count() as counter:
             out = topk.successive_halving_topk(x, scores, 4, mask=mask)
-            torch.autograd.backward([out.values, out.scores], [torch.ones_like(out.values),
-                                                               torch.ones_like(out.scores)])
+            torch.autograd.backward(
+                [out.values, out.scores], [torch.ones_like(out.values), torch.ones_like(out.scores)]
+            )
         return {"kernels": topk_triton.launch_count - before, "ops": counter.ops}
     finally:
         tl.sort = real_sort
@@ -152,18 +169,24 @@ def _opcheck():
     import triton.language as tl
 
     from pyramidion_ds.model import topk_triton
+
     real_sort, tl.sort = tl.sort, _fast_sort
     try:
         x, scores, mask = case_inputs(batch=2, n=12, k=5, d=3)
         scores = torch.where(mask, scores, 0.0).requires_grad_(True)
         plan = topk_triton.topk_plan(scores, mask, 5, 20.0, True, False)
         results = {}
-        checks = {"topk_plan": (topk_triton.topk_plan, (scores, mask, 5, 20.0, True, False)),
-                  "topk_mix": (topk_triton.topk_mix, (x.requires_grad_(True), plan[1].detach().requires_grad_(True),
-                                                      plan[0], plan[2]))}
+        checks = {
+            "topk_plan": (topk_triton.topk_plan, (scores, mask, 5, 20.0, True, False)),
+            "topk_mix": (
+                topk_triton.topk_mix,
+                (x.requires_grad_(True), plan[1].detach().requires_grad_(True), plan[0], plan[2]),
+            ),
+        }
         for name, (op, args) in checks.items():
-            outcome = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
-                                                                  "test_autograd_registration"))
+            outcome = torch.library.opcheck(
+                op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+            )
             results[name] = {test: str(value) for test, value in outcome.items()}
         return results
     finally:
@@ -175,18 +198,21 @@ def _compiled():
     import triton.language as tl
 
     from pyramidion_ds.model import topk
+
     real_sort, tl.sort = tl.sort, _fast_sort
     os.environ[topk.BACKEND_ENV] = "triton"
     try:
         x, scores, mask = case_inputs(batch=2, n=12, k=5, d=3)
         outputs = []
-        for fn in (topk.successive_halving_topk, torch.compile(topk.successive_halving_topk, backend="eager",
-                                                              fullgraph=True)):
+        for fn in (
+            topk.successive_halving_topk,
+            torch.compile(topk.successive_halving_topk, backend="eager", fullgraph=True),
+        ):
             xs, ss = x.clone().requires_grad_(True), scores.clone().requires_grad_(True)
             out = fn(xs, ss, 5, mask=mask, sort_back=True)
             (out.values.square().sum() + out.scores.sum()).backward()
             outputs.append((out.values, out.scores, xs.grad, ss.grad))
-        return [(a - b).abs().max().item() for a, b in zip(*outputs)]
+        return [(a - b).abs().max().item() for a, b in zip(*outputs, strict=True)]
     finally:
         tl.sort = real_sort
         os.environ.pop("PYRAMIDION_TOPK", None)
@@ -195,9 +221,14 @@ def _compiled():
 def main():
     """Child process (TRITON_INTERPRET=1): every case, the dispatch counts and opcheck, as one JSON line."""
     from pyramidion_ds.model import topk_triton
+
     assert topk_triton.interpreted(), "run with TRITON_INTERPRET=1 set before triton is imported"
-    report = {"cases": {name: _run_case(name, spec) for name, spec in CASES.items()},
-              "dispatch": _dispatch_counts(), "opcheck": _opcheck(), "compiled": _compiled()}
+    report = {
+        "cases": {name: _run_case(name, spec) for name, spec in CASES.items()},
+        "dispatch": _dispatch_counts(),
+        "opcheck": _opcheck(),
+        "compiled": _compiled(),
+    }
     print(json.dumps(report))
 
 
@@ -208,8 +239,14 @@ def interpreted():
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("PYRAMIDION_TOPK", None)
-    child = subprocess.run([sys.executable, "-c", "from tests.unit.test_topk_triton import main; main()"],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, "-c", "from tests.unit.test_topk_triton import main; main()"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if child.returncode != 0:
         if "No module named 'triton'" in child.stderr:
             pytest.skip("triton does not import")
@@ -237,10 +274,12 @@ def test_triton_kernels_equal_torch_path(interpreted, name):
 def test_triton_launch_budget(interpreted):
     counts = interpreted["dispatch"]
     assert counts["kernels"] <= TRITON_KERNEL_BUDGET, (
-        f"one Triton top-k forward+backward launched {counts['kernels']} kernels, budget {TRITON_KERNEL_BUDGET}")
+        f"one Triton top-k forward+backward launched {counts['kernels']} kernels, budget {TRITON_KERNEL_BUDGET}"
+    )
     assert len(counts["ops"]) <= TRITON_DISPATCH_BUDGET, (
         f"one Triton top-k forward+backward dispatched {len(counts['ops'])} torch operators, budget "
-        f"{TRITON_DISPATCH_BUDGET}: {counts['ops']}")
+        f"{TRITON_DISPATCH_BUDGET}: {counts['ops']}"
+    )
 
 
 def test_full_graph_compile_of_triton_path(interpreted):
@@ -258,31 +297,81 @@ def test_kernels_compile_for_hopper():
     from triton.compiler import ASTSource
 
     from pyramidion_ds.model import topk_triton
+
     if topk_triton.interpreted():
         pytest.skip("this process runs triton's interpreter")
     f32, i32 = "*fp32", "*i32"
-    plan = dict(scores_ptr=f32, mask_ptr="*i1", members_ptr=i32, wpos_ptr=f32, slot_ptr=i32, pooled_scores_ptr=f32,
-                pooled_mask_ptr="*i1", source_ptr="*i64", plan_index_ptr=i32, plan_value_ptr=f32, scratch_ptr=i32,
-                n="i32", k="i32", num_rounds="i32", group="i32", plan_len="i32", log2_base="fp32")
-    plan_back = dict(grad_wpos_ptr=f32, grad_pooled_ptr=f32, plan_index_ptr=i32, plan_value_ptr=f32, work_ptr=f32,
-                     grad_scores_ptr=f32, n="i32", k="i32", num_rounds="i32", plan_len="i32", log2_base="fp32",
-                     ln_base="fp32")
-    mix = dict(x_ptr="*bf16", wpos_ptr=f32, members_ptr=i32, values_ptr="*bf16", n="i32", k="i32", dim="i32",
-               group="i32", total_slots="i32")
-    mix_back = dict(x_ptr="*bf16", grad_values_ptr="*bf16", wpos_ptr=f32, slot_ptr=i32, grad_x_ptr="*bf16",
-                    grad_wpos_ptr=f32, total_positions="i32", dim="i32")
+    plan = dict(
+        scores_ptr=f32,
+        mask_ptr="*i1",
+        members_ptr=i32,
+        wpos_ptr=f32,
+        slot_ptr=i32,
+        pooled_scores_ptr=f32,
+        pooled_mask_ptr="*i1",
+        source_ptr="*i64",
+        plan_index_ptr=i32,
+        plan_value_ptr=f32,
+        scratch_ptr=i32,
+        n="i32",
+        k="i32",
+        num_rounds="i32",
+        group="i32",
+        plan_len="i32",
+        log2_base="fp32",
+    )
+    plan_back = dict(
+        grad_wpos_ptr=f32,
+        grad_pooled_ptr=f32,
+        plan_index_ptr=i32,
+        plan_value_ptr=f32,
+        work_ptr=f32,
+        grad_scores_ptr=f32,
+        n="i32",
+        k="i32",
+        num_rounds="i32",
+        plan_len="i32",
+        log2_base="fp32",
+        ln_base="fp32",
+    )
+    mix = dict(
+        x_ptr="*bf16",
+        wpos_ptr=f32,
+        members_ptr=i32,
+        values_ptr="*bf16",
+        n="i32",
+        k="i32",
+        dim="i32",
+        group="i32",
+        total_slots="i32",
+    )
+    mix_back = dict(
+        x_ptr="*bf16",
+        grad_values_ptr="*bf16",
+        wpos_ptr=f32,
+        slot_ptr=i32,
+        grad_x_ptr="*bf16",
+        grad_wpos_ptr=f32,
+        total_positions="i32",
+        dim="i32",
+    )
     tiles = dict(BLOCK_DIM=topk_triton.MIX_COLUMNS)
-    kernels = [(topk_triton._plan_forward, plan, dict(FLIP=True, SORT_BACK=True, BLOCK=64)),
-               (topk_triton._plan_forward, plan, dict(FLIP=False, SORT_BACK=False, BLOCK=64)),
-               # triton specializes integer arguments equal to 1 into constants: k = 1, a single round
-               (topk_triton._plan_forward, plan, dict(FLIP=True, SORT_BACK=False, BLOCK=64, k=1, num_rounds=1)),
-               (topk_triton._plan_backward, plan_back, dict(BLOCK=64)),
-               (topk_triton._plan_backward, plan_back, dict(BLOCK=64, k=1, num_rounds=1)),
-               (topk_triton._mix_forward, mix, dict(BLOCK_SLOTS=topk_triton.MIX_ROWS, **tiles)),
-               (topk_triton._mix_backward, mix_back, dict(BLOCK_POSITIONS=topk_triton.MIX_ROWS, **tiles))]
+    kernels = [
+        (topk_triton._plan_forward, plan, dict(FLIP=True, SORT_BACK=True, BLOCK=64)),
+        (topk_triton._plan_forward, plan, dict(FLIP=False, SORT_BACK=False, BLOCK=64)),
+        # triton specializes integer arguments equal to 1 into constants: k = 1, a single round
+        (topk_triton._plan_forward, plan, dict(FLIP=True, SORT_BACK=False, BLOCK=64, k=1, num_rounds=1)),
+        (topk_triton._plan_backward, plan_back, dict(BLOCK=64)),
+        (topk_triton._plan_backward, plan_back, dict(BLOCK=64, k=1, num_rounds=1)),
+        (topk_triton._mix_forward, mix, dict(BLOCK_SLOTS=topk_triton.MIX_ROWS, **tiles)),
+        (topk_triton._mix_backward, mix_back, dict(BLOCK_POSITIONS=topk_triton.MIX_ROWS, **tiles)),
+    ]
     for fn, signature, constants in kernels:
-        source = ASTSource(fn=topk_triton._kernel(fn), signature={**signature, **dict.fromkeys(constants, "constexpr")},
-                           constexprs=constants)
+        source = ASTSource(
+            fn=topk_triton._kernel(fn),
+            signature={**signature, **dict.fromkeys(constants, "constexpr")},
+            constexprs=constants,
+        )
         try:
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         except Exception as err:  # a missing toolchain is not our failure; a compile error is

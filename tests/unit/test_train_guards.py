@@ -1,4 +1,5 @@
 """The run-dir lock, the launcher watchdog, stop signals in loader workers, the shipped bf16 JSONs."""
+
 import json
 import os
 import signal
@@ -19,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process holding run_dir's lock until killed."""
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
-            f"from pyramidion_ds.train.lock import RunDirLock\n"
-            f"RunDirLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(600)")
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+        f"from pyramidion_ds.train.lock import RunDirLock\n"
+        f"RunDirLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -32,8 +35,10 @@ def test_a_live_holder_is_refused_naming_host_and_pid(tmp_path):
     try:
         with pytest.raises(RunDirLocked) as err:
             RunDirLock(tmp_path / "run").acquire()
-        assert (f"train.save_dir '{tmp_path / 'run'}' is in use by another trainer: host {socket.gethostname()}, "
-                f"pid {holder.pid}, since ") in str(err.value)
+        assert (
+            f"train.save_dir '{tmp_path / 'run'}' is in use by another trainer: host {socket.gethostname()}, "
+            f"pid {holder.pid}, since "
+        ) in str(err.value)
     finally:
         holder.kill()
         holder.wait()
@@ -88,8 +93,12 @@ def test_watchdog_ends_the_rank_when_the_launcher_pid_is_gone(tmp_path):
         from pyramidion_ds.train.state import LauncherWatchdog
         LauncherWatchdog(False, lambda reason: (print(reason, flush=True), os._exit(7)), interval=0.1).start()
         print("watching", flush=True); time.sleep(60)""")
-    rank = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **{LAUNCHER_PID_ENV: str(launcher.pid)}))
+    rank = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **{LAUNCHER_PID_ENV: str(launcher.pid)}),
+    )
     assert rank.stdout.readline().strip() == "watching"
     launcher.kill()
     launcher.wait()
@@ -104,8 +113,10 @@ def test_watchdog_is_not_armed_for_a_process_started_by_hand():
 
 def test_loader_workers_ignore_the_stop_signals():
     import torch
-    loader = torch.utils.data.DataLoader(range(4), batch_size=1, num_workers=1, worker_init_fn=ignore_stop_signals,
-                                         multiprocessing_context="fork")
+
+    loader = torch.utils.data.DataLoader(
+        range(4), batch_size=1, num_workers=1, worker_init_fn=ignore_stop_signals, multiprocessing_context="fork"
+    )
     it = iter(loader)
     next(it)
     worker = it._workers[0]

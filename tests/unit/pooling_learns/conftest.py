@@ -1,5 +1,6 @@
 """The pooling-learns experiment is scripts, not a package: put its folder on sys.path, as running one of
 them does (``python tools/experiments/pooling_learns/run.py`` imports ``report`` and ``selection`` beside it)."""
+
 import sys
 from pathlib import Path
 

@@ -2,22 +2,24 @@
 the real split, the targets, the probe's oracle scorer; and the arrow that must never exist (package -> experiment).
 
 The experiment's folder is on sys.path (conftest.py), so its scripts import as they do when run."""
+
 import json
 import re
 from pathlib import Path
 
 import numpy as np
-import probe_copy
 import pytest
-import run
 import torch
-from report import check_targets
-from selection import measure_selection, piece_offsets, salient_token_mask, selection_counts
 
 from pyramidion_ds.config import load_config
 from pyramidion_ds.data.spm import load_spm, train_spm
 from pyramidion_ds.data.synthetic import make_corpus
 from pyramidion_ds.model import PyramidionModel
+
+import probe_copy
+import run
+from report import check_targets
+from selection import measure_selection, piece_offsets, salient_token_mask, selection_counts
 
 PACKAGE = Path(__file__).resolve().parents[3] / "pyramidion_ds"
 
@@ -28,8 +30,13 @@ def spm_and_docs(tmp_path_factory):
     salient words split into several pieces), plus the documents."""
     docs = make_corpus(6, seed=5, min_words=300, max_words=400, num_salient=(2, 3))
     out = tmp_path_factory.mktemp("spm")
-    train_spm([d.document for d in docs] + ["naïve café ünïcode"], out, vocab_size=200, model_type="bpe",
-              character_coverage=1.0)
+    train_spm(
+        [d.document for d in docs] + ["naïve café ünïcode"],
+        out,
+        vocab_size=200,
+        model_type="bpe",
+        character_coverage=1.0,
+    )
     return load_spm(out), docs
 
 
@@ -39,7 +46,7 @@ def test_piece_offsets_are_character_offsets_and_ids_match_encoding(spm_and_docs
         ids, begins, ends = piece_offsets(spm, text)
         assert ids == spm.EncodeAsIds(text)
         assert len(ids) == len(begins) == len(ends)
-        for piece_id, b, e in zip(ids, begins, ends):
+        for piece_id, b, e in zip(ids, begins, ends, strict=True):
             surface = text[b:e]
             piece = spm.IdToPiece(piece_id).replace("\u2581", " ")
             if piece_id != spm.unk_id():
@@ -52,7 +59,7 @@ def test_salient_pieces_are_exactly_the_planted_sentences(spm_and_docs):
         ids, begins, ends = piece_offsets(spm, doc.document)
         mask = salient_token_mask(begins, ends, doc.salient_spans)
         # the marked pieces decode to the planted sentences, in order, and nothing else
-        decoded = spm.DecodeIds([i for i, m in zip(ids, mask) if m])
+        decoded = spm.DecodeIds([i for i, m in zip(ids, mask, strict=True) if m])
         assert decoded.split() == doc.summary.split()
         # each planted sentence is one contiguous run of pieces
         runs = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])) == 1)
@@ -74,9 +81,23 @@ def test_selection_counts():
 
 
 def _model(variant, spm):
-    cfg = load_config(None, ["--model.preset", "debug", "--model.variant", variant, "--model.vocab_size",
-                             str(spm.GetPieceSize()), "--model.max_source_positions", "1024",
-                             "--model.pooling_schedule", "[1024, 256, 128]", "--model.chunk_size", "64"])
+    cfg = load_config(
+        None,
+        [
+            "--model.preset",
+            "debug",
+            "--model.variant",
+            variant,
+            "--model.vocab_size",
+            str(spm.GetPieceSize()),
+            "--model.max_source_positions",
+            "1024",
+            "--model.pooling_schedule",
+            "[1024, 256, 128]",
+            "--model.chunk_size",
+            "64",
+        ],
+    )
     torch.manual_seed(0)
     return PyramidionModel(cfg.model).eval()
 
@@ -106,7 +127,7 @@ def test_measure_selection_follows_the_scorer(spm_and_docs):
         flags = torch.from_numpy(salient_token_mask(begins, ends, doc.salient_spans)).float()
         with torch.no_grad():
             model.encoder.positions.table.zero_()
-            model.encoder.positions.table[:len(flags), 0] = flags
+            model.encoder.positions.table[: len(flags), 0] = flags
             for scorer in model.encoder.scorers:
                 scorer.weight.zero_()
                 scorer.bias.zero_()
@@ -124,8 +145,9 @@ def test_real_split_is_deterministic(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for name in ("pubmed_sample.jsonl", "qmsum_sample.jsonl"):
-        (data / name).write_text("".join(json.dumps({"id": str(i), "document": f"d{i}", "summary": f"s{i}"}) + "\n"
-                                         for i in range(20)))
+        (data / name).write_text(
+            "".join(json.dumps({"id": str(i), "document": f"d{i}", "summary": f"s{i}"}) + "\n" for i in range(20))
+        )
     paths = run.make_real(tmp_path / "raw", data)
     counts = {split: len(path.read_text().splitlines()) for split, path in paths.items()}
     assert counts == {"train": 32, "valid": 4, "test": 4}
@@ -149,12 +171,22 @@ def test_each_task_finds_its_config_beside_the_runner():
 
 
 def test_targets():
-    rows = {"pyramidion": {"rouge": {"rougeL": 0.95}, "selection": {"recall": 0.85}, "final_valid_loss": 1.0,
-                           "step_s_bench": 1.0},
-            "blockwise": {"final_valid_loss": 1.0, "step_s_bench": 2.0}}
+    rows = {
+        "pyramidion": {
+            "rouge": {"rougeL": 0.95},
+            "selection": {"recall": 0.85},
+            "final_valid_loss": 1.0,
+            "step_s_bench": 1.0,
+        },
+        "blockwise": {"final_valid_loss": 1.0, "step_s_bench": 2.0},
+    }
     met = {t["target"]: t["met"] for t in check_targets(rows, "synthetic")}
-    assert met == {"ROUGE-L >= 0.9": True, "selection recall >= 0.9": False, "valid loss <= 1.05 x blockwise": True,
-                   "step faster than blockwise (interleaved bench)": True}
+    assert met == {
+        "ROUGE-L >= 0.9": True,
+        "selection recall >= 0.9": False,
+        "valid loss <= 1.05 x blockwise": True,
+        "step faster than blockwise (interleaved bench)": True,
+    }
     assert check_targets(rows, "real") == []
     assert set(run.VARIANTS) == {"vanilla", "blockwise", "transpooler", "pyramidion"}
 
@@ -165,10 +197,25 @@ def test_probe_oracle_scorer_keeps_every_planted_piece_unmixed(spm_and_docs, sco
     configs/synthetic.yaml sets model.scorer_input=layer_norm)."""
     probe = probe_copy
     spm, docs = spm_and_docs
-    cfg = load_config(None, ["--model.preset", "debug", "--model.variant", "pyramidion", "--model.vocab_size",
-                             str(spm.GetPieceSize()), "--model.max_source_positions", "1024",
-                             "--model.pooling_schedule", "[1024, 128, 128]", "--model.chunk_size", "64",
-                             "--model.scorer_input", scorer_input])
+    cfg = load_config(
+        None,
+        [
+            "--model.preset",
+            "debug",
+            "--model.variant",
+            "pyramidion",
+            "--model.vocab_size",
+            str(spm.GetPieceSize()),
+            "--model.max_source_positions",
+            "1024",
+            "--model.pooling_schedule",
+            "[1024, 128, 128]",
+            "--model.chunk_size",
+            "64",
+            "--model.scorer_input",
+            scorer_input,
+        ],
+    )
     torch.manual_seed(0)
     model = PyramidionModel(cfg.model).eval()
     oracles = [probe.OracleScorer(linear) for linear in model.encoder.scorers]
@@ -192,8 +239,14 @@ def test_probe_oracle_scorer_keeps_every_planted_piece_unmixed(spm_and_docs, sco
 
 def test_the_package_never_imports_the_experiment():
     """The experiment depends one way on pyramidion_ds: nothing under the package imports its scripts."""
-    experiment_import = re.compile(r"^\s*(?:from|import)\s+(?:run|report|selection|probe_copy|compare_learn|"
-                                   r"pooling_learns|tools)\b", re.MULTILINE)
-    offenders = [f"{path.relative_to(PACKAGE)}: {match.group(0).strip()}" for path in sorted(PACKAGE.rglob("*.py"))
-                 for match in experiment_import.finditer(path.read_text(encoding="utf-8"))]
+    experiment_import = re.compile(
+        r"^\s*(?:from|import)\s+(?:run|report|selection|probe_copy|compare_learn|"
+        r"pooling_learns|tools)\b",
+        re.MULTILINE,
+    )
+    offenders = [
+        f"{path.relative_to(PACKAGE)}: {match.group(0).strip()}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for match in experiment_import.finditer(path.read_text(encoding="utf-8"))
+    ]
     assert PACKAGE.is_dir() and not offenders, offenders

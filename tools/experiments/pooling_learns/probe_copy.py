@@ -38,6 +38,7 @@ sentences in the first or last ~250 words, so a drop with length can be told apa
 It reads ``LEARN_DIR/data-bin/spm.model`` and ``LEARN_DIR/corpus/{train,valid}.jsonl`` (or, with
 ``--words``, makes a fresh in-memory synthetic corpus of that length with the same vocabulary).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ from pyramidion_ds.data.spm import load_spm
 from pyramidion_ds.data.synthetic import make_example
 from pyramidion_ds.engine import label_smoothed_nll_loss, param_groups
 from pyramidion_ds.model import PyramidionModel
+
 from run import TASKS, config_path
 from selection import measure_selection, piece_offsets, salient_token_mask
 
@@ -81,11 +83,17 @@ def encode_records(records, spm, cfg):
     out = []
     for record in records:
         ids, begins, ends = piece_offsets(spm, record["document"])
-        source = ids[:cfg.max_source_positions - 1] + [cfg.eos_id]
-        salient = salient_token_mask(begins, ends, record["salient_spans"])[:len(source) - 1]
-        target = spm.EncodeAsIds(record["summary"])[:cfg.max_target_positions - 1] + [cfg.eos_id]
-        out.append({"id": len(out), "source": torch.tensor(source), "target": torch.tensor(target),
-                    "salient": torch.tensor(list(salient) + [False])})
+        source = ids[: cfg.max_source_positions - 1] + [cfg.eos_id]
+        salient = salient_token_mask(begins, ends, record["salient_spans"])[: len(source) - 1]
+        target = spm.EncodeAsIds(record["summary"])[: cfg.max_target_positions - 1] + [cfg.eos_id]
+        out.append(
+            {
+                "id": len(out),
+                "source": torch.tensor(source),
+                "target": torch.tensor(target),
+                "salient": torch.tensor(list(salient) + [False]),
+            }
+        )
     return out
 
 
@@ -93,64 +101,102 @@ def batch_of(examples, cfg, pad, device="cpu"):
     batch = collate(examples, pad_id=cfg.pad_id, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_to_multiple=pad)
     salient = torch.zeros_like(batch["src_tokens"], dtype=torch.bool)
     for row, example in enumerate(examples):
-        salient[row, :len(example["salient"])] = example["salient"]
+        salient[row, : len(example["salient"])] = example["salient"]
     batch["salient"] = salient
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
-def placed_example(index: int, seed: int, min_words: int, max_words: int, num_salient: tuple,
-                   placement: str) -> dict:
+def placed_example(index: int, seed: int, min_words: int, max_words: int, num_salient: tuple, placement: str) -> dict:
     """A synthetic record of min..max filler words; ``placement`` front/back moves all its planted sentences
     (those of a 200-250-word example) to the start / end of the document."""
     if placement == "random":
-        return make_example(index, seed=seed, min_words=min_words, max_words=max_words, split="eval",
-                            num_salient=num_salient).to_json()
-    planted = make_example(index, seed=seed, min_words=200, max_words=250, split="eval-planted",
-                           num_salient=num_salient)
-    filler = make_example(index, seed=seed, min_words=min_words, max_words=max_words, split="eval-filler",
-                          num_salient=(1, 1))
+        return make_example(
+            index, seed=seed, min_words=min_words, max_words=max_words, split="eval", num_salient=num_salient
+        ).to_json()
+    planted = make_example(
+        index, seed=seed, min_words=200, max_words=250, split="eval-planted", num_salient=num_salient
+    )
+    filler = make_example(
+        index, seed=seed, min_words=min_words, max_words=max_words, split="eval-filler", num_salient=(1, 1)
+    )
     start, end = filler.salient_spans[0]
-    filler_text = (filler.document[:start] + filler.document[end + 1:]).strip()  # its own planted one dropped
+    filler_text = (filler.document[:start] + filler.document[end + 1 :]).strip()  # its own planted one dropped
     if placement == "front":
-        return {"document": planted.document + " " + filler_text, "summary": planted.summary,
-                "salient_spans": [list(span) for span in planted.salient_spans]}
+        return {
+            "document": planted.document + " " + filler_text,
+            "summary": planted.summary,
+            "salient_spans": [list(span) for span in planted.salient_spans],
+        }
     shift = len(filler_text) + 1
-    return {"document": filler_text + " " + planted.document, "summary": planted.summary,
-            "salient_spans": [[s + shift, e + shift] for s, e in planted.salient_spans]}
+    return {
+        "document": filler_text + " " + planted.document,
+        "summary": planted.summary,
+        "salient_spans": [[s + shift, e + shift] for s, e in planted.salient_spans],
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--learn-dir", required=True, help="a `run.py --task synthetic` output dir")
-    p.add_argument("--config", default=str(SYNTHETIC_CONFIG), help="run config (default: the experiment's, "
-                   "configs/synthetic.yaml)")
+    p.add_argument(
+        "--config", default=str(SYNTHETIC_CONFIG), help="run config (default: the experiment's, configs/synthetic.yaml)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--selection", choices=("learned", "learned-ln", "oracle"), default="learned",
-                   help="learned: the configured scorers; learned-ln: = --set model.scorer_input=layer_norm; "
-                   "oracle: the first pooling step keeps the planted pieces")
+    p.add_argument(
+        "--selection",
+        choices=("learned", "learned-ln", "oracle"),
+        default="learned",
+        help="learned: the configured scorers; learned-ln: = --set model.scorer_input=layer_norm; "
+        "oracle: the first pooling step keeps the planted pieces",
+    )
     p.add_argument("--words", type=int, nargs=2, default=None, help="make an in-memory corpus: min max words")
     p.add_argument("--salient", type=int, nargs=2, default=(2, 4), help="with --words: planted sentences")
     p.add_argument("--train-docs", type=int, default=1000, help="with --words: training documents")
-    p.add_argument("--stage", type=int, nargs=3, action="append", default=[], metavar=("MIN", "MAX", "UPDATES"),
-                   help="before the corpus, UPDATES updates on in-memory documents of MIN..MAX words (repeatable)")
+    p.add_argument(
+        "--stage",
+        type=int,
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("MIN", "MAX", "UPDATES"),
+        help="before the corpus, UPDATES updates on in-memory documents of MIN..MAX words (repeatable)",
+    )
     p.add_argument("--stage-docs", type=int, default=4000, help="documents per stage at most (cycled)")
-    p.add_argument("--keep-optimizer", action="store_true",
-                   help="one AdamW across the stages and the corpus (default: a fresh one each, as "
-                   "run.py's train.init_from)")
-    p.add_argument("--init-from", default=None, help="start from this run dir's weights; its config.yaml "
-                   "replaces --config")
-    p.add_argument("--eval-words", type=int, nargs=2, action="append", default=[], metavar=("MIN", "MAX"),
-                   help="also validate on 16 in-memory documents of MIN..MAX words (repeatable)")
-    p.add_argument("--eval-placement", choices=("random", "front", "back"), default="random",
-                   help="--eval-words documents: planted sentences where the generator puts them, or all in the "
-                   "first / last ~250 words")
+    p.add_argument(
+        "--keep-optimizer",
+        action="store_true",
+        help="one AdamW across the stages and the corpus (default: a fresh one each, as run.py's train.init_from)",
+    )
+    p.add_argument(
+        "--init-from", default=None, help="start from this run dir's weights; its config.yaml replaces --config"
+    )
+    p.add_argument(
+        "--eval-words",
+        type=int,
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("MIN", "MAX"),
+        help="also validate on 16 in-memory documents of MIN..MAX words (repeatable)",
+    )
+    p.add_argument(
+        "--eval-placement",
+        choices=("random", "front", "back"),
+        default="random",
+        help="--eval-words documents: planted sentences where the generator puts them, or all in the "
+        "first / last ~250 words",
+    )
     p.add_argument("--batch-docs", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="default: the config's train.lr")
-    p.add_argument("--scorer-lr-scale", type=float, default=None,
-                   help="= --set train.scorer_lr_scale=X (scorers' lr = lr x this); default: the config's")
+    p.add_argument(
+        "--scorer-lr-scale",
+        type=float,
+        default=None,
+        help="= --set train.scorer_lr_scale=X (scorers' lr = lr x this); default: the config's",
+    )
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--max-update", type=int, default=10 ** 9)
+    p.add_argument("--max-update", type=int, default=10**9)
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
@@ -176,7 +222,11 @@ def main(argv=None):
         train = [make_example(i, split="train", **kw).to_json() for i in range(a.train_docs)]
         valid = [make_example(i, split="valid", **kw).to_json() for i in range(16)]
     else:
-        read = lambda split: [json.loads(line) for line in (learn / "corpus" / f"{split}.jsonl").open(encoding="utf-8")]
+
+        def read(split):
+            with (learn / "corpus" / f"{split}.jsonl").open(encoding="utf-8") as fh:
+                return [json.loads(line) for line in fh]
+
         train, valid = read("train"), read("valid")[:16]
     train_t = encode_records(train, spm, m)
     valid_sets = {"valid": (valid, encode_records(valid, spm, m))}
@@ -186,12 +236,24 @@ def main(argv=None):
     phases = []  # (examples, updates): the stages, then the corpus
     for lo, hi, updates in a.stage:
         kw = dict(seed=a.seed, min_words=lo, max_words=hi, num_salient=tuple(a.salient))
-        phases.append((encode_records([make_example(i, split=f"stage-{lo}-{hi}", **kw).to_json()
-                                       for i in range(min(a.stage_docs, updates * a.batch_docs))], spm, m), updates))
+        phases.append(
+            (
+                encode_records(
+                    [
+                        make_example(i, split=f"stage-{lo}-{hi}", **kw).to_json()
+                        for i in range(min(a.stage_docs, updates * a.batch_docs))
+                    ],
+                    spm,
+                    m,
+                ),
+                updates,
+            )
+        )
     phases.append((train_t, None))
     model = PyramidionModel(m)
     if a.init_from:
         from pyramidion_ds.checkpoint.weights import init_source
+
         model.load_state_dict(init_source(a.init_from).state_dict())
     oracles = []
     if a.selection == "oracle":
@@ -200,16 +262,30 @@ def main(argv=None):
     model.to(a.device)
     t = cfg.train
     lr = a.lr or t.lr
+
     def new_optimizer():
-        opt = torch.optim.AdamW(param_groups(model, t.weight_decay, lr, t.scorer_lr_scale), lr=lr,
-                                betas=tuple(t.adam_betas), eps=t.adam_eps)
+        opt = torch.optim.AdamW(
+            param_groups(model, t.weight_decay, lr, t.scorer_lr_scale), lr=lr, betas=tuple(t.adam_betas), eps=t.adam_eps
+        )
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda update: min(1.0, (update + 1) / a.warmup))
 
     opt, warmup = new_optimizer()
     pad = cfg.source_pad_multiple
-    print(json.dumps({"variant": m.variant, "widths": m.encoder_widths(), "d_model": m.d_model,
-                      "selection": a.selection, "scorer_input": m.scorer_input,
-                      "scorer_lr_scale": t.scorer_lr_scale, "train_docs": len(train_t), "lr": lr}), flush=True)
+    print(
+        json.dumps(
+            {
+                "variant": m.variant,
+                "widths": m.encoder_widths(),
+                "d_model": m.d_model,
+                "selection": a.selection,
+                "scorer_input": m.scorer_input,
+                "scorer_lr_scale": t.scorer_lr_scale,
+                "train_docs": len(train_t),
+                "lr": lr,
+            }
+        ),
+        flush=True,
+    )
 
     def set_salient(batch):
         for oracle in oracles:
@@ -222,7 +298,7 @@ def main(argv=None):
             tokens = nll_sum = correct = 0
             with torch.no_grad():
                 for start in range(0, len(examples), 4):
-                    batch = batch_of(examples[start:start + 4], m, pad, a.device)
+                    batch = batch_of(examples[start : start + 4], m, pad, a.device)
                     set_salient(batch)
                     logits = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
                     _, nll = label_smoothed_nll_loss(logits, batch["target"], 0.0, m.pad_id)
@@ -233,8 +309,13 @@ def main(argv=None):
                 if m.variant in ("transpooler", "pyramidion") and not oracles:
                     recall = measure_selection(model, spm, records, pad)["recall"]
             prefix = "" if name == "valid" else f"{name}_"
-            line.update({f"{prefix}valid_nll": round(nll_sum / tokens, 3),
-                         f"{prefix}valid_token_acc": round(correct / tokens, 3), f"{prefix}selection_recall": recall})
+            line.update(
+                {
+                    f"{prefix}valid_nll": round(nll_sum / tokens, 3),
+                    f"{prefix}valid_token_acc": round(correct / tokens, 3),
+                    f"{prefix}selection_recall": recall,
+                }
+            )
         model.train()
         print(json.dumps(line), flush=True)
 
@@ -271,8 +352,17 @@ def main(argv=None):
         out = model.encode(batch["src_tokens"], batch["src_lengths"])
         for info in out.pooling:
             s = info.input_scores[0][info.input_scores[0] > 1e-5 + 1e-9] if not oracles else info.input_scores[0]
-            print(json.dumps({"scores_after_layer": info.after_layer, "min": round(float(s.min()), 5),
-                              "mean": round(float(s.mean()), 5), "max": round(float(s.max()), 5)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "scores_after_layer": info.after_layer,
+                        "min": round(float(s.min()), 5),
+                        "mean": round(float(s.mean()), 5),
+                        "max": round(float(s.max()), 5),
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

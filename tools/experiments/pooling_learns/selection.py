@@ -5,6 +5,7 @@ with character offsets, the spans become piece positions, and the encoder's fina
 survived (``EncoderOut.source_positions[mask]``). Used by ``run.py`` (each trained variant) and
 ``probe_copy.py`` (during its plain-torch training).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -28,7 +29,7 @@ def piece_offsets(spm, text: str) -> tuple[list[int], np.ndarray, np.ndarray]:
     position = 0
     for index, character in enumerate(text):
         width = len(character.encode("utf-8"))
-        byte_to_char[position:position + width] = index
+        byte_to_char[position : position + width] = index
         position += width
     byte_to_char[position] = len(text)
     ids = [p.id for p in proto.pieces]
@@ -65,6 +66,7 @@ def measure_selection(model, spm, records: list[dict], pad_to_multiple: int, bat
 
     from pyramidion_ds.generate.inputs import Example, truncate_ids
     from pyramidion_ds.generate.runner import collate_sources
+
     cfg = model.cfg
     docs = []
     for index, record in enumerate(records):
@@ -76,9 +78,14 @@ def measure_selection(model, spm, records: list[dict], pad_to_multiple: int, bat
     per_doc, widths = [], []
     with torch.no_grad():
         for start in range(0, len(docs), batch_size):
-            batch = docs[start:start + batch_size]
-            src, lengths = collate_sources([e for e, _ in batch], cfg.pad_id, pad_to_multiple,
-                                           cfg.max_source_positions, next(model.parameters()).device)
+            batch = docs[start : start + batch_size]
+            src, lengths = collate_sources(
+                [e for e, _ in batch],
+                cfg.pad_id,
+                pad_to_multiple,
+                cfg.max_source_positions,
+                next(model.parameters()).device,
+            )
             out = model.encode(src, lengths)
             for row, (example, salient) in enumerate(batch):
                 kept = out.source_positions[row][out.mask[row]].tolist()
@@ -93,9 +100,16 @@ def measure_selection(model, spm, records: list[dict], pad_to_multiple: int, bat
                 per_doc.append(h / max(t, 1))
     mean_len = float(np.mean([n for n, _ in widths]))
     mean_kept = float(np.mean([k for _, k in widths]))
-    return {"recall": hits / max(total, 1), "recall_mean_per_doc": float(np.mean(per_doc)),
-            "recall_min_doc": float(np.min(per_doc)), "salient_tokens": total, "salient_kept": hits,
-            "salient_truncated": truncated,
-            "precision": salient_slots / max(slots, 1),  # share of distinct kept positions that are planted
-            "final_slots_mean": mean_kept, "source_tokens_mean": mean_len,
-            "chance_recall": mean_kept / mean_len, "documents": len(docs)}
+    return {
+        "recall": hits / max(total, 1),
+        "recall_mean_per_doc": float(np.mean(per_doc)),
+        "recall_min_doc": float(np.min(per_doc)),
+        "salient_tokens": total,
+        "salient_kept": hits,
+        "salient_truncated": truncated,
+        "precision": salient_slots / max(slots, 1),  # share of distinct kept positions that are planted
+        "final_slots_mean": mean_kept,
+        "source_tokens_mean": mean_len,
+        "chance_recall": mean_kept / mean_len,
+        "documents": len(docs),
+    }
