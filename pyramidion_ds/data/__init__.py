@@ -18,6 +18,7 @@ _EXPORTS = {
     "UNK_ID": "spm",
     "SPECIAL_IDS": "spm",
     "load_spm": "spm",
+    "decode_text": "spm",
     "spm_sha256": "spm",
     "vocab_size": "spm",
     "train_spm": "spm",

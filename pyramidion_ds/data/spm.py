@@ -147,6 +147,57 @@ def same_vocabulary(
     return False
 
 
+def _utf8_length(lead: int) -> int:
+    """Bytes of the UTF-8 sequence this byte starts (0: a continuation byte or never valid)."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+def _valid_byte_pieces(run: list[tuple[int, int]]) -> list[int]:
+    """The ids of a run of byte pieces ``(id, byte)`` that form complete UTF-8 sequences, in order."""
+    kept, i = [], 0
+    while i < len(run):
+        length = _utf8_length(run[i][1])
+        chunk = run[i : i + length]
+        if length and len(chunk) == length:
+            try:
+                bytes(b for _, b in chunk).decode("utf-8")
+                kept.extend(piece_id for piece_id, _ in chunk)
+                i += length
+                continue
+            except UnicodeDecodeError:
+                pass
+        i += 1  # a byte no sequence can use: dropped
+    return kept
+
+
+def decode_text(proc, ids: Iterable[int]) -> str:
+    """Generated ids -> text. With byte fallback a model can emit byte pieces that do not form a character
+    (a lead byte without its continuation, a stray continuation byte); sentencepiece shows each as U+FFFD.
+    Those bytes are dropped instead, so a summary holds only characters the pieces spell."""
+    ids = [int(i) for i in ids]
+    text = proc.DecodeIds(ids)
+    if "\ufffd" not in text:
+        return text
+    kept, run = [], []
+    for piece_id in ids + [-1]:  # -1: flushes the last run
+        if piece_id >= 0 and proc.IsByte(piece_id):
+            run.append((piece_id, int(proc.IdToPiece(piece_id)[1:-1], 16)))  # "<0xE2>" -> 0xE2
+            continue
+        kept.extend(_valid_byte_pieces(run))
+        run = []
+        if piece_id >= 0:
+            kept.append(piece_id)
+    return proc.DecodeIds(kept)
+
+
 def vocab_size(data_dir: str | os.PathLike) -> int:
     return int(load_spm(data_dir).GetPieceSize())
 

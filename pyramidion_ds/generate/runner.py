@@ -23,6 +23,7 @@ import torch
 from ..checkpoint.export import DTYPES, export_for, load_export
 from ..config import GenerationConfig, to_dict
 from ..config.core import build
+from ..data.spm import decode_text
 from ..errors import UsageError
 from .inputs import Example, Inputs, batches_for_rank, from_data_dir, from_file
 from .rouge import format_rouge, rouge_scores
@@ -95,7 +96,7 @@ def decode_batch(model, spm, batch: list[Example], gen: GenerationConfig, pad_to
             body = [t for t in h.tokens if t != cfg.eos_id]
             nbest.append(
                 {
-                    "text": spm.DecodeIds(body),
+                    "text": decode_text(spm, body),
                     "tokens": h.tokens,
                     "score": h.score,
                     "positional_scores": h.positional_scores,

@@ -457,6 +457,24 @@ def test_byte_fallback_needs_room_in_the_vocabulary(tmp_path, caplog):
     assert has_byte_fallback(load_spm(tmp_path / "big")) and not caplog.text
 
 
+def test_generated_byte_pieces_that_spell_no_character_are_dropped(tmp_path):
+    """A small model emits byte pieces out of order (a lead byte alone, a stray continuation byte):
+    sentencepiece would print U+FFFD for each; the summary keeps only what the pieces spell."""
+    from pyramidion_ds.data.spm import decode_text, train_spm
+
+    texts = [make_example(i, min_words=200, max_words=300).document for i in range(20)]
+    train_spm(texts, tmp_path / "spm", vocab_size=400)
+    sp = load_spm(tmp_path / "spm")
+    byte = {b: sp.PieceToId(f"<0x{b:02X}>") for b in range(256)}
+    text = "the caf\u00e9 met \u2603 today"
+    ids = sp.EncodeAsIds(text)
+    assert any(sp.IsByte(i) for i in ids) and decode_text(sp, ids) == sp.DecodeIds(ids) == text
+    the, met = sp.EncodeAsIds("the"), sp.EncodeAsIds("met")
+    broken = the + [byte[0xE2]] + met + [byte[0x9C], byte[0xC3], byte[0xA9], byte[0xF0], byte[0x9F]]
+    assert "\ufffd" in sp.DecodeIds(broken)
+    assert decode_text(sp, broken) == sp.DecodeIds(the + met) + "\u00e9" == "the met\u00e9"
+
+
 def test_a_killed_tokenizer_worker_is_an_error_not_a_hang(data_dir):
     import os
     import signal

@@ -39,7 +39,7 @@ if [ ! -f data-bin/sumpubmed-pretrain/meta.json ]; then
     --spm-vocab-size 8000 --spm-sentinels 100 --max-source-positions 4096 --max-target-positions 256 \
     --destdir data-bin/sumpubmed-pretrain --quiet
 fi
-if [ ! -f data-bin/sumpubmed/meta.json ]; then
+if [ "$LABELED" = all ] && [ ! -f data-bin/sumpubmed/meta.json ]; then
   say "preprocess: articles + abstracts with that vocabulary -> data-bin/sumpubmed"
   pyramidion-preprocess --source-files "train=$data/train.jsonl.gz,valid=$data/valid.jsonl.gz" \
     --spm-model data-bin/sumpubmed-pretrain/spm.model --max-source-positions 4096 --max-target-positions 256 \
@@ -85,7 +85,7 @@ with gzip.open(sys.argv[1], "rt", encoding="utf-8") as src, open("valid20.jsonl"
         out.write(line)
 PY
 for name in finetune scratch; do
-  [ -f "gen-$name/rouge.json" ] || pyramidion-generate "runs/$name" --input valid20.jsonl --results-path "gen-$name" \
+  [ -f "gen-$name/rouge-valid20.json" ] || pyramidion-generate "runs/$name" --input valid20.jsonl --results-path "gen-$name" \
     --beam 2 --max-len-b 255 --no-repeat-ngram-size 3 --no-progress-bar > "gen-$name.out" 2>&1 \
     || { tail -20 "gen-$name.out" >&2; exit 1; }
 done
@@ -125,9 +125,8 @@ if "blockwise" in runs:
     result["train_tokens_per_s"] = tokens_per_s
     result["pyramidion_vs_blockwise_step_time"] = tokens_per_s["blockwise"] / tokens_per_s["pyramidion"]
 for name in ("finetune", "scratch"):
-    hyps = Path(f"gen-{name}/valid20.hyp").read_text(encoding="utf-8") if Path(f"gen-{name}/valid20.hyp").exists() \
-        else "".join(p.read_text(encoding="utf-8") for p in Path(f"gen-{name}").glob("*.hyp"))
-    rouge = json.loads(next(Path(f"gen-{name}").glob("rouge*.json")).read_text())
+    hyps = Path(f"gen-{name}/valid20.hyp").read_text(encoding="utf-8")
+    rouge = json.loads(Path(f"gen-{name}/rouge-valid20.json").read_text())
     result[f"{name}_generation"] = {"unknown_pieces": hyps.count("\u2047"),
                                     "rouge1": 100 * rouge["rouge1"]["fmeasure"],
                                     "rouge2": 100 * rouge["rouge2"]["fmeasure"],
