@@ -10,7 +10,7 @@
 # Validation is always the 100 validation pairs. Prints one JSON object at the end and writes it to
 # $WORK/results.json. Reruns reuse what is complete.
 #
-#   bash tools/benchmarks/pretrain_finetune.sh      # P=200 F=200, all pairs: about 35 min on a 2-core CPU
+#   bash tools/benchmarks/pretrain_finetune.sh      # P=200 F=200, all pairs: about 30 min on a 2-core CPU
 #   LABELED=200 PRETRAIN_UPDATES=400 FINETUNE_UPDATES=400 BLOCKWISE=0 WORK=runs/bench-sumpubmed-200 \
 #       bash tools/benchmarks/pretrain_finetune.sh  # few labeled pairs, as when pretraining pays: about 35 min
 set -euo pipefail
@@ -127,7 +127,7 @@ if "blockwise" in runs:
 for name in ("finetune", "scratch"):
     hyps = Path(f"gen-{name}/valid20.hyp").read_text(encoding="utf-8")
     rouge = json.loads(Path(f"gen-{name}/rouge-valid20.json").read_text())
-    result[f"{name}_generation"] = {"unknown_pieces": hyps.count("\u2047"),
+    result[f"{name}_generation"] = {"unknown_pieces": hyps.count("\u2047"), "replacement_chars": hyps.count("\ufffd"),
                                     "rouge1": 100 * rouge["rouge1"]["fmeasure"],
                                     "rouge2": 100 * rouge["rouge2"]["fmeasure"],
                                     "rougeL": 100 * rouge["rougeL"]["fmeasure"]}
