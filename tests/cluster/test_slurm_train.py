@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from pyramidion_ds.checkpoint import CheckpointDir, tag_for
+from pyramidion_ds.checkpoint.weights import init_source
 
 pytestmark = pytest.mark.cluster
 
@@ -215,7 +216,11 @@ def test_usr1_saves_requeues_and_the_requeued_job_resumes(slurm_cluster, job_env
 def test_pretrain_then_finetune_with_dependency_and_init_from(slurm_cluster, job_env, corpus, tmp_path):
     # relative save_dirs: the jobs run in the submission directory
     write_config(tmp_path, "pre", corpus, save_dir="pre_run", data={"task": "denoising"}, train={"max_update": 2})
-    write_config(tmp_path, "fine", corpus, save_dir="fine_run", train={"max_update": 2})
+    # lr 1e-7: the fine-tuned weights must stay where --init-from put them (ZeRO-3's partitioned fp32
+    # master copy must hold the loaded weights, or the first step puts the random initialisation back)
+    write_config(
+        tmp_path, "fine", corpus, save_dir="fine_run", train={"max_update": 2, "lr": 1e-7, "warmup_updates": 0}
+    )
     proc = subprocess.run(
         [str(PRETRAIN_THEN_FINETUNE), "pre.yaml", "fine.yaml", *CPU_JOB],
         env=job_env,
@@ -244,6 +249,9 @@ def test_pretrain_then_finetune_with_dependency_and_init_from(slurm_cluster, job
     assert f"initialized weights from {pre_dir}" in train_log
     assert "(summarization)" in train_log
     assert_zero3_checkpoint(tmp_path / "fine_run", 2)
+    before, after = (init_source(tmp_path / run).state_dict() for run in ("pre_run", "fine_run"))
+    drift = max(float((after[name] - before[name]).abs().max()) for name in before)
+    assert drift < 1e-4, f"weights moved by {drift} in 2 updates at lr 1e-7: the initialisation came back"
 
 
 @pytest.mark.parametrize("case", ["missing config", "python without pyramidion_ds"])
