@@ -64,34 +64,32 @@ def split_suffixes(path: Path) -> tuple[str, Optional[str]]:
     return suffix, None
 
 
-def _open_binary(path: Path):
-    compression = split_suffixes(path)[1]
-    if compression is None:
-        return open(path, "rb")
-    import importlib
-
-    return importlib.import_module(compression).open(path, "rb")
+def _decoded(path: Path, fh) -> Iterator[str]:
+    for line_no, raw in enumerate(fh, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{path}: line {line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+            ) from None
 
 
 def utf8_lines(path: Path) -> Iterator[str]:
     """The file's lines decoded strictly (a .gz/.bz2/.xz file decompressed); the first bytes that are not
     UTF-8 are a one-line error that names the line and column, a damaged archive one that names the file."""
+    compression = split_suffixes(path)[1]
+    if compression is None:
+        with open(path, "rb") as fh:
+            yield from _decoded(path, fh)
+        return
+    import importlib
     import lzma
 
     try:
-        with _open_binary(path) as fh:
-            for line_no, raw in enumerate(fh, 1):
-                try:
-                    yield raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(
-                        f"{path}: line {line_no}: not valid UTF-8 (byte "
-                        f"0x{raw[err.start]:02x} at column {err.start + 1})"
-                    ) from None
+        with importlib.import_module(compression).open(path, "rb") as fh:
+            yield from _decoded(path, fh)
     except (OSError, EOFError, lzma.LZMAError) as err:
-        raise DataError(
-            f"{path}: cannot be decompressed ({err}); expected a complete {split_suffixes(path)[1]} file"
-        ) from None
+        raise DataError(f"{path}: cannot be decompressed ({err}); expected a complete {compression} file") from None
 
 
 def check_utf8(path: Path) -> None:
