@@ -5,22 +5,12 @@ The errors and exit codes themselves live in ``pyramidion_ds/errors.py`` (librar
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, NoReturn
 
 from ..config import Config, ConfigError, field_help
+from ..distributed.env import DistEnvError, local_rank_from_env
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, DataError, UsageError
-
-#: where each launcher puts a process's rank among those of its node (read without importing torch)
-LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
-
-
-def local_rank_from_env(env=os.environ) -> int:
-    for name in LOCAL_RANK_VARS:
-        if env.get(name, "").strip().isdigit():
-            return int(env[name])
-    return 0
 
 
 def fail(prog: str, message: str, code: int = EXIT_USAGE, every_rank: bool = False) -> NoReturn:
@@ -33,8 +23,6 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE, every_rank: bool = Fal
 
 def run_main(prog: str, body: Callable[[], int | None]) -> NoReturn:
     """Run a command body, turning the errors a user can fix into one line and an exit code."""
-    from ..distributed.env import DistEnvError
-
     try:
         code = body()
     except (ConfigError, DataError, DistEnvError, UsageError, FileNotFoundError) as err:

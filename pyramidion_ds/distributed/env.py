@@ -79,6 +79,19 @@ Run = Callable[..., "subprocess.CompletedProcess[str]"]
 # public API
 
 
+#: where each launcher puts a process's rank among those of its node (torchrun/DeepSpeed, srun, Open MPI, MPICH)
+LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def local_rank_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """This process's rank on its node, read from the launcher's variables alone (0 when none is set): for
+    deciding who speaks before, or without, a full ``discover_world``."""
+    for name in LOCAL_RANK_VARS:
+        if env.get(name, "").strip().isdigit():
+            return int(env[name])
+    return 0
+
+
 def discover_world(env: Mapping[str, str] = os.environ, *, run: Run = subprocess.run, mpi_comm: Any = None) -> World:
     """Read the launcher's environment into a `World`.
 
