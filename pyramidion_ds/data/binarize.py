@@ -14,6 +14,7 @@ At most ``4 × workers`` chunks are in flight, so memory stays bounded however l
 
 from __future__ import annotations
 
+import array
 import collections
 import concurrent.futures
 import json
@@ -169,7 +170,7 @@ class _Encoder:
 # --------------------------------------------------------------------------------------------------
 
 
-def length_stats(lengths: list[int]) -> dict:
+def length_stats(lengths) -> dict:
     """Median, 95th percentile and longest of lengths in pieces (``</s>`` included, before any cut)."""
     if not lengths:
         return {"median": 0, "p95": 0, "max": 0}
@@ -282,7 +283,7 @@ def binarize_split(
         None if unlabeled else open(summaries_path.with_name(summaries_path.name + ".tmp"), "w", encoding="utf-8")
     )
     counts = dict.fromkeys(COUNT_KEYS, 0)
-    lengths: dict[str, list[int]] = {side: [] for side in sides}  # pieces before any cut, per example kept
+    lengths = {side: array.array("l") for side in sides}  # pieces before any cut, per example kept (compact)
     ids: list[str] = []
     encoder = _Encoder(
         workers,
