@@ -8,7 +8,7 @@ Two parts, both printing JSON:
   baseline: ``speedup_vs_vanilla`` and ``speedup_vs_blockwise`` per row (same stage, length, settings).
   The variants' steps are interleaved (A B, B A, ...): a step time is the median of ``--steps``, a
   speed-up the median of the ratios of steps measured back to back, each with its quartiles; a figure
-  whose interquartile range exceeds ``SPREAD_LIMIT`` of its median is flagged as not to be trusted.
+  whose interquartile range exceeds 10% of its median (``SPREAD_LIMIT``) is flagged as not to be trusted.
   Several ``--src-len`` run in one process (DeepSpeed's ops build once); ``--tokens`` keeps the tokens
   per step fixed across lengths. A row that fails (out of memory, ...) records its error and the rest go on.
 * ``--zero3-memory``: ZeRO-3 parameter + optimizer-state bytes held by each rank with 1 and with 2 ranks
