@@ -167,7 +167,7 @@ def sources_from_args(args):
 def main(argv: list[str] | None = None):
     def body():
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        from ..data.binarize import check_destdir, preprocess, summary_table
+        from ..data.binarize import check_destdir, preprocess, summary_table, truncation_lines
 
         if not 0 < args.spm_character_coverage <= 1:  # also refuses nan
             raise UsageError(f"--spm-character-coverage: got {args.spm_character_coverage}, expected 0 < x <= 1")
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None):
         print(
             f"{PROG}: wrote {args.destdir} (vocab {meta['vocab_size']}, {meta['dtype']}, spm {meta['spm_sha256'][:12]})"
         )
+        for line in truncation_lines(meta):
+            print(f"{PROG}: {line}")
         print(summary_table(meta))
         return 0
 

@@ -13,6 +13,7 @@ pyramidion-train CONFIG  ->  run_training(cfg)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,8 +22,9 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -153,7 +155,8 @@ def fill_vocab(cfg: Config) -> tuple[int, str, str]:
 
 @dataclass
 class Meters:
-    """Sums over the updates since the last log line (this rank's share)."""
+    """Sums over the updates since the last log line (this rank's share), and the training time they took:
+    the wall time since the last reset less the time :meth:`paused` (validation, checkpoint saving)."""
 
     loss: float = 0.0
     nll: float = 0.0
@@ -162,10 +165,29 @@ class Meters:
     tgt_tokens: int = 0
     flops: float = 0.0
     updates: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    paused_s: float = 0.0
+    clock: Callable[[], float] = time.perf_counter
+    started: float | None = None
+
+    def __post_init__(self):
+        if self.started is None:
+            self.started = self.clock()
 
     def reset(self):
-        self.__init__()
+        self.__init__(clock=self.clock)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is not training time: left out of :meth:`elapsed` (so of tokens/s)."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.paused_s += self.clock() - start
+
+    def elapsed(self) -> float:
+        """Seconds spent training since the last reset."""
+        return max(self.clock() - self.started - self.paused_s, 1e-9)
 
 
 class Trainer:
@@ -600,7 +622,7 @@ class Trainer:
                 if self.update % cfg.log_interval == 0:
                     self.log_train(meters, progress)
                     meters.reset()
-                stop = self.after_update()
+                stop = self.after_update(meters)
                 if not preempted:  # a signal during validation or a save: stop now
                     _, preempted = self._flags()
                 if preempted:
@@ -647,15 +669,19 @@ class Trainer:
             self.train_data.set_epoch(self.epoch)
         return iter(self._loader(self.train_data, self.train_sampler))
 
-    def after_update(self) -> bool:
-        """Validation / checkpoint at their intervals; True when patience ran out."""
+    def after_update(self, meters: Meters | None = None) -> bool:
+        """Validation / checkpoint at their intervals (time ``meters`` leaves out of tokens/s); True when
+        patience ran out."""
         cfg = self.cfg.train
         validate_every = cfg.validate_interval_updates
         save_every = cfg.save_interval_updates
+        paused = meters.paused() if meters is not None else contextlib.nullcontext()
         if validate_every and self.update % validate_every == 0:
-            return self.validate_and_save()
+            with paused:
+                return self.validate_and_save()
         if save_every and self.update % save_every == 0:
-            self.save()
+            with paused:
+                self.save()
         return False
 
     # ------------------------------------------------------------------ validation
@@ -829,7 +855,7 @@ class Trainer:
         )
         dist.all_reduce(sums)
         loss, nll, ntok, tokens, flops = sums.tolist()
-        elapsed = max(time.perf_counter() - meters.started, 1e-9)
+        elapsed = meters.elapsed()
         stats = {
             "loss": loss / max(ntok, 1),
             "nll_loss": nll / max(ntok, 1),
@@ -845,6 +871,8 @@ class Trainer:
             stats["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", 0.0))
         if self.peak_flops:
             stats["mfu"] = flops / elapsed / (self.peak_flops * self.world_size)
+        if meters.paused_s:  # validation and saving in this interval: left out of tokens/s, said how long
+            stats["validate_save_s"] = meters.paused_s
         stats["peak_mem_gib"] = peak_memory_gib()
         for name, (total, count) in sorted(self.pooling_sums.items()):
             stats[f"pooling/{name}"] = total / max(count, 1)

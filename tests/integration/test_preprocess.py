@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pyramidion_ds.cli.preprocess import main
+from pyramidion_ds.cli.preprocess import PROG, main
 from pyramidion_ds.data import DenoisingDataset, SummarizationDataset, load_spm
 from pyramidion_ds.data.synthetic import write_corpus
 
@@ -87,6 +87,10 @@ def test_tsv_layout_writes_every_split(tsv_out):
     assert list(meta["splits"]) == ["train", "valid", "test"]
     assert meta["splits"]["train"]["counts"]["examples"] == 30
     assert meta["splits"]["train"]["counts"]["truncated_source"] == 30
+    for split, info in meta["splits"].items():  # lengths before the cut say how much the limits cut off
+        targets = SummarizationDataset(tsv_out, split, 300, 64).tgt_sizes
+        assert info["counts"]["truncated_target"] == (targets == 64).sum() > 0, split
+        assert info["lengths"]["source"]["median"] > 300 and info["lengths"]["target"]["max"] > 64, split
     ds = SummarizationDataset(tsv_out, "valid", 300, 64)
     assert len(ds) == 4 and ds.example_id(0) == "valid-0"
 
@@ -111,6 +115,16 @@ def test_every_layout_gives_identical_shards(layout, layouts, tsv_out, tmp_path,
     code, out, err = run_cli(capsys, *args, *common)
     assert code == 0, err
     assert "split  input  examples  empty_skipped  truncated_source" in out
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    for split, info in meta["splits"].items():  # the summary line says what was cut, per split
+        counts, target = info["counts"], info["lengths"]["target"]
+        assert (
+            f"{PROG}: {split}: cut {counts['truncated_source']} of {counts['examples']} sources to 300 pieces (" in out
+        )
+        assert (
+            f"cut {counts['truncated_target']} of {counts['examples']} targets to 64 pieces (median "
+            f"{target['median']}, p95 {target['p95']}, max {target['max']} before)" in out
+        )
     assert files_of(tmp_path / "out") == files_of(tsv_out)
 
 
