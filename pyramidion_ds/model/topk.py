@@ -18,9 +18,9 @@ with a weight-0 dummy). The representations B×n×d are then gathered and mixed 
 each input position belongs to exactly one output slot. Member ``[..., 0]`` is the slot's dominant
 source (the higher-weighted member at every level), reported as ``source_index``.
 
-On CUDA the same plan and mix run as four Triton kernels (:mod:`.topk_triton`, two forward, two
-backward); ``PYRAMIDION_TOPK=auto|torch|triton`` chooses (``docs/topk_kernels.md``). ``hard`` mode stays
-on torch in both: ``topk`` and a few ``gather``s.
+On CUDA the same plan and mix run as Triton kernels on fixed-size blocks (:mod:`.topk_triton`: per round
+a batched torch sort and one kernel; a row spreads over many programs); ``PYRAMIDION_TOPK=auto|torch|triton``
+chooses (``docs/topk_kernels.md``). ``hard`` mode stays on torch in both: ``topk`` and a few ``gather``s.
 """
 
 from __future__ import annotations

@@ -312,5 +312,18 @@ def test_custom_ops_pass_opcheck(interpreted, op):
     assert not failures, f"opcheck of pyramidion::{op}: {failures}"
 
 
+def test_precompile_without_cuda_writes_a_note(tmp_path, capsys):
+    """``pyramidion-bench topk --precompile`` on a machine without CUDA: exit 0, a JSON note, nothing compiled."""
+    from pyramidion_ds.bench import topk as bench
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the GPU run reports real compile times")
+    output = tmp_path / "precompile.json"
+    assert bench.main(["--precompile", "--device", "cuda", "--dtype", "bf16", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["benchmark"] == "topk_precompile" and report["rows"] == [] and "no CUDA device" in report["note"]
+    assert capsys.readouterr().out == ""  # the JSON goes to --output only
+
+
 if __name__ == "__main__":
     main()
