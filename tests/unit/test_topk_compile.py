@@ -176,30 +176,69 @@ def assert_within_budget(report):
         assert row["compile_cpu_s"] <= COMPILE_BUDGET_S, f"{where}: compiled in {row['compile_cpu_s']} CPU s"
 
 
-def summary(report) -> str:
-    """Markdown table: per arch and width, each kernel's registers, spills, shared memory, programs per row and
-    compile time of its variant (compiled once, shared by every width that launches it)."""
-    lines = [
-        "| arch | n → k | kernel | registers | spills (B) | shared (B) | programs per row | compile CPU s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    seen = set()
+VARIANT_FIELDS = ("registers", "spill_bytes", "shared_bytes", "num_warps", "compile_cpu_s", "compile_wall_s")
+
+
+def compact(report) -> dict:
+    """The report as written: each distinct compiled kernel once, and per architecture, width and kernel the
+    variants launched and the programs per row (B=4; default options, bf16, d=512)."""
+    variants, widths = {}, {}
     for row in report["rows"]:
-        key = (row["arch"], row["n"], row["k"], row["kernel"])
-        if (
-            key in seen
-            or (row["dtype"], row["d"]) != ("bf16", 512)
-            or (row["flip_right"], row["sort_back"])
-            != (
-                True,
-                False,
-            )
-        ):
-            continue
-        seen.add(key)
+        variants[row["variant"]] = {
+            "variant": row["variant"],
+            "arch": row["arch"],
+            "kernel": row["kernel"],
+            **{key: row[key] for key in VARIANT_FIELDS},
+        }
+        entry = widths.setdefault(
+            (row["arch"], row["n"], row["k"], row["kernel"]),
+            {"arch": row["arch"], "n": row["n"], "k": row["k"], "kernel": row["kernel"], "variants": set()},
+        )
+        entry["variants"].add(row["variant"])
+        if (row["dtype"], row["d"], row["flip_right"], row["sort_back"]) == ("bf16", 512, True, False):
+            entry["programs_per_row"] = min(entry.get("programs_per_row", math.inf), row["programs_per_row"])
+    for entry in widths.values():
+        entry["variants"] = sorted(entry["variants"])
+    return {
+        "triton": report["triton"],
+        "batch": report["batch"],
+        "budgets": {"spill_bytes": 0, "shared_bytes": SHARED_LIMIT, "compile_cpu_s": COMPILE_BUDGET_S},
+        "distinct_kernels": report["distinct_kernels"],
+        "launches_checked": len(report["rows"]),
+        "variants": sorted(variants.values(), key=lambda v: v["variant"]),
+        "widths": list(widths.values()),
+    }
+
+
+KERNELS = ("_plan_round", "_plan_compose", "_plan_subtree", "_plan_reverse", "_mix_forward", "_mix_backward")
+
+
+def summary(report) -> str:
+    """Markdown, per width and architecture: registers and programs per row of each kernel (B=4, bf16, d=512,
+    default options), and over every variant the width launches (both dtypes, d 64/512/1024, all options) the
+    total spills, the largest shared memory and the longest compile."""
+    table = compact(report)
+    variants = {v["variant"]: v for v in table["variants"]}
+    default = {}
+    for row in report["rows"]:
+        if (row["dtype"], row["d"], row["flip_right"], row["sort_back"]) == ("bf16", 512, True, False):
+            default[(row["n"], row["k"], row["arch"], row["kernel"])] = row["registers"]
+    names = " / ".join(name.lstrip("_") for name in KERNELS)
+    lines = [
+        f"| n → k | arch | registers: {names} | programs per row: {names} | spills (B) | shared (B, max) "
+        "| compile CPU s (max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = {}
+    for entry in table["widths"]:
+        rows.setdefault((entry["n"], entry["k"], entry["arch"]), {})[entry["kernel"]] = entry
+    for (n, k, arch), entries in sorted(rows.items(), key=lambda item: (item[0][0], -item[0][1], item[0][2])):
+        used = [variants[v] for entry in entries.values() for v in entry["variants"]]
+        registers = " / ".join(str(default.get((n, k, arch, name), "-")) for name in KERNELS)
+        programs = " / ".join(str(entries.get(name, {}).get("programs_per_row", "-")) for name in KERNELS)
         lines.append(
-            f"| {row['arch']} | {row['n']} → {row['k']} | `{row['kernel']}` | {row['registers']} | "
-            f"{row['spill_bytes']} | {row['shared_bytes']} | {row['programs_per_row']} | {row['compile_cpu_s']} |"
+            f"| {n} → {k} | {arch} | {registers} | {programs} | {sum(v['spill_bytes'] for v in used)} "
+            f"| {max(v['shared_bytes'] for v in used)} | {max(v['compile_cpu_s'] for v in used)} |"
         )
     return "\n".join(lines)
 
@@ -208,7 +247,7 @@ def _emit(report, name):
     target = os.environ.get("PYRAMIDION_TOPK_COMPILE_REPORT")
     if target:
         with open(target, "w") as handle:
-            json.dump(report, handle, indent=1)
+            json.dump(compact(report), handle, indent=1)
             handle.write("\n")
     variants = {row["variant"]: row for row in report["rows"]}
     print(f"\n{name}: {report['distinct_kernels']} distinct kernels compiled, {len(report['rows'])} launches checked")
