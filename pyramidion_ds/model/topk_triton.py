@@ -117,6 +117,29 @@ class _Layout:
 # arguments or pointer alignment: one compiled kernel per option set serves every width.
 
 
+def _block_of_pairs(index_ptr, blocks, new_width, index_stride, pair_left, pair_right, BLOCK: tl.constexpr):
+    """This program's row and new slots, and their left and right members (right -1: the dummy)."""
+    pid = tl.program_id(0)
+    row = (pid // blocks).to(tl.int64)
+    slot = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
+    live = slot < new_width
+    index = index_ptr + row * index_stride
+    left = tl.load(index + pair_left + slot, mask=live, other=0)
+    right = tl.load(index + pair_right + slot, mask=live, other=-1)
+    return row, slot, live, left, right, live & (right >= 0)
+
+
+def _member_scores(keys, left, right, live, paired):
+    """Keys of a pair's members: the keys, real (key > -inf) and score (padding and the dummy: 0) of each."""
+    key_left = tl.load(keys + left, mask=live, other=0.0)
+    key_right = tl.load(keys + right, mask=paired, other=0.0)
+    real_left = key_left != -float("inf")
+    real_right = paired & (key_right != -float("inf"))
+    score_left = tl.where(real_left, key_left, 0.0)
+    score_right = tl.where(real_right, key_right, 0.0)
+    return key_left, key_right, real_left, real_right, score_left, score_right
+
+
 def _plan_round(
     key_ptr,
     order_ptr,
@@ -128,6 +151,8 @@ def _plan_round(
     width,
     new_width,
     blocks,
+    order_stride,
+    rank_stride,
     key_stride,
     key_offset,
     index_stride,
@@ -149,7 +174,7 @@ def _plan_round(
     live = slot < new_width
     num_pass = 2 * new_width - width
     if SORT_BACK:  # document order: rank of the slot's left member among the top m
-        rank = tl.load(rank_ptr + row * new_width + slot, mask=live, other=0)
+        rank = tl.load(rank_ptr + row * rank_stride + slot, mask=live, other=0)
     else:
         rank = slot.to(tl.int64)
     paired = live & (rank >= num_pass)
@@ -157,15 +182,12 @@ def _plan_round(
         partner_rank = width - 1 - (rank - num_pass)
     else:
         partner_rank = rank + (width - new_width)
-    left = tl.load(order_ptr + row * width + rank, mask=live, other=0)
-    right = tl.load(order_ptr + row * width + partner_rank, mask=paired, other=0)
+    left = tl.load(order_ptr + row * order_stride + rank, mask=live, other=0)
+    right = tl.load(order_ptr + row * order_stride + partner_rank, mask=paired, other=0)
     keys = key_ptr + row * key_stride + key_offset
-    key_left = tl.load(keys + left, mask=live, other=0.0)
-    key_right = tl.load(keys + right, mask=paired, other=0.0)
-    real_left = key_left != -float("inf")
-    real_right = paired & (key_right != -float("inf"))
-    score_left = tl.where(real_left, key_left, 0.0)
-    score_right = tl.where(real_right, key_right, 0.0)
+    key_left, key_right, real_left, real_right, score_left, score_right = _member_scores(
+        keys, left, right, live, paired
+    )
     # softmax of the pair's logits as the torch path: padding -1e4 (PAD_LOGIT), the dummy -3e4 (DUMMY_LOGIT)
     logit_left = tl.where(real_left, tl.exp2(score_left * log2_base), -1.0e4)
     logit_right = tl.where(real_right, tl.exp2(score_right * log2_base), tl.where(paired, -1.0e4, -3.0e4))
@@ -259,14 +281,9 @@ def _plan_subtree(
     out_offset,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = (pid // blocks).to(tl.int64)
-    slot = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
-    live = slot < new_width
-    index = index_ptr + row * index_stride
-    left = tl.load(index + pair_left + slot, mask=live, other=0)
-    right = tl.load(index + pair_right + slot, mask=live, other=-1)
-    paired = live & (right >= 0)
+    row, slot, live, left, right, paired = _block_of_pairs(
+        index_ptr, blocks, new_width, index_stride, pair_left, pair_right, BLOCK
+    )
     weights = value_ptr + row * value_stride + weight_offset
     below = in_ptr + row * in_stride + in_offset
     value = tl.load(weights + left, mask=live, other=0.0) * tl.load(below + left, mask=live, other=0.0)
@@ -304,14 +321,9 @@ def _plan_reverse(
     ln_base,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = (pid // blocks).to(tl.int64)
-    slot = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
-    live = slot < new_width
-    index = index_ptr + row * index_stride
-    left = tl.load(index + pair_left + slot, mask=live, other=0)
-    right = tl.load(index + pair_right + slot, mask=live, other=-1)
-    paired = live & (right >= 0)
+    row, slot, live, left, right, paired = _block_of_pairs(
+        index_ptr, blocks, new_width, index_stride, pair_left, pair_right, BLOCK
+    )
     right = tl.where(paired, right, 0)
     # the parent: Q = product of its later pair weights (1 at the top), A = gradient of its score
     later = tl.full([BLOCK], 1.0, tl.float32)
@@ -321,12 +333,9 @@ def _plan_reverse(
     keys = value_ptr + row * value_stride + key_offset
     weights = value_ptr + row * value_stride + weight_offset
     subtree = subtree_ptr + row * subtree_stride + subtree_offset
-    key_left = tl.load(keys + left, mask=live, other=0.0)
-    key_right = tl.load(keys + right, mask=paired, other=0.0)
-    real_left = key_left != -float("inf")
-    real_right = paired & (key_right != -float("inf"))
-    score_left = tl.where(real_left, key_left, 0.0)
-    score_right = tl.where(real_right, key_right, 0.0)
+    key_left, key_right, real_left, real_right, score_left, score_right = _member_scores(
+        keys, left, right, live, paired
+    )
     weight_left = tl.load(weights + left, mask=live, other=0.0)
     weight_right = tl.load(weights + right, mask=paired, other=0.0)
     grad_left = later * tl.load(subtree + left, mask=live, other=0.0) + adjoint * score_left
@@ -416,6 +425,10 @@ def _mix_backward(
     tl.store(grad_wpos_ptr + positions, dot, mask=valid)
 
 
+if AVAILABLE:  # device functions called by the kernels
+    _block_of_pairs = triton.jit(_block_of_pairs)
+    _member_scores = triton.jit(_member_scores)
+
 #: the plan kernels: no specialization on integers or pointer alignment (one compiled kernel for all widths)
 _UNSPECIALIZED = ("_plan_round", "_plan_compose", "_plan_subtree", "_plan_reverse")
 
@@ -491,7 +504,7 @@ def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: 
     pooled_scores = new(batch, k, dtype=torch.float32)
     pooled_mask = new(batch, k, dtype=torch.bool)
     # level 0 keys: the torch path's ranking key (padding -inf); the first round copies them into the plan
-    keys = torch.where(mask, scores, -math.inf)
+    keys = torch.where(mask.contiguous(), scores.contiguous(), -math.inf)  # contiguous: row stride n
     key_stride, key_offset = n, 0
     log2_base = math.log2(base)
     for r, (width, new_width) in enumerate(zip(layout.widths, layout.new_widths, strict=True)):
@@ -518,6 +531,8 @@ def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: 
             width,
             new_width,
             blocks,
+            order.stride(0),
+            rank.stride(0),
             key_stride,
             key_offset,
             index_stride,

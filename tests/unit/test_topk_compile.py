@@ -9,7 +9,7 @@ through Triton's bundled ``ptxas -v`` for registers and spill bytes. Budgets: 0 
 within the per-block limit (163 KiB on sm_80, 227 KiB on sm_90), ≤ 20 s of compile CPU time per kernel
 (process + ptxas; wall time is printed, not asserted: the machine may be loaded).
 
-The default suite compiles a subset (8192 → 2048, bf16, d = 512, default options: seven kernels per
+The default suite compiles a subset (8192 → 2048, bf16, d = 512, default options: six kernels per
 architecture); ``pytest -m compile_budget tests/unit/test_topk_compile.py`` compiles the full matrix (every
 width 512 … 65,536, both dtypes, all option sets; a separate step of ``.ci/run``) and writes its report to
 ``$PYRAMIDION_TOPK_COMPILE_REPORT`` when set (``docs/results/topk_compile_report.json`` was made that way).
