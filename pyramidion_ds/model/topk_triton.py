@@ -81,14 +81,15 @@ _recorded: list | None = None
 PAIR_BLOCK, PAIR_WARPS = 32, 1
 #: positions per program of _plan_compose
 POSITION_BLOCK, POSITION_WARPS = 128, 4
-#: rows × elements of a tensor the kernels index with int32 (flat slot b·k + j, positions b·n + p)
+#: the largest index the kernels hold in int32: flat slots b·k + j and positions b·n + p, entries of the member
+#: table, offsets inside one row of the saved plan (< 4n)
 MAX_ELEMENTS = 2**31 - 1
 
 
 def supports(batch: int, n: int, k: int) -> bool:
     """Whether the kernels take this shape; others run on the torch path (``model/topk.py``)."""
     rounds = len(round_widths(n, k))
-    return 0 < k < n and batch * n <= MAX_ELEMENTS and batch * k * 2**rounds <= MAX_ELEMENTS
+    return 0 < k < n and max(batch * n, 4 * n, batch * k * 2**rounds) <= MAX_ELEMENTS
 
 
 def launches_per_call(n: int, k: int) -> int:
