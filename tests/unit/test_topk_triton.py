@@ -34,6 +34,9 @@ CASES = {
     "row_all_padding_but_one": dict(batch=2, n=8, k=3, d=3, one_real=True),
     "hard": dict(batch=2, n=12, k=5, d=3, hard=True, sort_back=True),
     "k_not_smaller": dict(batch=2, n=6, k=6, d=3),
+    # a partial round whose 40 pass-through slots span two 32-pair blocks
+    "pass_through_over_blocks": dict(batch=2, n=100, k=70, d=3),
+    "pass_through_over_blocks_sort_back_no_flip": dict(batch=2, n=100, k=70, d=3, sort_back=True, flip_right=False),
     # d over one 128-column tile, n over one 8-row mix tile and several plan blocks, five rounds ending partial
     "wide_d_many_rounds": dict(batch=3, n=300, k=11, d=200, sort_back=True),
 }
