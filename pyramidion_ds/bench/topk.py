@@ -5,6 +5,13 @@ each example one round at a time, gathering and mixing the representations every
 the same inputs in the same process; the JSON reports milliseconds per forward+backward and the speedup.
 On CUDA the Triton kernels (``ours_triton``) are timed beside the torch path (``ours``, and
 ``ours_compiled`` with --compile), with the operators dispatched and kernels launched per call.
+
+``--precompile`` only compiles: every Triton kernel the shapes launch (forward + backward, every option set),
+once, timed per kernel and shape, so a GPU run can report compile time on its own and time warm kernels
+afterwards (the compiled kernels stay in the process and in Triton's cache). Without a CUDA device it
+compiles nothing and says so in the JSON (exit 0); ``tests/unit/test_topk_compile.py`` compiles the kernels
+for sm_80 and sm_90 without a GPU. ``--output FILE`` writes the JSON there (rewritten whole after every
+shape, so a run that fails half-way leaves the rows so far) instead of printing it.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import json
 import os
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -191,6 +199,69 @@ def bench_shape(
     return result
 
 
+def precompile(shapes=DEFAULT_SHAPES, *, device="cuda", dtype="bf16", on_row: Callable | None = None) -> dict:
+    """Compile every Triton kernel the shapes launch (both flip_right and sort_back settings), timing each
+    compile; kernels already compiled for an earlier shape show ``"cached": true`` and 0 s."""
+    report = {"benchmark": "topk_precompile", "device": str(device), "dtype": dtype, "rows": []}
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available() or not topk_triton.AVAILABLE:
+        report["note"] = (
+            "no CUDA device with triton: nothing compiled (tests/unit/test_topk_compile.py compiles the kernels "
+            "for sm_80 and sm_90 without a GPU)"
+        )
+        return report
+    import triton
+
+    report["triton"], report["gpu"] = triton.__version__, torch.cuda.get_device_name()
+    seen, start = set(), time.perf_counter()
+    for batch, n, k, d in shapes:
+        x = torch.empty(batch, n, d, device="meta", dtype=DTYPES[dtype], requires_grad=True)
+        scores = torch.empty(batch, n, device="meta", requires_grad=True)
+        mask = torch.empty(batch, n, device="meta", dtype=torch.bool)
+        for flip_right in (True, False):
+            for sort_back in (False, True):
+                with topk_triton.record_launches() as launches:  # meta tensors: the launches, none run
+                    values, pooled, _, _ = topk_triton.pool(x, scores, mask, k, 20.0, flip_right, sort_back)
+                    torch.autograd.backward([values, pooled], [torch.empty_like(values), torch.empty_like(pooled)])
+                for fn, grid, args, meta in launches:
+                    # a tensor argument as its dtype: triton's warmup compiles for aligned pointers of that type
+                    args = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+                    kernel = topk_triton._kernel(fn)
+                    t0 = time.perf_counter()
+                    compiled = kernel.warmup(*args, grid=grid, **meta)
+                    seconds = time.perf_counter() - t0
+                    key = (fn.__name__, compiled.hash)
+                    row = {
+                        "kernel": fn.__name__,
+                        "batch": batch,
+                        "n": n,
+                        "k": k,
+                        "d": d,
+                        "flip_right": flip_right,
+                        "sort_back": sort_back,
+                        "compile_s": 0.0 if key in seen else round(seconds, 3),
+                        "cached": key in seen,
+                    }
+                    seen.add(key)
+                    report["rows"].append(row)
+        if on_row is not None:
+            on_row(report)
+    report["kernels_compiled"] = len(seen)
+    report["total_compile_s"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def write_json(report: dict, path: str | None) -> None:
+    """The report to ``path`` (whole, through a temporary file: a reader never sees half a file), or stdout."""
+    text = json.dumps(report, indent=2) + "\n"
+    if path is None:
+        print(text, end="")
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
 def run(
     shapes=DEFAULT_SHAPES,
     *,
@@ -201,21 +272,25 @@ def run(
     reference=True,
     sort_back=False,
     compiled=False,
+    on_row: Callable | None = None,
 ) -> dict:
-    results = [
-        bench_shape(
-            *shape,
-            device=device,
-            dtype=DTYPES[dtype],
-            repeats=repeats,
-            warmup=warmup,
-            reference=reference,
-            sort_back=sort_back,
-            compiled=compiled,
+    report = {"benchmark": "topk", "torch": torch.__version__, "threads": torch.get_num_threads(), "results": []}
+    for shape in shapes:
+        report["results"].append(
+            bench_shape(
+                *shape,
+                device=device,
+                dtype=DTYPES[dtype],
+                repeats=repeats,
+                warmup=warmup,
+                reference=reference,
+                sort_back=sort_back,
+                compiled=compiled,
+            )
         )
-        for shape in shapes
-    ]
-    return {"benchmark": "topk", "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
+        if on_row is not None:
+            on_row(report)
+    return report
 
 
 def profile_op(batch: int, n: int, k: int, d: int, *, device="cuda", dtype=torch.bfloat16, iterations=10) -> dict:
@@ -292,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the per-example reference")
     parser.add_argument("--compile", action="store_true", help="also time the op under torch.compile")
     parser.add_argument(
+        "--precompile",
+        action="store_true",
+        help="only compile every Triton kernel the shapes launch and report seconds per kernel and shape",
+    )
+    parser.add_argument("--output", help="write the JSON to this file (after every shape) instead of stdout")
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="print a profiler table (and CUDA-graph GPU-only time) for the first shape instead",
@@ -309,8 +390,15 @@ def main(argv: list[str] | None = None) -> int:
         print(report.pop("table"))
         print(json.dumps(report, indent=2))
         return 0
+    if args.output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        parser.error(f"--output: no folder {os.path.dirname(os.path.abspath(args.output))!r} to write into")
+    shapes = tuple(args.shape or DEFAULT_SHAPES)
+    progress = None if args.output is None else (lambda partial: write_json(partial, args.output))
+    if args.precompile:
+        write_json(precompile(shapes, device=args.device, dtype=args.dtype, on_row=progress), args.output)
+        return 0
     report = run(
-        tuple(args.shape or DEFAULT_SHAPES),
+        shapes,
         device=args.device,
         dtype=args.dtype,
         repeats=args.repeats,
@@ -318,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         reference=not args.no_reference,
         sort_back=args.sort_back,
         compiled=args.compile,
+        on_row=progress,
     )
-    print(json.dumps(report, indent=2))
+    write_json(report, args.output)
     return 0
 
 

@@ -18,9 +18,9 @@ with a weight-0 dummy). The representations B×n×d are then gathered and mixed 
 each input position belongs to exactly one output slot. Member ``[..., 0]`` is the slot's dominant
 source (the higher-weighted member at every level), reported as ``source_index``.
 
-On CUDA the same plan and mix run as four Triton kernels (:mod:`.topk_triton`, two forward, two
-backward); ``PYRAMIDION_TOPK=auto|torch|triton`` chooses (``docs/topk_kernels.md``). ``hard`` mode stays
-on torch in both: ``topk`` and a few ``gather``s.
+On CUDA the same plan and mix run as Triton kernels on fixed-size blocks (:mod:`.topk_triton`: per round
+a batched torch sort and one kernel; a row spreads over many programs); ``PYRAMIDION_TOPK=auto|torch|triton``
+chooses (``docs/topk_kernels.md``). ``hard`` mode stays on torch in both: ``topk`` and a few ``gather``s.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def successive_halving_topk(
         return TopKOutput(x, scores, mask, positions)
     # ranking and mixing weights in at least float32 whatever the activations' dtype
     compute_dtype = torch.promote_types(scores.dtype, torch.float32)
-    if not hard and _use_triton(x, compute_dtype):  # the kernels read padding scores as 0 themselves
+    if not hard and _use_triton(x, compute_dtype, k):  # the kernels read padding scores as 0 themselves
         from . import topk_triton
 
         return TopKOutput(*topk_triton.pool(x, scores.to(compute_dtype), mask, k, base, flip_right, sort_back))
@@ -108,11 +108,12 @@ def successive_halving_topk(
 BACKEND_ENV = "PYRAMIDION_TOPK"
 
 
-def _use_triton(x: Tensor, compute_dtype: torch.dtype) -> bool:
+def _use_triton(x: Tensor, compute_dtype: torch.dtype, k: int) -> bool:
     """Whether this call runs the Triton kernels (see ``docs/topk_kernels.md``).
 
     ``auto``: CUDA tensors with float32 ranking (bf16/fp16/fp32 scores) when triton imports. ``triton`` forces
     the kernels (CPU tensors then run in Triton's interpreter: tests only); ``torch`` forces the torch path.
+    A shape the kernels do not take (:func:`.topk_triton.supports`) runs on the torch path in both.
     """
     choice = os.environ.get(BACKEND_ENV, "auto")
     if choice == "torch":
@@ -130,8 +131,8 @@ def _use_triton(x: Tensor, compute_dtype: torch.dtype) -> bool:
                 f"{BACKEND_ENV}=triton: needs an importable triton and float32 (or narrower) "
                 f"scores and x, got scores in {compute_dtype} and x in {x.dtype}"
             )
-        return True
-    return x.is_cuda and supported and topk_triton.AVAILABLE
+        return topk_triton.supports(x.size(0), x.size(1), k)
+    return x.is_cuda and supported and topk_triton.AVAILABLE and topk_triton.supports(x.size(0), x.size(1), k)
 
 
 def _hard_topk(x: Tensor, scores: Tensor, mask: Tensor, k: int, sort_back: bool) -> TopKOutput:

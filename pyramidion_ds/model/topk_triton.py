@@ -1,46 +1,55 @@
-"""Successive-halving top-k in four Triton kernels (two forward, two backward).
+"""Successive-halving top-k as Triton kernels on fixed-size blocks: a row is spread over many programs.
 
 The same operator as :func:`pyramidion_ds.model.topk.successive_halving_topk` (see that module for the
-rounds), computed so that the B×n×d tensor is read once forward and once backward::
+rounds). Every kernel works on a fixed block (32 pairs, 128 positions, or 8 rows × 128 columns of d), so
+registers and shared memory do not grow with the width, one compiled kernel serves every width, and a
+row of n lanes runs as n/32 programs instead of one::
 
-    forward                                          backward
-    scores B×n, mask B×n                             grad_values B×k×d, x B×n×d
-      │ _plan_forward (1 program per row: all rounds)  │ _mix_backward (blocks of positions × d)
-      │   reads  scores, mask                          │   reads  grad_values[slot(p)], x[p], W(p)
-      │   writes members B×k×G, W(p) B×n,              │   writes grad_x[p] = W(p)·grad_values[slot(p)]
-      │          slot(p) B×n, pooled scores/mask B×k,  │          dW[p] = <x[p], grad_values[slot(p)]>
-      │          source_index B×k, plan (per round:    ▼
-      │          new slot, partner, pair weight,      dW B×n, grad_pooled_scores B×k
-      │          slot score, slot mask)                │ _plan_backward (1 program per row: rounds
-      ▼                                                │   forward for subtree sums, then in reverse)
-    x B×n×d                                            │   reads  plan;  writes grad_scores B×n
-      │ _mix_forward (blocks of slots × d)             ▼
-      │   values[j] = Σ_g W(members[j, g]) · x[members[j, g]]
-      ▼
-    values B×k×d
+    forward                                              backward
+    scores B×n, mask B×n                                 grad_values B×k×d, x B×n×d
+      │ key_0 = where(mask, scores, -inf)       (torch)    │ _mix_backward (8 positions × d per program)
+      │ per round r, width w → m:                          │   grad_x[p] = W(p)·grad_values[slot(p)]
+      │   order = sort(key_r, descending, stable) (torch)  │   dW[p] = <x[p], grad_values[slot(p)]>
+      │   sort_back: rank = sort(order[:, :m])   (torch)   ▼
+      │   _plan_round   (B × m/32 programs) new slot j:   dW B×n, grad_pooled_scores B×k
+      │     left = order[rank j], right = its partner      │ _plan_subtree, rounds 0 .. R-2 (B × m/32):
+      │     pair weights, key_{r+1}[j]; per old slot:      │   T_{r+1}[j] = Σ_pair w·T_r       (T_0 = dW)
+      │     up code 2j+side and its pair weight            │ _plan_reverse, rounds R-1 .. 0 (B × m/32):
+      │ _plan_compose  (B × n/128) each position walks     │   from the parent's Q (later weights) and A
+      │   up the rounds: member table B×k×G, W(p),         │   (grad of its score): the pair's softmax
+      │   slot(p), source_index                            │   backward, Q and A of both members;
+      ▼                                                    │   round 0 writes grad_scores (padding: 0)
+    x B×n×d → _mix_forward (8 slots × 128 of d) → values   ▼
+                                                         grad_scores B×n
 
-One round inside ``_plan_forward``, width w → m: each slot gets a packed int64 key (score descending,
-ties and padding by position, exactly the torch path's stable argsort) and one ``tl.sort`` orders the
-row; ranks are scattered to a per-row scratch row, each slot reads its partner's rank, score and mask
-there, computes its pair weight, and the left member writes the new slot's score and mask. Every input
-position follows its slot (new slot, weight product, left/right bit per round), so at the end the
-member table B×k×G (G = 2**rounds, entry g's bit r = right member in round r, dummy = n) is one scatter.
-Work is exchanged between a program's threads through global scratch with ``tl.debug_barrier()``.
+Ranking is torch's stable descending sort of key = score (padding: -inf), the very call of the torch path,
+so ties, padding and the pairing are those of the torch path by construction; the sort is segmented over
+the batch and fills the GPU. New slot j of a round takes ``left = order[j]`` (with ``sort_back``:
+``order[rank[j]]``, ``rank`` the argsort of the top m positions, i.e. document order), and for j past the
+pass-through part ``right = order[w-1-(j-p)]`` (``flip_right``) or ``order[j+w-m]``; a pass-through slot's
+partner is the torch path's dummy (logit -3e4, score 0). The saved plan per row: ``plan_index`` int32 =
+[up code per slot of each level | left per new slot | right per new slot (-1 = dummy)] and ``plan_value``
+float32 = [key per slot of each level | pair weight per slot of each level].
 
 The backward of the rounds needs no division by weights: with T(c) = Σ_{p in c} dW[p]·(weight of p
 inside c) swept forward and Q(c) = product of c's later pair weights swept back, the gradient into a
-pair weight is Q·T + grad_score·score, then the two-way softmax and d(base**s)/ds = ln(base)·base**s.
+pair weight is Q·T + A·score (A: gradient of the slot's score), then the two-way softmax and
+d(base**s)/ds = ln(base)·base**s.
 
 Eager calls run them from one autograd.Function; under torch.compile they are torch custom ops (fake
 shapes, registered autograd), so dynamo traces through without a graph break. Kernels run compiled on
 CUDA tensors, or on CPU tensors through Triton's interpreter when the process imported triton with
-``TRITON_INTERPRET=1`` (tests compare them with the torch path there). ``triton`` is imported
-guardedly: :data:`AVAILABLE` is False without it.
+``TRITON_INTERPRET=1`` (tests compare them with the torch path there). :func:`record_launches` runs the
+launchers on meta tensors and records every launch without running one (tests, ``pyramidion-bench topk
+--precompile``). ``triton`` is imported guardedly: :data:`AVAILABLE` is False without it.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import inspect
 import math
 
 import torch
@@ -63,228 +72,294 @@ PAD_LOGIT = -1.0e4
 launch_count = 0
 #: True while a kernel runs (read by operator counters: the interpreter dispatches torch operators)
 launching = False
+#: (kernel name, grid) of the latest launches, newest last (tests check that every launch fills the GPU)
+launch_grids: collections.deque = collections.deque(maxlen=256)
+#: while :func:`record_launches` is active: the launches, recorded instead of run
+_recorded: list | None = None
+
+#: plan kernels: pairs (new slots) per program and warps; 32 pairs keep B=4, 8192→2048 at 256 programs
+PAIR_BLOCK, PAIR_WARPS = 32, 1
+#: positions per program of _plan_compose
+POSITION_BLOCK, POSITION_WARPS = 128, 4
+#: the largest index the kernels hold in int32: flat slots b·k + j and positions b·n + p, entries of the member
+#: table, offsets inside one row of the saved plan (< 4n)
+MAX_ELEMENTS = 2**31 - 1
 
 
-def plan_length(n: int, k: int) -> int:
-    """Entries per row of the saved plan: one section per width, input width included (n, w1, ..., k)."""
-    return n + sum(round_widths(n, k))
+def supports(batch: int, n: int, k: int) -> bool:
+    """Whether the kernels take this shape; others run on the torch path (``model/topk.py``)."""
+    rounds = len(round_widths(n, k))
+    return 0 < k < n and max(batch * n, 4 * n, batch * k * 2**rounds) <= MAX_ELEMENTS
+
+
+def launches_per_call(n: int, k: int) -> int:
+    """Triton launches of one forward + backward, n > k: R rounds + compose + mix, mix + (R - 1) + R."""
+    rounds = len(round_widths(n, k))
+    return 3 * rounds + 2
+
+
+class _Layout:
+    """Section offsets of the saved plan for n → k (see the module docstring)."""
+
+    def __init__(self, n: int, k: int):
+        self.new_widths = round_widths(n, k)  # m_r
+        self.widths = [n] + self.new_widths[:-1]  # w_r, the width each round starts from
+        self.level_offsets = [sum(self.widths[:r]) for r in range(len(self.widths))]
+        self.pair_offsets = [sum(self.new_widths[:r]) for r in range(len(self.new_widths))]
+        self.level_length = sum(self.widths)  # L_w
+        self.pair_length = sum(self.new_widths)  # L_m
+        self.index_length = self.level_length + 2 * self.pair_length
+        self.group = 2 ** len(self.new_widths)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
 # Plain functions made kernels by _kernel() on first launch (triton.jit: compiled, or with TRITON_INTERPRET=1
-# at triton's import, interpreted on CPU tensors).
+# at triton's import, interpreted on CPU tensors). The plan kernels take no specialization on their integer
+# arguments or pointer alignment: one compiled kernel per option set serves every width.
 
 
-def _plan_forward(
-    scores_ptr,
-    mask_ptr,
-    members_ptr,
-    wpos_ptr,
-    slot_ptr,
+def _block_of_pairs(index_ptr, blocks, new_width, index_stride, pair_left, pair_right, BLOCK: tl.constexpr):
+    """This program's row and new slots, and their left and right members (right -1: the dummy)."""
+    pid = tl.program_id(0)
+    row = (pid // blocks).to(tl.int64)
+    slot = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
+    live = slot < new_width
+    index = index_ptr + row * index_stride
+    left = tl.load(index + pair_left + slot, mask=live, other=0)
+    right = tl.load(index + pair_right + slot, mask=live, other=-1)
+    return row, slot, live, left, right, live & (right >= 0)
+
+
+def _member_scores(keys, left, right, live, paired):
+    """Keys of a pair's members: the keys, real (key > -inf) and score (padding and the dummy: 0) of each."""
+    key_left = tl.load(keys + left, mask=live, other=0.0)
+    key_right = tl.load(keys + right, mask=paired, other=0.0)
+    real_left = key_left != -float("inf")
+    real_right = paired & (key_right != -float("inf"))
+    score_left = tl.where(real_left, key_left, 0.0)
+    score_right = tl.where(real_right, key_right, 0.0)
+    return key_left, key_right, real_left, real_right, score_left, score_right
+
+
+def _plan_round(
+    key_ptr,
+    order_ptr,
+    rank_ptr,
+    index_ptr,
+    value_ptr,
     pooled_scores_ptr,
     pooled_mask_ptr,
-    source_ptr,
-    plan_index_ptr,
-    plan_value_ptr,
-    scratch_ptr,
-    n,
-    k,
-    num_rounds,
-    group,
-    plan_len,
+    width,
+    new_width,
+    blocks,
+    order_stride,
+    rank_stride,
+    key_stride,
+    key_offset,
+    index_stride,
+    value_stride,
+    level_offset,
+    level_length,
+    pair_left,
+    pair_right,
+    next_offset,
+    last,
     log2_base,
     FLIP: tl.constexpr,
     SORT_BACK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    idx = tl.arange(0, BLOCK)
-    in_row = idx < n
-    # plan of this row: index rows (new slot, partner code, mask) and value rows (pair weight, score)
-    plan_slot = plan_index_ptr + row * 3 * plan_len
-    plan_partner = plan_slot + plan_len
-    plan_mask = plan_slot + 2 * plan_len
-    plan_weight = plan_value_ptr + row * 2 * plan_len
-    plan_score = plan_weight + plan_len
-    order_ptr = scratch_ptr + row * 2 * BLOCK
-    rank_ptr = order_ptr + BLOCK
-
-    real = tl.load(mask_ptr + row * n + idx, mask=in_row, other=0) != 0
-    score = tl.where(real, tl.load(scores_ptr + row * n + idx, mask=in_row, other=0.0).to(tl.float32), 0.0)
-    tl.store(plan_score + idx, score, mask=in_row)
-    tl.store(plan_mask + idx, real.to(tl.int32), mask=in_row)
-    # every input position follows its slot: slot index, weight product, left/right bits
-    pos_slot = idx
-    pos_weight = tl.full([BLOCK], 1.0, tl.float32)
-    pos_group = tl.zeros([BLOCK], tl.int32)
-    width = n
-    offset = 0
-    for r in range(num_rounds):
-        new_width = tl.maximum(k, (width + 1) // 2)
-        num_pass = 2 * new_width - width
-        live = idx < width
-        tl.debug_barrier()
-        if r > 0:
-            score = tl.load(plan_score + offset + idx, mask=live, other=0.0)
-            real = tl.load(plan_mask + offset + idx, mask=live, other=0) != 0
-        # rank: real slots by score descending, then padding, then the block's tail; ties by position
-        bits = (score + 0.0).to(tl.int32, bitcast=True)  # + 0.0 makes -0.0 equal to 0.0
-        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-        high = tl.where(real, -ordered, 2147483649)
-        high = tl.where(live, high, 2147483650)
-        key = tl.sort(high * 16777216 + idx.to(tl.int64))
-        order = (key & 16777215).to(tl.int32)
-        tl.store(order_ptr + idx, order)
-        tl.store(rank_ptr + order, idx)
-        tl.debug_barrier()
-        rank = tl.load(rank_ptr + idx)
-        is_top = rank < new_width
-        paired = live & (rank >= num_pass)
-        pair_top = rank - num_pass
-        if FLIP:
-            partner_rank = tl.where(is_top, width - 1 - pair_top, num_pass + width - 1 - rank)
-        else:
-            partner_rank = tl.where(is_top, new_width + pair_top, rank - new_width + num_pass)
-        partner = tl.load(order_ptr + partner_rank, mask=paired, other=0)
-        partner_score = tl.load(plan_score + offset + partner, mask=paired, other=0.0)
-        partner_real = tl.load(plan_mask + offset + partner, mask=paired, other=0) != 0
-        logit = tl.where(real, tl.exp2(score * log2_base), -1.0e4)  # -1.0e4: PAD_LOGIT
-        partner_logit = tl.where(partner_real, tl.exp2(partner_score * log2_base), -1.0e4)
-        top_logit = tl.maximum(logit, partner_logit)
-        e_self = tl.exp(logit - top_logit)
-        e_partner = tl.exp(partner_logit - top_logit)
-        left_first = tl.where(is_top, e_self + e_partner, e_partner + e_self)
-        weight = tl.where(paired, e_self / left_first, 1.0)
-        partner_weight = tl.where(paired, e_partner / left_first, 0.0)
-        # new slot: the rank of the pair's left member, or with sort_back its place in document order
-        if SORT_BACK:
-            top_slot = tl.cumsum(is_top.to(tl.int32), axis=0) - 1
-        else:
-            top_slot = rank
-        tl.store(plan_slot + offset + idx, top_slot, mask=live & is_top)
-        tl.debug_barrier()
-        new_slot = tl.where(is_top, top_slot, tl.load(plan_slot + offset + partner, mask=live & ~is_top, other=0))
-        tl.store(plan_slot + offset + idx, new_slot, mask=live & ~is_top)
-        partner_code = tl.where(paired, tl.where(is_top, partner, -2 - partner), -1)
-        tl.store(plan_partner + offset + idx, partner_code, mask=live)
-        tl.store(plan_weight + offset + idx, weight, mask=live)
-        # the left member writes the new slot: score w_L·s_L + w_R·s_R, mask any
-        next_offset = offset + width
-        new_score = tl.where(paired, score * weight + partner_score * partner_weight, score)
-        tl.store(plan_score + next_offset + new_slot, new_score, mask=live & is_top)
-        tl.store(plan_mask + next_offset + new_slot, (real | (paired & partner_real)).to(tl.int32), mask=live & is_top)
-        tl.debug_barrier()
-        # positions follow their slot
-        slot_rank = tl.load(rank_ptr + pos_slot, mask=in_row, other=0)
-        pos_weight = pos_weight * tl.load(plan_weight + offset + pos_slot, mask=in_row, other=0.0)
-        pos_group = pos_group | ((slot_rank >= new_width).to(tl.int32) << r)
-        pos_slot = tl.load(plan_slot + offset + pos_slot, mask=in_row, other=0)
-        offset = next_offset
-        width = new_width
-    tl.debug_barrier()
-    out = idx < k
-    tl.store(pooled_scores_ptr + row * k + idx, tl.load(plan_score + offset + idx, mask=out, other=0.0), mask=out)
-    tl.store(pooled_mask_ptr + row * k + idx, tl.load(plan_mask + offset + idx, mask=out, other=0) != 0, mask=out)
-    # member table: dummies (never written by a position) hold n
-    row_members = members_ptr + row * k * group
-    for start in range(0, k * group, BLOCK):
-        tl.store(row_members + start + idx, tl.full([BLOCK], 0, tl.int32) + n, mask=start + idx < k * group)
-    tl.debug_barrier()
-    tl.store(row_members + pos_slot * group + pos_group, idx, mask=in_row)
-    tl.store(wpos_ptr + row * n + idx, pos_weight, mask=in_row)
-    tl.store(slot_ptr + row * n + idx, (row * k + pos_slot).to(tl.int32), mask=in_row)
-    tl.store(source_ptr + row * k + pos_slot, idx.to(tl.int64), mask=in_row & (pos_group == 0))
+    pid = tl.program_id(0)
+    row = (pid // blocks).to(tl.int64)
+    slot = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
+    live = slot < new_width
+    num_pass = 2 * new_width - width
+    if SORT_BACK:  # document order: rank of the slot's left member among the top m
+        rank = tl.load(rank_ptr + row * rank_stride + slot, mask=live, other=0)
+    else:
+        rank = slot.to(tl.int64)
+    paired = live & (rank >= num_pass)
+    if FLIP:
+        partner_rank = width - 1 - (rank - num_pass)
+    else:
+        partner_rank = rank + (width - new_width)
+    left = tl.load(order_ptr + row * order_stride + rank, mask=live, other=0)
+    right = tl.load(order_ptr + row * order_stride + partner_rank, mask=paired, other=0)
+    keys = key_ptr + row * key_stride + key_offset
+    key_left, key_right, real_left, real_right, score_left, score_right = _member_scores(
+        keys, left, right, live, paired
+    )
+    # softmax of the pair's logits as the torch path: padding -1e4 (PAD_LOGIT), the dummy -3e4 (DUMMY_LOGIT)
+    logit_left = tl.where(real_left, tl.exp2(score_left * log2_base), -1.0e4)
+    logit_right = tl.where(real_right, tl.exp2(score_right * log2_base), tl.where(paired, -1.0e4, -3.0e4))
+    top = tl.maximum(logit_left, logit_right)
+    e_left = tl.exp(logit_left - top)
+    e_right = tl.exp(logit_right - top)
+    total = e_left + e_right
+    weight_left = e_left / total
+    weight_right = e_right / total
+    new_score = score_left * weight_left + score_right * weight_right
+    new_real = real_left | real_right
+    # the plan: this level's keys (level 0 arrives as its own tensor), up codes and pair weights per old slot,
+    # left and right member per new slot
+    values = value_ptr + row * value_stride + level_offset
+    tl.store(values + left, key_left, mask=live)
+    tl.store(values + right, key_right, mask=paired)
+    tl.store(values + level_length + left, weight_left, mask=live)
+    tl.store(values + level_length + right, weight_right, mask=paired)
+    index = index_ptr + row * index_stride
+    tl.store(index + level_offset + left, 2 * slot, mask=live)
+    tl.store(index + level_offset + right, 2 * slot + 1, mask=paired)
+    tl.store(index + pair_left + slot, left.to(tl.int32), mask=live)
+    tl.store(index + pair_right + slot, tl.where(paired, right.to(tl.int32), -1), mask=live)
+    # the next level's keys, or after the last round the pooled scores and mask
+    next_key = tl.where(new_real, new_score, -float("inf"))
+    if last == 0:
+        tl.store(value_ptr + row * value_stride + next_offset + slot, next_key, mask=live)
+    else:
+        tl.store(pooled_scores_ptr + row * new_width + slot, new_score, mask=live)
+        tl.store(pooled_mask_ptr + row * new_width + slot, new_real, mask=live)
 
 
-def _plan_backward(
-    grad_wpos_ptr,
-    grad_pooled_ptr,
-    plan_index_ptr,
-    plan_value_ptr,
-    work_ptr,
-    grad_scores_ptr,
+def _plan_compose(
+    index_ptr,
+    value_ptr,
+    members_ptr,
+    wpos_ptr,
+    slot_ptr,
+    source_ptr,
     n,
     k,
     num_rounds,
-    plan_len,
+    group,
+    blocks,
+    index_stride,
+    value_stride,
+    level_length,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = (pid // blocks).to(tl.int64)
+    position = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
+    live = position < n
+    index = index_ptr + row * index_stride
+    weights = value_ptr + row * value_stride + level_length
+    # every position walks up the rounds: its slot, the product of its pair weights, left/right bits
+    slot = position
+    weight = tl.full([BLOCK], 1.0, tl.float32)
+    bits = tl.zeros([BLOCK], tl.int32)
+    width = n
+    offset = 0
+    for r in range(num_rounds):
+        code = tl.load(index + offset + slot, mask=live, other=0)
+        weight = weight * tl.load(weights + offset + slot, mask=live, other=0.0)
+        bits = bits | ((code & 1) << r)
+        slot = code >> 1
+        offset += width
+        width = tl.maximum(k, (width + 1) // 2)
+    flat_slot = row * k + slot
+    tl.store(members_ptr + flat_slot * group + bits, position, mask=live)
+    tl.store(wpos_ptr + row * n + position, weight, mask=live)
+    tl.store(slot_ptr + row * n + position, flat_slot.to(tl.int32), mask=live)
+    tl.store(source_ptr + flat_slot, position.to(tl.int64), mask=live & (bits == 0))
+
+
+def _plan_subtree(
+    index_ptr,
+    value_ptr,
+    in_ptr,
+    out_ptr,
+    new_width,
+    blocks,
+    index_stride,
+    value_stride,
+    weight_offset,
+    pair_left,
+    pair_right,
+    in_stride,
+    in_offset,
+    out_stride,
+    out_offset,
+    BLOCK: tl.constexpr,
+):
+    row, slot, live, left, right, paired = _block_of_pairs(
+        index_ptr, blocks, new_width, index_stride, pair_left, pair_right, BLOCK
+    )
+    weights = value_ptr + row * value_stride + weight_offset
+    below = in_ptr + row * in_stride + in_offset
+    value = tl.load(weights + left, mask=live, other=0.0) * tl.load(below + left, mask=live, other=0.0)
+    value += tl.load(weights + right, mask=paired, other=0.0) * tl.load(below + right, mask=paired, other=0.0)
+    tl.store(out_ptr + row * out_stride + out_offset + slot, value, mask=live)
+
+
+def _plan_reverse(
+    index_ptr,
+    value_ptr,
+    subtree_ptr,
+    q_in_ptr,
+    a_in_ptr,
+    q_out_ptr,
+    a_out_ptr,
+    new_width,
+    blocks,
+    index_stride,
+    value_stride,
+    key_offset,
+    weight_offset,
+    pair_left,
+    pair_right,
+    subtree_stride,
+    subtree_offset,
+    in_stride,
+    q_in_offset,
+    a_in_offset,
+    out_stride,
+    q_out_offset,
+    a_out_offset,
+    top,
+    bottom,
     log2_base,
     ln_base,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    idx = tl.arange(0, BLOCK)
-    plan_slot = plan_index_ptr + row * 3 * plan_len
-    plan_partner = plan_slot + plan_len
-    plan_mask = plan_slot + 2 * plan_len
-    plan_weight = plan_value_ptr + row * 2 * plan_len
-    plan_score = plan_weight + plan_len
-    # per section: T (subtree sum of dW times weight inside the slot), Q (later weights), A (grad of score)
-    subtree = work_ptr + row * 3 * plan_len
-    later = subtree + plan_len
-    adjoint = subtree + 2 * plan_len
-    tl.store(subtree + idx, tl.load(grad_wpos_ptr + row * n + idx, mask=idx < n, other=0.0), mask=idx < n)
-    width = n
-    offset = 0
-    for _r in range(num_rounds):  # forward sweep: T of every section
-        new_width = tl.maximum(k, (width + 1) // 2)
-        live = idx < width
-        tl.debug_barrier()
-        code = tl.load(plan_partner + offset + idx, mask=live, other=-1)
-        left = live & (code >= -1)
-        paired = left & (code >= 0)
-        new_slot = tl.load(plan_slot + offset + idx, mask=left, other=0)
-        value = tl.load(plan_weight + offset + idx, mask=left, other=0.0) * tl.load(
-            subtree + offset + idx, mask=left, other=0.0
-        )
-        partner = tl.where(paired, code, 0)
-        value += tl.load(plan_weight + offset + partner, mask=paired, other=0.0) * tl.load(
-            subtree + offset + partner, mask=paired, other=0.0
-        )
-        tl.store(subtree + offset + width + new_slot, value, mask=left)
-        offset += width
-        width = new_width
-    out = idx < k
-    tl.store(later + offset + idx, tl.full([BLOCK], 1.0, tl.float32), mask=out)
-    tl.store(adjoint + offset + idx, tl.load(grad_pooled_ptr + row * k + idx, mask=out, other=0.0), mask=out)
-    for back in range(num_rounds):  # reverse sweep, round num_rounds-1 down to 0
-        r = num_rounds - 1 - back
-        width = n
-        offset = 0
-        for _ in range(r):
-            offset += width
-            width = tl.maximum(k, (width + 1) // 2)
-        live = idx < width
-        tl.debug_barrier()
-        code = tl.load(plan_partner + offset + idx, mask=live, other=-1)
-        paired = live & (code != -1)
-        partner = tl.where(code >= 0, code, -2 - code)
-        partner = tl.where(paired, partner, 0)
-        new_slot = tl.load(plan_slot + offset + idx, mask=live, other=0)
-        next_q = tl.load(later + offset + width + new_slot, mask=live, other=0.0)
-        next_a = tl.load(adjoint + offset + width + new_slot, mask=live, other=0.0)
-        weight = tl.load(plan_weight + offset + idx, mask=live, other=0.0)
-        score = tl.load(plan_score + offset + idx, mask=live, other=0.0)
-        real = tl.load(plan_mask + offset + idx, mask=live, other=0) != 0
-        partner_weight = tl.load(plan_weight + offset + partner, mask=paired, other=0.0)
-        partner_score = tl.load(plan_score + offset + partner, mask=paired, other=0.0)
-        grad_self = next_q * tl.load(subtree + offset + idx, mask=live, other=0.0) + next_a * score
-        grad_partner = next_q * tl.load(subtree + offset + partner, mask=paired, other=0.0) + next_a * partner_score
-        # softmax backward over the pair, as torch writes it: w_i (g_i - Σ_j w_j g_j)
-        left_first = tl.where(
-            code >= 0,
-            weight * grad_self + partner_weight * grad_partner,
-            partner_weight * grad_partner + weight * grad_self,
-        )
-        grad_logit = tl.where(paired, weight * (grad_self - left_first), 0.0)
-        logit = tl.exp2(score * log2_base)
-        grad_score = next_a * weight + tl.where(real, grad_logit * (logit * ln_base), 0.0)
-        tl.store(adjoint + offset + idx, grad_score, mask=live)
-        tl.store(later + offset + idx, weight * next_q, mask=live)
-    tl.debug_barrier()
-    in_row = idx < n
-    real = tl.load(plan_mask + idx, mask=in_row, other=0) != 0
-    grad = tl.where(real, tl.load(adjoint + idx, mask=in_row, other=0.0), 0.0)
-    tl.store(grad_scores_ptr + row * n + idx, grad, mask=in_row)
+    row, slot, live, left, right, paired = _block_of_pairs(
+        index_ptr, blocks, new_width, index_stride, pair_left, pair_right, BLOCK
+    )
+    right = tl.where(paired, right, 0)
+    # the parent: Q = product of its later pair weights (1 at the top), A = gradient of its score
+    later = tl.full([BLOCK], 1.0, tl.float32)
+    if top == 0:
+        later = tl.load(q_in_ptr + row * in_stride + q_in_offset + slot, mask=live, other=1.0)
+    adjoint = tl.load(a_in_ptr + row * in_stride + a_in_offset + slot, mask=live, other=0.0)
+    keys = value_ptr + row * value_stride + key_offset
+    weights = value_ptr + row * value_stride + weight_offset
+    subtree = subtree_ptr + row * subtree_stride + subtree_offset
+    key_left, key_right, real_left, real_right, score_left, score_right = _member_scores(
+        keys, left, right, live, paired
+    )
+    weight_left = tl.load(weights + left, mask=live, other=0.0)
+    weight_right = tl.load(weights + right, mask=paired, other=0.0)
+    grad_left = later * tl.load(subtree + left, mask=live, other=0.0) + adjoint * score_left
+    grad_right = tl.where(paired, later * tl.load(subtree + right, mask=paired, other=0.0) + adjoint * score_right, 0.0)
+    # softmax backward over the pair, as torch writes it: w_i (g_i - Σ_j w_j g_j)
+    dot = weight_left * grad_left + weight_right * grad_right
+    grad_logit_left = weight_left * (grad_left - dot)
+    grad_logit_right = weight_right * (grad_right - dot)
+    logit_left = tl.exp2(score_left * log2_base)
+    logit_right = tl.exp2(score_right * log2_base)
+    adjoint_left = adjoint * weight_left + tl.where(real_left, grad_logit_left * (logit_left * ln_base), 0.0)
+    adjoint_right = adjoint * weight_right + tl.where(real_right, grad_logit_right * (logit_right * ln_base), 0.0)
+    # round 0 writes the scores' gradient, 0 at padding (the torch path reads padding scores as a constant 0)
+    a_out = a_out_ptr + row * out_stride + a_out_offset
+    if bottom != 0:
+        tl.store(a_out + left, tl.where(real_left, adjoint_left, 0.0), mask=live)
+        tl.store(a_out + right, tl.where(real_right, adjoint_right, 0.0), mask=paired)
+    else:
+        tl.store(a_out + left, adjoint_left, mask=live)
+        tl.store(a_out + right, adjoint_right, mask=paired)
+        q_out = q_out_ptr + row * out_stride + q_out_offset
+        tl.store(q_out + left, weight_left * later, mask=live)
+        tl.store(q_out + right, weight_right * later, mask=paired)
 
 
 def _mix_forward(
@@ -351,9 +426,20 @@ def _mix_backward(
     tl.store(grad_wpos_ptr + positions, dot, mask=valid)
 
 
+if AVAILABLE:  # device functions called by the kernels
+    _block_of_pairs = triton.jit(_block_of_pairs)
+    _member_scores = triton.jit(_member_scores)
+
+#: the plan kernels: no specialization on integers or pointer alignment (one compiled kernel for all widths)
+_UNSPECIALIZED = ("_plan_round", "_plan_compose", "_plan_subtree", "_plan_reverse")
+
+
 @functools.cache
 def _kernel(fn):
-    return triton.jit(fn)
+    if fn.__name__ not in _UNSPECIALIZED:
+        return triton.jit(fn)
+    runtime = [name for name, p in inspect.signature(fn).parameters.items() if "constexpr" not in str(p.annotation)]
+    return triton.jit(fn, do_not_specialize=runtime, do_not_specialize_on_alignment=runtime)
 
 
 def interpreted() -> bool:
@@ -361,29 +447,36 @@ def interpreted() -> bool:
     return AVAILABLE and type(tl.zeros).__name__ == "InterpretedFunction"
 
 
+@contextlib.contextmanager
+def record_launches():
+    """Inside the block, launches are recorded (kernel function, grid, args, meta) instead of run; call the
+    launchers with meta tensors (``device="meta"``) to list every launch of a shape without computing."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
+
+
 def _launch(fn, grid, *args, **meta):
     global launch_count, launching
+    if _recorded is not None:
+        _recorded.append((fn, grid, args, meta))
+        launch_grids.append((fn.__name__, grid))
+        return
     if not args[0].is_cuda and not interpreted():
         raise RuntimeError(
             "the Triton top-k kernels take CPU tensors only in Triton's interpreter: set "
             "TRITON_INTERPRET=1 before triton is imported"
         )
     launch_count += 1
+    launch_grids.append((fn.__name__, grid))
     launching = True  # the interpreter runs torch operators of its own; counters skip those
     try:
         _kernel(fn)[grid](*args, **meta)
     finally:
         launching = False
-
-
-def _row_block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _row_warps(block: int) -> int:
-    """Warps for a one-row program: ~16 lanes per thread. Compiled for sm_90 (no GPU needed), the forward
-    plan at 8192 lanes takes 255 registers and spills 936 B with 8 warps, 128 and 584 B with 16."""
-    return max(4, min(32, block // 512))
 
 
 #: mix tiles: rows (slots or positions) × columns of d per program; 8×128 over 4 warps is one 16-byte
@@ -400,47 +493,87 @@ def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: 
 
     Returns members B×k×G int32 (dummy = n), weight_of_position B×n float32, slot_of_position B×n int32
     (flat b·k + slot), pooled scores B×k float32, pooled mask B×k bool, source_index B×k int64, and the
-    saved plan: index B×3×L int32 and values B×2×L float32 (L = :func:`plan_length`).
+    saved plan: index B×(L_w + 2·L_m) int32 and values B×2·L_w float32 (see the module docstring).
     """
     batch, n = scores.shape
-    if n >= 2**24:
-        raise ValueError(f"Triton top-k: at most 2**24 positions per row, got {n}")
-    num_rounds = len(round_widths(n, k))
-    group, length, block = 2**num_rounds, plan_length(n, k), _row_block(n)
-    device = scores.device
-    members = torch.empty(batch, k, group, dtype=torch.int32, device=device)
-    weight_of_position = torch.empty(batch, n, dtype=torch.float32, device=device)
-    slot_of_position = torch.empty(batch, n, dtype=torch.int32, device=device)
-    pooled_scores = torch.empty(batch, k, dtype=torch.float32, device=device)
-    pooled_mask = torch.empty(batch, k, dtype=torch.bool, device=device)
-    source_index = torch.empty(batch, k, dtype=torch.int64, device=device)
-    plan_index = torch.empty(batch, 3, length, dtype=torch.int32, device=device)
-    plan_value = torch.empty(batch, 2, length, dtype=torch.float32, device=device)
-    scratch = torch.empty(batch, 2, block, dtype=torch.int32, device=device)
+    layout = _Layout(n, k)
+    num_rounds, group = len(layout.new_widths), layout.group
+    index_stride, value_stride = layout.index_length, 2 * layout.level_length
+    new = functools.partial(torch.empty, device=scores.device)
+    plan_index = new(batch, index_stride, dtype=torch.int32)
+    plan_value = new(batch, value_stride, dtype=torch.float32)
+    pooled_scores = new(batch, k, dtype=torch.float32)
+    pooled_mask = new(batch, k, dtype=torch.bool)
+    # level 0 keys: the torch path's ranking key (padding -inf); the first round copies them into the plan
+    keys = torch.where(mask.contiguous(), scores.contiguous(), -math.inf)  # contiguous: row stride n
+    key_stride, key_offset = n, 0
+    log2_base = math.log2(base)
+    for r, (width, new_width) in enumerate(zip(layout.widths, layout.new_widths, strict=True)):
+        level = layout.level_offsets[r]
+        if r:
+            keys, key_stride, key_offset = plan_value, value_stride, level
+            level_keys = plan_value[:, level : level + width]
+        else:
+            level_keys = keys
+        order = level_keys.sort(dim=1, descending=True, stable=True).indices
+        rank = order[:, :new_width].sort(dim=1).indices if sort_back else order
+        blocks = triton.cdiv(new_width, PAIR_BLOCK)
+        last = r == num_rounds - 1
+        _launch(
+            _plan_round,
+            (batch * blocks,),
+            keys,
+            order,
+            rank,
+            plan_index,
+            plan_value,
+            pooled_scores,
+            pooled_mask,
+            width,
+            new_width,
+            blocks,
+            order.stride(0),
+            rank.stride(0),
+            key_stride,
+            key_offset,
+            index_stride,
+            value_stride,
+            level,
+            layout.level_length,
+            layout.level_length + layout.pair_offsets[r],
+            layout.level_length + layout.pair_length + layout.pair_offsets[r],
+            0 if last else layout.level_offsets[r + 1],
+            int(last),
+            log2_base,
+            FLIP=flip_right,
+            SORT_BACK=sort_back,
+            BLOCK=PAIR_BLOCK,
+            num_warps=PAIR_WARPS,
+        )
+    members = torch.full((batch, k, group), n, dtype=torch.int32, device=scores.device)
+    weight_of_position = new(batch, n, dtype=torch.float32)
+    slot_of_position = new(batch, n, dtype=torch.int32)
+    source_index = new(batch, k, dtype=torch.int64)
+    blocks = triton.cdiv(n, POSITION_BLOCK)
     _launch(
-        _plan_forward,
-        (batch,),
-        scores.contiguous(),
-        mask.contiguous(),
+        _plan_compose,
+        (batch * blocks,),
+        plan_index,
+        plan_value,
         members,
         weight_of_position,
         slot_of_position,
-        pooled_scores,
-        pooled_mask,
         source_index,
-        plan_index,
-        plan_value,
-        scratch,
         n,
         k,
         num_rounds,
         group,
-        length,
-        math.log2(base),
-        FLIP=flip_right,
-        SORT_BACK=sort_back,
-        BLOCK=block,
-        num_warps=_row_warps(block),
+        blocks,
+        index_stride,
+        value_stride,
+        layout.level_length,
+        BLOCK=POSITION_BLOCK,
+        num_warps=POSITION_WARPS,
     )
     return (
         members,
@@ -464,27 +597,88 @@ def plan_backward(
 ) -> Tensor:
     """Gradient of the scores (B×n float32) from those of weight_of_position (B×n) and pooled scores (B×k)."""
     batch, n = grad_weight_of_position.shape
-    length, block = plan_index.size(2), _row_block(n)
+    layout = _Layout(n, k)
+    num_rounds, pairs = len(layout.new_widths), layout.pair_length
+    index_stride, value_stride = layout.index_length, 2 * layout.level_length
+    grad_wpos = grad_weight_of_position.float().contiguous()
+    grad_pooled = grad_pooled_scores.float().contiguous()
     grad_scores = torch.empty(batch, n, dtype=torch.float32, device=plan_index.device)
-    work = torch.empty(batch, 3, length, dtype=torch.float32, device=plan_index.device)
-    _launch(
-        _plan_backward,
-        (batch,),
-        grad_weight_of_position.float().contiguous(),
-        grad_pooled_scores.float().contiguous(),
-        plan_index,
-        plan_value,
-        work,
-        grad_scores,
-        n,
-        k,
-        len(round_widths(n, k)),
-        length,
-        math.log2(base),
-        math.log(base),
-        BLOCK=block,
-        num_warps=_row_warps(block),
-    )
+    # per level above the input, indexed like the new slots of the round that made it: T, Q, A
+    work = torch.empty(batch, 3 * pairs, dtype=torch.float32, device=plan_index.device)
+    work_stride = 3 * pairs
+
+    def subtree(r):  # T of level r: dW at the input, else the section written by round r - 1
+        return (grad_wpos, n, 0) if r == 0 else (work, work_stride, layout.pair_offsets[r - 1])
+
+    def pair_args(r):
+        blocks = triton.cdiv(layout.new_widths[r], PAIR_BLOCK)
+        left = layout.level_length + layout.pair_offsets[r]
+        return blocks, (layout.new_widths[r], blocks, index_stride, value_stride), (left, left + pairs)
+
+    for r in range(num_rounds - 1):  # forward sweep: T of levels 1 .. R-1
+        blocks, sizes, sides = pair_args(r)
+        t_in, t_in_stride, t_in_offset = subtree(r)
+        _launch(
+            _plan_subtree,
+            (batch * blocks,),
+            plan_index,
+            plan_value,
+            t_in,
+            work,
+            *sizes,
+            layout.level_length + layout.level_offsets[r],
+            *sides,
+            t_in_stride,
+            t_in_offset,
+            work_stride,
+            layout.pair_offsets[r],
+            BLOCK=PAIR_BLOCK,
+            num_warps=PAIR_WARPS,
+        )
+    log2_base, ln_base = math.log2(base), math.log(base)
+    for r in reversed(range(num_rounds)):  # reverse sweep: Q and A of level r from level r + 1
+        blocks, sizes, sides = pair_args(r)
+        t_in, t_in_stride, t_in_offset = subtree(r)
+        top, bottom = r == num_rounds - 1, r == 0
+        if top:
+            a_in, in_stride, q_in_offset, a_in_offset = grad_pooled, k, 0, 0
+        else:
+            a_in, in_stride = work, work_stride
+            q_in_offset, a_in_offset = pairs + layout.pair_offsets[r], 2 * pairs + layout.pair_offsets[r]
+        if bottom:
+            out, out_stride, q_out_offset, a_out_offset = grad_scores, n, 0, 0
+        else:
+            out, out_stride = work, work_stride
+            q_out_offset, a_out_offset = pairs + layout.pair_offsets[r - 1], 2 * pairs + layout.pair_offsets[r - 1]
+        _launch(
+            _plan_reverse,
+            (batch * blocks,),
+            plan_index,
+            plan_value,
+            t_in,
+            a_in,
+            a_in,
+            out,
+            out,
+            *sizes,
+            layout.level_offsets[r],
+            layout.level_length + layout.level_offsets[r],
+            *sides,
+            t_in_stride,
+            t_in_offset,
+            in_stride,
+            q_in_offset,
+            a_in_offset,
+            out_stride,
+            q_out_offset,
+            a_out_offset,
+            int(top),
+            int(bottom),
+            log2_base,
+            ln_base,
+            BLOCK=PAIR_BLOCK,
+            num_warps=PAIR_WARPS,
+        )
     return grad_scores
 
 
@@ -537,7 +731,7 @@ def mix_backward(grad_values: Tensor, x: Tensor, weight_of_position: Tensor, slo
 
 
 class _TopK(torch.autograd.Function):
-    """Eager autograd over the launchers: two launches forward, two backward, little Python between."""
+    """Eager autograd over the launchers: the plan and mix forward, the mix and plan backward."""
 
     @staticmethod
     def forward(ctx, x, scores, mask, k, base, flip_right, sort_back):
@@ -590,7 +784,8 @@ if AVAILABLE:
     @topk_plan.register_fake
     def _(scores, mask, k, base, flip_right, sort_back):
         batch, n = scores.shape
-        group, length = 2 ** len(round_widths(n, k)), plan_length(n, k)
+        layout = _Layout(n, k)
+        group = layout.group
         new = scores.new_empty
         return (
             new(batch, k, group, dtype=torch.int32),
@@ -599,8 +794,8 @@ if AVAILABLE:
             new(batch, k, dtype=torch.float32),
             new(batch, k, dtype=torch.bool),
             new(batch, k, dtype=torch.int64),
-            new(batch, 3, length, dtype=torch.int32),
-            new(batch, 2, length, dtype=torch.float32),
+            new(batch, layout.index_length, dtype=torch.int32),
+            new(batch, 2 * layout.level_length, dtype=torch.float32),
         )
 
     @torch.library.custom_op("pyramidion::topk_plan_backward", mutates_args=())

@@ -31,7 +31,9 @@ def test_topk_cuda_matches_cpu(n, k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "n,k,sort_back,flip_right", [(8192, 2048, False, True), (1000, 300, True, True), (4096, 100, True, False)]
+    "n,k,sort_back,flip_right",
+    # 65536: past the 32k lanes the one-program-per-row kernels could not launch (issue #24)
+    [(8192, 2048, False, True), (1000, 300, True, True), (4096, 100, True, False), (65536, 16384, True, True)],
 )
 def test_topk_triton_matches_torch_path(monkeypatch, dtype, n, k, sort_back, flip_right):
     """The Triton kernels against the torch path on CUDA: same pairing, values and gradients."""
@@ -59,7 +61,7 @@ def test_topk_triton_matches_torch_path(monkeypatch, dtype, n, k, sort_back, fli
         torch.autograd.backward([out.values, out.scores], [grad_values, grad_scores])
         outputs[backend] = (out, xs.grad, ss.grad, topk_triton.launch_count - launches)
     (ref, ref_gx, ref_gs, _), (tri, tri_gx, tri_gs, launches) = outputs["torch"], outputs["triton"]
-    assert launches == 4
+    assert launches == topk_triton.launches_per_call(n, k)
     assert torch.equal(tri.source_index, ref.source_index) and torch.equal(tri.mask, ref.mask)
     # bf16: the torch path rounds the mixing weights to bf16, the kernels mix in float32
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
