@@ -135,8 +135,11 @@ class MultiheadAttention(nn.Module):
     def fused_padding_attention(self, x: Tensor) -> bool:
         """Whether a padded batch's blockwise attention runs FlexAttention: only inside a compiled graph
         (eagerly it would materialise the scores), without attention dropout (FlexAttention has none), and
-        on CPU only without gradients (no CPU backward)."""
+        on CPU only without gradients (no CPU backward); for head sizes its kernels take (a power of two
+        from 16)."""
         if flex_attention is None or not torch.compiler.is_compiling():
+            return False
+        if self.head_dim < 16 or self.head_dim & (self.head_dim - 1):
             return False
         if self.training and self.attention_dropout > 0:
             return False

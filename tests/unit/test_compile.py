@@ -28,6 +28,23 @@ def _model(variant, dropout=0.0):
     return PyramidionModel(cfg).train()
 
 
+def _small_pyramidion():
+    """Two encoder layers over 256 tokens pooling to 128 then 32 (chunks of 64), one decoder layer."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        preset="debug",
+        variant="pyramidion",
+        vocab_size=VOCAB,
+        dropout=0.0,
+        encoder_layers=2,
+        decoder_layers=1,
+        max_source_positions=256,
+        pooling_schedule=[128, 32],
+        chunk_size=64,
+    )
+    return PyramidionModel(cfg)
+
+
 def _batch(lengths, tgt_len=16, seed=0):
     generator = torch.Generator().manual_seed(seed)
     n = max(lengths)
@@ -96,19 +113,8 @@ def test_compiled_encoder_keeps_a_fused_attention_with_padding_and_no_mask_witho
     """Issue 24 item 4: a padded batch's compiled encoder runs FlexAttention (a block mask holding the chunks
     and the padding), not SDPA with a mask (which rules out FlashAttention); a batch the caller declares
     unpadded (``padded=False``) compiles a graph of its own with no mask anywhere. Outputs equal eager."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        preset="debug",
-        variant="pyramidion",
-        vocab_size=VOCAB,
-        dropout=0.0,
-        encoder_layers=2,
-        decoder_layers=1,
-        max_source_positions=256,
-        pooling_schedule=[128, 32],
-        chunk_size=64,
-    )
-    model = PyramidionModel(cfg).eval()
+    model = _small_pyramidion().eval()
+    cfg = model.cfg
     graphs = []
 
     def recording_backend(gm, example_inputs):
@@ -188,18 +194,8 @@ def test_an_epoch_of_bucketed_batches_compiles_a_bounded_number_of_graphs():
     rng = torch.Generator().manual_seed(3)
     src_sizes = torch.randint(20, 257, (60,), generator=rng).tolist()
     tgt_sizes = torch.randint(3, 100, (60,), generator=rng).tolist()
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        preset="debug",
-        variant="pyramidion",
-        vocab_size=VOCAB,
-        dropout=0.0,
-        encoder_layers=2,
-        decoder_layers=1,
-        max_source_positions=256,
-        pooling_schedule=[128, 32],
-    )
-    model = PyramidionModel(cfg).train()
+    model = _small_pyramidion().train()
+    cfg = model.cfg
 
     graphs = []
 
