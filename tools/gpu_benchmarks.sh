@@ -12,7 +12,7 @@
 #   train               DeepSpeed training steps, base in bf16, ZeRO-2 and 3, 8k and 16k, three variants
 #   train_graphs        the pyramidion's training step under torch.compile mode reduce-overhead (CUDA graphs)
 #   generate_variants   issue 28: pyramidion vs blockwise vs vanilla summarizing, bf16, CUDA graphs as shipped
-#   tests_gpu           the GPU tests (OUT/tests_gpu.txt), with whatever time is left
+#   tests_gpu           the GPU tests (OUT/logs/tests_gpu.log), with whatever time is left
 # Only when named: topk_profile encoder_compile train_overflow generate generate_hard calibrate.
 #
 # Every benchmark writes its JSON itself (--output OUT/STEP.json), rewritten atomically after every row,
@@ -120,20 +120,22 @@ if (( ! dry )); then
   write_summary
 fi
 
-# every import, version and fallback first, each written as it is found: env.json says what failed
-step env 60 -- "$py" -m pyramidion_ds.bench.env --output "$out/env.json"
+# every import, version and fallback first, each written as it is found: env.json says what failed. The
+# limit holds FusedAdam's JIT build (about a minute, ../shared/gpu/README.md): cut short, it would leave its
+# build lock for the train steps to wait on
+step env 90 -- "$py" -m pyramidion_ds.bench.env --output "$out/env.json"
 # the kernels' compile budget is 20 s each on one core (issue 24); they compile here and nowhere else
 step precompile 60 -- "$py" "${bench[@]}" topk --precompile "${dev[@]}" --output "$out/precompile.json"
 step topk 30 -- "$py" "${bench[@]}" topk "${dev[@]}" "${topk_shape[@]}" --compile --output "$out/topk.json"
-step encoder 60 -- "$py" "${bench[@]}" encoder "${dev[@]}" "${encoder[@]}" \
+step encoder 50 -- "$py" "${bench[@]}" encoder "${dev[@]}" "${encoder[@]}" \
   --variants blockwise,pyramidion,pyramidion_default_schedule --output "$out/encoder.json"
-step train 100 -- "$py" "${bench[@]}" train "${train[@]}" "${train_lengths[@]}" --variants vanilla blockwise pyramidion \
+step train 90 -- "$py" "${bench[@]}" train "${train[@]}" "${train_lengths[@]}" --variants vanilla blockwise pyramidion \
   --output "$out/train.json"
 step train_graphs 70 -- "$py" "${bench[@]}" train "${train[@]}" "${train_graphs_length[@]}" --stages 2 \
   --variants pyramidion --compile --compile-mode reduce-overhead --output "$out/train_graphs.json"
 step generate_variants 60 -- "$py" "${bench[@]}" generate --variants pyramidion,blockwise,vanilla "${dev[@]}" \
   "${generate[@]}" --output "$out/generate_variants.json"
-step tests_gpu 40 -- "$py" -m pytest -q tests/gpu -p no:cacheprovider -rs
+step tests_gpu 30 -- "$py" -m pytest -q tests/gpu -p no:cacheprovider -rs
 # only when named
 step topk_profile 120 -- "$py" "${bench[@]}" topk "${dev[@]}" --shape 8x8192x2048x512 --profile --backend triton
 step encoder_compile 200 -- "$py" "${bench[@]}" encoder "${dev[@]}" "${encoder[@]}" \
