@@ -14,7 +14,7 @@ compiled encoder layer whose batch has padding runs FlexAttention instead, with 
 both the chunks and the padding (blocks outside every chunk are skipped, blocks with no padding run
 unmasked); a batch without padding passes no mask at all and stays on SDPA. FlexAttention has no
 backward on CPU, so a CPU graph that needs gradients keeps the masked SDPA. Eager calls always take
-SDPA (:func:`fused_padding_attention` says which path a call takes).
+SDPA (:meth:`MultiheadAttention.fused_padding_attention` says which path a call takes).
 """
 
 from __future__ import annotations
