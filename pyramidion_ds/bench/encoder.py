@@ -1,12 +1,16 @@
 """pyramidion-bench encoder: encoder forward + backward tokens/s for the four variants, same run, same machine.
 
 Pyramidion runs with its widths halving after every layer (n/2, n/4, ...) and, as a second entry, with the
-config's default schedule; the report gives each variant's tokens/s and the pyramidion/blockwise ratio.
+config's default schedule (the one training uses unless a config sets its own); the report gives each
+variant's tokens/s and the pyramidion/blockwise ratio. ``--output FILE`` rewrites FILE after every length,
+so a run cut short keeps the lengths it measured (:mod:`.output`); a variant that fails (e.g. out of
+memory at 64k) is recorded as an error and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -15,6 +19,8 @@ import torch
 
 from pyramidion_ds.config.model import MODEL_PRESETS, ModelConfig
 from pyramidion_ds.model.encoder import Encoder
+
+from .output import ReportFile
 
 DEFAULT_LENGTHS = (2048, 8192, 16384)
 VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion", "pyramidion_default_schedule")
@@ -50,7 +56,7 @@ def time_encoder(encoder: Encoder, batch_size: int, length: int, *, repeats: int
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = encoder(embedded.requires_grad_(True), real_mask)
+        out = encoder(embedded.requires_grad_(True), real_mask, padded=False)  # no padding: no mask
         out.hidden.float().square().mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -78,44 +84,62 @@ def run(
     repeats=2,
     warmup=1,
     compile=False,
+    output=None,
 ) -> dict:
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    results = []
+    device_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else str(device)
+    report = ReportFile(
+        output,
+        {
+            "benchmark": "encoder",
+            "preset": preset,
+            "device": device_name,
+            "dtype": dtype,
+            "compile": compile,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        rows_key="results",
+    )
     for length in lengths:
         row = {"length": length, "batch_size": batch_size}
         for variant in variants:
             torch.manual_seed(0)
-            encoder = make_encoder(variant, preset, length, device, torch_dtype)
-            if compile:  # fuses the top-k's score-side rounds and the layers' elementwise chains
-                compiled = torch.compile(encoder)
-                compiled.cfg, compiled.widths = encoder.cfg, encoder.widths
-                encoder = compiled
-            row[variant] = time_encoder(encoder, batch_size, length, repeats=repeats, warmup=warmup)
-            del encoder
-        for variant in ("blockwise", "pyramidion"):
-            if variant in row and "vanilla" in row:
-                ratio = row[variant]["tokens_per_s"] / row["vanilla"]["tokens_per_s"]
-                row[f"{variant}_over_vanilla"] = round(ratio, 2)
-        if "pyramidion" in row and "blockwise" in row:
-            row["pyramidion_over_blockwise"] = round(
-                row["pyramidion"]["tokens_per_s"] / row["blockwise"]["tokens_per_s"], 2
-            )
-        if "pyramidion_default_schedule" in row and "blockwise" in row:
-            row["default_schedule_over_blockwise"] = round(
-                row["pyramidion_default_schedule"]["tokens_per_s"] / row["blockwise"]["tokens_per_s"], 2
-            )
-        results.append(row)
-    device_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else str(device)
-    return {
-        "benchmark": "encoder",
-        "preset": preset,
-        "device": device_name,
-        "dtype": dtype,
-        "compile": compile,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "results": results,
-    }
+            try:
+                encoder = make_encoder(variant, preset, length, device, torch_dtype)
+                if compile:  # fuses the top-k's score-side rounds and the layers' elementwise chains
+                    compiled = torch.compile(encoder)
+                    compiled.cfg, compiled.widths = encoder.cfg, encoder.widths
+                    encoder = compiled
+                row[variant] = time_encoder(encoder, batch_size, length, repeats=repeats, warmup=warmup)
+            except Exception as err:  # e.g. out of memory: record it and measure the rest
+                row[variant] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]}
+            encoder = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        add_ratios(row)
+        report.add(row)
+    return report.finish()
+
+
+def add_ratios(row: dict) -> None:
+    """Tokens/s ratios between the variants of one length row (those that ran)."""
+
+    def ratio(variant, reference):
+        if "tokens_per_s" in row.get(variant, {}) and "tokens_per_s" in row.get(reference, {}):
+            return round(row[variant]["tokens_per_s"] / row[reference]["tokens_per_s"], 2)
+        return None
+
+    for name, variant, reference in (
+        ("blockwise_over_vanilla", "blockwise", "vanilla"),
+        ("pyramidion_over_vanilla", "pyramidion", "vanilla"),
+        ("pyramidion_over_blockwise", "pyramidion", "blockwise"),
+        ("default_schedule_over_blockwise", "pyramidion_default_schedule", "blockwise"),
+    ):
+        value = ratio(variant, reference)
+        if value is not None:
+            row[name] = value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="time the encoder under torch.compile")
+    parser.add_argument("--output", default=None, help="also write the JSON here, rewritten after every length")
     return parser
 
 
@@ -157,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         compile=args.compile,
+        output=args.output,
     )
     print(json.dumps(report, indent=2))
     return 0

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .output import write_json
+
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
 
@@ -622,9 +624,9 @@ def main(argv: list[str] | None = None) -> int:
         zero3_worker(args.zero3_worker, args.preset, args.vocab)
         return 0
 
-    def write(result):
+    def write(result):  # after every row: a file that parses whenever the run stops (see .output)
         if args.output:
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.output, result)
 
     if args.steps < 1 or args.block < 1:
         parser.error(f"--steps and --block: got {args.steps} and {args.block}, expected integers >= 1")

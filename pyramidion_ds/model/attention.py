@@ -8,16 +8,28 @@ width-n sequence into chunks and folds them into the batch::
 Cross-attention keeps the encoder's K/V at one row per *source* (B×H×k×dh); the B·beam decoder rows
 (source-major: row b·beam + j is beam j of source b) are folded into the query length instead, so the
 K/V are computed once per source and never copied per beam.
+
+Padding under ``torch.compile``: SDPA takes its fused FlashAttention kernel only without a mask, so a
+compiled encoder layer whose batch has padding runs FlexAttention instead, with a block mask that holds
+both the chunks and the padding (blocks outside every chunk are skipped, blocks with no padding run
+unmasked); a batch without padding passes no mask at all and stays on SDPA. FlexAttention has no
+backward on CPU, so a CPU graph that needs gradients keeps the masked SDPA. Eager calls always take
+SDPA (:meth:`MultiheadAttention.fused_padding_attention` says which path a call takes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:  # FlexAttention: torch >= 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - depends on the install
+    create_block_mask = flex_attention = None
 
 KeyValue = tuple[Tensor, Tensor]  # each B×H×L×dh
 
@@ -107,6 +119,10 @@ class MultiheadAttention(nn.Module):
             real_mask = F.pad(real_mask, (0, pad), value=False)
         num_chunks = (n + pad) // chunk_size
 
+        if real_mask is not None and self.fused_padding_attention(x):
+            q, k, v = self._project_qkv(x)  # B×H×(n+pad)×dh: the block mask holds the chunks
+            out = self.merge_heads(flex_attention(q, k, v, block_mask=chunk_block_mask(real_mask, chunk_size)))
+            return self.out_proj(out[:, :n] if pad else out)
         attn_mask = None  # no padding anywhere: no mask, so SDPA may pick its flash kernel
         if real_mask is not None:
             key_mask = real_mask.reshape(batch * num_chunks, chunk_size)
@@ -115,6 +131,19 @@ class MultiheadAttention(nn.Module):
         out = self._sdpa(q, k, v, attn_mask=attn_mask)
         out = self.merge_heads(out).reshape(batch, n + pad, d)
         return self.out_proj(out[:, :n] if pad else out)
+
+    def fused_padding_attention(self, x: Tensor) -> bool:
+        """Whether a padded batch's blockwise attention runs FlexAttention: only inside a compiled graph
+        (eagerly it would materialise the scores), without attention dropout (FlexAttention has none), and
+        on CPU only without gradients (no CPU backward); for head sizes its kernels take (a power of two
+        from 16)."""
+        if flex_attention is None or not torch.compiler.is_compiling():
+            return False
+        if self.head_dim < 16 or self.head_dim & (self.head_dim - 1):
+            return False
+        if self.training and self.attention_dropout > 0:
+            return False
+        return x.is_cuda or not (torch.is_grad_enabled() and x.requires_grad)
 
     # -- decoder self-attention ------------------------------------------------------------------------
     def causal(
@@ -156,8 +185,9 @@ class MultiheadAttention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
-    def cross(self, x: Tensor, source_kv: KeyValue, source_mask: Tensor) -> Tensor:
-        """x: (B·beam)×t×d queries, source-major; source_kv: B×H×k×dh; source_mask: B×k (True = real)."""
+    def cross(self, x: Tensor, source_kv: KeyValue, source_mask: Optional[Tensor]) -> Tensor:
+        """x: (B·beam)×t×d queries, source-major; source_kv: B×H×k×dh; source_mask: B×k (True = real), or
+        None when no source has padding (SDPA then runs unmasked)."""
         num_sources = source_kv[0].size(0)
         rows, t, d = x.shape
         if rows % num_sources:
@@ -166,8 +196,23 @@ class MultiheadAttention(nn.Module):
             )
         beam = rows // num_sources
         q = self.split_heads(self.q_proj(x).reshape(num_sources, beam * t, d))  # B×H×(beam·t)×dh
-        out = self._sdpa(q, source_kv[0], source_kv[1], attn_mask=source_mask[:, None, None, :])
+        attn_mask = None if source_mask is None else source_mask[:, None, None, :]
+        out = self._sdpa(q, source_kv[0], source_kv[1], attn_mask=attn_mask)
         return self.out_proj(self.merge_heads(out).reshape(rows, t, d))
+
+
+def chunk_block_mask(real_mask: Tensor, chunk_size: int):
+    """FlexAttention block mask of blockwise attention over real_mask (B×L, L a multiple of chunk_size):
+    a query sees the keys of its own chunk that are real, or every key of a chunk without a real one
+    (the SDPA path's rule, so padding outputs match too)."""
+    batch, length = real_mask.shape
+    empty_chunk = ~real_mask.view(batch, length // chunk_size, chunk_size).any(dim=-1)  # B×c
+
+    def mask_mod(b, h, q_index, kv_index):
+        chunk = kv_index // chunk_size
+        return (q_index // chunk_size == chunk) & (real_mask[b, kv_index] | empty_chunk[b, chunk])
+
+    return create_block_mask(mask_mod, batch, None, length, length, device=real_mask.device)
 
 
 # -- checkpoints written before the fused projections ------------------------------------------------------

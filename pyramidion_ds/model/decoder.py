@@ -121,9 +121,11 @@ class Decoder(nn.Module):
         for index, layer in enumerate(self.layers):
             past = cache.self_kv[index] if cache is not None else None
             if checkpoint is not None:
-                x = checkpoint(_first_output(layer), x, source_kv[index][0], source_kv[index][1], encoder_out.mask)
+                x = checkpoint(
+                    _first_output(layer), x, source_kv[index][0], source_kv[index][1], encoder_out.attention_mask
+                )
             else:
-                x, present = layer(x, source_kv[index], encoder_out.mask, past)
+                x, present = layer(x, source_kv[index], encoder_out.attention_mask, past)
                 if cache is not None:
                     cache.self_kv[index] = present
         if cache is not None:

@@ -67,6 +67,8 @@ class EncoderOut:
     mask: Tensor  #: B×k bool, True = real content (False = padding)
     source_positions: Tensor  #: B×k, original token position dominating each output slot
     pooling: list[PoolingInfo] = field(default_factory=list)
+    #: False when no slot is padding (known on the host): cross-attention then runs without a mask
+    padded: bool = True
 
     @property
     def padding_mask(self) -> Tensor:
@@ -80,7 +82,13 @@ class EncoderOut:
             self.mask.index_select(0, source_order),
             self.source_positions.index_select(0, source_order),
             self.pooling,
+            self.padded,
         )
+
+    @property
+    def attention_mask(self) -> Optional[Tensor]:
+        """The mask cross-attention needs: None when nothing is padding."""
+        return self.mask if self.padded else None
 
 
 def pooling_layers(cfg: ModelConfig, widths: Optional[list[int]] = None) -> set[int]:
@@ -138,18 +146,27 @@ class Encoder(nn.Module):
             x = F.layer_norm(x, x.shape[-1:])  # no affine parameters: the weights layout is unchanged
         return self.scorers[layer](x)
 
-    def forward(self, embedded: Tensor, real_mask: Tensor) -> EncoderOut:
-        """embedded: B×n×d scaled token embeddings; real_mask: B×n (True = token)."""
+    def forward(self, embedded: Tensor, real_mask: Tensor, padded: Optional[bool] = None) -> EncoderOut:
+        """embedded: B×n×d scaled token embeddings; real_mask: B×n (True = token). ``padded=False`` says
+        (from the host) that no position is padding; None finds out."""
         batch, n, _ = embedded.shape
         x = self.dropout(embedded + self.positions(n).to(embedded.dtype))
         source_positions = torch.arange(n, device=x.device).expand(batch, n)
         pooling = []
-        # eager: one host sync per forward, so that a batch without padding runs its attention unmasked
-        # (flash kernels) until a pooling step could introduce padding slots. Compiled: always masked (an
-        # all-true mask changes nothing), so the graph has no data-dependent branch and no break
-        padded = torch.compiler.is_compiling() or not bool(real_mask.all())
+        # the fewest real tokens in a row, known on the host: a stage narrower than that has no padding
+        # (padding ranks last in the top-k), so its attention runs without a mask (flash kernels), as does
+        # the decoder's cross-attention when the output has none. Eager: one host sync per forward. A
+        # compiled graph cannot branch on data: unknown (always masked, FlexAttention) unless ``padded``
+        # says False, which compiles a graph of its own with no mask anywhere
+        if padded is False:
+            fewest_real: Optional[int] = n
+        elif torch.compiler.is_compiling():
+            fewest_real = None
+        else:
+            fewest_real = int(real_mask.sum(dim=1).min())
         for stage in self.stages(n):
-            x = self._run_stage(stage, x, real_mask if padded else None)
+            stage_padded = fewest_real is None or fewest_real < stage.width
+            x = self._run_stage(stage, x, real_mask if stage_padded else None)
             last = stage.layers[-1]
             if stage.pooled_width is None:
                 if last in self.pooling_layers:
@@ -170,6 +187,8 @@ class Encoder(nn.Module):
                 hard=self.cfg.hard_topk,
             )
             x, real_mask = pooled.values, pooled.mask
+            if fewest_real is not None:
+                fewest_real = min(fewest_real, stage.pooled_width)
             source_positions = source_positions.gather(1, pooled.source_index)
             pooling.append(
                 PoolingInfo(
@@ -184,7 +203,7 @@ class Encoder(nn.Module):
             )
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        return EncoderOut(x, real_mask, source_positions, pooling)
+        return EncoderOut(x, real_mask, source_positions, pooling, fewest_real is None or fewest_real < x.size(1))
 
     def _run_stage(self, stage: Stage, x: Tensor, real_mask: Tensor) -> Tensor:
         checkpoint = self.checkpoint_fn if torch.is_grad_enabled() else None

@@ -34,8 +34,13 @@ class PyramidionModel(nn.Module):
         self.decoder = Decoder(cfg)
 
     # -- the API -----------------------------------------------------------------------------------------
-    def encode(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None) -> EncoderOut:
-        """src_tokens B×n (right-padded with pad_id) → EncoderOut (hidden B×k×d, mask B×k, pooling info)."""
+    def encode(
+        self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None, padded: Optional[bool] = None
+    ) -> EncoderOut:
+        """src_tokens B×n (right-padded with pad_id) → EncoderOut (hidden B×k×d, mask B×k, pooling info).
+
+        ``padded=False``: the caller knows that no source has padding (no mask is built or synced on).
+        """
         if src_tokens.size(1) > self.cfg.max_source_positions:
             raise ValueError(
                 f"encode: source of {src_tokens.size(1)} tokens is longer than "
@@ -45,11 +50,17 @@ class PyramidionModel(nn.Module):
             real_mask = src_tokens.ne(self.cfg.pad_id)
         else:
             real_mask = torch.arange(src_tokens.size(1), device=src_tokens.device) < src_lengths.unsqueeze(1)
-        return self.encoder(self.embed_tokens(src_tokens), real_mask)
+        return self.encoder(self.embed_tokens(src_tokens), real_mask, padded)
 
-    def forward(self, src_tokens: Tensor, src_lengths: Optional[Tensor], prev_output_tokens: Tensor) -> Tensor:
-        """Teacher-forced logits B×t×V."""
-        encoder_out = self.encode(src_tokens, src_lengths)
+    def forward(
+        self,
+        src_tokens: Tensor,
+        src_lengths: Optional[Tensor],
+        prev_output_tokens: Tensor,
+        padded: Optional[bool] = None,
+    ) -> Tensor:
+        """Teacher-forced logits B×t×V (``padded`` as in :meth:`encode`)."""
+        encoder_out = self.encode(src_tokens, src_lengths, padded)
         hidden = self.decoder(self.embed_tokens(prev_output_tokens), encoder_out)
         return self.embed_tokens(hidden, project=True)
 

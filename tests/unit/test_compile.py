@@ -9,6 +9,8 @@ in widths and chunking, so they are traced by Dynamo alone (``backend="eager"``,
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,6 +26,23 @@ def _model(variant, dropout=0.0):
     cfg = ModelConfig(preset="debug", variant=variant, vocab_size=VOCAB, dropout=dropout)
     cfg.validate()
     return PyramidionModel(cfg).train()
+
+
+def _small_pyramidion():
+    """Two encoder layers over 256 tokens pooling to 128 then 32 (chunks of 64), one decoder layer."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        preset="debug",
+        variant="pyramidion",
+        vocab_size=VOCAB,
+        dropout=0.0,
+        encoder_layers=2,
+        decoder_layers=1,
+        max_source_positions=256,
+        pooling_schedule=[128, 32],
+        chunk_size=64,
+    )
+    return PyramidionModel(cfg)
 
 
 def _batch(lengths, tgt_len=16, seed=0):
@@ -77,6 +96,77 @@ def test_unpadded_batch_and_dropout_compile_without_breaks():
     assert torch.isfinite(loss)
 
 
+def _attention_calls(graph_module):
+    """The attention operators of a Dynamo graph: ("flex", None) or ("sdpa", whether a mask is passed)."""
+    calls = []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if "flex_attention" in str(node.target):
+            calls.append(("flex", None))
+        elif "scaled_dot_product_attention" in str(node.target):
+            calls.append(("sdpa", node.kwargs.get("attn_mask") is not None))
+    return calls
+
+
+def test_compiled_encoder_keeps_a_fused_attention_with_padding_and_no_mask_without():
+    """Issue 24 item 4: a padded batch's compiled encoder runs FlexAttention (a block mask holding the chunks
+    and the padding), not SDPA with a mask (which rules out FlashAttention); a batch the caller declares
+    unpadded (``padded=False``) compiles a graph of its own with no mask anywhere. Outputs equal eager."""
+    model = _small_pyramidion().eval()
+    cfg = model.cfg
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def encode(model, src, src_lengths, padded=None):
+        out = model.encode(src, src_lengths, padded)
+        return out.hidden, out.mask
+
+    torch._dynamo.reset()
+    compiled = torch.compile(encode, backend=recording_backend, fullgraph=True, dynamic=False)
+    src, src_lengths, _, _ = _batch([256, 150])  # FlexAttention has no CPU backward: a forward graph here
+    full, full_lengths, _, _ = _batch([256, 256], seed=1)
+    with torch.no_grad():
+        padded_out, padded_eager = compiled(model, src, src_lengths), encode(model, src, src_lengths)
+        assert _attention_calls(graphs[-1]) == [("flex", None)] * cfg.encoder_layers
+        unpadded_out = compiled(model, full, full_lengths, False)
+        assert _attention_calls(graphs[-1]) == [("sdpa", False)] * cfg.encoder_layers
+        unpadded_eager = encode(model, full, full_lengths)
+    assert len(graphs) == 2
+    for got, want in ((padded_out, padded_eager), (unpadded_out, unpadded_eager)):
+        assert torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-5) and torch.equal(got[1], want[1])
+
+
+def test_cross_attention_runs_unmasked_once_pooling_leaves_no_padding():
+    """A stage narrower than the batch's fewest real tokens has no padding (padding ranks last in the
+    top-k): its layers and the decoder's cross-attention run with no mask, with the same outputs."""
+    model = _model("pyramidion")
+    src, src_lengths, prev, _ = _batch([512, 300])  # pooled to 256 < 300: no padding after the first stage
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask is not None)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    with torch.no_grad():
+        out = model.encode(src, src_lengths)
+        assert not out.padded and out.attention_mask is None and bool(out.mask.all())
+        torch.nn.functional.scaled_dot_product_attention = recording_sdpa
+        try:
+            logits = model(src, src_lengths, prev)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+        stages = model.encoder.stages(src.size(1))
+        assert masks[: len(stages[0].layers)] == [True] * len(stages[0].layers)
+        assert not any(masks[len(stages[0].layers) :]), masks
+        masked = model.decoder(model.embed_tokens(prev), dataclasses.replace(out, padded=True))
+        assert torch.allclose(model.embed_tokens(masked, project=True), logits, rtol=1e-5, atol=1e-5)
+
+
 def _epoch_batches(src_sizes, tgt_sizes, multiple, target_multiple):
     from pyramidion_ds.data.batching import make_batches, pad_target
     from pyramidion_ds.data.dataset import collate
@@ -104,18 +194,8 @@ def test_an_epoch_of_bucketed_batches_compiles_a_bounded_number_of_graphs():
     rng = torch.Generator().manual_seed(3)
     src_sizes = torch.randint(20, 257, (60,), generator=rng).tolist()
     tgt_sizes = torch.randint(3, 100, (60,), generator=rng).tolist()
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        preset="debug",
-        variant="pyramidion",
-        vocab_size=VOCAB,
-        dropout=0.0,
-        encoder_layers=2,
-        decoder_layers=1,
-        max_source_positions=256,
-        pooling_schedule=[128, 32],
-    )
-    model = PyramidionModel(cfg).train()
+    model = _small_pyramidion().train()
+    cfg = model.cfg
 
     graphs = []
 

@@ -8,12 +8,25 @@ operators must raise the budget below on purpose (and say why in its commit).
 The model is ``base``'s structure (6 + 6 layers, 8 heads, the default halving schedule: five poolings)
 at a small width and on a 1024-token input (``max_source_positions`` 1024, chunks of 64), so it runs in
 seconds: the operator count depends on the structure, not on the widths.
+
+The pyramidion is counted as it runs on a GPU, with the Triton top-k (in Triton's interpreter, in a child
+process: ``TRITON_INTERPRET=1`` must be set before triton is imported); its kernel launches count beside its
+operators. Its goal (issue 24, item 3) is to dispatch less than vanilla: it does the same layers and adds
+five scorers and top-ks, so it has to save that much elsewhere: stages narrower than the fewest real
+tokens of the batch, and the decoder's cross-attention after them, run with no attention mask at all.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -21,10 +34,13 @@ from pyramidion_ds.config.model import ModelConfig
 from pyramidion_ds.engine.optim import label_smoothed_nll_loss
 from pyramidion_ds.model import PyramidionModel
 
-#: measured 2,542 / 1,932 after fusing the attention projections (3,142 / 2,532 with separate q, k, v)
-BUDGET_ALL_OPERATORS = {"pyramidion": 2560, "vanilla": 1950}
-#: operators that are not views, each at least one kernel on a GPU: measured 1,030 / 750 (1,144 / 864 before)
-BUDGET_KERNEL_OPERATORS = {"pyramidion": 1040, "vanilla": 760}
+#: torch top-k path: measured 2,542 / 1,932 after fusing the attention projections (3,142 / 2,532 with
+#: separate q, k, v). Triton top-k (interpreted): pyramidion 2,147 operators + 20 launches, then 2,082 + 20
+#: once unpadded stages and cross-attention dropped their masks
+BUDGET_ALL_OPERATORS = {"pyramidion": 2100, "vanilla": 1950}
+#: operators that are not views, each at least one kernel on a GPU: measured 834 / 751 with the Triton
+#: top-k (1,030 / 750 on the torch path, 1,144 / 864 with separate q, k, v)
+BUDGET_KERNEL_OPERATORS = {"pyramidion": 845, "vanilla": 760}
 
 #: aten operators that only create a view (no kernel); ``is_view`` misses this one
 ALIASES = {"aten._unsafe_view"}
@@ -37,6 +53,10 @@ class OperatorCounter(TorchDispatchMode):
         self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from pyramidion_ds.model import topk_triton
+
+        if topk_triton.launching:  # the interpreter's own operators inside a Triton kernel
+            return func(*args, **(kwargs or {}))
         self.ops[str(func.overloadpacket)] += 1
         if not func.is_view and str(func.overloadpacket) not in ALIASES:
             self.kernels += 1
@@ -68,12 +88,68 @@ def count_training_step(variant: str) -> OperatorCounter:
     return counter
 
 
-def test_base_training_step_stays_within_its_launch_budget():
+def main():
+    """Child process (TRITON_INTERPRET=1, PYRAMIDION_TOPK=triton): both variants' counts as one JSON line."""
+    from pyramidion_ds.model import topk_triton
+
+    assert topk_triton.interpreted(), "run with TRITON_INTERPRET=1 set before triton is imported"
+    report = {}
     for variant in ("pyramidion", "vanilla"):
+        before = topk_triton.launch_count
         counter = count_training_step(variant)
-        total = sum(counter.ops.values())
-        top = ", ".join(f"{name} {count}" for name, count in counter.ops.most_common(8))
-        assert total <= BUDGET_ALL_OPERATORS[variant], f"{variant}: {total} operators dispatched ({top})"
-        assert counter.kernels <= BUDGET_KERNEL_OPERATORS[variant], (
-            f"{variant}: {counter.kernels} kernel-launching operators ({top})"
+        report[variant] = {
+            "operators": sum(counter.ops.values()),
+            "kernels": counter.kernels,
+            "launches": topk_triton.launch_count - before,
+            "top": counter.ops.most_common(8),
+        }
+    print(json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def counts():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYRAMIDION_TOPK="triton",
+        PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", "from tests.unit.test_launch_budget import main; main()"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    print(json.dumps({variant: {k: v for k, v in r.items() if k != "top"} for variant, r in report.items()}))
+    return report
+
+
+def test_base_training_step_stays_within_its_launch_budget(counts):
+    for variant, count in counts.items():
+        top = ", ".join(f"{name} {n}" for name, n in count["top"])
+        assert count["operators"] <= BUDGET_ALL_OPERATORS[variant], (
+            f"{variant}: {count['operators']} operators dispatched ({top})"
         )
+        assert count["kernels"] <= BUDGET_KERNEL_OPERATORS[variant], (
+            f"{variant}: {count['kernels']} kernel-launching operators ({top})"
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 24 item 3 is not reached yet: the top-k's own operators and launches (topk_triton.py) "
+    "outweigh what the glue saves; remove this mark when the assertion holds",
+)
+def test_pyramidion_dispatches_less_than_vanilla(counts):
+    pyramidion, vanilla = counts["pyramidion"], counts["vanilla"]
+    assert pyramidion["operators"] + pyramidion["launches"] < vanilla["operators"] + vanilla["launches"], (
+        f"pyramidion {pyramidion['operators']} operators + {pyramidion['launches']} Triton launches, "
+        f"vanilla {vanilla['operators']} + {vanilla['launches']}"
+    )
