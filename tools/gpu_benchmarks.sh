@@ -103,7 +103,7 @@ else
   encoder=(--preset base --lengths 8192,16384,32768,65536 --batch-size 2 --repeats 3 --warmup 2)
   # base model, bf16, the shipped DeepSpeed configs (ds_configs/zero2_bf16.json, zero3_bf16.json); 32,768
   # source tokens a step: batch 4 at 8k, 2 at 16k
-  train=(--preset base --tokens 32768 --tgt-len 256 --precision bf16 --vocab 32000 --steps 3 --warmup 2)
+  train=(--preset base --tokens 32768 --tgt-len 256 --precision bf16 --vocab 32000 --steps 6 --warmup 2)
   train_lengths=(--src-len 8192 16384 --stages 2 3)
   train_graphs_length=(--src-len 8192)
   generate=()
