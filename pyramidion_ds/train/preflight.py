@@ -14,7 +14,7 @@ from ..config.core import read_yaml
 from ..config.model import POOLING_KEYS
 from ..engine import read_ds_config, resolve_ds_config, validate_ds_config
 from ..errors import UsageError
-from .resume import check_resume
+from .resume import check_layout, check_resume
 
 #: model fields that must agree between a checkpoint and the model it is loaded into
 ARCHITECTURE_KEYS = (
@@ -118,6 +118,10 @@ def check_inputs(trainer) -> None:
     validate_ds_config(trainer.ds_config, source=cfg.train.deepspeed_config)
     trainer.open_data()
     trainer.resume_from = check_resume(trainer) if cfg.train.resume else None
+    if trainer.resume_from is not None:
+        # the update_freq that keeps the checkpoint's global batch may differ from the config's
+        trainer.ds_config = resolve_ds_config(raw_ds, cfg, trainer.world_size, source=cfg.train.deepspeed_config)
+        check_layout(trainer)
     if cfg.train.init_from:
         check_init_from(trainer)
 

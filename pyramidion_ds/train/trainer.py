@@ -98,6 +98,7 @@ class Trainer:
         self.ds_config: dict | None = None  # the DeepSpeed JSON merged with this config
         self.train_data = self.valid_data = None  # the opened splits
         self.resume_from = None  # CheckpointInfo of the checkpoint a resume continues, None = from scratch
+        self.layout_change: str | None = None  # how resume_from's world size / ZeRO stage differ from this run's
         self.init_source = None  # InitSource of --train.init_from
         # built by setup()
         self.train_sampler = None
@@ -138,6 +139,9 @@ class Trainer:
             self.check()
         self.log_notes()
         seed_everything(cfg.train.seed)
+        if cfg.train.resume:
+            log.info(resume.describe(self))
+            resume.prepare(self)  # a checkpoint of another layout: converted before anything else is written
 
         if self.rank == 0:  # the run dir describes itself: configs + vocabulary
             save_resolved(cfg, self.run_dir)
@@ -211,7 +215,11 @@ class Trainer:
             )
 
         self.train_sampler = ShardedBatchSampler(
-            batches_for(self.train_data, cfg.train.seed), self.rank, self.world_size, cfg.train.seed
+            batches_for(self.train_data, cfg.train.seed),
+            self.rank,
+            self.world_size,
+            cfg.train.seed,
+            update_freq=cfg.train.update_freq,
         )
         self.valid_batches = batches_for(self.valid_data, cfg.train.seed)(0)
         log.info(
@@ -530,6 +538,7 @@ class Trainer:
                         "spm_sha256": self.spm_hash,
                         "spm_identity": self.spm_id,
                         "zero_stage": self.bundle.zero_stage,
+                        "micro_batches_per_update": self.world_size * self.cfg.train.update_freq,
                     },
                 )
             except OSError as err:
@@ -707,7 +716,10 @@ def check_training(cfg: Config, world_size: int) -> int:
         raise UsageError(f"--world-size {world_size}: expected the number of ranks the job starts (>= 1)")
     setup_logging(0)
     logging.getLogger("pyramidion_ds").setLevel(logging.WARNING)  # the ranks log the run's description
-    Trainer(cfg, World(0, 0, world_size, world_size, "127.0.0.1", 0, "single")).check(verify=False)
+    trainer = Trainer(cfg, World(0, 0, world_size, world_size, "127.0.0.1", 0, "single"))
+    trainer.check(verify=False)
+    trainer.log_notes()  # e.g. a checkpoint skipped, and why
+    print(resume.describe(trainer))
     return EXIT_OK
 
 
