@@ -134,7 +134,7 @@ def convert(info: CheckpointInfo, workers: int | None = None) -> Path:
         raise CheckpointError(f"checkpoint '{info.path}' has no model states file ({' or '.join(MODEL_STATES)})")
     for name in MODEL_STATES:
         if not (out / name).is_file():
-            shutil.copyfile(out / present[0], out / name)
+            _link_or_copy(out / present[0], out / name)
     files = {}
     for file in sorted(out.rglob("*")):
         if file.is_file():
@@ -193,3 +193,11 @@ class _Args:
         self.keep_temp_folder = False
         self.strict = True
         self.inject_missing_state = True  # our client state has no universal_checkpoint_info (no TP/PP)
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """The same file under a second name: a hard link (no second copy on disk) where the filesystem allows."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
