@@ -177,10 +177,34 @@ def load_states(info: CheckpointInfo, name: str) -> dict:
     """``param name -> tensor`` of one per-parameter state of the conversion (``fp32``, ``exp_avg``,
     ``exp_avg_sq``): the consolidated optimizer state."""
     zero = universal_dir(info) / "zero"
-    return {
-        str(p.parent.relative_to(zero)): safe_torch_load(p, map_location="cpu")["param"]
-        for p in sorted(zero.rglob(f"{name}.pt"))
-    }
+    states = {}
+    for path in sorted(zero.rglob(f"{name}.pt")):
+        value = safe_torch_load(path, map_location="cpu")
+        states[str(path.parent.relative_to(zero))] = value["param"] if isinstance(value, dict) else value
+    return states
+
+
+def repair_zero3_load(optimizer, info: CheckpointInfo) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal loader, on ZeRO-3's inner torch ``optimizer``.
+
+    It gives every parameter group the same ``step`` tensor, which Adam then increments in place once per
+    group and update (two groups: the bias correction runs twice as fast); each group gets its own copy.
+    And it copies the *first* saved group's settings into every group, so the no-decay group (biases,
+    norms) would continue with weight decay; each group gets its saved settings back, paired by index as
+    the ZeRO-1/2 loader does."""
+    import torch
+
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = safe_torch_load(universal_dir(info) / "zero" / "optimizer_state.pt", map_location="cpu")["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"checkpoint '{info.path}' has {len(saved)} optimizer parameter groups, this model "
+            f"{len(optimizer.param_groups)}"
+        )
+    for group, saved_group in zip(optimizer.param_groups, saved, strict=True):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
 
 
 class _Args:

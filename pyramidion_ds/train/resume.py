@@ -210,9 +210,12 @@ def _load_universal(trainer, info):
     engine._config.load_universal_checkpoint = True
     try:
         with universal.safe_torch_loads():
-            return engine.load_checkpoint(str(info.path), tag=universal.UNIVERSAL)
+            loaded = engine.load_checkpoint(str(info.path), tag=universal.UNIVERSAL)
     finally:
         engine._config.load_universal_checkpoint = False
+    if trainer.bundle.zero_stage == 3:  # the torch optimizer inside ZeRO-3's
+        universal.repair_zero3_load(engine.optimizer.optimizer, info)
+    return loaded
 
 
 def load_weights(trainer, state: dict) -> None:
