@@ -11,7 +11,7 @@ the same layout loads it. DeepSpeed's ``ds_to_universal`` rewrites the partition
 
 It is written under ``.universal.tmp`` and renamed when complete, reused when its manifest matches (sizes,
 and checksums when verified), pruned with its checkpoint. DeepSpeed's conversion and its universal loader
-call ``torch.load(weights_only=False)``; here every such call is made with ``weights_only=True`` and the
+unpickle with ``torch.load`` unrestricted; here every such call is made with ``weights_only=True`` and the
 allow-list of ``safe_load.py`` (:func:`safe_torch_loads`), so neither runs code from a file.
 """
 
