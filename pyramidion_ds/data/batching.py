@@ -107,7 +107,7 @@ def shape_bound(
 ) -> int:
     """At most how many distinct (batch size, source width, target width) shapes bucketed batches take:
     for every padded source width, the allowed batch sizes that fit the budget, times the target widths.
-    (Splitting batches to even out ranks, :func:`even_out`, adds up to world size - 1 more per epoch.)"""
+    (Splitting batches to even out ranks, :func:`even_out`, adds up to world size x update_freq - 1 more per epoch.)"""
     pad_to_multiple, target_pad_to_multiple = max(pad_to_multiple, 1), max(target_pad_to_multiple, 1)
     target_widths = -(-max_target_positions // target_pad_to_multiple)
     total = 0
