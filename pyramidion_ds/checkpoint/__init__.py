@@ -7,6 +7,8 @@
     consolidate.py  full fp32 weights from ZeRO shards of any stage and world size
     export.py       run dir -> export dir (safetensors + config + spm), load_export (never unpickles)
     weights.py      --train.init_from: weights from a run dir or an export dir, checked before loading
+    universal.py    a resume on another world size / ZeRO stage: DeepSpeed's universal checkpoint, converted
+                    next to the checkpoint under its own manifest, loaded without unsafe unpickling
 
 It imports nothing from ``train/``, ``generate/`` or ``cli/``.
 """

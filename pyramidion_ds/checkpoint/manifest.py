@@ -102,13 +102,17 @@ class CheckpointInfo:
     def check_pickles(self) -> None:
         """Refuse, before anything is loaded or written, a ``.pt`` file whose pickle names a class outside
         :func:`safe_globals` (e.g. ``os.system`` in a crafted file). Reads the pickle opcodes only, not the
-        tensors; files in torch's older non-zip format are checked when loaded (:func:`safe_torch_load`)."""
+        tensors; a file in torch's older non-zip format has no separate pickle, so it is loaded whole with
+        :func:`safe_torch_load` here (refused the same way, before anything is written)."""
         import torch
 
         allowed = safe_globals()
         for name in sorted(self.manifest["files"]):
             path = self.path / name
-            if not name.endswith(".pt") or not zipfile.is_zipfile(path):
+            if not name.endswith(".pt"):
+                continue
+            if not zipfile.is_zipfile(path):
+                safe_torch_load(path, map_location="cpu")
                 continue
             try:
                 with torch.serialization.safe_globals(allowed):
@@ -136,6 +140,9 @@ class CheckpointDir:
         """Why ``tag`` is not a complete checkpoint (manifest, files, sizes), or None when it is."""
         path = self.root / tag
         manifest_path = path / MANIFEST
+        outside = self.outside_link(path) or self.outside_link(manifest_path)
+        if outside:
+            return outside
         if not manifest_path.is_file():
             return f"{path} has no {MANIFEST} (the save did not finish)"
         try:
@@ -148,11 +155,23 @@ class CheckpointDir:
             file = path / name
             if Path(name).is_absolute() or ".." in Path(name).parts:
                 return f"{manifest_path} names a file outside the checkpoint ({name})"
+            outside = self.outside_link(file)
+            if outside:
+                return outside
             if not file.is_file():
                 return f"{file} is missing"
             if file.stat().st_size != size:
                 return f"{file} is {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
         return None
+
+    def outside_link(self, path: Path) -> str | None:
+        """Why ``path`` (in a tag dir) is refused: it is, or is under, a symlink that leads out of the run
+        dir (a checkpoint reads and writes only its own run dir); None otherwise."""
+        run_dir = self.root.parent.resolve()
+        target = path.resolve()
+        if target == run_dir or run_dir in target.parents:
+            return None
+        return f"{path} is a symbolic link to {target}, outside the run dir {run_dir}"
 
     def info(self, tag: str) -> CheckpointInfo:
         path = self.root / tag

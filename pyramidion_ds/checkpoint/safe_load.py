@@ -45,14 +45,16 @@ def safe_globals() -> list:
     return found
 
 
-def safe_torch_load(path: str | os.PathLike, map_location=None, mmap: bool = False):
+def safe_torch_load(path: str | os.PathLike, map_location=None, mmap: bool = False, torch_load=None):
     """``torch.load`` that refuses, in one line, a file holding anything but tensors, plain data and
-    :func:`safe_globals` (a crafted pickle's ``os.system`` never runs)."""
+    :func:`safe_globals` (a crafted pickle's ``os.system`` never runs). ``torch_load``: the function to
+    call instead of ``torch.load`` (the original, while ``universal.safe_torch_loads`` replaces it)."""
     import torch
 
+    torch_load = torch_load or torch.load
     try:
         with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return torch_load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = next(

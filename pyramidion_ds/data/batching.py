@@ -7,12 +7,16 @@ nothing; it only makes batches alike. Exact-length sorting (fairseq's, source th
 with the same number of planted sentences and summary length together, and slowed a model's learning to
 copy on the synthetic task by hundreds to thousands of updates (tools/experiments/pooling_learns/README.md,
 finding 5). ``ShardedBatchSampler`` takes the epoch's batches, evens their number out to a multiple of the
-world size (by splitting the largest batches; every example still appears exactly once) and deals them
-round-robin::
+micro-batches of one update over all ranks (world size x update_freq: by splitting the largest batches;
+every example still appears exactly once) and deals them round-robin::
 
-    epoch e batches   b0 b1 b2 b3 b4 b5 b6 b7      world_size 2
+    epoch e batches   b0 b1 b2 b3 b4 b5 b6 b7      world_size 2, update_freq 2 (4 micro-batches per update)
     rank 0            b0    b2    b4    b6          position = batches this rank has handed out
-    rank 1               b1    b3    b5    b7
+    rank 1               b1    b3    b5    b7       global position = position x world size
+
+The epoch's batch list depends on the micro-batches per update only, not on how they are spread over
+ranks: a resume on another world size that keeps the global batch (world size x update_freq) continues
+at the same global position with the next unseen batches, none repeated or skipped.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def shape_bound(
 ) -> int:
     """At most how many distinct (batch size, source width, target width) shapes bucketed batches take:
     for every padded source width, the allowed batch sizes that fit the budget, times the target widths.
-    (Splitting batches to even out ranks, :func:`even_out`, adds up to world size - 1 more per epoch.)"""
+    (Splitting batches to even out ranks, :func:`even_out`, adds up to world size x update_freq - 1 more per epoch.)"""
     pad_to_multiple, target_pad_to_multiple = max(pad_to_multiple, 1), max(target_pad_to_multiple, 1)
     target_widths = -(-max_target_positions // target_pad_to_multiple)
     total = 0
@@ -165,10 +169,12 @@ class ShardedBatchSampler:
         world_size: int = 1,
         seed: int = 0,
         epoch: int = 0,
+        update_freq: int = 1,
     ):
         if not 0 <= rank < world_size:
             raise DataError(f"sampler: rank {rank} outside world size {world_size}")
         self.batches_fn, self.rank, self.world_size, self.seed = batches_fn, rank, world_size, seed
+        self.per_update = world_size * max(1, update_freq)  #: micro-batches of one update, all ranks
         self.epoch, self.position = epoch, 0
         self.repeated = 0
         self._cache: Optional[tuple[int, list[list[int]]]] = None
@@ -176,7 +182,7 @@ class ShardedBatchSampler:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All of this rank's batches for ``epoch`` (the same on every call)."""
         if self._cache is None or self._cache[0] != epoch:
-            batches, self.repeated = even_out(self.batches_fn(epoch), self.world_size)
+            batches, self.repeated = even_out(self.batches_fn(epoch), self.per_update)
             order = np.random.default_rng((self.seed, epoch, 1)).permutation(len(batches))
             batches = [batches[i] for i in order]
             self._cache = (epoch, batches[self.rank :: self.world_size])
@@ -197,7 +203,26 @@ class ShardedBatchSampler:
             yield batch
 
     def state_dict(self, position: Optional[int] = None) -> dict:
-        return {"epoch": self.epoch, "position": self.position if position is None else int(position)}
+        """``position``: this rank's batches; ``global_position``: batches of the epoch handed out on all
+        ranks, which a resume on another world size continues from."""
+        position = self.position if position is None else int(position)
+        return {
+            "epoch": self.epoch,
+            "position": position,
+            "global_position": position * self.world_size,
+            "micro_batches_per_update": self.per_update,
+        }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    def load_state_dict(self, state: dict, world_size: Optional[int] = None) -> None:
+        """Continue at a saved position. A state with ``global_position`` (or ``world_size``, the saving
+        run's, for one without) continues on any world size whose share divides it."""
+        self.epoch = int(state["epoch"])
+        total = state.get("global_position")
+        if total is None:
+            total = int(state["position"]) * (world_size or self.world_size)
+        if total % self.world_size:
+            raise DataError(
+                f"sampler: global position {total} of epoch {self.epoch} is not a multiple of the world size "
+                f"{self.world_size}"
+            )
+        self.position = int(total) // self.world_size

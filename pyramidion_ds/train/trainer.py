@@ -29,123 +29,29 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.consolidate import consolidated_state_dict
 from ..checkpoint.files import install_checkpoint_files, no_space_message
-from ..checkpoint.manifest import CheckpointDir, stale_layout_problem, tag_for, write_text_atomic
-from ..config import Config, ConfigError, ModelConfig, config_from_dict, save_resolved, to_dict
-from ..config.core import read_yaml
-from ..config.model import POOLING_KEYS
+from ..checkpoint.manifest import CheckpointDir, tag_for, write_text_atomic
+from ..config import Config, ConfigError, save_resolved
 from ..engine import (
     build_engine,
     build_model,
     label_smoothed_nll_loss,
-    load_full_state_dict,
-    read_ds_config,
-    resolve_ds_config,
-    validate_ds_config,
 )
 from ..engine.nonfinite import local_grads_nonfinite, skipped_step
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, UsageError
 from ..logs import setup_logging
+from . import preflight, resume
 from .lock import RunDirLock, RunDirLocked
-from .state import LauncherWatchdog, PreemptionFlag, ignore_stop_signals, rng_state, seed_everything, set_rng_state
+from .state import LauncherWatchdog, PreemptionFlag, ignore_stop_signals, seed_everything
 
 log = logging.getLogger(__name__)
 
-#: model fields that must agree between a checkpoint and the model it is loaded into
-ARCHITECTURE_KEYS = (
-    "d_model",
-    "num_heads",
-    "ffn_dim",
-    "encoder_layers",
-    "decoder_layers",
-    "vocab_size",
-    "positions",
-    "normalize_before",
-    "activation",
-    "pad_id",
-    "bos_id",
-    "eos_id",
-)
-#: model fields that change what the same weights compute: a resume must keep them (init-from may change them)
-COMPUTATION_KEYS = ("variant", "chunk_size", "topk_base", "flip_right", "sort_back", "scorer_input")
 #: known dense bf16 peaks (TFLOP/s) for MFU when train.peak_tflops is 0
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, ...): the message names the step."""
-
-
-# --------------------------------------------------------------------------------------------------
-# checks before any step
-# --------------------------------------------------------------------------------------------------
-
-
-def architecture_mismatch(saved: dict, current: dict) -> str | None:
-    for key in ARCHITECTURE_KEYS:
-        if saved.get(key) != current.get(key) and not (key == "vocab_size" and not saved.get(key)):
-            return f"model.{key} is {saved.get(key)!r} there, {current.get(key)!r} here"
-    if saved.get("positions") == "learned" and saved.get("max_source_positions") != current.get("max_source_positions"):
-        return "learned positions of another max_source_positions"
-    return None
-
-
-def computation_mismatch(saved: dict, current: ModelConfig) -> str | None:
-    """What makes the model saved as ``saved`` compute otherwise than ``current``: the architecture, and
-    what the same weights would do differently (variant, pooling widths, chunks, top-k settings)."""
-    problem = architecture_mismatch(saved, to_dict(current))
-    if problem:
-        return problem
-    pools = current.variant not in ("vanilla", "blockwise")
-    for key in COMPUTATION_KEYS:
-        if key in POOLING_KEYS and not pools:  # ignored by this variant (and the same variant saved)
-            continue
-        if key in saved and saved[key] != getattr(current, key):
-            return f"model.{key} is {saved[key]!r} there, {getattr(current, key)!r} here"
-    try:
-        saved_widths = config_from_dict({"model": saved}).model.encoder_widths()
-    except ConfigError:
-        saved_widths = None
-    if saved_widths != current.encoder_widths():
-        return f"encoder widths (model.pooling_schedule) are {saved_widths} there, {current.encoder_widths()} here"
-    return None
-
-
-def check_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Refuse a run dir whose checkpoints another model wrote: resuming would train them as this one."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file() or not (run_dir / "checkpoints").is_dir():
-        return
-    saved = read_yaml(saved_path).get("model", {})
-    problem = computation_mismatch(saved, cfg.model)
-    if problem:
-        raise UsageError(
-            f"train.save_dir '{run_dir}' holds checkpoints of another model ({problem}); "
-            f"resume with its settings, choose another save_dir, or start from its weights "
-            f"with --train.init_from {run_dir}"
-        )
-
-
-def fill_vocab(cfg: Config) -> tuple[int, str, str]:
-    """Take the vocabulary size, spm file hash and vocabulary identity from the data directory; refuse a
-    contradicting config."""
-    from ..data import spm_identity, spm_sha256, vocab_size
-
-    data_dir = Path(cfg.data.data)
-    if not cfg.data.data:
-        raise UsageError("data.data is empty: point it at a directory written by pyramidion-preprocess")
-    if not (data_dir / "meta.json").is_file():
-        raise UsageError(
-            f"data.data: '{data_dir}' has no meta.json; run pyramidion-preprocess --destdir {data_dir} first"
-        )
-    size = vocab_size(data_dir)
-    if cfg.model.vocab_size and cfg.model.vocab_size != size:
-        raise UsageError(
-            f"model.vocab_size is {cfg.model.vocab_size} but the data's sentencepiece model has {size} pieces"
-        )
-    cfg.model.vocab_size = size
-    return size, spm_sha256(data_dir), spm_identity(data_dir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,6 +120,7 @@ class Trainer:
         self.ds_config: dict | None = None  # the DeepSpeed JSON merged with this config
         self.train_data = self.valid_data = None  # the opened splits
         self.resume_from = None  # CheckpointInfo of the checkpoint a resume continues, None = from scratch
+        self.layout_change: str | None = None  # how resume_from's world size / ZeRO stage differ from this run's
         self.init_source = None  # InitSource of --train.init_from
         # built by setup()
         self.train_sampler = None
@@ -232,7 +139,7 @@ class Trainer:
         as the launch scripts' quick check before the ranks start). Its warnings (a skipped corrupt checkpoint)
         are logged by setup(), once train.log is open, or here when a check fails."""
         self.notes = []
-        self.verify = self.verify_on_ranks if verify else False
+        self.verify = (lambda info: resume.verify_on_ranks(self, info)) if verify else False
         try:
             self._check()
         except Exception:
@@ -245,23 +152,7 @@ class Trainer:
         self.notes = []
 
     def _check(self) -> None:
-        cfg = self.cfg
-        self.vocab_size, self.spm_hash, self.spm_id = fill_vocab(cfg)
-        cfg.model.validate()
-        unused = cfg.model.drop_unused_pooling()
-        if unused and self.rank == 0:
-            self.notes.append(
-                f"model.variant {cfg.model.variant} does not pool: ignoring {', '.join(unused)} "
-                f"(the saved config.yaml records the defaults it ran with)"
-            )
-        check_run_dir(cfg, self.run_dir)
-        raw_ds = read_ds_config(cfg.train.deepspeed_config)
-        self.ds_config = resolve_ds_config(raw_ds, cfg, self.world_size, source=cfg.train.deepspeed_config)
-        validate_ds_config(self.ds_config, source=cfg.train.deepspeed_config)
-        self.open_data()
-        self.resume_from = self.check_resume() if cfg.train.resume else None
-        if cfg.train.init_from:
-            self.check_init_from()
+        preflight.check_inputs(self)
 
     def setup(self) -> None:
         """Write the run dir's description, build data and engine, resume or init. Checks are in check()."""
@@ -270,6 +161,9 @@ class Trainer:
             self.check()
         self.log_notes()
         seed_everything(cfg.train.seed)
+        if cfg.train.resume:
+            log.info(resume.describe(self))
+            resume.prepare(self)  # a checkpoint of another layout: converted before anything else is written
 
         if self.rank == 0:  # the run dir describes itself: configs + vocabulary
             save_resolved(cfg, self.run_dir)
@@ -294,9 +188,9 @@ class Trainer:
         self.peak_flops = self._peak_flops()
         self.model.encoder.register_forward_hook(self._pooling_hook)
 
-        resumed = self.resume() if cfg.train.resume else False
+        resumed = resume.resume(self) if cfg.train.resume else False
         if not resumed and cfg.train.init_from:
-            self.init_from()
+            resume.init_from(self)
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -343,7 +237,11 @@ class Trainer:
             )
 
         self.train_sampler = ShardedBatchSampler(
-            batches_for(self.train_data, cfg.train.seed), self.rank, self.world_size, cfg.train.seed
+            batches_for(self.train_data, cfg.train.seed),
+            self.rank,
+            self.world_size,
+            cfg.train.seed,
+            update_freq=cfg.train.update_freq,
         )
         self.valid_batches = batches_for(self.valid_data, cfg.train.seed)(0)
         log.info(
@@ -373,125 +271,6 @@ class Trainer:
             # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one
             generator=torch.Generator().manual_seed(self.cfg.train.seed),
             persistent_workers=False,
-        )
-
-    # ------------------------------------------------------------------ resume / init
-    def client_state(self) -> dict:
-        rngs = [None] * self.world_size
-        dist.all_gather_object(rngs, rng_state())
-        # the loader prefetches ahead of training: record the batches actually trained on
-        sampler = self.train_sampler.state_dict(position=self.epoch_position)
-        return {
-            "update": self.update,
-            "epoch": self.epoch,
-            "sampler": sampler,
-            "rng": rngs,
-            "best": dict(self.best),
-            "bad_validations": self.bad_validations,
-            "valid_history": self.valid_history,
-            "config": to_dict(self.cfg),
-            "spm_sha256": self.spm_hash,
-            "spm_identity": self.spm_id,
-            "world_size": self.world_size,
-        }
-
-    def verify_on_ranks(self, info) -> str | None:
-        """Compare the files of a checkpoint (``CheckpointInfo``) with their checksums, each rank hashing
-        a share of them; every rank gets the first problem found (or None)."""
-        names = sorted(info.manifest["files"])
-        if not (dist.is_initialized() and self.world_size > 1):
-            return info.checksum_problem(names)
-        problems = [None] * self.world_size
-        dist.all_gather_object(problems, info.checksum_problem(names[self.rank :: self.world_size]))
-        return next((problem for problem in problems if problem), None)
-
-    def check_resume(self):
-        """The checkpoint a resume continues (complete and verified, newest first), refused when it was
-        trained with another vocabulary; None to start from scratch."""
-        from ..data import same_vocabulary
-
-        info = self.ckpt.latest_complete(warn=self.notes.append, verify=self.verify)
-        if info is None:
-            if self.ckpt.tags():
-                self.notes.append(f"no complete checkpoint in {self.ckpt.root}; starting from scratch")
-            return None
-        if same_vocabulary(info.manifest, self.spm_id, self.spm_hash, self.run_dir / "spm.model") is False:
-            raise UsageError(
-                f"checkpoint {info.path} was trained with another sentencepiece vocabulary than "
-                f"{Path(self.cfg.data.data) / 'spm.model'}; pass --no-resume to train from scratch "
-                f"in this save_dir (its checkpoints get replaced), or choose another train.save_dir"
-            )
-        info.check_pickles()
-        if info.world_size == self.world_size:  # ZeRO's own load: its optimizer state must fit the layout
-            problem = stale_layout_problem(info.path)
-            if problem:
-                raise UsageError(problem)
-        return info
-
-    def resume(self) -> bool:
-        info = self.resume_from  # found and verified by check()
-        if info is None:
-            return False
-        if info.world_size != self.world_size:
-            return self._resume_other_world(info)
-        _, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=info.tag)
-        if client is None:
-            raise UsageError(f"checkpoint {info.path} could not be loaded")
-        self.update, self.epoch = client["update"], client["epoch"]
-        self.train_sampler.load_state_dict(client["sampler"])
-        self.best, self.bad_validations = client["best"], client["bad_validations"]
-        self.valid_history = client.get("valid_history", [])
-        set_rng_state(client["rng"][self.rank])
-        log.info(f"resumed from {info.path} at update {self.update} (epoch {self.epoch}, sampler {client['sampler']})")
-        return True
-
-    def _resume_other_world(self, info) -> bool:
-        """Different world size: weights through consolidation; optimizer and data position start over."""
-        log.warning(
-            f"checkpoint {info.path} was written by {info.world_size} ranks, this run has "
-            f"{self.world_size}: loading consolidated weights, resetting optimizer state and the "
-            f"data position (update count and LR schedule continue)"
-        )
-        self.load_weights(consolidated_state_dict(info))
-        self.update = info.update
-        self.epoch = int(info.manifest.get("epoch", 1))
-        self.train_sampler.load_state_dict({"epoch": self.epoch, "position": 0})
-        for _ in range(self.update):
-            self.engine.lr_scheduler.step()
-        return True
-
-    def check_init_from(self) -> None:
-        """--init-from must be the same architecture and vocabulary (read before anything is written)."""
-        from ..checkpoint.weights import init_source
-
-        path = self.cfg.train.init_from
-        self.init_source = init_source(path, warn=self.notes.append, verify=self.verify)
-        problem = architecture_mismatch(self.init_source.saved_model, to_dict(self.cfg.model))
-        if problem:
-            raise UsageError(f"train.init_from '{path}' is another architecture: {problem}")
-        if self.init_source.same_vocabulary(self.spm_id, self.spm_hash) is False:
-            raise UsageError(
-                f"train.init_from '{path}' used another sentencepiece vocabulary than "
-                f"{Path(self.cfg.data.data) / 'spm.model'}; binarize the fine-tuning data with it: "
-                f"pyramidion-preprocess --spm-model {Path(path) / 'spm.model'} ..."
-            )
-
-    def load_weights(self, state: dict) -> None:
-        """Full weights into the engine's model (init-from, resume on another world size).
-
-        ZeRO 1-3 and the bf16/fp16 optimizers step an fp32 master copy of the weights, taken from the module
-        at deepspeed.initialize, and copy it back after each step: without the refresh the first update
-        would put the random initialisation back (the loaded weights lasted until update 1)."""
-        load_full_state_dict(self.model, state, zero3=self.bundle.zero_stage == 3)
-        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
-        if refresh is not None:
-            refresh()
-
-    def init_from(self) -> None:
-        """Weights only (pretrain -> fine-tune): from a run dir (ZeRO shards) or an export dir."""
-        self.load_weights(self.init_source.state_dict())
-        log.info(
-            f"initialized weights from {self.cfg.train.init_from}; optimizer, LR schedule and update count start fresh"
         )
 
     # ------------------------------------------------------------------ steps
@@ -754,7 +533,7 @@ class Trainer:
         A full disk on any rank removes the partial checkpoint and stops the run on every rank in one line
         (TrainingError); ``latest`` still names the previous complete checkpoint."""
         tag = tag_for(self.update)
-        client = self.client_state()
+        client = resume.client_state(self)
         files = self.checkpoint_files
         files.written.clear()
         files.error = None
@@ -785,6 +564,7 @@ class Trainer:
                         "spm_sha256": self.spm_hash,
                         "spm_identity": self.spm_id,
                         "zero_stage": self.bundle.zero_stage,
+                        "micro_batches_per_update": self.world_size * self.cfg.train.update_freq,
                     },
                 )
             except OSError as err:
@@ -964,7 +744,10 @@ def check_training(cfg: Config, world_size: int) -> int:
         raise UsageError(f"--world-size {world_size}: expected the number of ranks the job starts (>= 1)")
     setup_logging(0)
     logging.getLogger("pyramidion_ds").setLevel(logging.WARNING)  # the ranks log the run's description
-    Trainer(cfg, World(0, 0, world_size, world_size, "127.0.0.1", 0, "single")).check(verify=False)
+    trainer = Trainer(cfg, World(0, 0, world_size, world_size, "127.0.0.1", 0, "single"))
+    trainer.check(verify=False)
+    trainer.log_notes()  # e.g. a checkpoint skipped, and why
+    print(resume.describe(trainer))
     return EXIT_OK
 
 

@@ -135,15 +135,17 @@ def assert_completed(info: dict, log: str) -> None:
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-6000:]
 
 
-def assert_zero3_checkpoint(run_dir: Path, update: int) -> None:
+def assert_zero3_checkpoint(run_dir: Path, update: int, ranks: int = 2) -> None:
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == tag_for(update)
     shards = sorted(p.name for p in (ckpt / tag_for(update)).glob("zero_pp_rank_*"))
-    assert shards == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    expected = [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(ranks) for kind in ("model", "optim")]
+    assert shards == expected
     assert CheckpointDir(run_dir).latest_complete().update == update
 
 
 def test_two_node_zero3_job_completes_and_a_second_submission_resumes(slurm_cluster, job_env, corpus, tmp_path):
+    """A 2-node ZeRO-3 job completes; the same command submitted again on 1 node continues its run."""
     run_dir = tmp_path / "run"
     config = write_config(tmp_path, "run", corpus)
     job_id = submit_train(slurm_cluster, job_env, tmp_path, config, "--train.max_update", "2")
@@ -158,14 +160,25 @@ def test_two_node_zero3_job_completes_and_a_second_submission_resumes(slurm_clus
     assert "ZeRO-3" in log
     assert_zero3_checkpoint(run_dir, 2)
 
-    # the same command with a larger max_update continues from the checkpoint
-    job2 = submit_train(slurm_cluster, job_env, tmp_path, config, "--train.max_update", "4")
+    # the same command with a larger max_update continues from the checkpoint, on 1 node of the 2 (issue
+    # #25): the 2-rank ZeRO-3 checkpoint goes through DeepSpeed's universal format, with its optimizer
+    # state and data position, at the same global batch (update_freq 1 -> 2)
+    job2 = submit_train(slurm_cluster, job_env, tmp_path, config, "--train.max_update", "4", options=("--nodes=1",))
     info = slurm_cluster.wait_job(job2, timeout=JOB_TIMEOUT)
-    assert_completed(info, job_log(tmp_path, "pyramidion-train", job2))
+    log2 = job_log(tmp_path, "pyramidion-train", job2)
+    assert_completed(info, log2)
+    assert info["NodeList"] in ("node1", "node2"), info
+    # the launch script's check-only says what the resume will do, before srun starts a task
+    told = [line for line in log2.splitlines() if line.startswith("resume: ")]
+    assert any(
+        f"resume: {tag_for(2)} (update 2, 2 ranks, ZeRO-3) on another layout (2 ranks -> 1)" in line for line in told
+    ), told
     train_log = (run_dir / "train.log").read_text()
+    assert "launcher=slurm world_size=1" in train_log
+    assert "train.update_freq 1 -> 2: 1 ranks x 2 keep the checkpoint's global batch" in train_log
     assert f"resumed from {run_dir / 'checkpoints' / tag_for(2)} at update 2" in train_log
     assert "train | update 3 " in train_log and "train | update 4 " in train_log
-    assert_zero3_checkpoint(run_dir, 4)
+    assert_zero3_checkpoint(run_dir, 4, ranks=1)
 
 
 def test_usr1_saves_requeues_and_the_requeued_job_resumes(slurm_cluster, job_env, corpus, tmp_path):

@@ -78,23 +78,6 @@ def test_zero3_resume_is_exact_and_consolidation_matches(synthetic_bin, tmp_path
         torch.testing.assert_close(consolidated[name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_resume_with_another_world_size_keeps_weights(synthetic_bin, tmp_path):
-    run = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", synthetic_bin, run, "zero2_cpu.json", max_update=4)
-    run_deepspeed([cfg])
-    before = consolidated_state_dict(CheckpointDir(run).latest_complete())
-    # another seed, so this process's random initialisation differs from the checkpoint's first one
-    run_deepspeed([cfg, "--train.max_update", "6", "--train.seed", "9"], nproc=1)
-    log = (run / "train.log").read_text()
-    assert "written by 2 ranks, this run has 1" in log
-    assert CheckpointDir(run).latest_complete().update == 6
-    # two more updates move the weights a little; ZeRO's stale fp32 master copy would put this process's
-    # random initialisation back (a drift of ~0.7)
-    after = consolidated_state_dict(CheckpointDir(run).latest_complete())
-    drift = max(float((after[name] - before[name]).abs().max()) for name in before)
-    assert drift < 0.05, f"weights moved by {drift} in two updates after the resume"
-
-
 def test_bad_ds_config_fails_before_training(synthetic_bin, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}')

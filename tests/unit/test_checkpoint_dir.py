@@ -47,3 +47,28 @@ def test_prune_keeps_last_n_and_best(tmp_path):
 
 def test_empty_dir(tmp_path):
     assert CheckpointDir(tmp_path).latest_complete(warn=lambda m: None) is None
+
+
+def test_symlinks_out_of_the_run_dir_make_a_checkpoint_incomplete(tmp_path):
+    """A shard or a whole tag dir linked out of the run dir is skipped like a manifest entry naming ../
+    (issue #25); a link that stays inside the run dir is followed."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    ckpt = CheckpointDir(run)
+    fake_save(ckpt, 10)
+    inside = fake_save(ckpt, 20)
+    (run / "kept").mkdir()
+    shard = ckpt.root / inside / "mp_rank_00_model_states.pt"
+    shard.rename(run / "kept" / shard.name)
+    shard.symlink_to(run / "kept" / shard.name)
+    assert ckpt.problem(inside) is None
+    linked_shard, linked_tag = fake_save(ckpt, 30), fake_save(ckpt, 40)
+    elsewhere.mkdir()
+    shard = ckpt.root / linked_shard / "mp_rank_00_model_states.pt"
+    shard.rename(elsewhere / shard.name)
+    shard.symlink_to(elsewhere / shard.name)
+    (ckpt.root / linked_tag).rename(elsewhere / linked_tag)
+    (ckpt.root / linked_tag).symlink_to(elsewhere / linked_tag)
+    warnings = []
+    assert ckpt.latest_complete(warn=warnings.append).tag == inside
+    assert f"{shard} is a symbolic link to {elsewhere / shard.name}, outside the run dir {run}" in warnings[1]
+    assert f"{ckpt.root / linked_tag} is a symbolic link to {elsewhere / linked_tag}, outside" in warnings[0]

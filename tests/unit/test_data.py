@@ -193,6 +193,36 @@ def test_sampler_two_ranks_cover_every_example_once_each_epoch():
     assert sorted(i for s in shares for b in s for i in b) == list(range(6))
 
 
+def test_sampler_global_position_continues_on_another_world_size():
+    """2 ranks x update_freq 3 saved after 2 updates, resumed as 1 x 6 and 3 x 2: the epoch's remaining
+    batches are exactly the ones the 2-rank run had not handed out, none repeated or skipped."""
+    src = sizes(150)
+
+    def fn(epoch):
+        return make_batches(src, max_tokens=600, seed=5, epoch=epoch)
+
+    saving = [ShardedBatchSampler(fn, rank=r, world_size=2, seed=5, update_freq=3) for r in range(2)]
+    done = []
+    for sampler in saving:
+        sampler.set_epoch(1)
+        it = iter(sampler)
+        done += [next(it) for _ in range(6)]  # 2 updates x 3 micro-batches
+    state = saving[0].state_dict()
+    assert state["global_position"] == 12
+    everything = sorted(map(tuple, saving[0].epoch_batches(1) + saving[1].epoch_batches(1)))
+    for world, update_freq in ((1, 6), (3, 2)):
+        rest = []
+        for rank in range(world):
+            sampler = ShardedBatchSampler(fn, rank=rank, world_size=world, seed=5, update_freq=update_freq)
+            sampler.load_state_dict(state)
+            sampler.set_epoch(1)
+            assert sampler.position == 12 // world
+            rest += list(sampler)
+        assert sorted(map(tuple, done + rest)) == everything
+    with pytest.raises(DataError, match="not a multiple of the world size 5"):
+        ShardedBatchSampler(fn, rank=0, world_size=5, seed=5, update_freq=1).load_state_dict(state)
+
+
 def test_sampler_resumes_exactly():
     src = sizes(150)
 
@@ -207,13 +237,17 @@ def test_sampler_resumes_exactly():
     it = iter(sampler)
     consumed = [next(it) for _ in range(4)]
     state = sampler.state_dict()
-    assert state == {"epoch": 2, "position": 4}
+    assert state == {"epoch": 2, "position": 4, "global_position": 8, "micro_batches_per_update": 2}
     resumed = ShardedBatchSampler(fn, rank=1, world_size=2, seed=5)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # the same epoch keeps the position
     assert consumed + list(resumed) == expected
     resumed.set_epoch(3)
-    assert resumed.state_dict() == {"epoch": 3, "position": 0} and len(list(resumed)) == len(resumed)
+    assert (
+        resumed.state_dict()["epoch"] == 3
+        and resumed.state_dict()["position"] == 0
+        and len(list(resumed)) == len(resumed)
+    )
 
 
 # --- denoising ---------------------------------------------------------------------------------------
