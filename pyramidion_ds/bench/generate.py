@@ -515,6 +515,73 @@ def largest_batch(args, model, src_len: int, opts: SearchOptions, device, write,
     }
 
 
+def profile_decode(args, device, dtype) -> dict:
+    """Where a decoding step's time goes (CPU: perf_counter around module forwards, which run
+    synchronously): the first variant at the first length, summed over the steps of one beam search."""
+    model = variant_model(args, args.variants[0], args.src_lens[0], device, dtype)
+    src, lengths = comparison_sources(args.batch, args.src_lens[0], args.vocab, device)
+    opts = search_options(args, device)
+    opts.cuda_graph = False  # module hooks do not run inside a replayed graph
+    parts: dict[str, float] = {}
+
+    def timed(name: str, obj, method: str = "forward", when=None) -> None:
+        """Replace ``obj.method`` on this instance by a wrapper adding its seconds to ``parts[name]``."""
+        inner = getattr(obj, method)
+
+        def wrapper(*a, **kw):
+            if when is not None and not when(*a, **kw):
+                return inner(*a, **kw)
+            _sync(device)
+            start = time.perf_counter()
+            out = inner(*a, **kw)
+            _sync(device)
+            parts[name] = parts.get(name, 0.0) + time.perf_counter() - start
+            return out
+
+        setattr(obj, method, wrapper)
+
+    for layer in model.decoder.layers:
+        timed("self_attention", layer.self_attn, "causal")
+        timed("cross_attention", layer.encoder_attn, "cross")
+        timed("ffn", layer.ffn)
+        for norm in (layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm):
+            timed("layer_norms", norm)
+    timed("output_projection", model.embed_tokens, when=lambda x, project=False: project)
+    timed("decoder_step", model.decoder)
+    timed("decode_step", model, "decode_step")
+
+    with torch.no_grad():
+        encoder_out = model.encode(src, lengths)
+        generate(model, src, lengths, opts, encoder_out=encoder_out)  # warm-up
+        parts.clear()
+        start = time.perf_counter()
+        hyps = generate(model, src, lengths, opts, encoder_out=encoder_out)
+        total = time.perf_counter() - start
+    steps = len(hyps[0][0].tokens)
+    inside_layers = sum(parts.get(k, 0.0) for k in ("self_attention", "cross_attention", "ffn", "layer_norms"))
+    ms = {
+        "self_attention": parts.get("self_attention", 0.0),
+        "cross_attention": parts.get("cross_attention", 0.0),
+        "ffn": parts.get("ffn", 0.0),
+        "layer_norms": parts.get("layer_norms", 0.0),
+        "decoder_other": parts.get("decoder_step", 0.0) - inside_layers,  # positions, residual adds
+        "output_projection": parts.get("output_projection", 0.0),
+        "decode_step_other": parts.get("decode_step", 0.0)
+        - parts.get("decoder_step", 0.0)
+        - parts.get("output_projection", 0.0),  # embedding lookup, slicing
+        "beam_bookkeeping": total - parts.get("decode_step", 0.0),  # log-softmax, top-k, reorders, finalizing
+    }
+    return {
+        "variant": args.variants[0],
+        "src_len": args.src_lens[0],
+        "rows": args.batch * args.beam,
+        "steps": steps,
+        "step_ms": round(1000 * total / steps, 3),
+        "ms_per_step": {k: round(1000 * v / steps, 3) for k, v in ms.items()},
+        "share": {k: round(v / total, 3) for k, v in ms.items()},
+    }
+
+
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -583,6 +650,12 @@ def parse_args(argv):
         "batch within this peak memory (CUDA: max_memory_allocated; CPU: peak RSS delta + weights)",
     )
     p.add_argument("--max-batch", type=int, default=4096, help="--memory-gib: never try a larger batch")
+    p.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="--variants: where the first variant's "
+        "decoding steps spend their time (self-/cross-attention, FFN, output projection, beam bookkeeping)",
+    )
     p.add_argument("--output", default=None, help="also write the JSON here (rewritten after every measurement)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -645,6 +718,9 @@ def main(argv=None) -> int:
             memory="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS delta + weights",
         )
         write(report)
+        if args.profile_decode:
+            report["decode_profile"] = profile_decode(args, device, dtype)
+            write(report)
         compare_variants(args, device, dtype, report, write)
     else:
         cached_vs_baselines(args, device, dtype, report)
