@@ -17,10 +17,10 @@ ROW_FIELDS = (
 )
 
 
-def test_three_variants_same_weights_same_work_json_after_every_row(tmp_path, capsys):
+def test_three_variants_same_weights_same_work_json_and_a_decode_profile(tmp_path, capsys):
     out = tmp_path / "generate.json"
     argv = "--variants pyramidion,blockwise,vanilla --preset debug --vocab 40 --src-lens 128 --batch 2 --beam 2"
-    argv += f" --new-tokens 3 --repeats 1 --skip-exactness --memory-gib 4 --max-batch 3 --output {out}"
+    argv += f" --new-tokens 3 --repeats 1 --skip-exactness --memory-gib 4 --max-batch 3 --profile-decode --output {out}"
     assert bench.main(argv.split()) == 0
     report = json.loads(out.read_text())
     assert report == json.loads(capsys.readouterr().out)
@@ -36,4 +36,8 @@ def test_three_variants_same_weights_same_work_json_after_every_row(tmp_path, ca
     # the pyramid pools 128 -> 32 slots: a quarter of the others' cross-attention cache
     assert rows["pyramidion"]["encoder_width"] == 32 and rows["blockwise"]["encoder_width"] == 128
     assert rows["pyramidion"]["cross_attention_cache_bytes"] * 4 == rows["vanilla"]["cross_attention_cache_bytes"]
+    profile = report["decode_profile"]
+    assert profile["variant"] == "pyramidion" and profile["rows"] == 4 and profile["steps"] == 4
+    parts = ("self_attention", "cross_attention", "ffn", "output_projection", "beam_bookkeeping")
+    assert all(profile["ms_per_step"][part] > 0 for part in parts)
     assert not list(tmp_path.glob("*.tmp"))  # rewritten atomically
