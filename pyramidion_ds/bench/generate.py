@@ -284,10 +284,11 @@ def weights_checksum(model: torch.nn.Module) -> float:
 
 
 class PeakMemory:
-    """Peak memory of a block. CUDA: ``max_memory_allocated`` (weights included). CPU: the process's
-    peak resident set (VmHWM, reset through /proc/self/clear_refs after ``malloc_trim``) minus its
-    resident set before the block, plus the model's parameter bytes; where the kernel lacks the reset,
-    the lifetime peak (ru_maxrss) minus the set before, which overstates a later, smaller run."""
+    """Peak memory of a block, as the model's parameter bytes plus what the block added at its peak.
+    CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before the block (other models on the device
+    do not count). CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs after
+    ``malloc_trim``) minus its resident set before the block; where the kernel lacks the reset, the
+    lifetime peak (ru_maxrss), which overstates a later, smaller run."""
 
     def __init__(self, device, weight_bytes: int):
         self.device, self.weight_bytes, self.bytes = device, weight_bytes, 0
@@ -296,6 +297,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
             return self
         _malloc_trim()
         try:
@@ -309,10 +311,11 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated()
+            added = torch.cuda.max_memory_allocated() - self.before
         else:
             peak = _proc_status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.bytes = max(0, peak - self.before) * 1024 + self.weight_bytes
+            added = (peak - self.before) * 1024
+        self.bytes = max(0, added) + self.weight_bytes
         return False
 
 
@@ -447,7 +450,7 @@ def compare_variants(args, device, dtype, report, write) -> None:
                 write(report)
         if args.memory_gib:
             for variant, model in models.items():
-                length_rows[variant]["largest_batch"] = largest_batch(args, model, src_len, opts, device, write, report)
+                length_rows[variant]["largest_batch"] = largest_batch(args, model, src_len, opts, device)
                 add_comparison_speedups(rows)
                 write(report)
         models = None
@@ -460,7 +463,7 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def largest_batch(args, model, src_len: int, opts: SearchOptions, device, write, report) -> dict:
+def largest_batch(args, model, src_len: int, opts: SearchOptions, device) -> dict:
     """The largest batch whose peak memory (see :class:`PeakMemory`) stays within ``--memory-gib``, and
     documents/s there: peaks at batch 1 and 2 give memory per document; the batch they predict is run,
     and stepped down in proportion while it overshoots (or runs out of memory)."""
@@ -647,7 +650,7 @@ def parse_args(argv):
         type=float,
         default=0.0,
         help="--variants: also find each variant's largest "
-        "batch within this peak memory (CUDA: max_memory_allocated; CPU: peak RSS delta + weights)",
+        "batch within this peak memory (weights + what the run adds: CUDA max_memory_allocated, CPU peak RSS)",
     )
     p.add_argument("--max-batch", type=int, default=4096, help="--memory-gib: never try a larger batch")
     p.add_argument(
@@ -715,7 +718,9 @@ def main(argv=None) -> int:
             workload=args.workload,
             src_lens=args.src_lens,
             min_len=args.min_len if args.free_length else args.new_tokens,
-            memory="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS delta + weights",
+            memory="weights + (cuda: max_memory_allocated - allocated before)"
+            if device.type == "cuda"
+            else "weights + (peak RSS - RSS before)",
         )
         write(report)
         if args.profile_decode:
