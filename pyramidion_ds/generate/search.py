@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..model import StaticDecoderCache
 from .cuda_graph import GraphedDecodeStep
 
 
@@ -114,9 +115,15 @@ def generate(
     else:
         cache = model.new_cache()
 
+    # step 0: every beam of a source holds the same "<s>" (beams 1.. start at -inf), so the decoder runs one
+    # row per source and its logits are repeated over the beams (the fixed-shape static cache keeps all rows)
+    one_row_first = K > 1 and not isinstance(cache, StaticDecoderCache)
     for step in range(steps):
         B = alive.numel()
-        logits = decode(tokens[:, : step + 1], encoder_out, cache).float()
+        if step == 0 and one_row_first:
+            logits = decode(tokens[::K, :1], encoder_out, cache).float().repeat_interleave(K, dim=0)
+        else:
+            logits = decode(tokens[:, : step + 1], encoder_out, cache).float()
         if opts.temperature != 1.0:
             logits = logits / opts.temperature
         lprobs = torch.log_softmax(logits, dim=-1)
@@ -135,10 +142,13 @@ def generate(
 
         if opts.sampling:
             cand_scores, cand_beams, cand_tokens = _sample(lprobs, scores, K, opts.generator)
-        else:
-            flat = (scores.view(B * K, 1) + lprobs).view(B, K * V)
-            cand_scores, cand_index = flat.topk(min(2 * K, K * V), dim=1)
-            cand_beams, cand_tokens = cand_index // V, cand_index % V
+        else:  # a source's best 2K continuations are among the best 2K of each of its rows: no (B·K)×V sum
+            row_lprobs, row_tokens = lprobs.topk(min(2 * K, V), dim=1)  # (B·K)×C
+            C = row_tokens.size(1)
+            flat = (scores.view(B * K, 1) + row_lprobs).view(B, K * C)
+            cand_scores, cand_index = flat.topk(min(2 * K, K * C), dim=1)
+            cand_beams = cand_index // C
+            cand_tokens = row_tokens.view(B, K * C).gather(1, cand_index)
         cand_rows = cand_beams + torch.arange(B, device=device).unsqueeze(1) * K
         cand_lprobs = lprobs[cand_rows, cand_tokens]
         finite = torch.isfinite(cand_scores)
@@ -185,7 +195,7 @@ def generate(
         positional[:, step] = next_lprobs.index_select(0, keep).view(-1)
         scores = next_scores.index_select(0, keep)
         if cache is not None:
-            cache.reorder(rows)
+            cache.reorder(rows // K if step == 0 and one_row_first else rows)  # step 0: one cache row per source
         if keep.numel() < B:
             if cache is not None:
                 cache.select_sources(keep)

@@ -1,0 +1,43 @@
+"""pyramidion-bench generate --variants: the paper's comparison in miniature (tiny dims, one repeat)."""
+
+import json
+
+from pyramidion_ds.bench import generate as bench
+
+ROW_FIELDS = (
+    "encode_seconds",
+    "decode_seconds",
+    "seconds",
+    "docs_per_s",
+    "peak_memory_gib",
+    "cross_attention_cache_bytes",
+    "self_attention_cache_bytes",
+    "encoder_width",
+    "new_tokens",
+)
+
+
+def test_three_variants_same_weights_same_work_json_and_a_decode_profile(tmp_path, capsys):
+    out = tmp_path / "generate.json"
+    argv = "--variants pyramidion,blockwise,vanilla --preset debug --vocab 40 --src-lens 128 --batch 2 --beam 2"
+    argv += f" --new-tokens 3 --repeats 1 --skip-exactness --memory-gib 4 --max-batch 3 --profile-decode --output {out}"
+    assert bench.main(argv.split()) == 0
+    report = json.loads(out.read_text())
+    assert report == json.loads(capsys.readouterr().out)
+    rows = {row["variant"]: row for row in report["comparison"]}
+    assert list(rows) == ["pyramidion", "blockwise", "vanilla"]
+    for variant, row in rows.items():
+        assert all(field in row for field in ROW_FIELDS), (variant, row)
+        assert row["new_tokens"] == 3 and row["repeats"] == 1 and "error" not in row
+        others = [base for base in ("blockwise", "vanilla") if base != variant]
+        assert all(f"speedup_vs_{base}" in row and f"speedup_vs_{base}" in row["largest_batch"] for base in others)
+        assert row["largest_batch"]["batch"] == 3 and row["largest_batch"]["capped"]  # 4 GiB: the cap binds
+    assert len({row["weights_checksum"] for row in rows.values()}) == 1  # one seed, shared parameters
+    # the pyramid pools 128 -> 32 slots: a quarter of the others' cross-attention cache
+    assert rows["pyramidion"]["encoder_width"] == 32 and rows["blockwise"]["encoder_width"] == 128
+    assert rows["pyramidion"]["cross_attention_cache_bytes"] * 4 == rows["vanilla"]["cross_attention_cache_bytes"]
+    profile = report["decode_profile"]
+    assert profile["variant"] == "pyramidion" and profile["rows"] == 4 and profile["steps"] == 4
+    parts = ("self_attention", "cross_attention", "ffn", "output_projection", "beam_bookkeeping")
+    assert all(profile["ms_per_step"][part] > 0 for part in parts)
+    assert not list(tmp_path.glob("*.tmp"))  # rewritten atomically
