@@ -40,15 +40,15 @@ import json
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from pyramidion_ds.checkpoint.manifest import write_text_atomic
 from pyramidion_ds.config.core import build
 from pyramidion_ds.config.model import ModelConfig
 from pyramidion_ds.generate.search import SearchOptions, exhaustive_search, generate
 from pyramidion_ds.model import PyramidionModel
+
+from .output import write_json
 
 
 def tiny_model(seed: int = 0) -> PyramidionModel:
@@ -710,7 +710,7 @@ def main(argv=None) -> int:
 
     def write(result: dict) -> None:
         if args.output:
-            write_text_atomic(Path(args.output), json.dumps(result, indent=1) + "\n")
+            write_json(args.output, result)
 
     if args.variants:
         report["workload"].update(

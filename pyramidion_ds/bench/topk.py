@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import statistics
-import tempfile
 import time
 from typing import Callable
 
@@ -29,6 +28,8 @@ import torch
 
 from pyramidion_ds.model import topk_triton
 from pyramidion_ds.model.topk import BACKEND_ENV, successive_halving_topk
+
+from .output import write_json
 
 #: (batch, n, k, d): the issue's two shapes
 DEFAULT_SHAPES = ((8, 8192, 2048, 512), (8, 2048, 512, 256))
@@ -250,16 +251,12 @@ def precompile(shapes=DEFAULT_SHAPES, *, device="cuda", dtype="bf16", on_row: Ca
     return report
 
 
-def write_json(report: dict, path: str | None) -> None:
-    """The report to ``path`` (whole, through a temporary file: a reader never sees half a file), or stdout."""
-    text = json.dumps(report, indent=2) + "\n"
+def emit(report: dict, path: str | None) -> None:
+    """The report to ``path`` (atomically, see :mod:`.output`), or to stdout without one."""
     if path is None:
-        print(text, end="")
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+        print(json.dumps(report, indent=2))
+    else:
+        write_json(path, report)
 
 
 def run(
@@ -393,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         parser.error(f"--output: no folder {os.path.dirname(os.path.abspath(args.output))!r} to write into")
     shapes = tuple(args.shape or DEFAULT_SHAPES)
-    progress = None if args.output is None else (lambda partial: write_json(partial, args.output))
+    progress = None if args.output is None else (lambda partial: emit(partial, args.output))
     if args.precompile:
-        write_json(precompile(shapes, device=args.device, dtype=args.dtype, on_row=progress), args.output)
+        emit(precompile(shapes, device=args.device, dtype=args.dtype, on_row=progress), args.output)
         return 0
     report = run(
         shapes,
@@ -408,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         compiled=args.compile,
         on_row=progress,
     )
-    write_json(report, args.output)
+    emit(report, args.output)
     return 0
 
 
