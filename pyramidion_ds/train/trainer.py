@@ -911,6 +911,8 @@ def run_training(cfg: Config) -> int:
         trainer.check()  # bad input stops here, with nothing written
         lock = lock_run_dir(cfg, world.rank)  # before the first write, or refused with nothing written
         setup_logging(world.rank, Path(cfg.train.save_dir) / "train.log")
+        if lock is not None and lock.taken_over:  # logged now, so that train.log has it too
+            log.warning(lock.taken_over)
         trainer.setup()
         return record_exit(trainer.run(), world.rank)
     except TrainingError as err:
@@ -945,7 +947,7 @@ def lock_run_dir(cfg: Config, rank: int) -> RunDirLock | None:
     lock, refusal = None, [None]
     if rank == 0:
         try:
-            lock = RunDirLock(cfg.train.save_dir).acquire(force=cfg.train.force_unlock, warn=log.warning)
+            lock = RunDirLock(cfg.train.save_dir).acquire(force=cfg.train.force_unlock)
         except RunDirLocked as err:
             refusal = [str(err)]
     if dist.is_initialized() and dist.get_world_size() > 1:
