@@ -10,6 +10,8 @@
 # PYRAMIDION_PYTHON: the python that has pyramidion_ds and deepspeed (default python3 on PATH); the
 # launcher starts every rank with it.
 # MASTER_PORT: the rendezvous port (default: a free one).
+# OMP_NUM_THREADS: intra-op threads per process (default: this machine's cores / NUM_GPUS, at least 1);
+# OMP_WAIT_POLICY (default PASSIVE: idle threads sleep instead of spinning).
 # Extra options for the DeepSpeed launcher (e.g. --include localhost:2,3): DS_LAUNCHER_ARGS.
 #
 # Stopping: SIGTERM, SIGUSR1 or SIGINT to this script (or to its whole process group, as `timeout`
@@ -34,6 +36,11 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
   DS_LAUNCHER_ARGS="--log_level error ${DS_LAUNCHER_ARGS:-}"
 fi
+# intra-op threads: the cores each rank owns (torch's default is every core in every rank), sleeping rather
+# than spinning at barriers (a machine loaded by other jobs otherwise slows much more); a value set wins
+cores=$("$py" -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NUM_GPUS > 0 ? cores / NUM_GPUS : 1 ))}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 port=${MASTER_PORT:-$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 # Bad input (config, vocabulary, DeepSpeed JSON, data, run dir) is one line here, in seconds, not once per
 # rank after the launcher and the ranks' start-up: the ranks check again, this only fails early.

@@ -20,7 +20,7 @@ from ..checkpoint.manifest import check_model_dir
 from ..config import GenerationConfig
 from ..config.core import build
 from ..errors import UsageError
-from .common import run_main
+from .common import default_threads, run_main
 
 PROG = "pyramidion-generate"
 
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None):
             raise UsageError("give a run dir or export dir (or --consolidate RUN_DIR)")
         overrides = generation_overrides(args)
         check_model_dir(args.path)
+        default_threads()  # before torch is imported
         from ..generate.runner import GenerateRequest, run_generation
 
         request = GenerateRequest(

@@ -85,3 +85,21 @@ def test_train_validates_config_before_anything():
 def test_list_configs():
     proc = run("train", "--list-configs")
     assert proc.returncode == 0 and proc.stdout.startswith("debug\t")
+
+
+@pytest.mark.parametrize(
+    "environ, threads",
+    [
+        ({}, "4"),  # one process owns the 4 cores
+        ({"LOCAL_WORLD_SIZE": "2"}, "2"),  # torchrun / DeepSpeed: the node's processes share them
+        ({"LOCAL_WORLD_SIZE": "8"}, "1"),
+        ({"SLURM_CPUS_PER_TASK": "3", "LOCAL_WORLD_SIZE": "2"}, "3"),  # what SLURM gave the task
+        ({"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE"}, "7"),  # the user's choice wins
+    ],
+)
+def test_generation_threads_are_the_cores_the_process_owns(environ, threads):
+    from pyramidion_ds.cli.common import default_threads
+
+    wait = environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    default_threads(environ, cores=4)
+    assert environ["OMP_NUM_THREADS"] == threads and environ["OMP_WAIT_POLICY"] == wait
