@@ -938,8 +938,24 @@ def check_training(cfg: Config, world_size: int) -> int:
         raise UsageError(f"--world-size {world_size}: expected the number of ranks the job starts (>= 1)")
     setup_logging(0)
     logging.getLogger("pyramidion_ds").setLevel(logging.WARNING)  # the ranks log the run's description
-    Trainer(cfg, World(0, 0, world_size, world_size, "127.0.0.1", 0, "single")).check(verify=False)
+    trainer = Trainer(cfg, World(0, 0, world_size, world_size, "127.0.0.1", 0, "single"))
+    trainer.check(verify=False)
+    print(check_summary(trainer, world_size))
     return EXIT_OK
+
+
+def check_summary(trainer: "Trainer", world_size: int) -> str:
+    """--check-only's one line: what the run will do."""
+    cfg, resume = trainer.cfg, trainer.resume_from
+    stage = trainer.ds_config.get("zero_optimization", {}).get("stage", 0)
+    start = f"resume from {resume.path} (update {resume.update})" if resume is not None else "start at update 0"
+    if resume is None and cfg.train.init_from:
+        start += f" with the weights of {cfg.train.init_from}"
+    return (
+        f"check passed: {world_size} rank{'s' if world_size != 1 else ''}, ZeRO-{stage}, {start}; data "
+        f"{cfg.data.data}: {cfg.data.train_subset} {len(trainer.train_data)} / {cfg.data.valid_subset} "
+        f"{len(trainer.valid_data)} examples; save_dir {cfg.train.save_dir}"
+    )
 
 
 def lock_run_dir(cfg: Config, rank: int) -> RunDirLock | None:
