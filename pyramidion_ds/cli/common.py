@@ -63,7 +63,7 @@ def default_threads(environ: dict | None = None, cores: int | None = None) -> No
 
     Torch's default is every core of the machine in every process, each OpenMP thread spinning at every
     barrier: on a machine loaded by other jobs a barrier then waits for a descheduled thread, and
-    generation took 50x longer (docs/troubleshooting.md has the figures); passive threads sleep instead."""
+    decoding took 12-120x longer (docs/troubleshooting.md has the figures); passive threads sleep instead."""
     if environ is None:
         if "torch" in sys.modules:  # too late (and a test calling main() in-process keeps its environment)
             return
