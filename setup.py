@@ -35,7 +35,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",  # top-k kernels on CUDA
     ],
     extras_require={
-        "dev": ["pytest>=8", "mpich>=4.2", "ninja>=1.11", "ruff>=0.16.4,<0.17"],  # ruff: pyproject.toml
+        "dev": ["pytest>=8", "mpich>=4.2", "ninja>=1.11", "ruff>=0.16.4,<0.17", "pre-commit>=3.5"],  # ruff: pyproject.toml
         "bench": ["transformers>=4.40", "matplotlib>=3.8", "psutil>=5.9"],
     },
     entry_points={

@@ -10,10 +10,13 @@
 # PYRAMIDION_PYTHON: the python that has pyramidion_ds and deepspeed (default python3 on PATH); the
 # launcher starts every rank with it.
 # MASTER_PORT: the rendezvous port (default: a free one).
+# OMP_NUM_THREADS: intra-op threads per process (default: this machine's cores / NUM_GPUS, at least 1);
+# OMP_WAIT_POLICY (default PASSIVE: idle threads sleep instead of spinning).
 # Extra options for the DeepSpeed launcher (e.g. --include localhost:2,3): DS_LAUNCHER_ARGS.
 #
 # Stopping: SIGTERM, SIGUSR1 or SIGINT to this script (or to its whole process group, as `timeout`
-# and SLURM do) asks every rank to finish its update, save a checkpoint and exit 75; this script then
+# and SLURM do, or to every process of the job at once, as a cgroup-wide kill or a container stop does)
+# asks every rank to finish its update, save a checkpoint and exit 75; this script waits for them and
 # exits 75 (rerun the same command to resume). A second Ctrl-C stops the ranks at once, without saving.
 # The DeepSpeed launcher runs in a process group of its own with SIGUSR1 ignored: on SIGTERM it would
 # kill the ranks 30 s later, saved or not, and exit 1. The ranks stop (without saving) when this
@@ -33,6 +36,11 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
   DS_LAUNCHER_ARGS="--log_level error ${DS_LAUNCHER_ARGS:-}"
 fi
+# intra-op threads: the cores each rank owns (torch's default is every core in every rank), sleeping rather
+# than spinning at barriers (a machine loaded by other jobs otherwise slows much more); a value set wins
+cores=$("$py" -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NUM_GPUS > 0 ? cores / NUM_GPUS : 1 ))}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 port=${MASTER_PORT:-$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 # Bad input (config, vocabulary, DeepSpeed JSON, data, run dir) is one line here, in seconds, not once per
 # rank after the launcher and the ranks' start-up: the ranks check again, this only fails early.
@@ -68,9 +76,18 @@ while :; do
   rc=$?
   kill -0 "$launcher" 2>/dev/null || break  # else a trapped signal interrupted the wait
 done
+if [ "$stops" -gt 0 ] && [ ! -s "$PYRAMIDION_EXIT_FILE" ] && kill -0 -- "-$launcher" 2>/dev/null; then
+  # the stop signal reached the launcher too (a cgroup-wide kill, a container stop): it died of it at once
+  # (or stops the ranks 30 s later) while the ranks are still saving; their exit code is the job's
+  echo "train.sh: the launcher exited ($rc) while the ranks save; waiting for them" >&2
+  while [ ! -s "$PYRAMIDION_EXIT_FILE" ] && kill -0 -- "-$launcher" 2>/dev/null; do sleep 1; done
+fi
 ranks=$(cat "$PYRAMIDION_EXIT_FILE" 2>/dev/null)
-if [ "$rc" -eq 0 ] && [ "${ranks:-}" != 0 ]; then
-  echo "train.sh: the launcher reported success but rank 0 ${ranks:+exited with $ranks}${ranks:-did not finish}" >&2
+if [ "$stops" -gt 0 ] && [ -n "$ranks" ]; then
+  rc=$ranks
+elif [ "$rc" -eq 0 ] && [ "${ranks:-}" != 0 ]; then
+  if [ -n "$ranks" ]; then what="exited with $ranks"; else what="did not finish"; fi
+  echo "train.sh: the launcher reported success but rank 0 $what" >&2
   rc=${ranks:-1}
 fi
 exit "$rc"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import zipfile
 
 from .manifest import CheckpointInfo
@@ -59,8 +61,11 @@ def consolidated_state_dict(info: CheckpointInfo, lazy: bool = False) -> dict:
         raise CheckpointError(
             f"checkpoint '{info.path}' has {len(optim_files)} optimizer shards but was partitioned over {world} ranks"
         )
-    if stage <= 2:
-        state_dict = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
-    else:
-        state_dict = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
+    # DeepSpeed's merge prints "Reconstructed fp32 state dict with N params M elements" to stdout, where
+    # pyramidion-generate writes hypotheses: it says nothing the export's checks do not
+    with contextlib.redirect_stdout(io.StringIO()):
+        if stage <= 2:
+            state_dict = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
+        else:
+            state_dict = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
     return state_dict if lazy else z.to_torch_tensor(state_dict)

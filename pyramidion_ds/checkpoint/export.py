@@ -34,11 +34,10 @@ from ..config import Config, ConfigError, config_from_dict
 from ..config.core import read_yaml
 from ..errors import UsageError
 from .consolidate import consolidated_state_dict
-from .manifest import CheckpointDir, CheckpointInfo
+from .manifest import EXPORT_WEIGHTS, CheckpointDir, CheckpointInfo, check_model_dir
 
 log = logging.getLogger(__name__)
 
-EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_META = "export.json"
 EXPORT_SUBDIR = "export"
 INFERENCE_SECTIONS = ("model", "data", "generation")
@@ -67,10 +66,7 @@ def checkpoint_to_export(run_dir: str | os.PathLike, verify: bool = True) -> Che
     """The newest complete checkpoint of ``run_dir`` (``verify``: whose files match their checksums),
     after checking its shard count; one-line errors."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"'{run_dir}' is not a directory (expected a run dir or an export dir)")
-    if not (run_dir / "config.yaml").is_file():
-        raise UsageError(f"'{run_dir}' has no config.yaml: not a run dir (pyramidion-train save_dir) nor an export dir")
+    check_model_dir(run_dir)
     info = CheckpointDir(run_dir).latest_complete(warn=log.warning, verify=verify)
     if info is None:
         raise UsageError(

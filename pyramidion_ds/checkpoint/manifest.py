@@ -33,14 +33,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import UsageError
 from .safe_load import CheckpointError, safe_globals, safe_torch_load
 
 TAG_PREFIX = "update_"
 MANIFEST = "manifest.json"
 HASH_BLOCK = 1 << 22
+EXPORT_WEIGHTS = "model.safetensors"  #: the weights file that makes a directory an export dir (export.py)
 
 #: checks a complete checkpoint beyond sizes (its checksums): why it is broken, or None
 Verifier = Callable[["CheckpointInfo"], "str | None"]
+
+
+def check_model_dir(path: str | os.PathLike) -> None:
+    """One-line UsageError unless ``path`` is an export dir or a directory with a run's config.yaml.
+    Imports no torch: pyramidion-generate calls it before it loads anything."""
+    path = Path(path)
+    if (path / EXPORT_WEIGHTS).is_file():
+        return
+    if not path.is_dir():
+        raise UsageError(f"'{path}' is not a directory (expected a run dir or an export dir)")
+    if not (path / "config.yaml").is_file():
+        raise UsageError(f"'{path}' has no config.yaml: not a run dir (pyramidion-train save_dir) nor an export dir")
 
 
 def tag_for(update: int) -> str:

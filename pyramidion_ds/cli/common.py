@@ -5,6 +5,7 @@ The errors and exit codes themselves live in ``pyramidion_ds/errors.py`` (librar
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -53,3 +54,23 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     return parser
+
+
+def default_threads(environ: dict | None = None, cores: int | None = None) -> None:
+    """Unless the user set them: ``OMP_NUM_THREADS`` = the cores this process owns (SLURM's
+    ``SLURM_CPUS_PER_TASK``, else this process's CPUs shared by the launcher's processes on the node), and
+    ``OMP_WAIT_POLICY=PASSIVE``. Call it before torch is imported (torch reads them once).
+
+    Torch's default is every core of the machine in every process, each OpenMP thread spinning at every
+    barrier: on a machine loaded by other jobs a barrier then waits for a descheduled thread, and
+    decoding took 12-120x longer (docs/troubleshooting.md has the figures); passive threads sleep instead."""
+    if environ is None:
+        if "torch" in sys.modules:  # too late (and a test calling main() in-process keeps its environment)
+            return
+        environ = os.environ
+    if "OMP_NUM_THREADS" not in environ:
+        cores = cores or len(os.sched_getaffinity(0))
+        per_node = next((environ[k] for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if environ.get(k, "").isdigit()), "1")
+        owned = environ.get("SLURM_CPUS_PER_TASK", "")
+        environ["OMP_NUM_THREADS"] = owned if owned.isdigit() else str(max(1, cores // max(1, int(per_node))))
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

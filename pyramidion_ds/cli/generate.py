@@ -16,9 +16,11 @@ import dataclasses
 import sys
 import typing
 
+from ..checkpoint.manifest import check_model_dir
 from ..config import GenerationConfig
 from ..config.core import build
-from .common import run_main
+from ..errors import UsageError
+from .common import default_threads, run_main
 
 PROG = "pyramidion-generate"
 
@@ -87,15 +89,19 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None):
     def body():
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        from ..generate.runner import GenerateRequest, run_consolidate, run_generation
-
+        # bad input fails here, before torch is imported (seconds on a loaded machine)
         if args.consolidate:
+            check_model_dir(args.consolidate)
+            from ..generate.runner import run_consolidate
+
             return run_consolidate(args.consolidate, args.export_dir, args.dtype)
         if not args.path:
-            from ..errors import UsageError
-
             raise UsageError("give a run dir or export dir (or --consolidate RUN_DIR)")
         overrides = generation_overrides(args)
+        check_model_dir(args.path)
+        default_threads()  # before torch is imported
+        from ..generate.runner import GenerateRequest, run_generation
+
         request = GenerateRequest(
             path=args.path, data=args.data or "", input=args.input or "", dtype=args.dtype, cpu=args.cpu
         )

@@ -11,12 +11,25 @@ and renamed into place when complete; an existing DESTDIR is replaced only with 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..errors import DataError, UsageError
-from .common import run_main
+from .common import fail, run_main
 
 PROG = "pyramidion-preprocess"
+#: exit code after SIGTERM, as a shell reports a process that SIGTERM ended (128 + 15): nothing was written,
+#: so it is not EXIT_PREEMPTED (75, "saved, rerun to resume"); rerunning the command starts it again
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: unwind, so that the pool is stopped and the temporary directory removed."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise Terminated
 
 
 def _positive(text: str) -> int:
@@ -171,6 +184,7 @@ def main(argv: list[str] | None = None):
 
         if not 0 < args.spm_character_coverage <= 1:  # also refuses nan
             raise UsageError(f"--spm-character-coverage: got {args.spm_character_coverage}, expected 0 < x <= 1")
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             check_destdir(args.destdir, args.overwrite)  # before reading a large input
             sources, describe = sources_from_args(args)
@@ -211,6 +225,13 @@ def main(argv: list[str] | None = None):
             )
         except DataError as err:
             raise UsageError(str(err)) from None
+        except Terminated:
+            fail(
+                PROG,
+                f"stopped by SIGTERM: worker processes stopped, temporary directory removed, "
+                f"{args.destdir} left as it was",
+                EXIT_TERMINATED,
+            )
         print(
             f"{PROG}: wrote {args.destdir} (vocab {meta['vocab_size']}, {meta['dtype']}, spm {meta['spm_sha256'][:12]})"
         )

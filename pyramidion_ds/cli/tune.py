@@ -213,20 +213,7 @@ def _shell(word: str) -> str:
 
 def main(argv: list[str] | None = None):
     def body():
-        import yaml
-
-        from ..tune.plan import (
-            Cluster,
-            ds_config_for,
-            make_plan,
-            nothing_fits_message,
-            override_flags,
-            plan_summary,
-            table,
-            trainer_overrides,
-        )
-        from ..tune.trials import check_outputs
-
+        # --help and usage errors come before torch and deepspeed are imported (tune.plan imports the model)
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         for name in ("nodes", "gpus_per_node"):
             if getattr(args, name) < 1:
@@ -245,6 +232,24 @@ def main(argv: list[str] | None = None):
 
             use_cpu_accelerator()  # before deepspeed is imported: no "unable to detect" GPU warning
         cfg, m = model_config(args)
+        import yaml
+
+        from ..logs import quiet_deepspeed_accelerator_probe
+        from ..tune.plan import (
+            Cluster,
+            ds_config_for,
+            make_plan,
+            nothing_fits_message,
+            override_flags,
+            plan_summary,
+            table,
+            trainer_overrides,
+        )
+        from ..tune.trials import check_outputs
+
+        # planning for GPUs on a machine without one: DeepSpeed (imported to check the JSON) would warn that
+        # it found no GPU; the plan does not depend on this machine's accelerator
+        quiet_deepspeed_accelerator_probe()
         cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib, args.device)
         src, tgt = m.max_source_positions, m.max_target_positions
         batch = global_batch(args, cluster, src)

@@ -46,6 +46,16 @@ class Config:
         """Source widths are padded to a multiple of this: data.pad_to_multiple, 0 = model.chunk_size."""
         return self.data.pad_to_multiple or self.model.chunk_size
 
+    def validate(self) -> None:
+        multiple, longest = self.source_pad_multiple, self.model.max_source_positions
+        if multiple and longest % multiple:  # a source of `longest` tokens would be padded past the model's length
+            key = "data.pad_to_multiple" if self.data.pad_to_multiple else "model.chunk_size"
+            padded = -(-longest // multiple) * multiple
+            raise ConfigError(
+                f"{key}: got {multiple}, expected a divisor of model.max_source_positions ({longest}): sources are "
+                f"padded to a multiple of it, so one of {longest} tokens would become {padded}"
+            )
+
     @property
     def batch_size_multiple(self) -> int:
         """Batch sizes are a multiple of this (below it a power of two): data.required_batch_size_multiple,

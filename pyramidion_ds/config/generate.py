@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .core import option
+from .core import ConfigError, option
 
 
 @dataclass
@@ -31,3 +31,7 @@ class GenerationConfig:
     explain: int = option(0, "write an HTML selection map for the first N documents", min=0)
     seed: int = option(1, "sampling seed (a batch's draws depend on it and the batch only)")
     progress: bool = option(True, "progress bar on rank 0")
+
+    def validate(self) -> None:
+        if self.nbest > self.beam:  # the search keeps `beam` hypotheses per source: it has no more to write
+            raise ConfigError(f"generation.nbest: got {self.nbest}, expected at most generation.beam ({self.beam})")

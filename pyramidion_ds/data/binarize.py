@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -64,6 +65,13 @@ def _init_worker(
     _WORKER.update(
         proc=proc, dtype=np.dtype(dtype), max_source=max_source, max_target=max_target, truncate_source=truncate_source
     )
+
+
+def _init_pool_worker(*init_args) -> None:
+    """A pool worker ignores SIGTERM: the main process decides (it stops the pool and removes its temporary
+    directory), also when the signal reaches every process of the group."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _init_worker(*init_args)
 
 
 def _with_eos(ids: list[int], limit: Optional[int], dtype) -> tuple[np.ndarray, int]:
@@ -137,7 +145,7 @@ class _Encoder:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             self.pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_init_worker, initargs=init_args
+                workers, mp_context=context, initializer=_init_pool_worker, initargs=init_args
             )
         else:
             _init_worker(*init_args)

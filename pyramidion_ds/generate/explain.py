@@ -73,7 +73,7 @@ def render_page(
         "</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n"
         f"<p>Each source token is shaded by how far it survived up the pyramid ({num_stages} top-k "
-        f"poolings): {legend}</p>\n"
+        f"pooling{'' if num_stages == 1 else 's'}): {legend}</p>\n"
         f"<h2>Hypothesis</h2>\n<p>{html.escape(hypothesis)}</p>\n{reference_html}"
         f'<h2>Source ({len(pieces)} tokens)</h2>\n<div class="src">{"".join(spans)}</div>\n'
         "</body>\n</html>\n"

@@ -50,6 +50,8 @@ class RunDirLock:
         self.path = self.run_dir / LOCK_NAME
         self.fd: int | None = None
         self.flock = True
+        #: the warning of a stale lock taken over (None otherwise), for the run's train.log once it is open
+        self.taken_over: str | None = None
 
     def _read(self) -> dict:
         try:
@@ -58,8 +60,9 @@ class RunDirLock:
         except (OSError, ValueError):
             return {}
 
-    def acquire(self, force: bool = False, warn=print) -> "RunDirLock":
-        """Take the lock or raise :class:`RunDirLocked`; ``warn`` gets one line on a stale lock taken over."""
+    def acquire(self, force: bool = False, warn=None) -> "RunDirLock":
+        """Take the lock or raise :class:`RunDirLocked`. A stale lock taken over leaves one line in
+        :attr:`taken_over` (and to ``warn``, if given)."""
         import fcntl
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,10 +92,12 @@ class RunDirLock:
                         "if that job is gone, set train.force_unlock true"
                     )
                     raise RunDirLocked(self._refusal(holder, why))
-            warn(
+            self.taken_over = (
                 f"taking over the lock of {self.run_dir} left by a trainer that is gone ({_holder_text(holder)})"
                 + ("" if self.flock else "; this filesystem does not support flock")
             )
+            if warn is not None:
+                warn(self.taken_over)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         os.fsync(fd)

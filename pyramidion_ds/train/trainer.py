@@ -719,6 +719,8 @@ def run_training(cfg: Config) -> int:
         trainer.check()  # bad input stops here, with nothing written
         lock = lock_run_dir(cfg, world.rank)  # before the first write, or refused with nothing written
         setup_logging(world.rank, Path(cfg.train.save_dir) / "train.log")
+        if lock is not None and lock.taken_over:  # logged now, so that train.log has it too
+            log.warning(lock.taken_over)
         trainer.setup()
         return record_exit(trainer.run(), world.rank)
     except TrainingError as err:
@@ -747,8 +749,23 @@ def check_training(cfg: Config, world_size: int) -> int:
     trainer = Trainer(cfg, World(0, 0, world_size, world_size, "127.0.0.1", 0, "single"))
     trainer.check(verify=False)
     trainer.log_notes()  # e.g. a checkpoint skipped, and why
-    print(resume.describe(trainer))
+    print(check_summary(trainer, world_size))
     return EXIT_OK
+
+
+def check_summary(trainer: "Trainer", world_size: int) -> str:
+    """--check-only's one line: what the run will do."""
+    cfg = trainer.cfg
+    stage = trainer.ds_config.get("zero_optimization", {}).get("stage", 0)
+    # a resume says which checkpoint, and whether its layout (ranks, ZeRO stage) is converted
+    start = resume.describe(trainer) if trainer.resume_from is not None else "start at update 0"
+    if trainer.resume_from is None and cfg.train.init_from:
+        start += f" with the weights of {cfg.train.init_from}"
+    return (
+        f"check passed: {world_size} rank{'s' if world_size != 1 else ''}, ZeRO-{stage}, {start}; data "
+        f"{cfg.data.data}: {cfg.data.train_subset} {len(trainer.train_data)} / {cfg.data.valid_subset} "
+        f"{len(trainer.valid_data)} examples; save_dir {cfg.train.save_dir}"
+    )
 
 
 def lock_run_dir(cfg: Config, rank: int) -> RunDirLock | None:
@@ -756,7 +773,7 @@ def lock_run_dir(cfg: Config, rank: int) -> RunDirLock | None:
     lock, refusal = None, [None]
     if rank == 0:
         try:
-            lock = RunDirLock(cfg.train.save_dir).acquire(force=cfg.train.force_unlock, warn=log.warning)
+            lock = RunDirLock(cfg.train.save_dir).acquire(force=cfg.train.force_unlock)
         except RunDirLocked as err:
             refusal = [str(err)]
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -324,7 +324,10 @@ def override_flags(overrides: dict) -> list[str]:
             if value is None:
                 continue
             text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            if isinstance(value, str) and yaml.safe_load(text) != value:  # 'off' would read as false
+            read = yaml.safe_load(text)
+            # a bare off/on reads as a boolean, which the config turns back into the word its choices use;
+            # any other string YAML would misread (a number, null) is quoted
+            if isinstance(value, str) and read != value and not isinstance(read, bool):
                 text = f"'{value}'"
             flags += [f"--{section}.{key}", text]
     return flags

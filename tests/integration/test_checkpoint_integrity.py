@@ -5,6 +5,7 @@ corpus that resumes. One 2-rank training run per module; the tests copy it."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,8 +101,11 @@ def test_corrupt_newest_checkpoint_is_skipped_on_resume(base_run, synthetic_bin,
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the checksum tells
     shard.write_bytes(bytes(data))
+    # and the trainer before died holding the run dir (kill -9): its lock is taken over, and train.log says so
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 4242, "started": 0}) + "\n")
     proc = run_deepspeed([config(tmp_path, "run", synthetic_bin, max_update=2)])
     log = (run / "train.log").read_text()
+    assert f"taking over the lock of {run} left by a trainer that is gone (host {socket.gethostname()}, pid 4242" in log
     assert f"{shard.name} does not match the sha256" in proc.stdout + proc.stderr + log
     assert f"falling back to '{tag_for(1)}'" in log and f"resumed from {run / 'checkpoints' / tag_for(1)}" in log
     info = CheckpointDir(run).latest_complete(warn=lambda m: None, verify=True)

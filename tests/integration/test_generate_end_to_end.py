@@ -80,6 +80,7 @@ def generate_cli(args, nproc=1):
 def test_consolidated_export_equals_gathered_zero3_parameters(zero3_run, tmp_path):
     proc = generate_cli(["--consolidate", str(zero3_run / "run"), "--export-dir", str(tmp_path / "export")])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [str(tmp_path / "export")]  # not DeepSpeed's "Reconstructed fp32 ..."
     from safetensors.torch import load_file
 
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))

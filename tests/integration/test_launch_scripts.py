@@ -80,6 +80,8 @@ def test_local_script_falls_back_to_cpu_processes(synthetic_bin, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "train.sh: 2 processes on" in out
+    # the pre-flight check says in one line what the run will do
+    assert f"check passed: 2 ranks, ZeRO-3, start at update 0; data {synthetic_bin}: train " in out, out[-3000:]
     # nothing a user on a CPU machine reads as trouble: no GPU-probe warnings, no GPU ids, no hostfile
     # warning, no shared-memory op build (1-2 min on a machine's first run, then a line per rank)
     for noise in (

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -153,6 +154,41 @@ def test_two_worker_subprocess_matches(layouts, tsv_out, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "binarize train" in proc.stderr  # progress bars on the long steps
     assert files_of(tmp_path / "out") == files_of(tsv_out)
+
+
+def test_sigterm_stops_the_workers_and_removes_the_temporary_dir(tsv_out, tmp_path):
+    """SIGTERM to the command (as `kill PID` sends it) while its 2 workers binarize: one line, exit 143, no
+    DESTDIR.tmp-XXXX left, no worker left running without its parent."""
+    import signal
+
+    import psutil
+
+    line = json.dumps({"document": "agent marisol moved 31 bronze bells to osaka on saturday . " * 30, "summary": "s"})
+    (tmp_path / "big.jsonl").write_text((line + "\n") * 10000)
+    destdir = tmp_path / "out"
+    command = [sys.executable, "-m", "pyramidion_ds.cli.preprocess", "--source-files", f"train={tmp_path}/big.jsonl"]
+    stderr_file = tmp_path.parent / f"{tmp_path.name}.stderr"  # a pipe would stay open while orphans live
+    with stderr_file.open("w") as stderr_fh:
+        proc = subprocess.Popen(
+            [*command, "--destdir", destdir, "--spm-model", tsv_out / "spm.model", "--workers", "2", "--quiet"],
+            stderr=stderr_fh,
+        )
+    workers = []
+    while proc.poll() is None and not (len(workers) == 2 and list(tmp_path.glob("out.tmp-*"))):
+        workers = psutil.Process(proc.pid).children()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    for worker in alive:  # leave no orphan behind when this fails
+        worker.kill()
+    stderr = stderr_file.read_text()
+    assert code == 143 and not alive, (code, alive, stderr)
+    assert stderr.splitlines() == [
+        f"pyramidion-preprocess: error: stopped by SIGTERM: worker processes stopped, temporary directory removed, "
+        f"{destdir} left as it was"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
 
 
 def test_unlabeled_for_denoising(layouts, tsv_out, tmp_path, capsys):

@@ -45,13 +45,20 @@ def read_until(proc, marker, output, timeout=600):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_job_wide_signal_with_workers_saves_and_the_job_exits_75(synthetic_bin, tmp_path, sig):
-    # every process of the job gets the signal: train.sh, the DeepSpeed launcher, ranks, loader workers
+    """SIGUSR1 to train.sh's process group (as `timeout` and SLURM send it); SIGTERM to every process of the
+    job at once (a cgroup-wide kill, a container stop): train.sh, the DeepSpeed launcher, ranks, loader
+    workers. The launcher dies of it at once; train.sh waits for the saving ranks and returns their 75."""
     cfg = config(tmp_path, "run", synthetic_bin, data={"num_workers": 2}, train={"max_update": 400})
     env = dict(subprocess_env(), NPROC="2", PYRAMIDION_PYTHON=sys.executable)
     proc = start([str(TRAIN_SH), cfg], env)
     output = []
     read_until(proc, "train | update 3 ", output)
-    os.killpg(proc.pid, sig)
+    if sig == signal.SIGTERM:
+        job = psutil.Process(proc.pid)
+        for process in [job, *job.children(recursive=True)]:
+            process.send_signal(sig)
+    else:
+        os.killpg(proc.pid, sig)
     output.extend(proc.stdout)
     assert proc.wait(timeout=180) == EXIT_PREEMPTED, "".join(output)[-4000:]
     text = "".join(output)
@@ -71,22 +78,13 @@ def test_ranks_stop_without_saving_when_their_launcher_is_killed(synthetic_bin, 
         synthetic_bin,
         train={"max_update": 100000, "save_interval_updates": 1, "keep_last_checkpoints": 0},
     )
-    proc = start(
-        [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "--module",
-            "pyramidion_ds.cli.train",
-            cfg,
-        ]
-    )
+    proc = start([str(TRAIN_SH), cfg], dict(subprocess_env(), NPROC="2", PYRAMIDION_PYTHON=sys.executable))
     output = []
     read_until(proc, "train | update 3 ", output)
     launch = next(
-        p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(p.cmdline())
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "deepspeed.launcher.launch" in " ".join(p.cmdline())
     )
     ranks = launch.children()
     assert len(ranks) == 2
@@ -99,8 +97,10 @@ def test_ranks_stop_without_saving_when_their_launcher_is_killed(synthetic_bin, 
     time.sleep(3)
     assert CheckpointDir(tmp_path / "run").tags() == tags  # nothing written after they stopped
     assert CheckpointDir(tmp_path / "run").latest_complete() is not None
-    proc.kill()
     output.extend(proc.stdout)
+    # DeepSpeed's runner reports a launcher killed by a signal as success; train.sh reads rank 0's code
+    assert proc.wait(timeout=60) == 1, "".join(output)[-3000:]
+    assert "train.sh: the launcher reported success but rank 0 exited with 1\n" in "".join(output)
     assert "its launcher (parent pid" in "".join(output) and "exiting without saving" in "".join(output)
 
 

@@ -218,3 +218,31 @@ def test_pooling_settings_of_a_variant_without_pooling_are_dropped_and_named():
 def test_non_finite_numbers_are_refused_in_every_section(flag, value):
     with pytest.raises(ConfigError, match=rf"^{flag[2:]}: got '?{value}'?, expected a finite number$"):
         load_config(None, [flag, value])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            [
+                "--model.max_source_positions",
+                "150",
+                "--model.pooling_schedule",
+                "[150, 64, 64]",
+                "--model.chunk_size",
+                "100",
+            ],
+            "model.chunk_size: got 100, expected a divisor of model.max_source_positions (150): sources are padded "
+            "to a multiple of it, so one of 150 tokens would become 200",
+        ),
+        (
+            ["--data.pad_to_multiple", "48"],
+            "data.pad_to_multiple: got 48, expected a divisor of model.max_source_positions (1024)",
+        ),
+    ],
+)
+def test_source_padding_past_the_models_length_is_a_config_error(overrides, message):
+    """Found with the config, not as a ValueError on the first long batch after the run dir was written."""
+    with pytest.raises(ConfigError) as err:
+        load_config("debug", overrides)
+    assert str(err.value).startswith(message)

@@ -59,3 +59,16 @@ def test_quickstart_config_pools_every_quickstart_document():
 def test_what_the_readme_commands_write_is_ignored_by_git(path):
     proc = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
     assert proc.returncode == 0, f"{path} is not ignored by .gitignore"
+
+
+def test_the_dev_extra_installs_the_tools_the_readme_tells_contributors_to_run():
+    """README's Tests section: `ruff check`, `pre-commit install`: both come with `pip install -e .[dev]`."""
+    import ast
+
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    extras = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "extras_require"))
+    names = {re.split(r"[<>=;\[ ]", requirement)[0] for requirement in extras["dev"]}
+    readme = (ROOT / "README.md").read_text()
+    assert "pre-commit install" in readme and "ruff check" in readme
+    assert {"pre-commit", "ruff", "pytest"} <= names

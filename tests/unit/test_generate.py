@@ -8,7 +8,7 @@ import torch
 
 from pyramidion_ds.bench.generate import EXACTNESS_SETTINGS, tiny_model, tiny_sources
 from pyramidion_ds.checkpoint.export import write_safetensors
-from pyramidion_ds.generate.explain import write_explain_page
+from pyramidion_ds.generate.explain import render_page, write_explain_page
 from pyramidion_ds.generate.rouge import ROUGE_TYPES, rouge_scores, split_sentences
 from pyramidion_ds.generate.search import SearchOptions, exhaustive_search, generate
 
@@ -148,6 +148,8 @@ def test_explain_page_is_valid_html_with_one_span_per_token(tmp_path):
     assert len(parser.tokens) == len(ids)
     stages = len(model.encode(src[:1, :16], lengths[:1]).pooling)
     assert max(parser.tokens) == stages and min(parser.tokens) == 0
+    for num_stages, words in ((1, "(1 top-k pooling)"), (3, "(3 top-k poolings)")):
+        assert words in render_page(["a"], [0], [0.5], num_stages, title="t", hypothesis="h", reference=None)
 
 
 def test_streamed_safetensors_round_trip(tmp_path):

@@ -235,3 +235,25 @@ def test_cpu_memory_measurement_prints_no_profiler_markers(capfd):
     assert cpu_peak_bytes(lambda: torch.ones(1000).sum()) > 0
     captured = capfd.readouterr()
     assert "USDT" not in captured.out + captured.err and "profiler_start" not in captured.out + captured.err
+
+
+def test_gpu_plan_on_a_machine_without_gpus_prints_only_the_plan(tmp_path):
+    """Planning for GPUs here (where DeepSpeed, imported to check the JSON, finds none) prints no GPU-probe
+    warning, and the "train with:" line is a command a shell passes on as the config reads it."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    argv = ["--preset", "debug", "--src-len", "256", "--tgt-len", "64", "--gpus-per-node", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyramidion_ds.cli.tune", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unable to detect" not in proc.stdout + proc.stderr, proc.stderr
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("train with: pyramidion-train CONFIG ")]
+    flags = shlex.split(line.removeprefix("train with: pyramidion-train CONFIG "))
+    assert "'off'" not in line and "--train.activation_checkpointing" in flags
+    cfg = load_config(None, flags)
+    assert cfg.train.activation_checkpointing == "off" and cfg.model.preset == "debug"
