@@ -341,7 +341,11 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
             collate_fn=lambda samples: pad_target(
                 collate(
-                    samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id, pad_to_multiple=cfg.source_pad_multiple
+                    samples,
+                    pad_id=m.pad_id,
+                    bos_id=m.start_id,
+                    eos_id=m.eos_id,
+                    pad_to_multiple=cfg.source_pad_multiple,
                 ),
                 cfg.target_pad_multiple,
                 m.pad_id,

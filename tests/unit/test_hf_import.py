@@ -1,0 +1,217 @@
+"""pyramidion-import: tiny random PEGASUS and BART checkpoints (transformers' config classes, saved to a temp
+dir, no download) import into a `vanilla` Pyramidion that computes the same encoder output, logits and
+generated tokens, with a tokenizer that gives the same ids as transformers' on the PubMed sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pubmed_sample.jsonl"
+TINY = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+)
+
+
+def sample_texts(limit: int = 40) -> list[str]:
+    if not SAMPLE.is_file():
+        pytest.skip(f"no PubMed sample at {SAMPLE}")
+    texts = []
+    for line in SAMPLE.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        texts += [record[key] for key in ("document", "summary") if isinstance(record.get(key), str)]
+    return texts[:limit]
+
+
+def write_pegasus_spm(out: Path, texts: list[str]) -> None:
+    """A small sentencepiece model with PEGASUS's layout (pad 0, eos 1, unk 2, no bos) as spiece.model."""
+    import sentencepiece as spm
+
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(t.replace("\n", " ")[:2000] for t in texts), encoding="utf-8")
+    spm.SentencePieceTrainer.Train(
+        input=str(corpus),
+        model_prefix=str(out / "spiece"),
+        vocab_size=400,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    (out / "spiece.vocab").unlink()
+    corpus.unlink()
+
+
+def write_bart_bpe(out: Path, texts: list[str]) -> int:
+    """A small byte-level BPE (tokenizers) saved as BART's vocab.json + merges.txt; returns its size."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(texts, vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.save_model(str(out))
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """{"pegasus": dir, "bart": dir}: tiny random checkpoints with their tokenizers, as save_pretrained writes."""
+    texts = sample_texts()
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    pegasus = root / "pegasus"
+    pegasus.mkdir()
+    write_pegasus_spm(pegasus, texts)
+    tok = transformers.PegasusTokenizer.from_pretrained(str(pegasus))
+    tok.save_pretrained(pegasus)
+    cfg = transformers.PegasusConfig(vocab_size=len(tok), activation_function="relu", **TINY)
+    model = transformers.PegasusForConditionalGeneration(cfg)
+    model.final_logits_bias.normal_(0, 0.5)
+    model.save_pretrained(pegasus)
+    bart = root / "bart"
+    bart.mkdir()
+    size = write_bart_bpe(bart, texts)
+    tok = transformers.BartTokenizerFast.from_pretrained(str(bart))
+    tok.save_pretrained(bart)
+    cfg = transformers.BartConfig(vocab_size=size, activation_function="gelu", **TINY)
+    model = transformers.BartForConditionalGeneration(cfg)
+    model.final_logits_bias.normal_(0, 0.5)
+    model.save_pretrained(bart)
+    return {"pegasus": pegasus, "bart": bart}
+
+
+@pytest.fixture(scope="module")
+def imported(hf_dirs, tmp_path_factory):
+    from pyramidion_ds.checkpoint.export import load_export
+    from pyramidion_ds.checkpoint.hf_import import import_hf
+
+    out = {}
+    for family, hf_dir in hf_dirs.items():
+        export = import_hf(hf_dir, tmp_path_factory.mktemp("export") / family, variant="vanilla")
+        model, cfg, tok = load_export(export)
+        hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dir).eval()
+        hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        out[family] = (model, cfg, tok, hf_model, hf_tok, export)
+    return out
+
+
+def padded_batch(cfg, lengths=(17, 9, 13)):
+    gen = torch.Generator().manual_seed(1)
+    src = torch.full((len(lengths), max(lengths)), cfg.model.pad_id)
+    for row, n in enumerate(lengths):
+        src[row, : n - 1] = torch.randint(110, cfg.model.vocab_size, (n - 1,), generator=gen)
+        src[row, n - 1] = cfg.model.eos_id
+    return src, src.ne(cfg.model.pad_id)
+
+
+@pytest.mark.parametrize("family", ["pegasus", "bart"])
+def test_encoder_and_logits_equal_transformers(imported, family):
+    model, cfg, _, hf_model, _, _ = imported[family]
+    src, mask = padded_batch(cfg)
+    tgt = torch.randint(110, cfg.model.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
+    prev = torch.cat([torch.full((3, 1), cfg.model.start_id), tgt[:, :-1]], dim=1)
+    with torch.no_grad():
+        ours_enc = model.encode(src, mask.sum(1))
+        ours_logits = model(src, mask.sum(1), prev)
+        ref = hf_model(input_ids=src, attention_mask=mask.long(), decoder_input_ids=prev)
+    assert cfg.model.start_id == hf_model.config.decoder_start_token_id
+    diff_enc = (ours_enc.hidden - ref.encoder_last_hidden_state)[mask].abs().max().item()
+    assert diff_enc <= 1e-5, diff_enc
+    diff_logits = (ours_logits - ref.logits).abs().max().item()
+    assert diff_logits <= 1e-5, diff_logits
+
+
+@pytest.mark.parametrize("family", ["pegasus", "bart"])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_generation_equals_transformers(imported, family, beam):
+    from pyramidion_ds.generate.search import SearchOptions, generate
+
+    model, cfg, _, hf_model, _, _ = imported[family]
+    src, mask = padded_batch(cfg)
+    m = cfg.model
+    max_len = 12
+    opts = SearchOptions(beam=beam, lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=max_len)
+    with torch.no_grad():
+        ours = [hyps[0].tokens for hyps in generate(model, src, mask.sum(1), opts)]
+        ref = hf_model.generate(
+            input_ids=src,
+            attention_mask=mask.long(),
+            num_beams=beam,
+            do_sample=False,
+            length_penalty=1.0,
+            early_stopping=True,
+            max_new_tokens=max_len + 1,
+            min_new_tokens=1,
+            forced_eos_token_id=m.eos_id,
+            forced_bos_token_id=None,
+            bad_words_ids=[[m.pad_id], [m.bos_id]],
+            no_repeat_ngram_size=0,
+            decoder_start_token_id=m.start_id,
+            eos_token_id=m.eos_id,
+            pad_token_id=m.pad_id,
+        )
+    for row, tokens in enumerate(ours):
+        expected = [t for t in ref[row, 1:].tolist() if t != m.pad_id]
+        assert tokens == expected, (row, tokens, expected)
+
+
+@pytest.mark.parametrize("family", ["pegasus", "bart"])
+def test_tokenization_equals_transformers(imported, family):
+    from pyramidion_ds.data.spm import decode_text
+
+    _, cfg, tok, _, hf_tok, _ = imported[family]
+    texts = sample_texts()
+    for text in texts:
+        ours = tok.EncodeAsIds(text) + [tok.eos_id()]
+        assert ours == hf_tok(text)["input_ids"], text[:80]
+    ids = tok.EncodeAsIds(texts[0])
+    assert decode_text(tok, ids) == hf_tok.decode(ids, skip_special_tokens=True)
+    assert tok.GetPieceSize() == cfg.model.vocab_size
+
+
+def test_vocabulary_identity_of_imports(imported):
+    from pyramidion_ds.data.spm import spm_identity, spm_sha256
+
+    ids = {family: spm_identity(entry[5]) for family, entry in imported.items()}
+    assert len(set(ids.values())) == 2
+    meta = json.loads((imported["bart"][5] / "export.json").read_text())
+    assert meta["spm_identity"] == ids["bart"] and meta["spm_sha256"] == spm_sha256(imported["bart"][5])
+
+
+def test_unsupported_architecture_and_missing_files(hf_dirs, tmp_path):
+    import shutil
+
+    from pyramidion_ds.checkpoint.hf_import import import_hf
+    from pyramidion_ds.errors import UsageError
+
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
+    with pytest.raises(UsageError, match="unsupported architecture T5ForConditionalGeneration"):
+        import_hf(t5, tmp_path / "out-t5")
+    no_weights = tmp_path / "pegasus-no-weights"
+    shutil.copytree(hf_dirs["pegasus"], no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(UsageError, match="no model.safetensors nor pytorch_model.bin"):
+        import_hf(no_weights, tmp_path / "out-nw")
+    no_spm = tmp_path / "pegasus-no-spm"
+    shutil.copytree(hf_dirs["pegasus"], no_spm)
+    (no_spm / "spiece.model").unlink()
+    with pytest.raises(UsageError, match="no spiece.model"):
+        import_hf(no_spm, tmp_path / "out-ns")
+    assert not any(p.name.startswith("out") or p.name.startswith(".out") for p in tmp_path.iterdir())
