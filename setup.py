@@ -53,6 +53,7 @@ setup(
             "pyramidion-generate=pyramidion_ds.cli.generate:main",
             "pyramidion-tune=pyramidion_ds.cli.tune:main",
             "pyramidion-bench=pyramidion_ds.cli.bench:main",
+            "pyramidion-import=pyramidion_ds.cli.import_hf:main",
         ],
     },
 )

@@ -85,9 +85,8 @@ class _Adapter:
         return self._unk
 
     def EncodeAsIds(self, text: str) -> list[int]:  # noqa: N802 - sentencepiece's name
-        """Text -> ids without the final </s> (the pipeline appends it); BART's sources start with <s>."""
-        ids = self._encode(text)
-        return [self._bos] + ids if self.add_bos else ids
+        """Text -> ids without <s> and </s> (see :func:`encode_source` for a source's framing)."""
+        return self._encode(text)
 
     def IsByte(self, piece_id: int) -> bool:  # noqa: N802
         return False
@@ -169,6 +168,17 @@ class ByteLevelBpe(_Adapter):
 
     def IdToPiece(self, piece_id: int) -> str:  # noqa: N802
         return self.tok.id_to_token(int(piece_id)) or ""
+
+
+def special_ids(proc) -> dict:
+    """``{"bos", "pad", "eos", "unk"}`` of a tokenizer (ours: fairseq's 0 1 2 3)."""
+    return {"bos": proc.bos_id(), "pad": proc.pad_id(), "eos": proc.eos_id(), "unk": proc.unk_id()}
+
+
+def encode_source(proc, text: str) -> list[int]:
+    """A document's ids without the final </s>: BART's sources start with <s> (as its tokenizer frames them)."""
+    ids = list(proc.EncodeAsIds(text))
+    return [proc.bos_id()] + ids if getattr(proc, "add_bos", False) else ids
 
 
 def load_tokenizer(directory: str | os.PathLike):

@@ -65,6 +65,8 @@ ARCHITECTURE_KEYS = (
     "bos_id",
     "eos_id",
 )
+#: architecture fields of imported checkpoints (pyramidion-import); configs saved before them hold the defaults
+IMPORT_KEYS = ("scale_embedding", "layernorm_embedding", "final_logits_bias", "decoder_start_id")
 #: model fields that change what the same weights compute: a resume must keep them (init-from may change them)
 COMPUTATION_KEYS = ("variant", "chunk_size", "topk_base", "flip_right", "sort_back", "scorer_input")
 #: known dense bf16 peaks (TFLOP/s) for MFU when train.peak_tflops is 0
@@ -84,6 +86,10 @@ def architecture_mismatch(saved: dict, current: dict) -> str | None:
     for key in ARCHITECTURE_KEYS:
         if saved.get(key) != current.get(key) and not (key == "vocab_size" and not saved.get(key)):
             return f"model.{key} is {saved.get(key)!r} there, {current.get(key)!r} here"
+    defaults = to_dict(ModelConfig())
+    for key in IMPORT_KEYS:
+        if saved.get(key, defaults[key]) != current.get(key, defaults[key]):
+            return f"model.{key} is {saved.get(key, defaults[key])!r} there, {current.get(key, defaults[key])!r} here"
     if saved.get("positions") == "learned" and saved.get("max_source_positions") != current.get("max_source_positions"):
         return "learned positions of another max_source_positions"
     return None
@@ -252,9 +258,14 @@ class Trainer:
         if self.rank == 0:  # the run dir describes itself: configs + vocabulary
             save_resolved(cfg, self.run_dir)
             write_text_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
-            tmp = self.run_dir / ".spm.model.tmp"
-            shutil.copyfile(Path(cfg.data.data) / "spm.model", tmp)
-            tmp.replace(self.run_dir / "spm.model")
+            from ..data.tokenizer import copy_tokenizer, tokenizer_meta
+
+            if tokenizer_meta(cfg.data.data) is not None:  # an imported tokenizer (pyramidion-import)
+                copy_tokenizer(cfg.data.data, self.run_dir)
+            else:
+                tmp = self.run_dir / ".spm.model.tmp"
+                shutil.copyfile(Path(cfg.data.data) / "spm.model", tmp)
+                tmp.replace(self.run_dir / "spm.model")
         self._barrier()
 
         self.build_data()

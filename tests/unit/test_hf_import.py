@@ -5,94 +5,20 @@ generated tokens, with a tokenizer that gives the same ids as transformers' on t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pubmed_sample.jsonl"
-TINY = dict(
-    d_model=32,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=64,
-    decoder_ffn_dim=64,
-    max_position_embeddings=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-    activation_dropout=0.0,
-)
-
-
-def sample_texts(limit: int = 40) -> list[str]:
-    if not SAMPLE.is_file():
-        pytest.skip(f"no PubMed sample at {SAMPLE}")
-    texts = []
-    for line in SAMPLE.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        texts += [record[key] for key in ("document", "summary") if isinstance(record.get(key), str)]
-    return texts[:limit]
-
-
-def write_pegasus_spm(out: Path, texts: list[str]) -> None:
-    """A small sentencepiece model with PEGASUS's layout (pad 0, eos 1, unk 2, no bos) as spiece.model."""
-    import sentencepiece as spm
-
-    corpus = out / "corpus.txt"
-    corpus.write_text("\n".join(t.replace("\n", " ")[:2000] for t in texts), encoding="utf-8")
-    spm.SentencePieceTrainer.Train(
-        input=str(corpus),
-        model_prefix=str(out / "spiece"),
-        vocab_size=400,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
-    (out / "spiece.vocab").unlink()
-    corpus.unlink()
-
-
-def write_bart_bpe(out: Path, texts: list[str]) -> int:
-    """A small byte-level BPE (tokenizers) saved as BART's vocab.json + merges.txt; returns its size."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(texts, vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tok.save_model(str(out))
-    return tok.get_vocab_size()
+import hf_tiny  # noqa: E402 (after the skip: it needs transformers)
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """{"pegasus": dir, "bart": dir}: tiny random checkpoints with their tokenizers, as save_pretrained writes."""
-    texts = sample_texts()
     root = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    pegasus = root / "pegasus"
-    pegasus.mkdir()
-    write_pegasus_spm(pegasus, texts)
-    tok = transformers.PegasusTokenizer.from_pretrained(str(pegasus))
-    tok.save_pretrained(pegasus)
-    cfg = transformers.PegasusConfig(vocab_size=len(tok), activation_function="relu", **TINY)
-    model = transformers.PegasusForConditionalGeneration(cfg)
-    model.final_logits_bias.normal_(0, 0.5)
-    model.save_pretrained(pegasus)
-    bart = root / "bart"
-    bart.mkdir()
-    size = write_bart_bpe(bart, texts)
-    tok = transformers.BartTokenizerFast.from_pretrained(str(bart))
-    tok.save_pretrained(bart)
-    cfg = transformers.BartConfig(vocab_size=size, activation_function="gelu", **TINY)
-    model = transformers.BartForConditionalGeneration(cfg)
-    model.final_logits_bias.normal_(0, 0.5)
-    model.save_pretrained(bart)
-    return {"pegasus": pegasus, "bart": bart}
+    return {family: hf_tiny.build(root, family) for family in ("pegasus", "bart")}
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +99,12 @@ def test_generation_equals_transformers(imported, family, beam):
 @pytest.mark.parametrize("family", ["pegasus", "bart"])
 def test_tokenization_equals_transformers(imported, family):
     from pyramidion_ds.data.spm import decode_text
+    from pyramidion_ds.data.tokenizer import encode_source
 
     _, cfg, tok, _, hf_tok, _ = imported[family]
-    texts = sample_texts()
+    texts = hf_tiny.sample_texts()
     for text in texts:
-        ours = tok.EncodeAsIds(text) + [tok.eos_id()]
+        ours = encode_source(tok, text) + [tok.eos_id()]
         assert ours == hf_tok(text)["input_ids"], text[:80]
     ids = tok.EncodeAsIds(texts[0])
     assert decode_text(tok, ids) == hf_tok.decode(ids, skip_special_tokens=True)
