@@ -159,7 +159,7 @@ def _stretch_positions(table: torch.Tensor, rows: int) -> torch.Tensor:
 def convert_state_dict(family: str, hf_state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     """Our state dict for ``model`` (a freshly built PyramidionModel) from the checkpoint's tensors."""
     cfg = model.cfg
-    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    state = dict(model.state_dict())  # the built model's tensors; converted ones replace them (no second copy)
     hf_state = {(k[len("model.") :] if k.startswith("model.") else k): v for k, v in hf_state.items()}
     used: set[str] = set()
 
@@ -246,7 +246,7 @@ def import_hf(
         torch.manual_seed(0)  # the new parts (scorers) get the same initialisation on every import
         model = PyramidionModel(cfg.model)
         state = convert_state_dict(family, hf_state, model)
-        del hf_state
+        del hf_state, model
         count = write_safetensors(tmp / EXPORT_WEIGHTS, state, DTYPES[dtype], metadata={"format": "pt"})
         write_yaml(to_dict(cfg), tmp / "config.yaml")
         meta = {

@@ -1,7 +1,7 @@
 """pyramidion-import: a Hugging Face PEGASUS or BART checkpoint (local dir) -> a Pyramidion export dir.
 
-    huggingface-cli download google/pegasus-large --local-dir pegasus-large
-    pyramidion-import pegasus-large pegasus-pyr --variant pyramidion --max-source-positions 8192 \\
+    huggingface-cli download google/pegasus-large --local-dir exports/hf/pegasus-large
+    pyramidion-import exports/hf/pegasus-large pegasus-pyr --variant pyramidion --max-source-positions 8192 \\
         --pooling-schedule '{1: 4096, 3: 2048}'
     pyramidion-preprocess ... --spm-model pegasus-pyr        # binarize with the imported tokenizer
     pyramidion-train CONFIG --init-from pegasus-pyr ...       # fine-tune (or continue pretraining)
