@@ -240,9 +240,9 @@ def import_hf(
         if not isinstance(vocab, int):
             raise UsageError(f"'{hf_dir / 'config.json'}': no integer vocab_size")
         special = import_hf_tokenizer(family, hf_dir, tmp, vocab)  # checks the tokenizer files before the weights
-        hf_state = read_hf_weights(hf_dir)
         section = model_section(family, hf, special, variant, max_source_positions, pooling_schedule, chunk_size)
-        cfg = _config(section)
+        cfg = _config(section)  # a bad flag fails before the (large) weights are read
+        hf_state = read_hf_weights(hf_dir)
         torch.manual_seed(0)  # the new parts (scorers) get the same initialisation on every import
         model = PyramidionModel(cfg.model)
         state = convert_state_dict(family, hf_state, model)

@@ -17,15 +17,9 @@ import sys
 
 from ..config import VARIANTS
 from .common import run_main
+from .preprocess import _positive
 
 PROG = "pyramidion-import"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
