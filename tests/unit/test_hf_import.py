@@ -157,3 +157,34 @@ def test_cli_help_and_one_line_errors(tmp_path):
     proc = run(str(tmp_path / "missing"), str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is not a directory" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bin_checkpoint_imports_like_safetensors(hf_dirs, imported, tmp_path):
+    """pytorch_model.bin (read with weights_only) gives the same export as model.safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pyramidion_ds.checkpoint.hf_import import import_hf
+
+    hf_bin = tmp_path / "bart-bin"
+    shutil.copytree(hf_dirs["bart"], hf_bin)
+    torch.save(load_file(str(hf_bin / "model.safetensors")), hf_bin / "pytorch_model.bin")
+    (hf_bin / "model.safetensors").unlink()
+    ours = load_file(str(import_hf(hf_bin, tmp_path / "export", variant="vanilla") / "model.safetensors"))
+    reference = load_file(str(imported["bart"][5] / "model.safetensors"))
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[name], reference[name]) for name in ours)
+
+
+def test_import_options_join_the_architecture_check():
+    """An import's options must match for --init-from/resume; configs saved before them mean the defaults."""
+    from pyramidion_ds.config import ModelConfig
+    from pyramidion_ds.config.core import to_dict
+    from pyramidion_ds.train.trainer import architecture_mismatch
+
+    ours = to_dict(ModelConfig())
+    old = {key: value for key, value in ours.items() if key not in ("scale_embedding", "layernorm_embedding")}
+    assert architecture_mismatch(old, ours) is None
+    bart_like = {**ours, "layernorm_embedding": True}
+    assert architecture_mismatch(bart_like, ours) == "model.layernorm_embedding is True there, False here"
