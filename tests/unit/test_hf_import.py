@@ -188,3 +188,20 @@ def test_import_options_join_the_architecture_check():
     assert architecture_mismatch(old, ours) is None
     bart_like = {**ours, "layernorm_embedding": True}
     assert architecture_mismatch(bart_like, ours) == "model.layernorm_embedding is True there, False here"
+
+
+def test_positions_beyond_the_checkpoint(hf_dirs, tmp_path):
+    """BART's learned table (offset 2 dropped) is repeated out to max_source_positions, as LED did; PEGASUS's
+    sinusoidal positions are computed for any length exactly as transformers computes them."""
+    from safetensors.torch import load_file
+
+    from pyramidion_ds.checkpoint.hf_import import import_hf
+    from pyramidion_ds.model.layers import PositionEmbedding
+
+    export = import_hf(hf_dirs["bart"], tmp_path / "bart", variant="vanilla", max_source_positions=150)
+    table = load_file(str(hf_dirs["bart"] / "model.safetensors"))["model.encoder.embed_positions.weight"][2:]
+    ours = load_file(str(export / "model.safetensors"))["encoder.positions.weight"]
+    assert ours.shape == (150, table.size(1))
+    assert torch.equal(ours[:64], table) and torch.equal(ours[64:128], table) and torch.equal(ours[128:], table[:22])
+    reference = transformers.models.pegasus.modeling_pegasus.PegasusSinusoidalPositionalEmbedding(300, 32)
+    assert torch.allclose(PositionEmbedding(300, 32, False, "sinusoidal_pegasus").table, reference.create_weight())
