@@ -9,7 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
+
+from pyramidion_ds.checkpoint.export import EXPORT_WEIGHTS
 
 from ds_helpers import ROOT, run_deepspeed, subprocess_env, tensorboard_scalars
 
@@ -67,3 +70,17 @@ def test_imported_model_trains_under_zero3(family, tmp_path):
     assert sorted(losses) == list(range(1, 13))
     first, last = [losses[i] for i in (1, 2, 3)], [losses[i] for i in (10, 11, 12)]
     assert sum(last) < 0.95 * sum(first), losses
+    # the trained run consolidates into an export generation loads: the frozen logits bias and the
+    # imported tokenizer (with its vocabulary identity) come through ZeRO-3's shards and the run dir
+    from safetensors.torch import load_file
+
+    from pyramidion_ds.checkpoint.export import consolidate, load_export
+    from pyramidion_ds.data.spm import spm_identity
+
+    _, _, tok = load_export(consolidate(tmp_path / "run", tmp_path / "trained"))
+    bias = "embed_tokens.final_logits_bias"
+    assert torch.equal(
+        load_file(str(tmp_path / "trained" / EXPORT_WEIGHTS))[bias], load_file(str(export / EXPORT_WEIGHTS))[bias]
+    )
+    assert spm_identity(tmp_path / "trained") == spm_identity(export) == spm_identity(data)
+    assert tok.eos_id() == cfg["model"]["eos_id"]
