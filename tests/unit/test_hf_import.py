@@ -144,18 +144,16 @@ def test_unsupported_architecture_and_missing_files(hf_dirs, tmp_path):
     assert not any(p.name.startswith("out") or p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
-def test_cli_help_and_one_line_errors(tmp_path):
-    import subprocess
-    import sys
+def test_cli_help_and_one_line_errors(tmp_path, capsys):
+    from pyramidion_ds.cli.import_hf import main
 
-    def run(*args):
-        cmd = [sys.executable, "-m", "pyramidion_ds.cli.import_hf", *args]
-        return subprocess.run(cmd, capture_output=True, text=True)
-
-    proc = run("--help")
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: pyramidion-import")
-    proc = run(str(tmp_path / "missing"), str(tmp_path / "out"))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is not a directory" in proc.stderr
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    assert exit_help.value.code == 0 and capsys.readouterr().out.startswith("usage: pyramidion-import")
+    with pytest.raises(SystemExit) as exit_error:
+        main([str(tmp_path / "missing"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_error.value.code == 2 and err.count("\n") == 1 and "is not a directory" in err
     assert not (tmp_path / "out").exists()
 
 
