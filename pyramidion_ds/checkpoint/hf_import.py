@@ -117,7 +117,7 @@ def model_section(
     max_positions = int(need("max_position_embeddings"))
     start = hf.get("decoder_start_token_id")
     section = dict(
-        preset="debug",
+        preset="large" if int(need("d_model")) >= 1024 else "base" if int(hf["d_model"]) >= 512 else "debug",
         variant=variant,
         d_model=int(need("d_model")),
         num_heads=int(hf["encoder_attention_heads"]),
@@ -201,6 +201,16 @@ def convert_state_dict(family: str, hf_state: dict[str, torch.Tensor], model) ->
                 new[f"{op}ffn.fc1.{p}"] = take(f"{hp}fc1.{p}")
                 new[f"{op}ffn.fc2.{p}"] = take(f"{hp}fc2.{p}")
                 new[f"{op}final_layer_norm.{p}"] = take(f"{hp}final_layer_norm.{p}")
+    # tied copies of the embedding, and PEGASUS's sinusoidal tables (computed, never learned)
+    copies = {"lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+    if family == "pegasus":
+        copies |= {"encoder.embed_positions.weight", "decoder.embed_positions.weight"}
+    unmapped = sorted(set(hf_state) - used - copies)
+    if unmapped:
+        raise UsageError(
+            f"the checkpoint has tensor '{unmapped[0]}' that a plain {family} checkpoint does not "
+            f"({len(unmapped)} such); this variant of the architecture is not supported"
+        )
     for name, tensor in new.items():
         if name not in state:
             raise UsageError(f"internal: converted tensor '{name}' has no place in the model")

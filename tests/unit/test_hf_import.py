@@ -203,3 +203,22 @@ def test_positions_beyond_the_checkpoint(hf_dirs, tmp_path):
     assert torch.equal(ours[:64], table) and torch.equal(ours[64:128], table) and torch.equal(ours[128:], table[:22])
     reference = transformers.models.pegasus.modeling_pegasus.PegasusSinusoidalPositionalEmbedding(300, 32)
     assert torch.allclose(PositionEmbedding(300, 32, False, "sinusoidal_pegasus").table, reference.create_weight())
+
+
+def test_a_tensor_the_importer_does_not_map_is_refused(hf_dirs, tmp_path):
+    """An architecture variant with extra weights (mBART's final encoder LayerNorm) is not silently dropped."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pyramidion_ds.checkpoint.hf_import import import_hf
+    from pyramidion_ds.errors import UsageError
+
+    mbart_like = tmp_path / "mbart-like"
+    shutil.copytree(hf_dirs["bart"], mbart_like)
+    state = load_file(str(mbart_like / "model.safetensors"))
+    state["model.encoder.layer_norm.weight"] = torch.ones(32)
+    save_file(state, str(mbart_like / "model.safetensors"))
+    with pytest.raises(UsageError, match="tensor 'encoder.layer_norm.weight' that a plain bart checkpoint does not"):
+        import_hf(mbart_like, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
