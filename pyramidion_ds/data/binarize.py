@@ -33,7 +33,7 @@ from ..errors import DataError
 from .indexed import FORMAT, ShardWriter, dtype_for_vocab
 from .sources import SplitSource
 from .spm import EOS_ID, SPM_MODEL, SPM_VOCAB, check_special_ids, load_spm, spm_sha256, train_spm
-from .tokenizer import copy_tokenizer, encode_source, special_ids, tokenizer_meta
+from .tokenizer import copy_tokenizer, encode_source, imported_tokenizer_dir, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,10 @@ def prepare_spm(
     from tqdm import tqdm
 
     destdir.mkdir(parents=True, exist_ok=True)
-    if spm_model and tokenizer_meta(spm_model) is not None:  # an export dir of pyramidion-import
-        load_spm(spm_model)  # fails in one line on a broken tokenizer
-        copy_tokenizer(spm_model, destdir)
+    imported = imported_tokenizer_dir(spm_model) if spm_model else None
+    if imported is not None:  # the tokenizer of a pyramidion-import export (or of a data dir made with one)
+        load_spm(imported)  # fails in one line on a broken tokenizer
+        copy_tokenizer(imported, destdir)
         return destdir / SPM_MODEL
     if spm_model:
         src = Path(spm_model)

@@ -31,12 +31,9 @@ TRAIN_PIECE_CHARS = 2000
 def _imported_dir(path: Path) -> Path | None:
     """The dir of an imported tokenizer (data/tokenizer.py) that ``path`` (a dir, or its ``spm.model``
     path) names; None for our own sentencepiece vocabulary."""
-    from .tokenizer import TOKENIZER_META
+    from .tokenizer import imported_tokenizer_dir
 
-    directory = path if path.is_dir() else path.parent
-    if (directory / TOKENIZER_META).is_file() and (path.is_dir() or path.name == SPM_MODEL):
-        return directory
-    return None
+    return imported_tokenizer_dir(path)
 
 
 def _model_path(data_dir_or_model: str | os.PathLike) -> Path:

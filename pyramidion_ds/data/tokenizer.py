@@ -45,6 +45,16 @@ def tokenizer_meta(directory: str | os.PathLike) -> dict | None:
     return meta
 
 
+def imported_tokenizer_dir(path: str | os.PathLike) -> Path | None:
+    """The dir holding an imported tokenizer that ``path`` names (the dir, or its spm.model / bpe.json),
+    or None when ``path`` is one of our own sentencepiece models (or dirs)."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    if not (directory / TOKENIZER_META).is_file():
+        return None
+    return directory if path.is_dir() or path.name in (SPM_FILE, BPE_FILE) else None
+
+
 def tokenizer_files(directory: str | os.PathLike) -> list[Path]:
     """The files that make up the vocabulary of a data/export dir (what gets copied and hashed)."""
     directory = Path(directory)

@@ -222,3 +222,13 @@ def test_a_tensor_the_importer_does_not_map_is_refused(hf_dirs, tmp_path):
     with pytest.raises(UsageError, match="tensor 'encoder.layer_norm.weight' that a plain bart checkpoint does not"):
         import_hf(mbart_like, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, name", [("pegasus", "spm.model"), ("bart", "bpe.json"), ("bart", "")])
+def test_preprocess_takes_the_import_by_dir_or_file(imported, tmp_path, family, name):
+    from pyramidion_ds.data.binarize import prepare_spm
+    from pyramidion_ds.data.spm import spm_identity
+
+    export = imported[family][5]
+    prepare_spm(tmp_path / "bin", {}, spm_model=str(export / name if name else export))
+    assert spm_identity(tmp_path / "bin") == spm_identity(export)
