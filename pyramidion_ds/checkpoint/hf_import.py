@@ -243,6 +243,7 @@ def import_hf(
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"'{out}' exists and is not empty; choose another output dir")
     family, hf = read_hf_config(hf_dir)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # removed again on failure
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -274,6 +275,10 @@ def import_hf(
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():
+            for directory in created:  # innermost first; only the ones this call made, and only if empty
+                if directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
     return out
 
 

@@ -130,7 +130,7 @@ def test_unsupported_architecture_and_missing_files(hf_dirs, tmp_path):
     t5.mkdir()
     (t5 / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
     with pytest.raises(UsageError, match="unsupported architecture T5ForConditionalGeneration"):
-        import_hf(t5, tmp_path / "out-t5")
+        import_hf(t5, tmp_path / "out-t5" / "new" / "export")  # the parents it made are removed too
     no_weights = tmp_path / "pegasus-no-weights"
     shutil.copytree(hf_dirs["pegasus"], no_weights)
     (no_weights / "model.safetensors").unlink()
