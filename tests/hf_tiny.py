@@ -22,6 +22,7 @@ TINY = dict(
     dropout=0.0,
     attention_dropout=0.0,
     activation_dropout=0.0,
+    init_std=0.3,  # not 0.02: logits then depend on the input, not only on the final_logits_bias
 )
 
 

@@ -62,38 +62,63 @@ def test_encoder_and_logits_equal_transformers(imported, family):
     assert diff_logits <= 1e-5, diff_logits
 
 
+class FairseqLengthLimit(transformers.LogitsProcessor):
+    """Our length rule (fairseq's) for transformers' generate: at the last step only </s> is allowed and keeps
+    its log-probability (transformers' forced_eos_token_id would score it 0)."""
+
+    def __init__(self, last_input_length: int, eos: int):
+        self.last_input_length, self.eos = last_input_length, eos
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.last_input_length:
+            eos = scores[:, self.eos].clone()
+            scores[:] = -float("inf")
+            scores[:, self.eos] = eos
+        return scores
+
+
 @pytest.mark.parametrize("family", ["pegasus", "bart"])
 @pytest.mark.parametrize("beam", [1, 3])
 def test_generation_equals_transformers(imported, family, beam):
+    """Every hypothesis of the beam (tokens and length-normalised score), and greedy's tokens, as transformers'
+    model.generate with the same settings."""
     from pyramidion_ds.generate.search import SearchOptions, generate
 
     model, cfg, _, hf_model, _, _ = imported[family]
     src, mask = padded_batch(cfg)
     m = cfg.model
     max_len = 12
-    opts = SearchOptions(beam=beam, lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=max_len)
+    opts = SearchOptions(beam=beam, nbest=beam, lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=max_len)
     with torch.no_grad():
-        ours = [hyps[0].tokens for hyps in generate(model, src, mask.sum(1), opts)]
+        ours = generate(model, src, mask.sum(1), opts)
         ref = hf_model.generate(
             input_ids=src,
             attention_mask=mask.long(),
             num_beams=beam,
+            num_return_sequences=beam,
             do_sample=False,
             length_penalty=1.0,
             early_stopping=True,
             max_new_tokens=max_len + 1,
             min_new_tokens=1,
-            forced_eos_token_id=m.eos_id,
+            logits_processor=transformers.LogitsProcessorList([FairseqLengthLimit(max_len + 1, m.eos_id)]),
             forced_bos_token_id=None,
-            bad_words_ids=[[m.pad_id], [m.bos_id]],
+            forced_eos_token_id=None,
+            bad_words_ids=[[m.pad_id], [m.bos_id]],  # we never generate <pad> nor <s>
             no_repeat_ngram_size=0,
             decoder_start_token_id=m.start_id,
             eos_token_id=m.eos_id,
             pad_token_id=m.pad_id,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
-    for row, tokens in enumerate(ours):
-        expected = [t for t in ref[row, 1:].tolist() if t != m.pad_id]
-        assert tokens == expected, (row, tokens, expected)
+    for source, hypotheses in enumerate(ours):
+        for rank, hypothesis in enumerate(hypotheses):
+            row = source * beam + rank
+            expected = [t for t in ref.sequences[row, 1:].tolist() if t != m.pad_id]
+            assert hypothesis.tokens == expected, (source, rank, hypothesis.tokens, expected)
+            if beam > 1:
+                assert abs(hypothesis.score - float(ref.sequences_scores[row])) < 1e-4, (source, rank)
 
 
 @pytest.mark.parametrize("family", ["pegasus", "bart"])
