@@ -31,11 +31,20 @@ setup(
         "pyyaml>=6.0",  # config files: safe_load, no eval
         "tqdm>=4.66",  # progress bars on every long step
         "safetensors>=0.4",  # export format that never unpickles
+        "tokenizers>=0.19",  # BART's byte-level BPE for imported checkpoints (pyramidion-import)
         "rouge-score>=0.1.2",  # Google's reference ROUGE implementation (stemming, Lsum)
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",  # top-k kernels on CUDA
     ],
     extras_require={
-        "dev": ["pytest>=8", "mpich>=4.2", "ninja>=1.11", "ruff>=0.16.4,<0.17", "pre-commit>=3.5"],  # ruff: pyproject.toml
+        # transformers: the import equality tests compare against it (the package never imports it)
+        "dev": [
+            "pytest>=8",
+            "mpich>=4.2",
+            "ninja>=1.11",
+            "ruff>=0.16.4,<0.17",  # ruff: pyproject.toml
+            "pre-commit>=3.5",  # the README's contributor hooks
+            "transformers>=4.40",
+        ],
         "bench": ["transformers>=4.40", "matplotlib>=3.8", "psutil>=5.9"],
     },
     entry_points={
@@ -45,6 +54,7 @@ setup(
             "pyramidion-generate=pyramidion_ds.cli.generate:main",
             "pyramidion-tune=pyramidion_ds.cli.tune:main",
             "pyramidion-bench=pyramidion_ds.cli.bench:main",
+            "pyramidion-import=pyramidion_ds.cli.import_hf:main",
         ],
     },
 )

@@ -10,8 +10,10 @@ torch_spec=${TORCH_SPEC:-torch==2.13.0}
 py=$venv/bin/python
 # the checks below only import deepspeed: without this it probes for a GPU and warns when it finds none
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-# (ruff and pre-commit, from the [dev] extra, are looked for too: a .venv made before they joined the extra gets them)
-if ! "$py" -c 'import pyramidion_ds, torch, deepspeed, sentencepiece, mpi4py' 2>/dev/null \
+# (tokenizers, and ruff, pre-commit and transformers from the [dev] extra, are looked for too: a .venv made
+# before they joined gets them; transformers is found, not imported, which would take seconds)
+if ! "$py" -c 'import pyramidion_ds, torch, deepspeed, sentencepiece, mpi4py, tokenizers, importlib.util as u
+assert u.find_spec("transformers")' 2>/dev/null \
     || [ ! -x "$venv/bin/ruff" ] || [ ! -x "$venv/bin/pre-commit" ]; then
   echo "setup_env.sh: installing torch ($torch_spec), deepspeed and pyramidion_ds[dev] into $venv" \
        "(2-3 minutes the first time; later runs find it ready)"

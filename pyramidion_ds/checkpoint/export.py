@@ -101,9 +101,12 @@ def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None
         raise UsageError(f"--export-dir '{out}' exists and is not an export dir; choose another path")
     _run_config(run_dir)  # fail now, in one line, on a config this version cannot read
     spm_path = run_dir / "spm.model"
-    if not spm_path.is_file():
+    from ..data.spm import spm_identity, spm_sha256
+    from ..data.tokenizer import copy_tokenizer, tokenizer_meta
+
+    imported = tokenizer_meta(run_dir) is not None  # the tokenizer of a pyramidion-import (data/tokenizer.py)
+    if not imported and not spm_path.is_file():
         raise UsageError(f"'{run_dir}' has no spm.model (the run dir is incomplete)")
-    from ..data.spm import file_sha256, spm_identity
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -112,7 +115,7 @@ def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None
             tmp / EXPORT_WEIGHTS, _lazy_state_dict(info), DTYPES[dtype], metadata={"tag": info.tag, "format": "pt"}
         )
         shutil.copyfile(run_dir / "config.yaml", tmp / "config.yaml")  # the resolved config, verbatim
-        shutil.copyfile(spm_path, tmp / "spm.model")
+        copy_tokenizer(run_dir, tmp)
         meta = {
             "source_run_dir": str(run_dir.resolve()),
             "tag": info.tag,
@@ -122,8 +125,8 @@ def consolidate(run_dir: str | os.PathLike, export_dir: str | os.PathLike | None
             "checkpoint_sha256": info.manifest_sha256,
             "dtype": dtype,
             "tensors": count,
-            "spm_identity": spm_identity(spm_path),
-            "spm_sha256": file_sha256(spm_path),
+            "spm_identity": spm_identity(run_dir),
+            "spm_sha256": spm_sha256(run_dir),
         }
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
@@ -224,7 +227,8 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..data.spm import file_sha256, load_spm, same_vocabulary, spm_identity
+    from ..data.spm import load_spm, same_vocabulary, spm_identity, spm_sha256
+    from ..data.tokenizer import tokenizer_meta
     from ..model import PyramidionModel
 
     path = Path(path)
@@ -233,7 +237,9 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     cfg = _run_config(path)
     meta = _export_meta(path)
     spm_path = path / "spm.model"
-    if spm_path.is_file() and same_vocabulary(meta, spm_identity(spm_path), file_sha256(spm_path)) is False:
+    if (spm_path.is_file() or tokenizer_meta(path) is not None) and same_vocabulary(
+        meta, spm_identity(spm_path), spm_sha256(spm_path)
+    ) is False:
         raise UsageError(
             f"'{spm_path}' is not the vocabulary the model was trained with "
             f"(it differs from the one {EXPORT_META} records)"

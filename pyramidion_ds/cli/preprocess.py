@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     spm.add_argument(
         "--spm-model",
         metavar="PATH",
-        help="reuse this .model (needs ids bos=0 pad=1 eos=2 unk=3) instead of training one",
+        help="reuse this .model (needs ids bos=0 pad=1 eos=2 unk=3) instead of training one; or the "
+        "tokenizer of a data dir or a pyramidion-import export dir (PEGASUS, BART: their own ids)",
     )
     spm.add_argument("--spm-vocab-size", type=_positive, default=32000, help="(default: %(default)s)")
     spm.add_argument("--spm-model-type", choices=("unigram", "bpe"), default="unigram", help="(default: %(default)s)")

@@ -106,7 +106,12 @@ class ModelConfig:
         "checkpoints load with either",
         choices=("hidden", "layer_norm"),
     )
-    positions: str = option("sinusoidal", "position embeddings", choices=("sinusoidal", "learned"))
+    positions: str = option(
+        "sinusoidal",
+        "position embeddings: sinusoidal (fairseq's frequencies), learned, or sinusoidal_pegasus "
+        "(PEGASUS's frequencies 10000**(-2j/d), for imported PEGASUS checkpoints)",
+        choices=("sinusoidal", "learned", "sinusoidal_pegasus"),
+    )
     normalize_before: bool = option(True, "pre-norm layers (LayerNorm before attention/FFN)")
     dropout: float = option(0.1, "dropout on residual branches and embeddings", min=0.0, max=1.0)
     attention_dropout: float = option(0.0, "dropout on attention weights", min=0.0, max=1.0)
@@ -116,6 +121,15 @@ class ModelConfig:
     bos_id: int = option(0, "beginning-of-sentence id", min=0)
     eos_id: int = option(2, "end-of-sentence id", min=0)
     unk_id: int = option(3, "unknown-token id", min=0)
+    # options of imported checkpoints (pyramidion-import); the defaults are our own models' behaviour
+    scale_embedding: bool = option(True, "multiply token embeddings by sqrt(d_model) (BART: off)")
+    layernorm_embedding: bool = option(
+        False, "LayerNorm on the embeddings plus positions, in encoder and decoder (BART's layernorm_embedding)"
+    )
+    final_logits_bias: bool = option(False, "a (frozen) bias added to the output logits (BART, PEGASUS)")
+    decoder_start_id: int = option(
+        -1, "first decoder input token; -1 = bos_id (PEGASUS starts with <pad>, BART with </s>)", min=-1
+    )
 
     def __post_init__(self):
         for key, value in MODEL_PRESETS[self.preset].items():
@@ -129,7 +143,16 @@ class ModelConfig:
             )
         if self.vocab_size and self.vocab_size <= max(self.pad_id, self.bos_id, self.eos_id, self.unk_id):
             raise ConfigError(f"model.vocab_size: got {self.vocab_size}, expected more than the special ids")
+        if self.vocab_size and self.decoder_start_id >= self.vocab_size:
+            raise ConfigError(
+                f"model.decoder_start_id: got {self.decoder_start_id}, expected less than vocab_size {self.vocab_size}"
+            )
         self.encoder_widths()  # raises on a bad schedule
+
+    @property
+    def start_id(self) -> int:
+        """The decoder's first input token (``decoder_start_id``, or ``bos_id`` when that is -1)."""
+        return self.bos_id if self.decoder_start_id < 0 else self.decoder_start_id
 
     def drop_unused_pooling(self) -> list[str]:
         """Reset the pooling settings a variant without pooling (vanilla, blockwise) ignores.

@@ -34,7 +34,8 @@ import numpy as np
 from ..errors import DataError
 from .indexed import FORMAT, ShardWriter, dtype_for_vocab
 from .sources import SplitSource
-from .spm import EOS_ID, SPECIAL_IDS, SPM_MODEL, SPM_VOCAB, check_special_ids, load_spm, spm_sha256, train_spm
+from .spm import EOS_ID, SPM_MODEL, SPM_VOCAB, check_special_ids, load_spm, spm_sha256, train_spm
+from .tokenizer import copy_tokenizer, encode_source, imported_tokenizer_dir, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,7 @@ _WORKER: dict = {}
 def _init_worker(
     model_path: str, dtype: str, max_source: Optional[int], max_target: Optional[int], truncate_source: bool
 ) -> None:
-    import sentencepiece as spm
-
-    proc = spm.SentencePieceProcessor()
-    proc.Load(model_path)
+    proc = load_spm(model_path)  # our sentencepiece model, or an imported tokenizer (data/tokenizer.py)
     _WORKER.update(
         proc=proc, dtype=np.dtype(dtype), max_source=max_source, max_target=max_target, truncate_source=truncate_source
     )
@@ -74,7 +72,7 @@ def _init_pool_worker(*init_args) -> None:
     _init_worker(*init_args)
 
 
-def _with_eos(ids: list[int], limit: Optional[int], dtype) -> tuple[np.ndarray, int]:
+def _with_eos(ids: list[int], limit: Optional[int], dtype, eos: int = EOS_ID) -> tuple[np.ndarray, int]:
     """``ids + [</s>]``, cut to ``limit`` tokens (the last one stays ``</s>``); and its length before the cut
     (longer than the array when it was cut)."""
     full = len(ids) + 1
@@ -82,7 +80,7 @@ def _with_eos(ids: list[int], limit: Optional[int], dtype) -> tuple[np.ndarray, 
         ids = ids[: limit - 1]
     array = np.empty(len(ids) + 1, dtype=dtype)
     array[:-1] = ids
-    array[-1] = EOS_ID
+    array[-1] = eos
     return array, full
 
 
@@ -97,7 +95,7 @@ def _encode_chunk(chunk: list[tuple[str, str, Optional[str]]]) -> list[tuple]:
             out.append(("empty", ex_id, None, None, 0, 0))
             continue
         try:
-            src_ids = w["proc"].EncodeAsIds(document)
+            src_ids = encode_source(w["proc"], document)
             tgt_ids = w["proc"].EncodeAsIds(summary) if summary is not None else None
         except (UnicodeError, TypeError) as err:
             out.append(("bad_text", ex_id, f"{type(err).__name__}: {err}", None, 0, 0))
@@ -105,8 +103,9 @@ def _encode_chunk(chunk: list[tuple[str, str, Optional[str]]]) -> list[tuple]:
         if not w["truncate_source"] and w["max_source"] and len(src_ids) + 1 > w["max_source"]:
             out.append(("too_long", ex_id, None, None, 0, 0))
             continue
-        source, source_len = _with_eos(src_ids, w["max_source"], w["dtype"])
-        target, target_len = (None, 0) if tgt_ids is None else _with_eos(tgt_ids, w["max_target"], w["dtype"])
+        eos = w["proc"].eos_id()
+        source, source_len = _with_eos(src_ids, w["max_source"], w["dtype"], eos)
+        target, target_len = (None, 0) if tgt_ids is None else _with_eos(tgt_ids, w["max_target"], w["dtype"], eos)
         out.append(("ok", ex_id, source, target, source_len, target_len))
     return out
 
@@ -224,8 +223,14 @@ def prepare_spm(
     from tqdm import tqdm
 
     destdir.mkdir(parents=True, exist_ok=True)
+    imported = imported_tokenizer_dir(spm_model) if spm_model else None
+    if imported is not None:  # the tokenizer of a pyramidion-import export (or of a data dir made with one)
+        load_spm(imported)  # fails in one line on a broken tokenizer
+        copy_tokenizer(imported, destdir)
+        return destdir / SPM_MODEL
     if spm_model:
         src = Path(spm_model)
+        src = src / SPM_MODEL if src.is_dir() else src
         proc = load_spm(src)
         check_special_ids(proc, str(src), user_symbols)
         shutil.copyfile(src, destdir / SPM_MODEL)
@@ -277,6 +282,7 @@ def binarize_split(
     workers: int = 1,
     progress: bool = True,
     require_examples: bool = False,
+    eos_id: int = EOS_ID,
 ) -> dict:
     """Write ``<split>.source``, ``<split>.target`` and ``<split>.summaries.jsonl`` (unless unlabeled) and
     ``<split>.ids.json``. The raw summaries are what generation scores against: the targets are cut to
@@ -285,7 +291,7 @@ def binarize_split(
 
     split = source.split
     sides = ("source",) if unlabeled else ("source", "target")
-    writers = {side: ShardWriter(destdir / f"{split}.{side}", vocab, sha) for side in sides}
+    writers = {side: ShardWriter(destdir / f"{split}.{side}", vocab, sha, eos_id) for side in sides}
     summaries_path = destdir / SUMMARIES.format(split=split)
     summaries = (
         None if unlabeled else open(summaries_path.with_name(summaries_path.name + ".tmp"), "w", encoding="utf-8")
@@ -529,6 +535,7 @@ def _preprocess_into(
             workers=workers,
             progress=progress,
             require_examples=split == "train",
+            eos_id=proc.eos_id(),
         )
         splits[split] = {
             "sides": ["source"] if unlabeled else ["source", "target"],
@@ -544,7 +551,7 @@ def _preprocess_into(
         "vocab_size": vocab,
         "spm_sha256": sha,
         "dtype": dtype_for_vocab(vocab).name,
-        "special_ids": SPECIAL_IDS,
+        "special_ids": special_ids(proc),
         "user_symbols": [s for s in user_symbols if proc.PieceToId(s) != proc.unk_id()],
         "byte_fallback": has_byte_fallback(proc),
         "unlabeled": unlabeled,

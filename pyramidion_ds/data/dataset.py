@@ -29,12 +29,12 @@ from .indexed import ShardReader
 from .spm import BOS_ID, EOS_ID, PAD_ID, load_spm, spm_sha256
 
 
-def truncate(tokens: np.ndarray, limit: int) -> np.ndarray:
+def truncate(tokens: np.ndarray, limit: int, eos_id: int = EOS_ID) -> np.ndarray:
     """Keep at most ``limit`` tokens, the last of them ``</s>``."""
     if len(tokens) <= limit:
         return tokens
     out = tokens[:limit].copy()
-    out[-1] = EOS_ID
+    out[-1] = eos_id
     return out
 
 
@@ -66,6 +66,7 @@ class _ShardDataset(torch.utils.data.Dataset):
         self.data_dir, self.split = str(data_dir), split
         self.max_source_positions, self.max_target_positions = max_source_positions, max_target_positions
         self.source = open_shard(data_dir, split, "source")
+        self.eos_id = int(read_meta(data_dir).get("special_ids", {}).get("eos", EOS_ID))  # an import's own
         self.indices = np.arange(len(self.source))
         self._ids: Optional[list[str]] = None
 
@@ -102,8 +103,8 @@ class SummarizationDataset(_ShardDataset):
         j = int(self.indices[i])
         return {
             "id": i,
-            "source": torch.from_numpy(truncate(self.source[j], self.max_source_positions)),
-            "target": torch.from_numpy(truncate(self.target[j], self.max_target_positions)),
+            "source": torch.from_numpy(truncate(self.source[j], self.max_source_positions, self.eos_id)),
+            "target": torch.from_numpy(truncate(self.target[j], self.max_target_positions, self.eos_id)),
         }
 
 
@@ -148,11 +149,11 @@ class _PretrainingDataset(_ShardDataset):
 
     def noised(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         document = self.source[int(self.indices[i])]
-        body = truncate(document, self.max_source_positions)[:-1]
+        body = truncate(document, self.max_source_positions, self.eos_id)[:-1]
         rng = np.random.default_rng((self.seed, self.epoch, int(i)))
         source, target = self.make_pair(body, document, rng)
-        source = np.append(source[: len(body)], EOS_ID).astype(np.int64)  # BART's infilling may insert
-        target = np.append(target[: self.max_target_positions - 1], EOS_ID).astype(np.int64)
+        source = np.append(source[: len(body)], self.eos_id).astype(np.int64)  # BART's infilling may insert
+        target = np.append(target[: self.max_target_positions - 1], self.eos_id).astype(np.int64)
         return source, target
 
     def __getitem__(self, i: int) -> dict:

@@ -56,10 +56,11 @@ def length_stats(lengths: np.ndarray) -> dict:
 class ShardWriter:
     """Append token sequences; :meth:`finish` writes the index and header and renames into place."""
 
-    def __init__(self, prefix: str | os.PathLike, vocab_size: int, spm_sha256: str):
+    def __init__(self, prefix: str | os.PathLike, vocab_size: int, spm_sha256: str, eos_id: int = EOS_ID):
         self.paths = shard_paths(prefix)
         self.tmp = {k: p.with_name(p.name + ".tmp") for k, p in self.paths.items()}
         self.vocab_size, self.spm_sha256 = vocab_size, spm_sha256
+        self.eos_id = eos_id  # recorded in the header when it is not ours (an imported tokenizer's)
         self.dtype = dtype_for_vocab(vocab_size)
         for path in self.paths.values():  # an old shard must not survive half-replaced
             path.unlink(missing_ok=True)
@@ -85,6 +86,7 @@ class ShardWriter:
             "num_examples": int(len(lengths)),
             "num_tokens": int(offsets[-1]),
             "lengths": length_stats(lengths),
+            **({} if self.eos_id == EOS_ID else {"eos_id": self.eos_id}),
             **(extra or {}),
         }
         self.tmp["json"].write_text(json.dumps(header, indent=1) + "\n", encoding="utf-8")
@@ -173,12 +175,13 @@ class ShardReader:
             )
         if n:  # through a mapping of its own, unmapped right away: the reader's stays untouched
             check = np.memmap(paths["bin"], dtype=dtype, mode="r")
-            ends = np.flatnonzero(check[np.asarray(offsets[1:]) - 1] != EOS_ID)
+            eos = int(header.get("eos_id", EOS_ID))
+            ends = np.flatnonzero(check[np.asarray(offsets[1:]) - 1] != eos)
             del check
             if len(ends):
                 raise DataError(
                     f"{paths['bin']}: example {int(ends[0])} (of {n}; {len(ends)} in all) does not end "
-                    f"with </s> (id {EOS_ID}); the .idx does not belong to this .bin"
+                    f"with </s> (id {eos}); the .idx does not belong to this .bin"
                 )
         self._header = header
         self._offsets = offsets

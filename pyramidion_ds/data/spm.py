@@ -28,9 +28,22 @@ SPM_VOCAB = "spm.vocab"
 TRAIN_PIECE_CHARS = 2000
 
 
+def _imported_dir(path: Path) -> Path | None:
+    """The dir of an imported tokenizer (data/tokenizer.py) that ``path`` (a dir, or its ``spm.model``
+    path) names; None for our own sentencepiece vocabulary."""
+    from .tokenizer import imported_tokenizer_dir
+
+    return imported_tokenizer_dir(path)
+
+
 def _model_path(data_dir_or_model: str | os.PathLike) -> Path:
     path = Path(data_dir_or_model)
-    if path.is_dir():
+    imported = _imported_dir(path)
+    if imported is not None:
+        from .tokenizer import tokenizer_files
+
+        path = tokenizer_files(imported)[0]
+    elif path.is_dir():
         path = path / SPM_MODEL
     if not path.is_file():
         raise DataError(f"{path}: no sentencepiece model (run pyramidion-preprocess first)")
@@ -38,10 +51,21 @@ def _model_path(data_dir_or_model: str | os.PathLike) -> Path:
 
 
 def load_spm(data_dir: str | os.PathLike):
-    """The :class:`sentencepiece.SentencePieceProcessor` of a data dir (or of a ``.model`` path)."""
+    """The :class:`sentencepiece.SentencePieceProcessor` of a data dir (or of a ``.model`` path); for an
+    imported tokenizer (PEGASUS, BART) its adapter with the same methods (data/tokenizer.py)."""
+    imported = _imported_dir(Path(data_dir))
+    if imported is not None:
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer(imported)
+    return load_spm_file(_model_path(data_dir))
+
+
+def load_spm_file(path: str | os.PathLike):
+    """The :class:`sentencepiece.SentencePieceProcessor` of a ``.model`` file."""
     import sentencepiece as spm
 
-    path = _model_path(data_dir)
+    path = Path(path)
     proc = spm.SentencePieceProcessor()
     try:
         proc.Load(str(path))
@@ -59,8 +83,17 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def spm_sha256(data_dir: str | os.PathLike) -> str:
-    """sha256 of the sentencepiece model file; shard headers record it to catch a swapped vocabulary."""
-    return file_sha256(_model_path(data_dir))
+    """sha256 of the sentencepiece model file; shard headers record it to catch a swapped vocabulary.
+    An imported tokenizer: of its file and its tokenizer.json (special ids) together."""
+    imported = _imported_dir(Path(data_dir))
+    if imported is None:
+        return file_sha256(_model_path(data_dir))
+    from .tokenizer import tokenizer_files
+
+    digest = hashlib.sha256()
+    for path in tokenizer_files(imported):
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
 
 
 #: trainer fields that change how text is encoded or decoded (the rest only steer training: the path of
@@ -97,6 +130,9 @@ def spm_identity(data_dir_or_model: str | os.PathLike) -> str:
     from sentencepiece import sentencepiece_model_pb2
 
     path = _model_path(data_dir_or_model)
+    imported = _imported_dir(Path(data_dir_or_model))
+    if imported is not None and path.name != SPM_MODEL:  # BART's BPE: its files are what it is
+        return hashlib.sha256(b"pyramidion-tokenizer-identity-1\0" + spm_sha256(imported).encode()).hexdigest()
     proto = sentencepiece_model_pb2.ModelProto()
     try:
         proto.ParseFromString(path.read_bytes())
@@ -122,6 +158,10 @@ def spm_identity(data_dir_or_model: str | os.PathLike) -> str:
             add(getattr(spec, name))
     for name in _ENCODING_TRAINER_FIELDS:
         add(getattr(proto.trainer_spec, name))
+    if imported is not None:  # PEGASUS: the offset and special ids are part of the vocabulary
+        from .tokenizer import TOKENIZER_META
+
+        add((imported / TOKENIZER_META).read_bytes())
     return digest.hexdigest()
 
 

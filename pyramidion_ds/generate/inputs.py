@@ -144,6 +144,7 @@ def from_data_dir(
 def from_file(path: str | Path, max_source_positions: int, spm, eos_id: int) -> Inputs:
     """One document per line (plain text), or jsonl objects with "document" [+ "summary", "id"]."""
     from ..data.sources import _tsv_lines, json_kind
+    from ..data.tokenizer import encode_source
 
     path = Path(path)
     if not path.is_file():
@@ -171,7 +172,7 @@ def from_file(path: str | Path, max_source_positions: int, spm, eos_id: int) -> 
             document = line
         if not document.strip():
             raise DataError(f"{path}: line {line_no}: empty document")
-        tokens = list(spm.EncodeAsIds(document)) + [eos_id]
+        tokens = encode_source(spm, document) + [eos_id]
         lengths.append(len(tokens))
         examples.append(
             Example(len(examples), example_id, truncate_ids(tokens, max_source_positions, eos_id), reference)

@@ -98,7 +98,7 @@ def generate(
     steps = int(limit.max()) + 1
 
     tokens = torch.full((num_sources * K, steps + 1), pad, dtype=torch.long, device=device)
-    tokens[:, 0] = bos
+    tokens[:, 0] = cfg.start_id
     positional = torch.zeros(num_sources * K, steps, device=device)
     scores = torch.zeros(num_sources, K, device=device)
     if not opts.sampling:
@@ -242,7 +242,7 @@ def exhaustive_search(model, src_tokens: Tensor, src_lengths: Tensor, opts: Sear
             if not seqs:
                 continue
             targets = torch.tensor(seqs)
-            prefix = torch.cat([torch.full((len(seqs), 1), cfg.bos_id), targets[:, :-1]], dim=1)
+            prefix = torch.cat([torch.full((len(seqs), 1), cfg.start_id), targets[:, :-1]], dim=1)
             logits = model.forward(source.expand(len(seqs), -1), src_lengths[b : b + 1].expand(len(seqs)), prefix)
             lprobs = torch.log_softmax(logits.float() / opts.temperature, dim=-1)
             pos = lprobs.gather(2, targets.unsqueeze(2)).squeeze(2).tolist()

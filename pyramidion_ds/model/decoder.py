@@ -96,7 +96,10 @@ class StaticDecoderCache(DecoderCache):
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.positions = PositionEmbedding(cfg.max_target_positions, cfg.d_model, cfg.positions == "learned")
+        self.positions = PositionEmbedding(
+            cfg.max_target_positions, cfg.d_model, cfg.positions == "learned", cfg.positions
+        )
+        self.layernorm_embedding = nn.LayerNorm(cfg.d_model) if cfg.layernorm_embedding else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.normalize_before else None
@@ -108,7 +111,7 @@ class Decoder(nn.Module):
         With a cache the t positions follow the ``cache.length`` already decoded, and the cache is updated.
         """
         offset = cache.length if cache is not None else 0
-        x = self.dropout(embedded + self.positions(embedded.size(1), offset).to(embedded.dtype))
+        x = self.embed_positions(embedded, self.positions(embedded.size(1), offset))
         if cache is not None and cache.source_kv is not None:
             source_kv = cache.source_kv
         else:
@@ -132,6 +135,11 @@ class Decoder(nn.Module):
             cache.length += embedded.size(1)
         return self.layer_norm(x) if self.layer_norm is not None else x
 
+    def embed_positions(self, embedded: Tensor, positions: Tensor) -> Tensor:
+        """Token embeddings plus positions, [layernorm_embedding], dropout."""
+        x = embedded + positions.to(embedded.dtype)
+        return self.dropout(x if self.layernorm_embedding is None else self.layernorm_embedding(x))
+
     def new_static_cache(self, encoder_out: EncoderOut, rows: int, max_length: int) -> StaticDecoderCache:
         """A :class:`StaticDecoderCache` for ``rows`` decoder rows (source-major beams over the sources of
         ``encoder_out``) and up to ``max_length`` positions; the cross-attention K/V are computed here."""
@@ -151,7 +159,7 @@ class Decoder(nn.Module):
         """One position for every row: embedded R×1×d → hidden R×1×d. Tensor operations only (no host
         sync, no Python-side state: ``cache.length`` is the caller's), so it can be captured and replayed."""
         cache.apply_order()
-        x = self.dropout(embedded + self.positions.at(cache.position).to(embedded.dtype))
+        x = self.embed_positions(embedded, self.positions.at(cache.position))
         for layer, source_kv, self_kv in zip(self.layers, cache.source_kv, cache.self_kv, strict=True):
             x, _ = layer(x, source_kv, source_mask, self_kv)
         cache.position.add_(1)

@@ -126,7 +126,10 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.widths = cfg.encoder_widths()
         self.full_attention = cfg.variant == "vanilla"
-        self.positions = PositionEmbedding(cfg.max_source_positions, cfg.d_model, cfg.positions == "learned")
+        self.positions = PositionEmbedding(
+            cfg.max_source_positions, cfg.d_model, cfg.positions == "learned", cfg.positions
+        )
+        self.layernorm_embedding = nn.LayerNorm(cfg.d_model) if cfg.layernorm_embedding else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.scorers = nn.ModuleList(nn.Linear(cfg.d_model, 1) for _ in range(cfg.encoder_layers))
@@ -150,7 +153,8 @@ class Encoder(nn.Module):
         """embedded: B×n×d scaled token embeddings; real_mask: B×n (True = token). ``padded=False`` says
         (from the host) that no position is padding; None finds out."""
         batch, n, _ = embedded.shape
-        x = self.dropout(embedded + self.positions(n).to(embedded.dtype))
+        x = embedded + self.positions(n).to(embedded.dtype)
+        x = self.dropout(x if self.layernorm_embedding is None else self.layernorm_embedding(x))
         source_positions = torch.arange(n, device=x.device).expand(batch, n)
         pooling = []
         # the fewest real tokens in a row, known on the host: a stage narrower than that has no padding

@@ -20,10 +20,12 @@ class TokenEmbedding(nn.Module):
     which gathers a module's parameters around its forward, has the weight present in both uses.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, pad_id: int):
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int, scale: bool = True, logits_bias: bool = False):
         super().__init__()
         self.pad_id = pad_id
-        self.scale = math.sqrt(d_model)
+        self.scale = math.sqrt(d_model) if scale else 1.0
+        if logits_bias:  # a buffer, as in BART/PEGASUS: saved and loaded, never trained
+            self.register_buffer("final_logits_bias", torch.zeros(vocab_size))
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
         with torch.no_grad():
@@ -32,14 +34,18 @@ class TokenEmbedding(nn.Module):
     def forward(self, tokens_or_hidden: Tensor, project: bool = False) -> Tensor:
         """tokens B×L → scaled embeddings B×L×d; or with ``project``, hidden B×L×d → logits B×L×V."""
         if project:
-            return F.linear(tokens_or_hidden, self.weight)
+            bias = getattr(self, "final_logits_bias", None)
+            return F.linear(tokens_or_hidden, self.weight, None if bias is None else bias.to(tokens_or_hidden.dtype))
         return F.embedding(tokens_or_hidden, self.weight, padding_idx=self.pad_id) * self.scale
 
 
 class PositionEmbedding(nn.Module):
-    """Sinusoidal (fairseq layout: sines then cosines; no parameters) or learned absolute positions."""
+    """Sinusoidal (fairseq layout: sines then cosines; no parameters) or learned absolute positions.
 
-    def __init__(self, max_positions: int, d_model: int, learned: bool):
+    ``kind`` "sinusoidal_pegasus": the same layout with PEGASUS's frequencies 10000**(-2j/d) instead of
+    fairseq's 10000**(-j/(d/2-1))."""
+
+    def __init__(self, max_positions: int, d_model: int, learned: bool, kind: str = "sinusoidal"):
         super().__init__()
         self.max_positions = max_positions
         if learned:
@@ -47,9 +53,13 @@ class PositionEmbedding(nn.Module):
             nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
         else:
             half = d_model // 2
-            freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000.0) / max(half - 1, 1)))
-            angles = torch.arange(max_positions, dtype=torch.float).unsqueeze(1) * freq.unsqueeze(0)
-            table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+            if kind == "sinusoidal_pegasus":  # in float64 like the reference (numpy), then rounded
+                freq = 10000.0 ** (-2.0 * torch.arange(half, dtype=torch.float64) / d_model)
+                angles = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1) * freq.unsqueeze(0)
+            else:
+                freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000.0) / max(half - 1, 1)))
+                angles = torch.arange(max_positions, dtype=torch.float).unsqueeze(1) * freq.unsqueeze(0)
+            table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
             if d_model % 2:
                 table = F.pad(table, (0, 1))
             self.register_buffer("table", table, persistent=False)

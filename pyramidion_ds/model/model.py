@@ -29,7 +29,9 @@ class PyramidionModel(nn.Module):
                 "sentencepiece model before building the model)"
             )
         self.cfg = cfg
-        self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        self.embed_tokens = TokenEmbedding(
+            cfg.vocab_size, cfg.d_model, cfg.pad_id, scale=cfg.scale_embedding, logits_bias=cfg.final_logits_bias
+        )
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 

@@ -32,6 +32,9 @@ ARCHITECTURE_KEYS = (
     "eos_id",
 )
 #: model fields that change what the same weights compute: a resume must keep them (init-from may change them)
+#: architecture fields of imported checkpoints (pyramidion-import); configs saved before them hold the defaults
+IMPORT_KEYS = ("scale_embedding", "layernorm_embedding", "final_logits_bias", "decoder_start_id")
+#: model fields that change what the same weights compute: a resume must keep them (init-from may change them)
 COMPUTATION_KEYS = ("variant", "chunk_size", "topk_base", "flip_right", "sort_back", "scorer_input")
 
 
@@ -39,6 +42,10 @@ def architecture_mismatch(saved: dict, current: dict) -> str | None:
     for key in ARCHITECTURE_KEYS:
         if saved.get(key) != current.get(key) and not (key == "vocab_size" and not saved.get(key)):
             return f"model.{key} is {saved.get(key)!r} there, {current.get(key)!r} here"
+    defaults = to_dict(ModelConfig())
+    for key in IMPORT_KEYS:
+        if saved.get(key, defaults[key]) != current.get(key, defaults[key]):
+            return f"model.{key} is {saved.get(key, defaults[key])!r} there, {current.get(key, defaults[key])!r} here"
     if saved.get("positions") == "learned" and saved.get("max_source_positions") != current.get("max_source_positions"):
         return "learned positions of another max_source_positions"
     return None

@@ -168,9 +168,14 @@ class Trainer:
         if self.rank == 0:  # the run dir describes itself: configs + vocabulary
             save_resolved(cfg, self.run_dir)
             write_text_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
-            tmp = self.run_dir / ".spm.model.tmp"
-            shutil.copyfile(Path(cfg.data.data) / "spm.model", tmp)
-            tmp.replace(self.run_dir / "spm.model")
+            from ..data.tokenizer import copy_tokenizer, tokenizer_meta
+
+            if tokenizer_meta(cfg.data.data) is not None:  # an imported tokenizer (pyramidion-import)
+                copy_tokenizer(cfg.data.data, self.run_dir)
+            else:
+                tmp = self.run_dir / ".spm.model.tmp"
+                shutil.copyfile(Path(cfg.data.data) / "spm.model", tmp)
+                tmp.replace(self.run_dir / "spm.model")
         self._barrier()
 
         self.build_data()
@@ -261,7 +266,11 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
             collate_fn=lambda samples: pad_target(
                 collate(
-                    samples, pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id, pad_to_multiple=cfg.source_pad_multiple
+                    samples,
+                    pad_id=m.pad_id,
+                    bos_id=m.start_id,
+                    eos_id=m.eos_id,
+                    pad_to_multiple=cfg.source_pad_multiple,
                 ),
                 cfg.target_pad_multiple,
                 m.pad_id,
