@@ -51,6 +51,7 @@ import contextlib
 import functools
 import inspect
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -330,7 +331,9 @@ def _plan_reverse(
     later = tl.full([BLOCK], 1.0, tl.float32)
     if top == 0:
         later = tl.load(q_in_ptr + row * in_stride + q_in_offset + slot, mask=live, other=1.0)
-    adjoint = tl.load(a_in_ptr + row * in_stride + a_in_offset + slot, mask=live, other=0.0)
+    # in_stride 0: no gradient reached the pooled scores (the encoder's case), read as 0 without a zeros tensor
+    has_adjoint = slot < new_width * tl.minimum(in_stride, 1)
+    adjoint = tl.load(a_in_ptr + row * in_stride + a_in_offset + slot, mask=has_adjoint, other=0.0)
     keys = value_ptr + row * value_stride + key_offset
     weights = value_ptr + row * value_stride + weight_offset
     subtree = subtree_ptr + row * subtree_stride + subtree_offset
@@ -589,19 +592,20 @@ def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: 
 
 def plan_backward(
     grad_weight_of_position: Tensor,
-    grad_pooled_scores: Tensor,
+    grad_pooled_scores: Optional[Tensor],
     plan_index: Tensor,
     plan_value: Tensor,
     k: int,
     base: float,
 ) -> Tensor:
-    """Gradient of the scores (B×n float32) from those of weight_of_position (B×n) and pooled scores (B×k)."""
+    """Gradient of the scores (B×n float32) from those of weight_of_position (B×n) and pooled scores (B×k;
+    None: zero)."""
     batch, n = grad_weight_of_position.shape
     layout = _Layout(n, k)
     num_rounds, pairs = len(layout.new_widths), layout.pair_length
     index_stride, value_stride = layout.index_length, 2 * layout.level_length
     grad_wpos = grad_weight_of_position.float().contiguous()
-    grad_pooled = grad_pooled_scores.float().contiguous()
+    grad_pooled = None if grad_pooled_scores is None else grad_pooled_scores.float().contiguous()
     grad_scores = torch.empty(batch, n, dtype=torch.float32, device=plan_index.device)
     # per level above the input, indexed like the new slots of the round that made it: T, Q, A
     work = torch.empty(batch, 3 * pairs, dtype=torch.float32, device=plan_index.device)
@@ -642,6 +646,8 @@ def plan_backward(
         top, bottom = r == num_rounds - 1, r == 0
         if top:
             a_in, in_stride, q_in_offset, a_in_offset = grad_pooled, k, 0, 0
+            if grad_pooled is None:  # stride 0: the kernel reads zeros
+                a_in, in_stride = grad_wpos, 0
         else:
             a_in, in_stride = work, work_stride
             q_in_offset, a_in_offset = pairs + layout.pair_offsets[r], 2 * pairs + layout.pair_offsets[r]
@@ -757,8 +763,6 @@ class _TopK(torch.autograd.Function):
         x, weight_of_position, slot_of_position, plan_index, plan_value = ctx.saved_tensors
         if grad_values is None:
             grad_values = x.new_zeros(x.size(0), ctx.k, x.size(2))
-        if grad_pooled_scores is None:
-            grad_pooled_scores = plan_index.new_zeros(x.size(0), ctx.k, dtype=torch.float32)
         grad_x, grad_weight = mix_backward(grad_values, x, weight_of_position, slot_of_position)
         grad_scores = None
         if ctx.needs_input_grad[1]:
