@@ -97,9 +97,10 @@ def supports(batch: int, n: int, k: int) -> bool:
 
 
 def launches_per_call(n: int, k: int) -> int:
-    """Triton launches of one forward + backward, n > k: R rounds + compose + mix, mix + (R - 1) + R."""
+    """Triton launches of one forward + backward, n > k: R rounds + compose (none when R = 1) + mix, then mix +
+    (R - 1) + R."""
     rounds = len(round_widths(n, k))
-    return 3 * rounds + 2
+    return 3 * rounds + 2 - (rounds == 1)  # a single round writes what _plan_compose would
 
 
 class _Layout:
@@ -153,6 +154,13 @@ def _plan_round(
     value_ptr,
     pooled_scores_ptr,
     pooled_mask_ptr,
+    members_ptr,
+    wpos_ptr,
+    slot_ptr,
+    source_ptr,
+    members_base,
+    wpos_base,
+    slot_base,
     width,
     new_width,
     blocks,
@@ -168,6 +176,7 @@ def _plan_round(
     pair_right,
     next_offset,
     last,
+    direct,
     log2_base,
     FLIP: tl.constexpr,
     SORT_BACK: tl.constexpr,
@@ -223,6 +232,16 @@ def _plan_round(
     else:
         tl.store(pooled_scores_ptr + row * new_width + slot, new_score, mask=live)
         tl.store(pooled_mask_ptr + row * new_width + slot, new_real, mask=live)
+    if direct != 0:  # the only round: what _plan_compose makes (G = 2; the table's dummies are already n)
+        flat_slot = row * new_width + slot
+        tl.store(members_ptr + members_base + flat_slot * 2, left.to(tl.int32), mask=live)
+        tl.store(members_ptr + members_base + flat_slot * 2 + 1, right.to(tl.int32), mask=paired)
+        positions = row * width
+        tl.store(wpos_ptr + wpos_base + positions + left, weight_left, mask=live)
+        tl.store(wpos_ptr + wpos_base + positions + right, weight_right, mask=paired)
+        tl.store(slot_ptr + slot_base + positions + left, flat_slot.to(tl.int32), mask=live)
+        tl.store(slot_ptr + slot_base + positions + right, flat_slot.to(tl.int32), mask=paired)
+        tl.store(source_ptr + flat_slot, left.to(tl.int64), mask=live)
 
 
 def _plan_compose(
@@ -527,6 +546,12 @@ def _workspace_sections(batch: int, n: int, k: int) -> _Sections:
     return _Sections(members, members + batch * k * layout.group, batch * 2 * layout.level_length)
 
 
+@functools.cache
+def _negative_infinity(device: torch.device) -> Tensor:
+    """A 0-dim float32 -inf on ``device`` (read only)."""
+    return torch.tensor(-math.inf, dtype=torch.float32, device=device)
+
+
 def plan_forward(
     scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool, sort_back: bool, shared: bool = False
 ):
@@ -559,8 +584,10 @@ def plan_forward(
         slot_of_position = new(batch, n, dtype=torch.int32)
     pooled_scores = new(batch, k, dtype=torch.float32)
     pooled_mask = new(batch, k, dtype=torch.bool)
+    source_index = new(batch, k, dtype=torch.int64)
     # level 0 keys: the torch path's ranking key (padding -inf); the first round copies them into the plan
-    keys = torch.where(mask.contiguous(), scores.contiguous(), -math.inf)  # contiguous: row stride n
+    # contiguous: row stride n; -inf as a cached tensor (a Python scalar dispatches one scalar_tensor per call)
+    keys = torch.where(mask.contiguous(), scores.contiguous(), _negative_infinity(scores.device))
     key_stride, key_offset = n, 0
     log2_base = math.log2(base)
     for r, (width, new_width) in enumerate(zip(layout.widths, layout.new_widths, strict=True)):
@@ -584,6 +611,13 @@ def plan_forward(
             plan_value,
             pooled_scores,
             pooled_mask,
+            members,
+            weight_of_position,
+            slot_of_position,
+            source_index,
+            sections.members,
+            sections.wpos,
+            sections.slot,
             width,
             new_width,
             blocks,
@@ -599,13 +633,24 @@ def plan_forward(
             layout.level_length + layout.pair_length + layout.pair_offsets[r],
             0 if last else layout.level_offsets[r + 1],
             int(last),
+            int(num_rounds == 1),
             log2_base,
             FLIP=flip_right,
             SORT_BACK=sort_back,
             BLOCK=PAIR_BLOCK,
             num_warps=PAIR_WARPS,
         )
-    source_index = new(batch, k, dtype=torch.int64)
+    if num_rounds == 1:  # _plan_round wrote the member table, W, slots and source_index
+        return (
+            members,
+            weight_of_position,
+            slot_of_position,
+            pooled_scores,
+            pooled_mask,
+            source_index,
+            plan_index,
+            plan_value,
+        )
     blocks = triton.cdiv(n, POSITION_BLOCK)
     _launch(
         _plan_compose,
