@@ -15,9 +15,9 @@ row of n lanes runs as n/32 programs instead of one::
       │     left = order[rank j], right = its partner      │ _plan_subtree, rounds 0 .. R-2 (B × m/32):
       │     pair weights, key_{r+1}[j]; per old slot:      │   T_{r+1}[j] = Σ_pair w·T_r       (T_0 = dW)
       │     up code 2j+side and its pair weight            │ _plan_reverse, rounds R-1 .. 0 (B × m/32):
-      │ _plan_compose  (B × n/128) each position walks     │   from the parent's Q (later weights) and A
-      │   up the rounds: member table B×k×G, W(p),         │   (grad of its score): the pair's softmax
-      │   slot(p), source_index                            │   backward, Q and A of both members;
+      │ _plan_compose  (B × n/128; R > 1) each position    │   from the parent's Q (later weights) and A
+      │   walks up the rounds: member table B×k×G, W(p),   │   (grad of its score): the pair's softmax
+      │   slot(p), source_index (R = 1: _plan_round)       │   backward, Q and A of both members;
       ▼                                                    │   round 0 writes grad_scores (padding: 0)
     x B×n×d → _mix_forward (8 slots × 128 of d) → values   ▼
                                                          grad_scores B×n
@@ -36,7 +36,9 @@ inside c) swept forward and Q(c) = product of c's later pair weights swept back,
 pair weight is Q·T + A·score (A: gradient of the slot's score), then the two-way softmax and
 d(base**s)/ds = ln(base)·base**s.
 
-Eager calls run them from one autograd.Function; under torch.compile they are torch custom ops (fake
+Eager calls run them from one autograd.Function, with two flat workspaces (int32: plan index, member table,
+slots; float32: plan values, W) and one backward scratch instead of a tensor each (fewer host operations per
+call; the kernels take each section's offset); under torch.compile they are torch custom ops (fake
 shapes, registered autograd), so dynamo traces through without a graph break. Kernels run compiled on
 CUDA tensors, or on CPU tensors through Triton's interpreter when the process imported triton with
 ``TRITON_INTERPRET=1`` (tests compare them with the torch path there). :func:`record_launches` runs the
