@@ -642,41 +642,31 @@ def plan_forward(
             BLOCK=PAIR_BLOCK,
             num_warps=PAIR_WARPS,
         )
-    if num_rounds == 1:  # _plan_round wrote the member table, W, slots and source_index
-        return (
+    if num_rounds > 1:  # (one round: _plan_round wrote the member table, W, slots and source_index)
+        blocks = triton.cdiv(n, POSITION_BLOCK)
+        _launch(
+            _plan_compose,
+            (batch * blocks,),
+            plan_index,
+            plan_value,
             members,
             weight_of_position,
             slot_of_position,
-            pooled_scores,
-            pooled_mask,
             source_index,
-            plan_index,
-            plan_value,
+            sections.members,
+            sections.wpos,
+            sections.slot,
+            n,
+            k,
+            num_rounds,
+            group,
+            blocks,
+            index_stride,
+            value_stride,
+            layout.level_length,
+            BLOCK=POSITION_BLOCK,
+            num_warps=POSITION_WARPS,
         )
-    blocks = triton.cdiv(n, POSITION_BLOCK)
-    _launch(
-        _plan_compose,
-        (batch * blocks,),
-        plan_index,
-        plan_value,
-        members,
-        weight_of_position,
-        slot_of_position,
-        source_index,
-        sections.members,
-        sections.wpos,
-        sections.slot,
-        n,
-        k,
-        num_rounds,
-        group,
-        blocks,
-        index_stride,
-        value_stride,
-        layout.level_length,
-        BLOCK=POSITION_BLOCK,
-        num_warps=POSITION_WARPS,
-    )
     return (
         members,
         weight_of_position,
