@@ -50,15 +50,26 @@ class Stage:
 
 @dataclass
 class PoolingInfo:
-    """What one top-k kept, for statistics and the explain page (detached)."""
+    """What one top-k kept, for statistics and the explain page (scores detached when read: a detach per
+    pooling in every training step would be two more operators dispatched)."""
 
     after_layer: int
     input_width: int
     output_width: int
-    input_scores: Tensor  #: B×input_width, the scorer's ratings of the slots it pooled
-    pooled_scores: Tensor  #: B×output_width
+    scorer_output: Tensor  #: B×input_width as the scorer made it (may require grad): read ``input_scores``
+    top_k_scores: Tensor  #: B×output_width as the top-k made it (may require grad): read ``pooled_scores``
     source_positions: Tensor  #: B×output_width, original token position dominating each kept slot
     mask: Tensor  #: B×output_width, True = real content
+
+    @property
+    def input_scores(self) -> Tensor:
+        """B×input_width, the scorer's ratings of the slots it pooled (detached)."""
+        return self.scorer_output.detach()
+
+    @property
+    def pooled_scores(self) -> Tensor:
+        """B×output_width (detached)."""
+        return self.top_k_scores.detach()
 
 
 @dataclass
@@ -155,7 +166,7 @@ class Encoder(nn.Module):
         batch, n, _ = embedded.shape
         x = embedded + self.positions(n).to(embedded.dtype)
         x = self.dropout(x if self.layernorm_embedding is None else self.layernorm_embedding(x))
-        source_positions = torch.arange(n, device=x.device).expand(batch, n)
+        source_positions: Optional[Tensor] = None  # the identity until the first pooling (no gather needed)
         pooling = []
         # the fewest real tokens in a row, known on the host: a stage narrower than that has no padding
         # (padding ranks last in the top-k), so its attention runs without a mask (flash kernels), as does
@@ -193,20 +204,25 @@ class Encoder(nn.Module):
             x, real_mask = pooled.values, pooled.mask
             if fewest_real is not None:
                 fewest_real = min(fewest_real, stage.pooled_width)
-            source_positions = source_positions.gather(1, pooled.source_index)
+            if source_positions is None:
+                source_positions = pooled.source_index
+            else:
+                source_positions = source_positions.gather(1, pooled.source_index)
             pooling.append(
                 PoolingInfo(
                     last,
                     stage.width,
                     stage.pooled_width,
-                    scores.detach(),
-                    pooled.scores.detach(),
+                    scores,
+                    pooled.scores,
                     source_positions,
                     real_mask,
                 )
             )
         if self.layer_norm is not None:
             x = self.layer_norm(x)
+        if source_positions is None:  # nothing pooled
+            source_positions = torch.arange(n, device=x.device).expand(batch, n)
         return EncoderOut(x, real_mask, source_positions, pooling, fewest_real is None or fewest_real < x.size(1))
 
     def _run_stage(self, stage: Stage, x: Tensor, real_mask: Tensor) -> Tensor:

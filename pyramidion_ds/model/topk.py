@@ -91,7 +91,9 @@ def successive_halving_topk(
         positions = torch.arange(n, device=x.device).expand(batch, n)
         return TopKOutput(x, scores, mask, positions)
     # ranking and mixing weights in at least float32 whatever the activations' dtype
-    compute_dtype = torch.promote_types(scores.dtype, torch.float32)
+    # float64 stays float64, everything narrower ranks in float32 (a plain comparison: torch.promote_types
+    # dispatches an operator, one per pooling per step)
+    compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     if not hard and _use_triton(x, compute_dtype, k):  # the kernels read padding scores as 0 themselves
         from . import topk_triton
 

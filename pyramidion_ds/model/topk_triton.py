@@ -15,9 +15,9 @@ row of n lanes runs as n/32 programs instead of one::
       │     left = order[rank j], right = its partner      │ _plan_subtree, rounds 0 .. R-2 (B × m/32):
       │     pair weights, key_{r+1}[j]; per old slot:      │   T_{r+1}[j] = Σ_pair w·T_r       (T_0 = dW)
       │     up code 2j+side and its pair weight            │ _plan_reverse, rounds R-1 .. 0 (B × m/32):
-      │ _plan_compose  (B × n/128) each position walks     │   from the parent's Q (later weights) and A
-      │   up the rounds: member table B×k×G, W(p),         │   (grad of its score): the pair's softmax
-      │   slot(p), source_index                            │   backward, Q and A of both members;
+      │ _plan_compose  (B × n/128; R > 1) each position    │   from the parent's Q (later weights) and A
+      │   walks up the rounds: member table B×k×G, W(p),   │   (grad of its score): the pair's softmax
+      │   slot(p), source_index (R = 1: _plan_round)       │   backward, Q and A of both members;
       ▼                                                    │   round 0 writes grad_scores (padding: 0)
     x B×n×d → _mix_forward (8 slots × 128 of d) → values   ▼
                                                          grad_scores B×n
@@ -36,7 +36,9 @@ inside c) swept forward and Q(c) = product of c's later pair weights swept back,
 pair weight is Q·T + A·score (A: gradient of the slot's score), then the two-way softmax and
 d(base**s)/ds = ln(base)·base**s.
 
-Eager calls run them from one autograd.Function; under torch.compile they are torch custom ops (fake
+Eager calls run them from one autograd.Function, with two flat workspaces (int32: plan index, member table,
+slots; float32: plan values, W) and one backward scratch instead of a tensor each (fewer host operations per
+call; the kernels take each section's offset); under torch.compile they are torch custom ops (fake
 shapes, registered autograd), so dynamo traces through without a graph break. Kernels run compiled on
 CUDA tensors, or on CPU tensors through Triton's interpreter when the process imported triton with
 ``TRITON_INTERPRET=1`` (tests compare them with the torch path there). :func:`record_launches` runs the
@@ -51,6 +53,7 @@ import contextlib
 import functools
 import inspect
 import math
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -88,14 +91,18 @@ MAX_ELEMENTS = 2**31 - 1
 
 def supports(batch: int, n: int, k: int) -> bool:
     """Whether the kernels take this shape; others run on the torch path (``model/topk.py``)."""
-    rounds = len(round_widths(n, k))
-    return 0 < k < n and max(batch * n, 4 * n, batch * k * 2**rounds) <= MAX_ELEMENTS
+    if not 0 < k < n:
+        return False
+    layout = _Layout(n, k)  # and the eager path's flat workspaces (int32, float32, backward scratch)
+    largest = batch * max(layout.index_length + k * layout.group + n, 2 * layout.level_length + n)
+    return max(largest, batch * (n + 3 * layout.pair_length)) <= MAX_ELEMENTS
 
 
 def launches_per_call(n: int, k: int) -> int:
-    """Triton launches of one forward + backward, n > k: R rounds + compose + mix, mix + (R - 1) + R."""
+    """Triton launches of one forward + backward, n > k: R rounds + compose (none when R = 1) + mix, then mix +
+    (R - 1) + R."""
     rounds = len(round_widths(n, k))
-    return 3 * rounds + 2
+    return 3 * rounds + 2 - (rounds == 1)  # a single round writes what _plan_compose would
 
 
 class _Layout:
@@ -149,6 +156,13 @@ def _plan_round(
     value_ptr,
     pooled_scores_ptr,
     pooled_mask_ptr,
+    members_ptr,
+    wpos_ptr,
+    slot_ptr,
+    source_ptr,
+    members_base,
+    wpos_base,
+    slot_base,
     width,
     new_width,
     blocks,
@@ -164,6 +178,7 @@ def _plan_round(
     pair_right,
     next_offset,
     last,
+    direct,
     log2_base,
     FLIP: tl.constexpr,
     SORT_BACK: tl.constexpr,
@@ -219,6 +234,16 @@ def _plan_round(
     else:
         tl.store(pooled_scores_ptr + row * new_width + slot, new_score, mask=live)
         tl.store(pooled_mask_ptr + row * new_width + slot, new_real, mask=live)
+    if direct != 0:  # the only round: what _plan_compose makes (G = 2; the table's dummies are already n)
+        flat_slot = row * new_width + slot
+        tl.store(members_ptr + members_base + flat_slot * 2, left.to(tl.int32), mask=live)
+        tl.store(members_ptr + members_base + flat_slot * 2 + 1, right.to(tl.int32), mask=paired)
+        positions = row * width
+        tl.store(wpos_ptr + wpos_base + positions + left, weight_left, mask=live)
+        tl.store(wpos_ptr + wpos_base + positions + right, weight_right, mask=paired)
+        tl.store(slot_ptr + slot_base + positions + left, flat_slot.to(tl.int32), mask=live)
+        tl.store(slot_ptr + slot_base + positions + right, flat_slot.to(tl.int32), mask=paired)
+        tl.store(source_ptr + flat_slot, left.to(tl.int64), mask=live)
 
 
 def _plan_compose(
@@ -228,6 +253,9 @@ def _plan_compose(
     wpos_ptr,
     slot_ptr,
     source_ptr,
+    members_base,
+    wpos_base,
+    slot_base,
     n,
     k,
     num_rounds,
@@ -258,9 +286,9 @@ def _plan_compose(
         offset += width
         width = tl.maximum(k, (width + 1) // 2)
     flat_slot = row * k + slot
-    tl.store(members_ptr + flat_slot * group + bits, position, mask=live)
-    tl.store(wpos_ptr + row * n + position, weight, mask=live)
-    tl.store(slot_ptr + row * n + position, flat_slot.to(tl.int32), mask=live)
+    tl.store(members_ptr + members_base + flat_slot * group + bits, position, mask=live)
+    tl.store(wpos_ptr + wpos_base + row * n + position, weight, mask=live)
+    tl.store(slot_ptr + slot_base + row * n + position, flat_slot.to(tl.int32), mask=live)
     tl.store(source_ptr + flat_slot, position.to(tl.int64), mask=live & (bits == 0))
 
 
@@ -330,7 +358,9 @@ def _plan_reverse(
     later = tl.full([BLOCK], 1.0, tl.float32)
     if top == 0:
         later = tl.load(q_in_ptr + row * in_stride + q_in_offset + slot, mask=live, other=1.0)
-    adjoint = tl.load(a_in_ptr + row * in_stride + a_in_offset + slot, mask=live, other=0.0)
+    # in_stride 0: no gradient reached the pooled scores (the encoder's case), read as 0 without a zeros tensor
+    has_adjoint = slot < new_width * tl.minimum(in_stride, 1)
+    adjoint = tl.load(a_in_ptr + row * in_stride + a_in_offset + slot, mask=has_adjoint, other=0.0)
     keys = value_ptr + row * value_stride + key_offset
     weights = value_ptr + row * value_stride + weight_offset
     subtree = subtree_ptr + row * subtree_stride + subtree_offset
@@ -367,6 +397,8 @@ def _mix_forward(
     wpos_ptr,
     members_ptr,
     values_ptr,
+    wpos_base,
+    members_base,
     n,
     k,
     dim,
@@ -382,10 +414,10 @@ def _mix_forward(
     row_start = (slots // k) * n
     acc = tl.zeros([BLOCK_SLOTS, BLOCK_DIM], tl.float32)
     for g in range(group):
-        member = tl.load(members_ptr + slots * group + g, mask=valid, other=0)
+        member = tl.load(members_ptr + members_base + slots * group + g, mask=valid, other=0)
         real = valid & (member < n)
         position = row_start + member
-        weight = tl.load(wpos_ptr + position, mask=real, other=0.0)
+        weight = tl.load(wpos_ptr + wpos_base + position, mask=real, other=0.0)
         rows = tl.load(x_ptr + position[:, None] * dim + cols[None, :], mask=real[:, None] & col_ok[None, :], other=0.0)
         acc += weight[:, None] * rows.to(tl.float32)
     tl.store(
@@ -402,6 +434,8 @@ def _mix_backward(
     slot_ptr,
     grad_x_ptr,
     grad_wpos_ptr,
+    wpos_base,
+    slot_base,
     total_positions,
     dim,
     BLOCK_POSITIONS: tl.constexpr,
@@ -409,8 +443,8 @@ def _mix_backward(
 ):
     positions = tl.program_id(0).to(tl.int64) * BLOCK_POSITIONS + tl.arange(0, BLOCK_POSITIONS)
     valid = positions < total_positions
-    slot = tl.load(slot_ptr + positions, mask=valid, other=0).to(tl.int64)
-    weight = tl.load(wpos_ptr + positions, mask=valid, other=0.0)
+    slot = tl.load(slot_ptr + slot_base + positions, mask=valid, other=0).to(tl.int64)
+    weight = tl.load(wpos_ptr + wpos_base + positions, mask=valid, other=0.0)
     dot = tl.zeros([BLOCK_POSITIONS], tl.float32)
     for start in range(0, dim, BLOCK_DIM):
         cols = start + tl.arange(0, BLOCK_DIM)
@@ -434,10 +468,15 @@ if AVAILABLE:  # device functions called by the kernels
 _UNSPECIALIZED = ("_plan_round", "_plan_compose", "_plan_subtree", "_plan_reverse")
 
 
+#: arguments of the mix kernels not specialized: section offsets inside the workspaces (0 on the custom-op path)
+_BASES = ("wpos_base", "members_base", "slot_base")
+
+
 @functools.cache
 def _kernel(fn):
     if fn.__name__ not in _UNSPECIALIZED:
-        return triton.jit(fn)
+        bases = [name for name in inspect.signature(fn).parameters if name in _BASES]
+        return triton.jit(fn, do_not_specialize=bases, do_not_specialize_on_alignment=bases)
     runtime = [name for name, p in inspect.signature(fn).parameters.items() if "constexpr" not in str(p.annotation)]
     return triton.jit(fn, do_not_specialize=runtime, do_not_specialize_on_alignment=runtime)
 
@@ -488,31 +527,76 @@ MIX_ROWS, MIX_COLUMNS = 8, 128
 # ------------------------------------------------------------------------------------------- launchers
 
 
-def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool, sort_back: bool):
+class _Sections(NamedTuple):
+    """Where members, slot_of_position and weight_of_position start inside their tensors: 0 when each is a
+    tensor of its own, else after the plan inside one int32 / one float32 workspace (see plan_forward)."""
+
+    members: int = 0
+    slot: int = 0
+    wpos: int = 0
+
+
+#: sections of tensors of their own
+SEPARATE = _Sections()
+
+
+def _workspace_sections(batch: int, n: int, k: int) -> _Sections:
+    """int32 workspace: plan index B×(L_w + 2·L_m) | members B×k×G | slot B×n; float32: plan values B×2·L_w |
+    weight_of_position B×n (flat, row-major sections)."""
+    layout = _Layout(n, k)
+    members = batch * layout.index_length
+    return _Sections(members, members + batch * k * layout.group, batch * 2 * layout.level_length)
+
+
+@functools.cache
+def _negative_infinity(device: torch.device) -> Tensor:
+    """A 0-dim float32 -inf on ``device`` (read only)."""
+    return torch.tensor(-math.inf, dtype=torch.float32, device=device)
+
+
+def plan_forward(
+    scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool, sort_back: bool, shared: bool = False
+):
     """The rounds on scores. scores: B×n float32 (padding entries are read as 0), mask: B×n bool.
 
     Returns members B×k×G int32 (dummy = n), weight_of_position B×n float32, slot_of_position B×n int32
     (flat b·k + slot), pooled scores B×k float32, pooled mask B×k bool, source_index B×k int64, and the
     saved plan: index B×(L_w + 2·L_m) int32 and values B×2·L_w float32 (see the module docstring).
+    ``shared``: members, slot_of_position and the plan index are one flat int32 workspace, weight_of_position
+    and the plan values one flat float32 workspace (sections: :func:`_workspace_sections`), two allocations
+    instead of seven (eager calls; a custom op may not return aliasing outputs).
     """
     batch, n = scores.shape
     layout = _Layout(n, k)
     num_rounds, group = len(layout.new_widths), layout.group
     index_stride, value_stride = layout.index_length, 2 * layout.level_length
     new = functools.partial(torch.empty, device=scores.device)
-    plan_index = new(batch, index_stride, dtype=torch.int32)
-    plan_value = new(batch, value_stride, dtype=torch.float32)
+    if shared:  # the whole int32 workspace starts as n: the member table's dummies
+        sections = _workspace_sections(batch, n, k)
+        plan_index = members = slot_of_position = torch.full(
+            (sections.slot + batch * n,), n, dtype=torch.int32, device=scores.device
+        )
+        plan_value = weight_of_position = new(sections.wpos + batch * n, dtype=torch.float32)
+    else:
+        sections = _Sections()
+        plan_index = new(batch, index_stride, dtype=torch.int32)
+        plan_value = new(batch, value_stride, dtype=torch.float32)
+        members = torch.full((batch, k, group), n, dtype=torch.int32, device=scores.device)
+        weight_of_position = new(batch, n, dtype=torch.float32)
+        slot_of_position = new(batch, n, dtype=torch.int32)
     pooled_scores = new(batch, k, dtype=torch.float32)
     pooled_mask = new(batch, k, dtype=torch.bool)
+    source_index = new(batch, k, dtype=torch.int64)
     # level 0 keys: the torch path's ranking key (padding -inf); the first round copies them into the plan
-    keys = torch.where(mask.contiguous(), scores.contiguous(), -math.inf)  # contiguous: row stride n
+    # contiguous: row stride n; -inf as a cached tensor (a Python scalar dispatches one scalar_tensor per call)
+    keys = torch.where(mask.contiguous(), scores.contiguous(), _negative_infinity(scores.device))
     key_stride, key_offset = n, 0
     log2_base = math.log2(base)
     for r, (width, new_width) in enumerate(zip(layout.widths, layout.new_widths, strict=True)):
         level = layout.level_offsets[r]
         if r:
             keys, key_stride, key_offset = plan_value, value_stride, level
-            level_keys = plan_value[:, level : level + width]
+            level_keys = plan_value.as_strided((batch, width), (value_stride, 1), level)
         else:
             level_keys = keys
         order = level_keys.sort(dim=1, descending=True, stable=True).indices
@@ -529,6 +613,13 @@ def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: 
             plan_value,
             pooled_scores,
             pooled_mask,
+            members,
+            weight_of_position,
+            slot_of_position,
+            source_index,
+            sections.members,
+            sections.wpos,
+            sections.slot,
             width,
             new_width,
             blocks,
@@ -544,37 +635,38 @@ def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: 
             layout.level_length + layout.pair_length + layout.pair_offsets[r],
             0 if last else layout.level_offsets[r + 1],
             int(last),
+            int(num_rounds == 1),
             log2_base,
             FLIP=flip_right,
             SORT_BACK=sort_back,
             BLOCK=PAIR_BLOCK,
             num_warps=PAIR_WARPS,
         )
-    members = torch.full((batch, k, group), n, dtype=torch.int32, device=scores.device)
-    weight_of_position = new(batch, n, dtype=torch.float32)
-    slot_of_position = new(batch, n, dtype=torch.int32)
-    source_index = new(batch, k, dtype=torch.int64)
-    blocks = triton.cdiv(n, POSITION_BLOCK)
-    _launch(
-        _plan_compose,
-        (batch * blocks,),
-        plan_index,
-        plan_value,
-        members,
-        weight_of_position,
-        slot_of_position,
-        source_index,
-        n,
-        k,
-        num_rounds,
-        group,
-        blocks,
-        index_stride,
-        value_stride,
-        layout.level_length,
-        BLOCK=POSITION_BLOCK,
-        num_warps=POSITION_WARPS,
-    )
+    if num_rounds > 1:  # (one round: _plan_round wrote the member table, W, slots and source_index)
+        blocks = triton.cdiv(n, POSITION_BLOCK)
+        _launch(
+            _plan_compose,
+            (batch * blocks,),
+            plan_index,
+            plan_value,
+            members,
+            weight_of_position,
+            slot_of_position,
+            source_index,
+            sections.members,
+            sections.wpos,
+            sections.slot,
+            n,
+            k,
+            num_rounds,
+            group,
+            blocks,
+            index_stride,
+            value_stride,
+            layout.level_length,
+            BLOCK=POSITION_BLOCK,
+            num_warps=POSITION_WARPS,
+        )
     return (
         members,
         weight_of_position,
@@ -589,26 +681,34 @@ def plan_forward(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: 
 
 def plan_backward(
     grad_weight_of_position: Tensor,
-    grad_pooled_scores: Tensor,
+    grad_pooled_scores: Optional[Tensor],
     plan_index: Tensor,
     plan_value: Tensor,
     k: int,
     base: float,
+    shape: Optional[tuple[int, int]] = None,
 ) -> Tensor:
-    """Gradient of the scores (B×n float32) from those of weight_of_position (B×n) and pooled scores (B×k)."""
-    batch, n = grad_weight_of_position.shape
+    """Gradient of the scores (B×n float32) from those of weight_of_position (B×n) and pooled scores (B×k;
+    None: zero). With ``shape`` (B, n) given, the plan is :func:`plan_forward`'s shared workspaces and
+    grad_weight_of_position the flat float32 scratch of :func:`backward_scratch` (dW in its first B·n
+    entries, this function's work space after them)."""
+    shared = shape is not None
+    batch, n = shape if shared else grad_weight_of_position.shape
     layout = _Layout(n, k)
     num_rounds, pairs = len(layout.new_widths), layout.pair_length
     index_stride, value_stride = layout.index_length, 2 * layout.level_length
-    grad_wpos = grad_weight_of_position.float().contiguous()
-    grad_pooled = grad_pooled_scores.float().contiguous()
+    grad_wpos = grad_weight_of_position if shared else grad_weight_of_position.float().contiguous()
+    grad_pooled = None if grad_pooled_scores is None else grad_pooled_scores.float().contiguous()
     grad_scores = torch.empty(batch, n, dtype=torch.float32, device=plan_index.device)
     # per level above the input, indexed like the new slots of the round that made it: T, Q, A
-    work = torch.empty(batch, 3 * pairs, dtype=torch.float32, device=plan_index.device)
     work_stride = 3 * pairs
+    if shared:
+        work, work_base = grad_wpos, batch * n
+    else:
+        work, work_base = torch.empty(batch, 3 * pairs, dtype=torch.float32, device=plan_index.device), 0
 
     def subtree(r):  # T of level r: dW at the input, else the section written by round r - 1
-        return (grad_wpos, n, 0) if r == 0 else (work, work_stride, layout.pair_offsets[r - 1])
+        return (grad_wpos, n, 0) if r == 0 else (work, work_stride, work_base + layout.pair_offsets[r - 1])
 
     def pair_args(r):
         blocks = triton.cdiv(layout.new_widths[r], PAIR_BLOCK)
@@ -631,7 +731,7 @@ def plan_backward(
             t_in_stride,
             t_in_offset,
             work_stride,
-            layout.pair_offsets[r],
+            work_base + layout.pair_offsets[r],
             BLOCK=PAIR_BLOCK,
             num_warps=PAIR_WARPS,
         )
@@ -642,14 +742,18 @@ def plan_backward(
         top, bottom = r == num_rounds - 1, r == 0
         if top:
             a_in, in_stride, q_in_offset, a_in_offset = grad_pooled, k, 0, 0
+            if grad_pooled is None:  # stride 0: the kernel reads zeros
+                a_in, in_stride = grad_wpos, 0
         else:
             a_in, in_stride = work, work_stride
-            q_in_offset, a_in_offset = pairs + layout.pair_offsets[r], 2 * pairs + layout.pair_offsets[r]
+            q_in_offset = work_base + pairs + layout.pair_offsets[r]
+            a_in_offset = work_base + 2 * pairs + layout.pair_offsets[r]
         if bottom:
             out, out_stride, q_out_offset, a_out_offset = grad_scores, n, 0, 0
         else:
             out, out_stride = work, work_stride
-            q_out_offset, a_out_offset = pairs + layout.pair_offsets[r - 1], 2 * pairs + layout.pair_offsets[r - 1]
+            q_out_offset = work_base + pairs + layout.pair_offsets[r - 1]
+            a_out_offset = work_base + 2 * pairs + layout.pair_offsets[r - 1]
         _launch(
             _plan_reverse,
             (batch * blocks,),
@@ -682,10 +786,12 @@ def plan_backward(
     return grad_scores
 
 
-def mix_forward(x: Tensor, weight_of_position: Tensor, members: Tensor) -> Tensor:
+def mix_forward(
+    x: Tensor, weight_of_position: Tensor, members: Tensor, k: int, sections: _Sections = SEPARATE
+) -> Tensor:
     """values[b, j] = Σ_g W[b, members[b, j, g]] · x[b, members[b, j, g]]  (B×n×d → B×k×d; dummy = n)."""
     batch, n, dim = x.shape
-    k, group = members.shape[1:]
+    group = _Layout(n, k).group
     values = x.new_empty(batch, k, dim)
     block_dim = min(MIX_COLUMNS, triton.next_power_of_2(dim))
     grid = (triton.cdiv(batch * k, MIX_ROWS), triton.cdiv(dim, block_dim))
@@ -696,6 +802,8 @@ def mix_forward(x: Tensor, weight_of_position: Tensor, members: Tensor) -> Tenso
         weight_of_position,
         members,
         values,
+        sections.wpos,
+        sections.members,
         n,
         k,
         dim,
@@ -707,11 +815,25 @@ def mix_forward(x: Tensor, weight_of_position: Tensor, members: Tensor) -> Tenso
     return values
 
 
-def mix_backward(grad_values: Tensor, x: Tensor, weight_of_position: Tensor, slot_of_position: Tensor):
-    """grad_x[p] = W(p)·grad_values[slot(p)] (B×n×d) and grad_W[p] = <x[p], grad_values[slot(p)]> (B×n)."""
+def backward_scratch(batch: int, n: int, k: int, device) -> Tensor:
+    """One flat float32 tensor for dW (B×n, from mix_backward) and plan_backward's work space after it."""
+    return torch.empty(batch * (n + 3 * _Layout(n, k).pair_length), dtype=torch.float32, device=device)
+
+
+def mix_backward(
+    grad_values: Tensor,
+    x: Tensor,
+    weight_of_position: Tensor,
+    slot_of_position: Tensor,
+    sections: _Sections = SEPARATE,
+    grad_weight: Optional[Tensor] = None,
+):
+    """grad_x[p] = W(p)·grad_values[slot(p)] (B×n×d) and grad_W[p] = <x[p], grad_values[slot(p)]> (B×n, or
+    the first B·n entries of ``grad_weight``)."""
     batch, n, dim = x.shape
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-    grad_weight = weight_of_position.new_empty(batch, n)
+    if grad_weight is None:
+        grad_weight = weight_of_position.new_empty(batch, n)
     block_dim = min(MIX_COLUMNS, triton.next_power_of_2(dim))
     _launch(
         _mix_backward,
@@ -722,6 +844,8 @@ def mix_backward(grad_values: Tensor, x: Tensor, weight_of_position: Tensor, slo
         slot_of_position,
         grad_x,
         grad_weight,
+        sections.wpos,
+        sections.slot,
         batch * n,
         dim,
         BLOCK_POSITIONS=MIX_ROWS,
@@ -744,25 +868,29 @@ class _TopK(torch.autograd.Function):
             source_index,
             plan_index,
             plan_value,
-        ) = plan_forward(scores, mask, k, base, flip_right, sort_back)
-        values = mix_forward(x, weight_of_position, members)
+        ) = plan_forward(scores, mask, k, base, flip_right, sort_back, shared=True)
+        ctx.sections = _workspace_sections(x.size(0), x.size(1), k)
+        values = mix_forward(x, weight_of_position, members, k, ctx.sections)
         ctx.k, ctx.base = k, base
-        ctx.save_for_backward(x, weight_of_position, slot_of_position, plan_index, plan_value)
+        # weight_of_position, slot_of_position: the plan's own workspaces (shared=True)
+        ctx.save_for_backward(x, plan_index, plan_value)
         ctx.mark_non_differentiable(pooled_mask, source_index)
         ctx.set_materialize_grads(False)  # no zero gradients built for the mask and source_index
         return values, pooled_scores, pooled_mask, source_index
 
     @staticmethod
     def backward(ctx, grad_values, grad_pooled_scores, _grad_mask, _grad_source):
-        x, weight_of_position, slot_of_position, plan_index, plan_value = ctx.saved_tensors
+        x, plan_index, plan_value = ctx.saved_tensors
+        batch, n = x.shape[:2]
         if grad_values is None:
-            grad_values = x.new_zeros(x.size(0), ctx.k, x.size(2))
-        if grad_pooled_scores is None:
-            grad_pooled_scores = plan_index.new_zeros(x.size(0), ctx.k, dtype=torch.float32)
-        grad_x, grad_weight = mix_backward(grad_values, x, weight_of_position, slot_of_position)
+            grad_values = x.new_zeros(batch, ctx.k, x.size(2))
+        scratch = backward_scratch(batch, n, ctx.k, x.device)
+        grad_x, _ = mix_backward(grad_values, x, plan_value, plan_index, ctx.sections, scratch)
         grad_scores = None
         if ctx.needs_input_grad[1]:
-            grad_scores = plan_backward(grad_weight, grad_pooled_scores, plan_index, plan_value, ctx.k, ctx.base)
+            grad_scores = plan_backward(
+                scratch, grad_pooled_scores, plan_index, plan_value, ctx.k, ctx.base, shape=(batch, n)
+            )
         return (grad_x if ctx.needs_input_grad[0] else None), grad_scores, None, None, None, None, None
 
 
@@ -847,7 +975,7 @@ if AVAILABLE:
     @torch.library.custom_op("pyramidion::topk_mix", mutates_args=())
     def topk_mix(x: Tensor, weight_of_position: Tensor, members: Tensor, slot_of_position: Tensor) -> Tensor:
         """:func:`mix_forward` as a custom op (slot_of_position is kept for the backward)."""
-        return mix_forward(x, weight_of_position, members)
+        return mix_forward(x, weight_of_position, members, members.size(1))
 
     @topk_mix.register_fake
     def _(x, weight_of_position, members, slot_of_position):

@@ -679,15 +679,16 @@ class Trainer:
         """Per pooling step: mean score of the slots kept vs of all slots rated (training batches only)."""
         if not module.training:
             return
-        for info in encoder_out.pooling:
-            kept = info.pooled_scores[info.mask].float()
-            for name, value in (
-                (f"layer{info.after_layer}_kept_score", kept.mean()),
-                (f"layer{info.after_layer}_input_score", info.input_scores.float().mean()),
-            ):
-                total = self.pooling_sums.setdefault(name, [0.0, 0])
-                total[0] += float(value)
-                total[1] += 1
+        with torch.no_grad():  # the scores as made (no detach operators: nothing here is recorded)
+            for info in encoder_out.pooling:
+                kept = info.top_k_scores[info.mask].float()
+                for name, value in (
+                    (f"layer{info.after_layer}_kept_score", kept.mean()),
+                    (f"layer{info.after_layer}_input_score", info.scorer_output.float().mean()),
+                ):
+                    total = self.pooling_sums.setdefault(name, [0.0, 0])
+                    total[0] += float(value)
+                    total[1] += 1
 
     def _barrier(self) -> None:
         if dist.is_initialized():

@@ -54,6 +54,9 @@ def test_encoder_output_mask():
     real_token = torch.arange(512).unsqueeze(0) < lengths.unsqueeze(1)
     assert torch.equal(real_token.gather(1, out.source_positions), out.mask)
     assert [p.output_width for p in out.pooling] == [128, 32]
+    # the scores as made are kept (no detach per pooling in the step); they read detached
+    assert out.pooling[0].scorer_output.requires_grad
+    assert not any(p.input_scores.requires_grad or p.pooled_scores.requires_grad for p in out.pooling)
     assert torch.equal(out.padding_mask, ~out.mask)
 
 

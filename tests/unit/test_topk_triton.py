@@ -41,9 +41,10 @@ CASES = {
     "wide_d_many_rounds": dict(batch=3, n=300, k=11, d=200, sort_back=True),
 }
 #: torch operators dispatched around the kernels by one forward + backward at n=16 → k=4 (two rounds, soft):
-#: per round a sort (and the key's slice after the first), the allocations, the level-0 key, the member table's
-#: fill, dtype casts and autograd's gradient accumulation
-TRITON_DISPATCH_BUDGET = 24
+#: per round a sort (and the key's slice after the first), the allocations (the int32 workspace's fill, the
+#: float32 workspace, the outputs, the backward's scratch), the level-0 key, autograd's gradient accumulation:
+#: 16, or 18 when the cached -inf is made (24 before the workspaces)
+TRITON_DISPATCH_BUDGET = 18
 
 
 def case_inputs(batch, n, d, *, pad=True, ties=False, one_real=False, seed=0, **_):
@@ -258,7 +259,9 @@ def test_full_graph_compile_of_triton_path(interpreted):
 def topk_triton_launches(n, k):
     from pyramidion_ds.model.topk import round_widths
 
-    return 3 * len(round_widths(n, k)) + 2  # forward: rounds, compose, mix; backward: mix, R - 1 sweeps, R
+    rounds = len(round_widths(n, k))
+    # forward: rounds, compose (a single round writes its outputs itself), mix; backward: mix, R - 1 sweeps, R
+    return 3 * rounds + 2 - (rounds == 1)
 
 
 def test_every_launch_fills_an_h100():
