@@ -44,6 +44,11 @@ def test_zero2_trains_and_loss_goes_down(synthetic_bin, tmp_path):
     first, last = [losses[i] for i in range(1, 6)], [losses[i] for i in range(36, 41)]
     assert sum(last) / 5 < 0.8 * sum(first) / 5, losses
     assert tensorboard_scalars(run / "tensorboard", "valid/loss")
+    # the selection figure of the last pooling (data/selection.py) at both validations, with its baselines
+    for figure in ("own", "all", "lead", "control", "control_all", "lift"):
+        values = tensorboard_scalars(run / "tensorboard", f"selection/layer2_{figure}")
+        assert sorted(values) == [20, 40] and all(-1 <= v <= 1 for v in values.values()), (figure, values)
+    assert "selection/layer2_lift" in log
     for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_mem_gib", "pooling/layer1_kept_score"):
         assert len(tensorboard_scalars(run / "tensorboard", tag)) == 40, tag
     for name in ("config.yaml", "ds_config.json", "spm.model"):
