@@ -67,7 +67,7 @@ ARCHITECTURE_KEYS = (
     "eos_id",
 )
 #: model fields that change what the same weights compute: a resume must keep them (init-from may change them)
-COMPUTATION_KEYS = ("variant", "chunk_size", "topk_base", "flip_right", "sort_back", "scorer_input")
+COMPUTATION_KEYS = ("variant", "chunk_size", "topk_base", "flip_right", "sort_back", "scorer_input", "scorer_centre")
 #: known dense bf16 peaks (TFLOP/s) for MFU when train.peak_tflops is 0
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
