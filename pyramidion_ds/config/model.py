@@ -34,6 +34,16 @@ POOLING_KEYS = (
     "scorer_centre",
 )
 
+#: what a model config saved before a field existed meant by its absence (a saved config lists every field,
+#: a user's YAML only what it sets): runs and exports from before keep computing as they did
+SAVED_BEFORE_FIELD = {"scorer_centre": False}
+
+
+def saved_model_dict(saved: dict) -> dict:
+    """A model config dict read from a run dir or export, with the fields it predates set as it meant them."""
+    return {**SAVED_BEFORE_FIELD, **saved}
+
+
 #: Size presets. A field the user sets explicitly wins over the preset's value.
 MODEL_PRESETS: dict[str, dict] = {
     # tiny: every unit and integration test runs in seconds on a CPU

@@ -32,7 +32,7 @@ from ..checkpoint.files import install_checkpoint_files, no_space_message
 from ..checkpoint.manifest import CheckpointDir, stale_layout_problem, tag_for, write_text_atomic
 from ..config import Config, ConfigError, ModelConfig, config_from_dict, save_resolved, to_dict
 from ..config.core import read_yaml
-from ..config.model import POOLING_KEYS
+from ..config.model import POOLING_KEYS, saved_model_dict
 from ..data.selection import batch_documents, selection_scalars
 from ..engine import (
     build_engine,
@@ -96,6 +96,7 @@ def computation_mismatch(saved: dict, current: ModelConfig) -> str | None:
     problem = architecture_mismatch(saved, to_dict(current))
     if problem:
         return problem
+    saved = saved_model_dict(saved)
     pools = current.variant not in ("vanilla", "blockwise")
     for key in COMPUTATION_KEYS:
         if key in POOLING_KEYS and not pools:  # ignored by this variant (and the same variant saved)
