@@ -155,9 +155,37 @@ def evaluate(model, cfg, args, updates: int, out) -> None:
             [to_pieces(s) for s, _, _ in docs], [k for _, k, _ in docs], [to_pieces(r) for _, _, r in docs]
         )
         record["selection"] = summarize(rows, layer_names(after))
+        record["kept_composition"] = composition([to_pieces(s) for s, _, _ in docs], [k[-1] for _, k, _ in docs])
     out.write(json.dumps(record) + "\n")
     out.flush()
     print(json.dumps(record), flush=True)
+
+
+def composition(sources, kept) -> dict:
+    """Of the final kept pieces and of all pieces: the shares that belong to a content word, to another
+    word (a stopword, a 1-letter word, a placeholder) and that have no letter or digit (punctuation, ▁)."""
+    import re
+
+    import numpy as np
+
+    from pyramidion_ds.data.selection import is_content_word, piece_words
+
+    alnum = re.compile(r"[^\W_]")
+    table = {"kept": np.zeros(3), "all": np.zeros(3)}
+    for src, positions in zip(sources, kept, strict=True):
+        words = piece_words(src)
+        kinds = [
+            0 if alnum.search(p) and is_content_word(w) else 1 if alnum.search(p) else 2
+            for p, w in zip(src, words, strict=True)
+        ]
+        kinds = np.array(kinds)
+        table["all"] += np.bincount(kinds, minlength=3) / len(kinds)
+        chosen = kinds[np.unique([q for q in positions if q < len(src)])]
+        table["kept"] += np.bincount(chosen, minlength=3) / max(len(chosen), 1)
+    return {
+        k: dict(zip(("content", "other_word", "no_letter"), (v / len(sources)).round(4).tolist(), strict=True))
+        for k, v in table.items()
+    }
 
 
 if __name__ == "__main__":
