@@ -32,6 +32,7 @@ import torch
 
 from ..config import Config, ConfigError, config_from_dict
 from ..config.core import read_yaml
+from ..config.model import saved_model_dict
 from ..errors import UsageError
 from .consolidate import consolidated_state_dict
 from .manifest import EXPORT_WEIGHTS, CheckpointDir, CheckpointInfo, check_model_dir
@@ -217,7 +218,10 @@ def _run_config(path: Path) -> Config:
         data = read_yaml(path / "config.yaml")
         # inference needs model, data and generation; the training sections (whose keys change between
         # versions more often) are not read, so an export stays loadable by a newer pyramidion_ds
-        return config_from_dict({key: data[key] for key in INFERENCE_SECTIONS if key in data})
+        sections = {key: data[key] for key in INFERENCE_SECTIONS if key in data}
+        if isinstance(sections.get("model"), dict):
+            sections["model"] = saved_model_dict(sections["model"])
+        return config_from_dict(sections)
     except ConfigError as err:
         raise UsageError(f"'{path / 'config.yaml'}': {err}") from None
 

@@ -3,6 +3,7 @@
     pyramidion-generate --consolidate RUN_DIR [--export-dir DIR] [--dtype fp32|bf16]
     pyramidion-generate RUN_OR_EXPORT_DIR --gen-subset test [--data DIR] [--beam 4 --lenpen 2 ...]
     pyramidion-generate RUN_OR_EXPORT_DIR --input docs.txt|docs.jsonl [--results-path OUT] [--explain 5]
+    pyramidion-generate RUN_OR_EXPORT_DIR --gen-subset valid --selection-report selection.json
 
 Launch with N processes (torchrun / deepspeed / srun) to split the inputs over N devices. The generation
 flags are the fields of ``GenerationConfig`` (``--no-repeat-ngram-size`` = ``generation.no_repeat_ngram_size``);
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="binarized data dir for --gen-subset (default: the run's data.data)")
     parser.add_argument("--cpu", action="store_true", help="generate on the CPU even when CUDA is available")
     parser.add_argument("--no-progress-bar", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--selection-report",
+        metavar="FILE",
+        help="also write FILE (JSON): per pooling layer, the share of kept source pieces in the document's own "
+        "reference against all pieces, the lead and another document's reference, with a 95%% interval "
+        "(inputs with references; docs/pretraining.md)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     hints = typing.get_type_hints(GenerationConfig)
     for f in dataclasses.fields(GenerationConfig):
@@ -105,7 +113,12 @@ def main(argv: list[str] | None = None):
         request = GenerateRequest(
             path=args.path, data=args.data or "", input=args.input or "", dtype=args.dtype, cpu=args.cpu
         )
-        return run_generation(request, overrides)
+        code = run_generation(request, overrides)
+        if args.selection_report:
+            from ..generate.selection import write_selection_report
+
+            write_selection_report(request, overrides, args.selection_report)
+        return code
 
     run_main(PROG, body)
 

@@ -24,7 +24,25 @@ from .core import ConfigError, option
 
 VARIANTS = ("vanilla", "blockwise", "transpooler", "pyramidion")
 #: settings of the scorer and top-k, which only the pooling variants (transpooler, pyramidion) use
-POOLING_KEYS = ("pooling_schedule", "topk_base", "flip_right", "sort_back", "hard_topk", "scorer_input")
+POOLING_KEYS = (
+    "pooling_schedule",
+    "topk_base",
+    "flip_right",
+    "sort_back",
+    "hard_topk",
+    "scorer_input",
+    "scorer_centre",
+)
+
+#: what a model config saved before a field existed meant by its absence (a saved config lists every field,
+#: a user's YAML only what it sets): runs and exports from before keep computing as they did
+SAVED_BEFORE_FIELD = {"scorer_centre": False}
+
+
+def saved_model_dict(saved: dict) -> dict:
+    """A model config dict read from a run dir or export, with the fields it predates set as it meant them."""
+    return {**SAVED_BEFORE_FIELD, **saved}
+
 
 #: Size presets. A field the user sets explicitly wins over the preset's value.
 MODEL_PRESETS: dict[str, dict] = {
@@ -105,6 +123,12 @@ class ModelConfig:
         "scores saturating as the residual stream grows); no new parameters, so "
         "checkpoints load with either",
         choices=("hidden", "layer_norm"),
+    )
+    scorer_centre: bool = option(
+        True,
+        "subtract each document's mean scorer logit before the sigmoid, so that mixing every pair evenly sits "
+        "at score 0.5 (steepest) instead of the sigmoid's floor, where the scorer's gradient vanishes "
+        "(docs/pretraining.md); false: the scorer of runs before it; no new parameters",
     )
     positions: str = option(
         "sinusoidal",

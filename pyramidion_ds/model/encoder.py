@@ -3,7 +3,7 @@
 ::
 
     tokens B×n ─ embed + positions ─> B×n×d
-      stage 0: layers at width n ─> scorer ([LN] → Linear(d,1) → σ + 1e-5) ──> top-k to w1 ──┐
+      stage 0: layers at width n ─> scorer ([LN] → Linear(d,1) → centre → σ + 1e-5) ─> top-k to w1 ┐
       stage 1: layers at width w1 ─> scorer ──> top-k to w2 ─────────────────────────────────┤
       ...                                                                                    │
       last stage ──> (final LayerNorm when pre-norm) ──> EncoderOut: hidden B×k×d, mask B×k <┘
@@ -131,6 +131,20 @@ def encoder_stages(
     return stages
 
 
+def centre_logits(logits: Tensor, real_mask: Tensor) -> Tensor:
+    """B×n scorer logits minus their mean over each row's real positions (padding is left as it is).
+
+    The top-k mixes a pair by softmax(base**s), so lowering every score together softens every mix toward
+    an average of the pair. Uncentred, the scorer's bias does that, and when averaging lowers the loss
+    (early training on SumPubMed) it drives the sigmoid to its floor, where the scorer's gradient is ~1e-5
+    of its size and it never recovers (docs/pretraining.md). Centred, the average is at s = 0.5 for every
+    slot, the sigmoid's steepest point: the same mixing stays reachable and the scorer keeps learning.
+    """
+    real = real_mask.to(logits.dtype)
+    mean = (logits * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1.0)
+    return logits - mean
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -148,6 +162,7 @@ class Encoder(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.normalize_before else None
         #: layers followed by a scorer + top-k in the configured pyramid (at the full input width)
         self.pooling_layers = pooling_layers(cfg, self.widths)
+        self.centre_scores = cfg.scorer_centre  # see centre_logits
         self.checkpoint_fn: Optional[CheckpointFn] = None
         self.checkpoint_granularity = "off"
 
@@ -190,7 +205,10 @@ class Encoder(nn.Module):
                     # width, gathers and reduces the same parameters in the same order
                     x = x + 0.0 * self.score_logits(last, x)
                 continue
-            scores = torch.sigmoid(self.score_logits(last, x).squeeze(-1).float()) + 1e-5
+            logits = self.score_logits(last, x).squeeze(-1).float()
+            if self.centre_scores:
+                logits = centre_logits(logits, real_mask)
+            scores = torch.sigmoid(logits) + 1e-5
             pooled = successive_halving_topk(
                 x,
                 scores,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict, to_dict
 from ..config.core import read_yaml
-from ..config.model import POOLING_KEYS
+from ..config.model import POOLING_KEYS, saved_model_dict
 from ..engine import read_ds_config, resolve_ds_config, validate_ds_config
 from ..errors import UsageError
 from .resume import check_layout, check_resume
@@ -35,7 +35,7 @@ ARCHITECTURE_KEYS = (
 #: architecture fields of imported checkpoints (pyramidion-import); configs saved before them hold the defaults
 IMPORT_KEYS = ("scale_embedding", "layernorm_embedding", "final_logits_bias", "decoder_start_id")
 #: model fields that change what the same weights compute: a resume must keep them (init-from may change them)
-COMPUTATION_KEYS = ("variant", "chunk_size", "topk_base", "flip_right", "sort_back", "scorer_input")
+COMPUTATION_KEYS = ("variant", "chunk_size", "topk_base", "flip_right", "sort_back", "scorer_input", "scorer_centre")
 
 
 def architecture_mismatch(saved: dict, current: dict) -> str | None:
@@ -57,6 +57,7 @@ def computation_mismatch(saved: dict, current: ModelConfig) -> str | None:
     problem = architecture_mismatch(saved, to_dict(current))
     if problem:
         return problem
+    saved = saved_model_dict(saved)
     pools = current.variant not in ("vanilla", "blockwise")
     for key in COMPUTATION_KEYS:
         if key in POOLING_KEYS and not pools:  # ignored by this variant (and the same variant saved)

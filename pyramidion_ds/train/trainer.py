@@ -32,6 +32,7 @@ import torch.distributed as dist
 from ..checkpoint.files import install_checkpoint_files, no_space_message
 from ..checkpoint.manifest import CheckpointDir, tag_for, write_text_atomic
 from ..config import Config, ConfigError, save_resolved
+from ..data.selection import batch_documents, selection_scalars
 from ..engine import (
     build_engine,
     build_model,
@@ -129,6 +130,7 @@ class Trainer:
         self.checkpoint_files = None
         self.peak_flops = 0.0
         self.pooling_sums: dict[str, list[float]] = {}
+        self.valid_pooling: list | None = None  # EncoderOut.pooling of validate()'s forwards
 
     # ------------------------------------------------------------------ setup
     def check(self, verify: bool = True) -> None:
@@ -482,11 +484,17 @@ class Trainer:
         # a rank with fewer batches repeats its first one and counts nothing for it
         steps = math.ceil(len(self.valid_batches) / self.world_size)
         padded = mine + [self.valid_batches[0]] * (steps - len(mine))
+        self.valid_pooling, selection, after_layers = [], [], []  # the selection figure (data/selection.py)
         for i, batch in enumerate(self._loader(self.valid_data, padded)):
             batch = self._batch_to_device(batch)
             logits = self.engine(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
+            pooling, self.valid_pooling = self.valid_pooling[-1] if self.valid_pooling else [], []
             if i >= len(mine):
                 continue
+            m, after_layers = self.cfg.model, [info.after_layer for info in pooling] or after_layers
+            selection += batch_documents(
+                pooling, batch["src_tokens"], batch["src_lengths"], batch["target"], {m.pad_id, m.eos_id, m.bos_id}
+            )
             loss_sum, nll_sum = label_smoothed_nll_loss(
                 logits, batch["target"], self.cfg.train.label_smoothing, self.cfg.model.pad_id
             )
@@ -497,6 +505,17 @@ class Trainer:
         loss, nll, ntok = sums.tolist()
         stats = {"update": self.update, "loss": loss / max(ntok, 1), "nll_loss": nll / max(ntok, 1)}
         stats["ppl"] = math.exp(min(stats["nll_loss"], 50.0))
+        self.valid_pooling = None
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, (after_layers, selection))
+        after_layers = max((layers for layers, _ in gathered), key=len)
+        if self.rank == 0 and after_layers:
+            from ..data.spm import load_spm
+
+            spm = load_spm(self.cfg.data.data)
+            pieces = [spm.IdToPiece(i) for i in range(spm.GetPieceSize())]
+            documents = [d for _, part in gathered for d in part if len(d[1]) == len(after_layers)]
+            stats.update(selection_scalars(documents, pieces, after_layers))
         return stats
 
     def validate_and_save(self) -> bool:
@@ -521,10 +540,13 @@ class Trainer:
             f"valid | update {self.update} | loss {stats['loss']:.4f} | nll {stats['nll_loss']:.4f} | "
             f"ppl {stats['ppl']:.2f} | best {metric} {self.best['value']:.4f}"
             + ("" if better else f" | no improvement {self.bad_validations}/{self.cfg.train.patience}")
+            + "".join(f" | {k} {v:.4f}" for k, v in stats.items() if k.startswith("selection/") and k.endswith("_lift"))
         )
         if self.writer is not None:
             for key in ("loss", "nll_loss", "ppl"):
                 self.writer.add_scalar(f"valid/{key}", stats[key], self.update)
+            for key in (k for k in stats if k.startswith("selection/")):
+                self.writer.add_scalar(key, stats[key], self.update)
             self.writer.add_scalar(f"valid/best_{metric}", self.best["value"], self.update)
         self.save(best=better)
         patience = self.cfg.train.patience
@@ -678,6 +700,8 @@ class Trainer:
     def _pooling_hook(self, module, inputs, encoder_out) -> None:
         """Per pooling step: mean score of the slots kept vs of all slots rated (training batches only)."""
         if not module.training:
+            if self.valid_pooling is not None:  # validate() reads it after each forward
+                self.valid_pooling.append(encoder_out.pooling)
             return
         with torch.no_grad():  # the scores as made (no detach operators: nothing here is recorded)
             for info in encoder_out.pooling:

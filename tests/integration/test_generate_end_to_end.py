@@ -129,7 +129,11 @@ def test_two_processes_give_the_outputs_of_one(random_export, synthetic_bin, tmp
     ]
     one = generate_cli(common + ["--results-path", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = generate_cli(common + ["--results-path", str(tmp_path / "two"), "--explain", "2"], nproc=2)
+    selection = tmp_path / "two" / "selection.json"
+    two = generate_cli(
+        common + ["--results-path", str(tmp_path / "two"), "--explain", "2", "--selection-report", str(selection)],
+        nproc=2,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world size 2" in two.stderr
     a = (tmp_path / "one" / "generate-test.txt").read_text()
@@ -141,6 +145,15 @@ def test_two_processes_give_the_outputs_of_one(random_export, synthetic_bin, tmp
     assert rouge["count"] == 8 and set(rouge) >= {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     assert "ROUGE-Lsum" in two.stdout
     assert sorted(p.name for p in (tmp_path / "two" / "explain-test").iterdir()) == ["000000.html", "000001.html"]
+    # the selection figure of the 8 documents, per pooling layer (the last = the encoder output)
+    report = json.loads(selection.read_text())
+    assert (
+        report["documents"] == 8 and report["final_layer"] == "layer2" and set(report["layers"]) == {"layer1", "layer2"}
+    )
+    final = report["layers"]["layer2"]
+    assert 0 <= final["control"] <= 1 and 0 <= final["all"] <= final["lead"] + 1
+    low, high = final["lift_ci95"]
+    assert low <= final["lift"] <= high and "selection (8 documents, layer2)" in two.stderr
 
 
 def run_main(capsys, args):

@@ -46,6 +46,11 @@ def test_zero2_trains_and_loss_goes_down(synthetic_bin, tmp_path):
     assert tensorboard_scalars(run / "tensorboard", "valid/loss")
     # the validation + save after update 20 is named in the next interval's line and left out of its tokens/s
     assert list(tensorboard_scalars(run / "tensorboard", "train/validate_save_s")) == [21]
+    # the selection figure of the last pooling (data/selection.py) at both validations, with its baselines
+    for figure in ("own", "all", "lead", "control", "control_all", "lift"):
+        values = tensorboard_scalars(run / "tensorboard", f"selection/layer2_{figure}")
+        assert sorted(values) == [20, 40] and all(-1 <= v <= 1 for v in values.values()), (figure, values)
+    assert "selection/layer2_lift" in log
     for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_mem_gib", "pooling/layer1_kept_score"):
         assert len(tensorboard_scalars(run / "tensorboard", tag)) == 40, tag
     for name in ("config.yaml", "ds_config.json", "spm.model"):

@@ -326,3 +326,46 @@ def test_module_order_does_not_depend_on_the_batch_width():
             h.remove()
         orders.append(calls)
     assert orders[0] == orders[1] == orders[2]
+
+
+@pytest.mark.parametrize(
+    "centre",
+    [True, pytest.param(False, marks=pytest.mark.xfail(strict=True, reason="the old, uncentred scorer sinks"))],
+)
+def test_scores_cannot_sink_to_the_sigmoid_floor_when_averaging_pays(centre):
+    """A loss that rewards averaging each pair (a small output norm; post-norm layers, so no final LayerNorm)
+    pushes every score down together. Uncentred (the old scorer), the bias then sinks the sigmoid toward its
+    1e-5 floor, where the scorer's gradient (times s(1 - s)) vanishes. Centred per document, the same uniform
+    mixing sits at s = 0.5, where the sigmoid is steepest."""
+    model = make_model(normalize_before=False, pooling_schedule=[128, 64, 32], scorer_centre=centre).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("encoder.scorers.2."))
+    optim = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    src, lengths, _ = batch(model.cfg, [128, 128])
+    first = None
+    for _ in range(40):
+        optim.zero_grad()
+        loss = model.encode(src, lengths).hidden.pow(2).mean()
+        loss.backward()
+        optim.step()
+        first = float(loss.detach()) if first is None else first
+    assert float(loss.detach()) < first  # both learn to average
+    scores = model.encode(src, lengths).pooling[-1].input_scores
+    slope = (scores * (1 - scores)).mean()  # d score / d logit
+    assert slope > 0.1, (float(scores.mean()), float(slope))  # uncentred: ~0.01 and falling
+
+
+def test_centred_scores_ignore_a_shift_common_to_the_document():
+    """On SumPubMed the residual stream's document-wide mean drifted under the raw scorer: every logit of a
+    document moved together (mean -3.7 at update 40, spread unchanged) and the scores sank to the floor
+    (docs/pretraining.md). Centring removes that common shift; padding neither counts nor moves."""
+    from pyramidion_ds.model.encoder import centre_logits
+
+    logits = torch.randn(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    shifted = logits + torch.tensor([[4.0], [-7.0]])
+    shifted[1, 6:] = logits[1, 6:] + 100.0  # padding: whatever it holds
+    centred = centre_logits(shifted, mask)
+    torch.testing.assert_close(centred[mask], centre_logits(logits, mask)[mask])
+    assert centred[0].mean().abs() < 1e-5 and centred[1, :6].mean().abs() < 1e-5

@@ -120,3 +120,18 @@ def test_a_checkpoint_of_the_fused_layout_resumes(tmp_path):
         tmp_path / "mp_rank_00_model_states.pt",
     )
     assert stale_layout_problem(tmp_path) is None
+
+
+def test_a_run_saved_before_the_centred_scorer_keeps_its_scorer():
+    """A saved model config lists every field, so one without ``scorer_centre`` predates it and meant the
+    uncentred scorer: exports load that way (the logits above), and resuming such a run with the new
+    default is refused in one line instead of silently changing what its weights compute."""
+    from pyramidion_ds.config import to_dict
+    from pyramidion_ds.train.preflight import computation_mismatch
+
+    current = ModelConfig(preset="debug", variant="pyramidion", vocab_size=50)
+    saved = {k: v for k, v in to_dict(current).items() if k != "scorer_centre"}
+    assert computation_mismatch(saved, current) == "model.scorer_centre is False there, True here"
+    current.scorer_centre = False
+    assert computation_mismatch(saved, current) is None
+    assert computation_mismatch(to_dict(current), current) is None

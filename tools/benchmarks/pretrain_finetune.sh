@@ -36,13 +36,14 @@ say() { echo "== sumpubmed [$((SECONDS - started)) s] $*"; }
 if [ ! -f data-bin/sumpubmed-pretrain/meta.json ]; then
   say "preprocess: documents only, 8,000-piece vocabulary with byte fallback -> data-bin/sumpubmed-pretrain"
   pyramidion-preprocess --source-files "train=$data/train.jsonl.gz,valid=$data/valid.jsonl.gz" --unlabeled \
-    --spm-vocab-size 8000 --spm-sentinels 100 --max-source-positions 4096 --max-target-positions 256 \
+    --spm-vocab-size 8000 --spm-sentinels 100 --max-source-positions 4096 --max-target-positions 512 \
+    --spm-user-symbols "<mask>,▁<dig>,▁<cit>,<dig>,<cit>,▁BACKGROUND,▁RESULTS,▁CONCLUSIONS" \
     --destdir data-bin/sumpubmed-pretrain --quiet
 fi
 if [ "$LABELED" = all ] && [ ! -f data-bin/sumpubmed/meta.json ]; then
   say "preprocess: articles + abstracts with that vocabulary -> data-bin/sumpubmed"
   pyramidion-preprocess --source-files "train=$data/train.jsonl.gz,valid=$data/valid.jsonl.gz" \
-    --spm-model data-bin/sumpubmed-pretrain/spm.model --max-source-positions 4096 --max-target-positions 256 \
+    --spm-model data-bin/sumpubmed-pretrain/spm.model --max-source-positions 4096 --max-target-positions 512 \
     --destdir data-bin/sumpubmed --quiet
 fi
 
@@ -58,7 +59,7 @@ with gzip.open(sys.argv[1], "rt", encoding="utf-8") as src, open("train-labeled.
         out.write(line)
 PY
     pyramidion-preprocess --source-files "train=train-labeled.jsonl,valid=$data/valid.jsonl.gz" \
-      --spm-model data-bin/sumpubmed-pretrain/spm.model --max-source-positions 4096 --max-target-positions 256 \
+      --spm-model data-bin/sumpubmed-pretrain/spm.model --max-source-positions 4096 --max-target-positions 512 \
       --destdir "$labeled" --quiet
   fi
 fi
@@ -86,7 +87,7 @@ with gzip.open(sys.argv[1], "rt", encoding="utf-8") as src, open("valid20.jsonl"
 PY
 for name in finetune scratch; do
   [ -f "gen-$name/rouge-valid20.json" ] || pyramidion-generate "runs/$name" --input valid20.jsonl --results-path "gen-$name" \
-    --beam 2 --max-len-b 255 --no-repeat-ngram-size 3 --no-progress-bar > "gen-$name.out" 2>&1 \
+    --beam 2 --max-len-b 511 --no-repeat-ngram-size 3 --no-progress-bar > "gen-$name.out" 2>&1 \
     || { tail -20 "gen-$name.out" >&2; exit 1; }
 done
 
@@ -98,7 +99,7 @@ keys = ("d_model", "num_heads", "ffn_dim", "encoder_layers", "decoder_layers", "
 print(" ".join(f"--model.{k} {str(m[k]).replace(' ', '')}" for k in keys))
 PY
 )
-[ "$BLOCKWISE" != 1 ] || [ -f step_time.json ] || pyramidion-bench train --preset debug --src-len 4096 --tgt-len 256 --batch 1 \
+[ "$BLOCKWISE" != 1 ] || [ -f step_time.json ] || pyramidion-bench train --preset debug --src-len 4096 --tgt-len 512 --batch 1 \
   --variants blockwise pyramidion --stages 2 --precision fp32 --vocab 8000 $model_args \
   --output step_time.json \
   > step_time.out 2>&1 || { tail -20 step_time.out >&2; exit 1; }
