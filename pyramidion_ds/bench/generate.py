@@ -672,8 +672,19 @@ def parse_args(argv):
     defaults = dict(batch=4, beam=8, new_tokens=64, src_lens=[2048])
     if args.variants:
         defaults = WORKLOADS[args.workload]
-    elif args.src_lens:
-        p.error("--src-lens: only with --variants (else --src-len)")
+    else:
+        given = [
+            flag
+            for flag, on in (
+                ("--src-lens", args.src_lens),
+                ("--memory-gib", args.memory_gib),
+                ("--profile-decode", args.profile_decode),
+                ("--free-length", args.free_length),
+            )
+            if on
+        ]
+        if given:
+            p.error(f"{given[0]}: only with --variants")
     if args.src_len and not args.src_lens:
         args.src_lens = [args.src_len]
     for key, value in defaults.items():

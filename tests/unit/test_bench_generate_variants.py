@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from pyramidion_ds.bench import generate as bench
 
 ROW_FIELDS = (
@@ -41,3 +43,11 @@ def test_three_variants_same_weights_same_work_json_and_a_decode_profile(tmp_pat
     parts = ("self_attention", "cross_attention", "ffn", "output_projection", "beam_bookkeeping")
     assert all(profile["ms_per_step"][part] > 0 for part in parts)
     assert not list(tmp_path.glob("*.tmp"))  # rewritten atomically
+
+
+@pytest.mark.parametrize("flag", [["--memory-gib", "3"], ["--src-lens", "8192"], ["--profile-decode"]])
+def test_comparison_flags_without_variants_are_refused(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(flag)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {flag[0]}: only with --variants")
