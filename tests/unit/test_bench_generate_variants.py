@@ -5,6 +5,7 @@ import json
 import pytest
 
 from pyramidion_ds.bench import generate as bench
+from pyramidion_ds.generate.search import SearchOptions, generate
 
 ROW_FIELDS = (
     "encode_seconds",
@@ -51,3 +52,18 @@ def test_comparison_flags_without_variants_are_refused(flag, capsys):
         bench.parse_args(flag)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith(f"error: {flag[0]}: only with --variants")
+
+
+def test_first_step_decodes_one_row_per_source_and_the_search_is_unchanged():
+    """Step 0's beams all hold <s>: one decoder row per source, its logits repeated over the beams."""
+    model = bench.tiny_model(0)
+    src, lengths = bench.tiny_sources(0)
+    opts = SearchOptions(beam=4, nbest=4, min_len=1, max_len_b=3)
+    uncached = generate(model, src, lengths, SearchOptions(**{**vars(opts), "use_cache": False}))
+    rows, inner = [], model.decode_step
+    model.decode_step = lambda prev, encoder_out, cache=None: (
+        rows.append(prev.size(0)) or inner(prev, encoder_out, cache)
+    )
+    cached = generate(model, src, lengths, opts)
+    assert rows[:2] == [3, 12]  # 3 sources, then 3 x 4 beams
+    assert [[h.tokens for h in s] for s in cached] == [[h.tokens for h in s] for s in uncached]
