@@ -133,18 +133,8 @@ def _time(fn, device, repeats: int) -> tuple[float, object]:
 
 
 def bench_ours(args, device, dtype, src, lengths, use_cache: bool, cuda_graph: bool = False) -> dict:
-    cfg = build(
-        ModelConfig,
-        dict(
-            preset=args.preset,
-            vocab_size=args.vocab,
-            dropout=0.0,
-            max_source_positions=max(args.src_len, 64),
-            hard_topk=args.hard_topk,
-        ),
-    )
-    torch.manual_seed(0)
-    model = PyramidionModel(cfg).to(device=device, dtype=dtype).eval()
+    model = variant_model(args, "pyramidion", max(args.src_len, 64), device, dtype)
+    cfg = model.cfg
     opts = SearchOptions(
         beam=args.beam,
         nbest=1,
