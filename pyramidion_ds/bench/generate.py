@@ -409,6 +409,8 @@ def compare_variants(args, device, dtype, report, write) -> None:
         for repeat in range(args.repeats + 1):  # the first round warms up
             for variant, model in models.items():
                 row = length_rows[variant]
+                if "error" in row:  # out of memory once: the later rounds would be too
+                    continue
                 weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
                 try:
                     with torch.no_grad(), PeakMemory(device, weight_bytes) as peak:
@@ -416,6 +418,7 @@ def compare_variants(args, device, dtype, report, write) -> None:
                 except torch.cuda.OutOfMemoryError as err:
                     row["error"] = f"OutOfMemoryError: {str(err).splitlines()[0][:200]}"
                     torch.cuda.empty_cache()
+                    write(report)
                     continue
                 row["peak_memory_gib"] = round(max(row.get("peak_memory_gib", 0.0), peak.bytes / 2**30), 3)
                 row["encoder_width"], row["new_tokens"] = sample["encoder_width"], sample["new_tokens"]
@@ -425,6 +428,7 @@ def compare_variants(args, device, dtype, report, write) -> None:
                     )
                 )
                 if repeat == 0 and args.repeats > 0:
+                    write(report)  # the warm-up's peak memory and cache sizes
                     continue
                 samples[variant].append(sample)
                 encode = statistics.median(s["encode_seconds"] for s in samples[variant])
