@@ -133,18 +133,8 @@ def _time(fn, device, repeats: int) -> tuple[float, object]:
 
 
 def bench_ours(args, device, dtype, src, lengths, use_cache: bool, cuda_graph: bool = False) -> dict:
-    cfg = build(
-        ModelConfig,
-        dict(
-            preset=args.preset,
-            vocab_size=args.vocab,
-            dropout=0.0,
-            max_source_positions=max(args.src_len, 64),
-            hard_topk=args.hard_topk,
-        ),
-    )
-    torch.manual_seed(0)
-    model = PyramidionModel(cfg).to(device=device, dtype=dtype).eval()
+    model = variant_model(args, "pyramidion", max(args.src_len, 64), device, dtype)
+    cfg = model.cfg
     opts = SearchOptions(
         beam=args.beam,
         nbest=1,
@@ -419,6 +409,8 @@ def compare_variants(args, device, dtype, report, write) -> None:
         for repeat in range(args.repeats + 1):  # the first round warms up
             for variant, model in models.items():
                 row = length_rows[variant]
+                if "error" in row:  # out of memory once: the later rounds would be too
+                    continue
                 weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
                 try:
                     with torch.no_grad(), PeakMemory(device, weight_bytes) as peak:
@@ -426,6 +418,7 @@ def compare_variants(args, device, dtype, report, write) -> None:
                 except torch.cuda.OutOfMemoryError as err:
                     row["error"] = f"OutOfMemoryError: {str(err).splitlines()[0][:200]}"
                     torch.cuda.empty_cache()
+                    write(report)
                     continue
                 row["peak_memory_gib"] = round(max(row.get("peak_memory_gib", 0.0), peak.bytes / 2**30), 3)
                 row["encoder_width"], row["new_tokens"] = sample["encoder_width"], sample["new_tokens"]
@@ -435,6 +428,7 @@ def compare_variants(args, device, dtype, report, write) -> None:
                     )
                 )
                 if repeat == 0 and args.repeats > 0:
+                    write(report)  # the warm-up's peak memory and cache sizes
                     continue
                 samples[variant].append(sample)
                 encode = statistics.median(s["encode_seconds"] for s in samples[variant])
@@ -672,8 +666,19 @@ def parse_args(argv):
     defaults = dict(batch=4, beam=8, new_tokens=64, src_lens=[2048])
     if args.variants:
         defaults = WORKLOADS[args.workload]
-    elif args.src_lens:
-        p.error("--src-lens: only with --variants (else --src-len)")
+    else:
+        given = [
+            flag
+            for flag, on in (
+                ("--src-lens", args.src_lens),
+                ("--memory-gib", args.memory_gib),
+                ("--profile-decode", args.profile_decode),
+                ("--free-length", args.free_length),
+            )
+            if on
+        ]
+        if given:
+            p.error(f"{given[0]}: only with --variants")
     if args.src_len and not args.src_lens:
         args.src_lens = [args.src_len]
     for key, value in defaults.items():

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from pyramidion_ds.bench import generate as bench
+from pyramidion_ds.generate.search import SearchOptions, generate
 
 ROW_FIELDS = (
     "encode_seconds",
@@ -41,3 +44,26 @@ def test_three_variants_same_weights_same_work_json_and_a_decode_profile(tmp_pat
     parts = ("self_attention", "cross_attention", "ffn", "output_projection", "beam_bookkeeping")
     assert all(profile["ms_per_step"][part] > 0 for part in parts)
     assert not list(tmp_path.glob("*.tmp"))  # rewritten atomically
+
+
+@pytest.mark.parametrize("flag", [["--memory-gib", "3"], ["--src-lens", "8192"], ["--profile-decode"]])
+def test_comparison_flags_without_variants_are_refused(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(flag)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {flag[0]}: only with --variants")
+
+
+def test_first_step_decodes_one_row_per_source_and_the_search_is_unchanged():
+    """Step 0's beams all hold <s>: one decoder row per source, its logits repeated over the beams."""
+    model = bench.tiny_model(0)
+    src, lengths = bench.tiny_sources(0)
+    opts = SearchOptions(beam=4, nbest=4, min_len=1, max_len_b=3)
+    uncached = generate(model, src, lengths, SearchOptions(**{**vars(opts), "use_cache": False}))
+    rows, inner = [], model.decode_step
+    model.decode_step = lambda prev, encoder_out, cache=None: (
+        rows.append(prev.size(0)) or inner(prev, encoder_out, cache)
+    )
+    cached = generate(model, src, lengths, opts)
+    assert rows[:2] == [3, 12]  # 3 sources, then 3 x 4 beams
+    assert [[h.tokens for h in s] for s in cached] == [[h.tokens for h in s] for s in uncached]
