@@ -1,8 +1,12 @@
 """Resume: find the checkpoint a run continues, verify it, load it; and the weights of ``--init-from``.
 
 client_state     what a checkpoint records beside DeepSpeed's state (update, epoch, data position, RNGs)
-check_resume     the newest complete, verified checkpoint of the run dir (run by the pre-flight checks)
-resume           load it into the built engine
+check_resume     the newest complete, verified checkpoint of the run dir, and the update_freq that keeps
+                 its global batch on this world size (both run by the pre-flight checks)
+check_layout     same layout (DeepSpeed's own load) or another world size / ZeRO stage (universal)
+describe         one line: what the resume will do (--check-only prints it, train.log records it)
+prepare          rank 0 converts a checkpoint of another layout, before the run dir is written to
+resume           load it into the built engine: as it is, or DeepSpeed's universal conversion
 """
 
 from __future__ import annotations
