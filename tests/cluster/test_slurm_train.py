@@ -169,10 +169,10 @@ def test_two_node_zero3_job_completes_and_a_second_submission_resumes(slurm_clus
     assert_completed(info, log2)
     assert info["NodeList"] in ("node1", "node2"), info
     # the launch script's check-only says what the resume will do, before srun starts a task
-    told = [line for line in log2.splitlines() if line.startswith("resume: ")]
+    told = [line for line in log2.splitlines() if line.startswith("check passed: 1 rank, ZeRO-3, resume: ")]
     assert any(
         f"resume: {tag_for(2)} (update 2, 2 ranks, ZeRO-3) on another layout (2 ranks -> 1)" in line for line in told
-    ), told
+    ), log2[-3000:]
     train_log = (run_dir / "train.log").read_text()
     assert "launcher=slurm world_size=1" in train_log
     assert "train.update_freq 1 -> 2: 1 ranks x 2 keep the checkpoint's global batch" in train_log
