@@ -168,8 +168,14 @@ class _Encoder:
             ) from None
 
     def close(self):
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is None:
+            return
+        if self.pool._broken:
+            # a worker died: concurrent.futures stops the others with SIGTERM, which they ignore
+            # (_init_pool_worker), and would wait for them forever; they hold no work worth keeping
+            for process in list((self.pool._processes or {}).values()):
+                process.kill()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------------
