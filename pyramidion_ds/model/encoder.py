@@ -32,7 +32,9 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .layers import EncoderLayer, PositionEmbedding
-from .topk import successive_halving_topk
+from .topk import Pooled, centre_logits, pool_by_logits, score_and_pool
+
+__all__ = ["Encoder", "EncoderOut", "PoolingInfo", "Scorer", "centre_logits", "encoder_stages", "pooling_layers"]
 
 #: checkpoint_fn(function, *args) -> function(*args), e.g. a wrapper of torch.utils.checkpoint.checkpoint
 CheckpointFn = Callable[..., Tensor]
@@ -48,18 +50,41 @@ class Stage:
     pooled_width: Optional[int]
 
 
-@dataclass
 class PoolingInfo:
-    """What one top-k kept, for statistics and the explain page (scores detached when read: a detach per
-    pooling in every training step would be two more operators dispatched)."""
+    """What one top-k kept, for statistics, the selection report and the explain page. Each is made when read
+    (the fused Triton path keeps them in its workspaces: a training step that reads none dispatches nothing
+    for them); ``input_scores`` and ``pooled_scores`` are detached."""
 
-    after_layer: int
-    input_width: int
-    output_width: int
-    scorer_output: Tensor  #: B×input_width as the scorer made it (may require grad): read ``input_scores``
-    top_k_scores: Tensor  #: B×output_width as the top-k made it (may require grad): read ``pooled_scores``
-    source_positions: Tensor  #: B×output_width, original token position dominating each kept slot
-    mask: Tensor  #: B×output_width, True = real content
+    def __init__(
+        self, after_layer: int, input_width: int, output_width: int, pooled: Pooled, previous: Optional["PoolingInfo"]
+    ):
+        self.after_layer, self.input_width, self.output_width = after_layer, input_width, output_width
+        self._pooled, self._previous, self._source_positions = pooled, previous, None
+
+    @property
+    def scorer_output(self) -> Tensor:
+        """B×input_width as the scorer made it (may require grad on the torch path)."""
+        return self._pooled.scores
+
+    @property
+    def top_k_scores(self) -> Tensor:
+        """B×output_width as the top-k made it (may require grad on the torch path)."""
+        return self._pooled.pooled_scores
+
+    @property
+    def mask(self) -> Tensor:
+        """B×output_width, True = real content."""
+        return self._pooled.mask
+
+    @property
+    def source_positions(self) -> Tensor:
+        """B×output_width, the original token position dominating each kept slot."""
+        if self._source_positions is None:
+            index = self._pooled.source_index
+            self._source_positions = (
+                index if self._previous is None else self._previous.source_positions.gather(1, index)
+            )
+        return self._source_positions
 
     @property
     def input_scores(self) -> Tensor:
@@ -76,10 +101,22 @@ class PoolingInfo:
 class EncoderOut:
     hidden: Tensor  #: B×k×d, the pooled encoder output
     mask: Tensor  #: B×k bool, True = real content (False = padding)
-    source_positions: Tensor  #: B×k, original token position dominating each output slot
     pooling: list[PoolingInfo] = field(default_factory=list)
     #: False when no slot is padding (known on the host): cross-attention then runs without a mask
     padded: bool = True
+    #: B×k, original token position dominating each output slot (None: made from ``pooling`` when read)
+    selected_positions: Optional[Tensor] = None
+
+    @property
+    def source_positions(self) -> Tensor:
+        """B×k, the original token position dominating each output slot."""
+        if self.selected_positions is None:
+            if self.pooling:
+                self.selected_positions = self.pooling[-1].source_positions
+            else:
+                batch, n = self.mask.shape
+                self.selected_positions = torch.arange(n, device=self.mask.device).expand(batch, n)
+        return self.selected_positions
 
     @property
     def padding_mask(self) -> Tensor:
@@ -91,9 +128,9 @@ class EncoderOut:
         return EncoderOut(
             self.hidden.index_select(0, source_order),
             self.mask.index_select(0, source_order),
-            self.source_positions.index_select(0, source_order),
             self.pooling,
             self.padded,
+            self.source_positions.index_select(0, source_order),
         )
 
     @property
@@ -131,18 +168,28 @@ def encoder_stages(
     return stages
 
 
-def centre_logits(logits: Tensor, real_mask: Tensor) -> Tensor:
-    """B×n scorer logits minus their mean over each row's real positions (padding is left as it is).
+class Scorer(nn.Linear):
+    """A top-k scorer, ``Linear(d, 1)`` (parameters ``weight`` 1×d and ``bias``, as before it had a class).
 
-    The top-k mixes a pair by softmax(base**s), so lowering every score together softens every mix toward
-    an average of the pair. Uncentred, the scorer's bias does that, and when averaging lowers the loss
-    (early training on SumPubMed) it drives the sigmoid to its floor, where the scorer's gradient is ~1e-5
-    of its size and it never recovers (docs/pretraining.md). Centred, the average is at s = 0.5 for every
-    slot, the sigmoid's steepest point: the same mixing stays reachable and the scorer keeps learning.
+    ``scorer(x)`` gives the logits B×n×1; ``scorer(x, pool=...)`` scores and pools in one call
+    (:func:`.topk.score_and_pool`, fused into one operator on the Triton path) and returns
+    ``(values, mask, pooled)``. Both run inside this module's forward, where ZeRO-3 has gathered its
+    parameters; it gathers them again for the backward from a hook on the tensors the forward returns, so the
+    pooled values come back as a tensor of the tuple (the :class:`.topk.Pooled` beside them is not looked
+    into). ``centre``: the logits are centred per document, so the bias cancels; it is not used at all (no
+    gradient, in both calls, so that every data-parallel rank reduces the same parameters whatever its batch).
     """
-    real = real_mask.to(logits.dtype)
-    mean = (logits * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1.0)
-    return logits - mean
+
+    def __init__(self, d_model: int, centre: bool):
+        super().__init__(d_model, 1)
+        self.centre = centre
+
+    def forward(self, x: Tensor, pool: Optional[dict] = None):
+        bias = None if self.centre else self.bias
+        if pool is None:
+            return F.linear(x, self.weight, bias)
+        pooled = score_and_pool(x, self.weight, bias, centre=self.centre, **pool)
+        return pooled.values, pooled.mask, pooled
 
 
 class Encoder(nn.Module):
@@ -157,7 +204,7 @@ class Encoder(nn.Module):
         self.layernorm_embedding = nn.LayerNorm(cfg.d_model) if cfg.layernorm_embedding else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
-        self.scorers = nn.ModuleList(nn.Linear(cfg.d_model, 1) for _ in range(cfg.encoder_layers))
+        self.scorers = nn.ModuleList(Scorer(cfg.d_model, cfg.scorer_centre) for _ in range(cfg.encoder_layers))
         self.scorer_reads_layer_norm = cfg.scorer_input == "layer_norm"
         self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.normalize_before else None
         #: layers followed by a scorer + top-k in the configured pyramid (at the full input width)
@@ -170,7 +217,8 @@ class Encoder(nn.Module):
         return encoder_stages(self.cfg, input_width, self.widths, self.pooling_layers)
 
     def score_logits(self, layer: int, x: Tensor) -> Tensor:
-        """The scorer after ``layer`` applied to x: B×n×d → B×n×1 logits (before the sigmoid)."""
+        """The scorer after ``layer`` applied to x: B×n×d → B×n×1 logits (before the sigmoid; without the bias
+        when the scores are centred)."""
         if self.scorer_reads_layer_norm:
             x = F.layer_norm(x, x.shape[-1:])  # no affine parameters: the weights layout is unchanged
         return self.scorers[layer](x)
@@ -178,10 +226,9 @@ class Encoder(nn.Module):
     def forward(self, embedded: Tensor, real_mask: Tensor, padded: Optional[bool] = None) -> EncoderOut:
         """embedded: B×n×d scaled token embeddings; real_mask: B×n (True = token). ``padded=False`` says
         (from the host) that no position is padding; None finds out."""
-        batch, n, _ = embedded.shape
+        n = embedded.size(1)
         x = embedded + self.positions(n).to(embedded.dtype)
         x = self.dropout(x if self.layernorm_embedding is None else self.layernorm_embedding(x))
-        source_positions: Optional[Tensor] = None  # the identity until the first pooling (no gather needed)
         pooling = []
         # the fewest real tokens in a row, known on the host: a stage narrower than that has no padding
         # (padding ranks last in the top-k), so its attention runs without a mask (flash kernels), as does
@@ -205,43 +252,31 @@ class Encoder(nn.Module):
                     # width, gathers and reduces the same parameters in the same order
                     x = x + 0.0 * self.score_logits(last, x)
                 continue
-            logits = self.score_logits(last, x).squeeze(-1).float()
-            if self.centre_scores:
-                logits = centre_logits(logits, real_mask)
-            scores = torch.sigmoid(logits) + 1e-5
-            pooled = successive_halving_topk(
-                x,
-                scores,
-                stage.pooled_width,
-                base=self.cfg.topk_base,
-                flip_right=self.cfg.flip_right,
-                sort_back=self.cfg.sort_back,
-                mask=real_mask,
-                hard=self.cfg.hard_topk,
-            )
+            pooled = self._score_and_pool(last, x, real_mask, stage.pooled_width)
             x, real_mask = pooled.values, pooled.mask
             if fewest_real is not None:
                 fewest_real = min(fewest_real, stage.pooled_width)
-            if source_positions is None:
-                source_positions = pooled.source_index
-            else:
-                source_positions = source_positions.gather(1, pooled.source_index)
-            pooling.append(
-                PoolingInfo(
-                    last,
-                    stage.width,
-                    stage.pooled_width,
-                    scores,
-                    pooled.scores,
-                    source_positions,
-                    real_mask,
-                )
-            )
+            pooling.append(PoolingInfo(last, stage.width, stage.pooled_width, pooled, pooling[-1] if pooling else None))
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        if source_positions is None:  # nothing pooled
-            source_positions = torch.arange(n, device=x.device).expand(batch, n)
-        return EncoderOut(x, real_mask, source_positions, pooling, fewest_real is None or fewest_real < x.size(1))
+        return EncoderOut(x, real_mask, pooling, fewest_real is None or fewest_real < x.size(1))
+
+    def _score_and_pool(self, layer: int, x: Tensor, real_mask: Tensor, k: int) -> Pooled:
+        """The scorer after ``layer`` and the top-k to ``k`` slots."""
+        options = dict(
+            base=self.cfg.topk_base,
+            flip_right=self.cfg.flip_right,
+            sort_back=self.cfg.sort_back,
+            hard=self.cfg.hard_topk,
+        )
+        scorer = self.scorers[layer]
+        if isinstance(scorer, Scorer):
+            pool = dict(mask=real_mask, k=k, layer_norm_input=self.scorer_reads_layer_norm)
+            values, mask, pooled = scorer(x, pool={**pool, **options})
+            return Pooled(values, mask, pooled)  # the values as the module returned them (ZeRO-3's hook)
+        # a scorer module of another kind (experiments replace them): it gives logits
+        logits = self.score_logits(layer, x).squeeze(-1).float()
+        return pool_by_logits(x, logits, real_mask, k, self.centre_scores, **options)
 
     def _run_stage(self, stage: Stage, x: Tensor, real_mask: Tensor) -> Tensor:
         checkpoint = self.checkpoint_fn if torch.is_grad_enabled() else None

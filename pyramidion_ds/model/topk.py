@@ -21,6 +21,12 @@ source (the higher-weighted member at every level), reported as ``source_index``
 On CUDA the same plan and mix run as Triton kernels on fixed-size blocks (:mod:`.topk_triton`: per round
 a batched torch sort and one kernel; a row spreads over many programs); ``PYRAMIDION_TOPK=auto|torch|triton``
 chooses (``docs/topk_kernels.md``). ``hard`` mode stays on torch in both: ``topk`` and a few ``gather``s.
+
+The encoder's pooling is :func:`score_and_pool`: the scorer (``Linear(d, 1)``, centred over the real
+positions, ``sigmoid + 1e-5``) and the top-k. Its first round ranks by the scorer's logit, which orders the
+slots as their scores do without the ties the sigmoid's rounding makes. On the Triton path it is one fused
+operator (the scorer's dot product, centring and sigmoid inside the plan kernels, its backward beside
+theirs); elsewhere it is the torch operators below.
 """
 
 from __future__ import annotations
@@ -65,11 +71,14 @@ def successive_halving_topk(
     sort_back: bool = False,
     mask: Optional[Tensor] = None,
     hard: bool = False,
+    rank_key: Optional[Tensor] = None,
 ) -> TopKOutput:
     """Pool ``x`` (B×n×d) to k slots guided by ``scores`` (B×n, in (0, 1]).
 
     ``mask`` (B×n bool, True = real token) marks padding, which never outranks a real token.
-    ``sort_back`` keeps survivors in document order; otherwise slots come out by rank.
+    ``rank_key`` (B×n, increasing with the scores, e.g. the logits they came from) ranks the first round
+    instead of the scores themselves. ``sort_back`` keeps survivors in document order; otherwise slots come
+    out by rank.
     ``hard`` selects the exact top-k by score with no mixing (inference). Gradients reach ``x`` and
     ``scores`` (through the mixing weights and the mixed scores). When k >= n the input is returned.
     """
@@ -97,13 +106,105 @@ def successive_halving_topk(
     if not hard and _use_triton(x, compute_dtype, k):  # the kernels read padding scores as 0 themselves
         from . import topk_triton
 
-        return TopKOutput(*topk_triton.pool(x, scores.to(compute_dtype), mask, k, base, flip_right, sort_back))
+        return TopKOutput(
+            *topk_triton.pool(x, scores.to(compute_dtype), mask, k, base, flip_right, sort_back, rank_key)
+        )
     scores = torch.where(mask, scores.to(compute_dtype), 0.0)
     if hard:
-        return _hard_topk(x, scores, mask, k, sort_back)
-    members, weights, pooled_scores, pooled_mask = _pooling_plan(scores, mask, k, base, flip_right, sort_back)
+        return _hard_topk(x, scores if rank_key is None else rank_key, mask, k, sort_back, scores)
+    members, weights, pooled_scores, pooled_mask = _pooling_plan(scores, mask, k, base, flip_right, sort_back, rank_key)
     values = _MixMembers.apply(x, weights, members)
     return TopKOutput(values, pooled_scores, pooled_mask, members[..., 0])
+
+
+def centre_logits(logits: Tensor, real_mask: Tensor) -> Tensor:
+    """B×n scorer logits minus their mean over each row's real positions (padding is left as it is).
+
+    The top-k mixes a pair by softmax(base**s), so lowering every score together softens every mix toward
+    an average of the pair. Uncentred, the scorer's bias does that, and when averaging lowers the loss
+    (early training on SumPubMed) it drives the sigmoid to its floor, where the scorer's gradient is ~1e-5
+    of its size and it never recovers (docs/pretraining.md). Centred, the average is at s = 0.5 for every
+    slot, the sigmoid's steepest point: the same mixing stays reachable and the scorer keeps learning.
+    """
+    real = real_mask.to(logits.dtype)
+    mean = (logits * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1.0)
+    return logits - mean
+
+
+class Pooled:
+    """What the encoder's pooling (:func:`score_and_pool`) gives: ``values`` B×k×d and ``mask`` B×k, and its
+    statistics ``scores`` (B×n, the scorer's), ``pooled_scores`` (B×k) and ``source_index`` (B×k long).
+
+    On the torch path the statistics are the tensors the step computed (they may require grad); the fused
+    Triton path keeps them in its workspaces and makes each (without gradient) only when it is read, so a
+    training step that reads none dispatches nothing for them.
+    """
+
+    def __init__(self, values: Tensor, mask: Tensor, statistics) -> None:
+        self.values, self.mask, self._statistics = values, mask, statistics
+
+    @property
+    def scores(self) -> Tensor:
+        return self._statistics.scores
+
+    @property
+    def pooled_scores(self) -> Tensor:
+        return self._statistics.pooled_scores
+
+    @property
+    def source_index(self) -> Tensor:
+        return self._statistics.source_index
+
+
+class _Computed(NamedTuple):
+    scores: Tensor
+    pooled_scores: Tensor
+    source_index: Tensor
+
+
+def pool_by_logits(x: Tensor, logits: Tensor, mask: Tensor, k: int, centre: bool, **options) -> Pooled:
+    """The top-k of ``x`` by the scorer's B×n float32 ``logits``: scores σ(logits [− their mean over the real
+    positions]) + 1e-5, the first round ranked by the logits."""
+    scores = torch.sigmoid(centre_logits(logits, mask) if centre else logits) + 1e-5
+    out = successive_halving_topk(x, scores, k, mask=mask, rank_key=logits, **options)
+    return Pooled(out.values, out.mask, _Computed(scores, out.scores, out.source_index))
+
+
+def score_and_pool(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    mask: Tensor,
+    k: int,
+    *,
+    centre: bool,
+    layer_norm_input: bool = False,
+    base: float = 20.0,
+    flip_right: bool = True,
+    sort_back: bool = False,
+    hard: bool = False,
+) -> Pooled:
+    """The encoder's pooling: the scorer ``Linear(d, 1)`` (``weight`` 1×d, ``bias`` (1,) or None) of ``x`` (or of
+    its affine-free layer norm), centred over the real positions (``centre``: a bias would cancel), σ + 1e-5, then
+    the top-k to ``k`` slots (the scores' padding entries are 0 on the fused path).
+
+    On the Triton path (eager, soft, ``hidden`` input) this is one fused operator
+    (:func:`.topk_triton.score_pool`); elsewhere the scorer runs as torch operators. Call it inside the
+    scorer module's forward: ZeRO-3 gathers a module's parameters around its forward only.
+    """
+    if x.dim() != 3 or weight.shape != (1, x.size(-1)):
+        raise ValueError(
+            f"score_and_pool: x must be B×n×d and weight 1×d, got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    options = dict(base=base, flip_right=flip_right, sort_back=sort_back, hard=hard)
+    if k < x.size(1) and not (hard or layer_norm_input or torch.compiler.is_compiling()):
+        if _use_triton(x, torch.float64 if x.dtype == torch.float64 else torch.float32, k):
+            from . import topk_triton
+
+            return Pooled(*topk_triton.score_pool(x, weight, bias, mask, k, base, flip_right, sort_back, centre))
+    h = F.layer_norm(x, x.shape[-1:]) if layer_norm_input else x
+    logits = F.linear(h, weight, bias).squeeze(-1).float()
+    return pool_by_logits(x, logits, mask, k, centre, **options)
 
 
 #: environment variable choosing the implementation: auto (Triton on CUDA, torch elsewhere), torch, triton
@@ -133,13 +234,15 @@ def _use_triton(x: Tensor, compute_dtype: torch.dtype, k: int) -> bool:
                 f"{BACKEND_ENV}=triton: needs an importable triton and float32 (or narrower) "
                 f"scores and x, got scores in {compute_dtype} and x in {x.dtype}"
             )
-        return topk_triton.supports(x.size(0), x.size(1), k)
-    return x.is_cuda and supported and topk_triton.AVAILABLE and topk_triton.supports(x.size(0), x.size(1), k)
+        return topk_triton.supports(x.size(0), x.size(1), k, x.size(2))
+    return (
+        x.is_cuda and supported and topk_triton.AVAILABLE and topk_triton.supports(x.size(0), x.size(1), k, x.size(2))
+    )
 
 
-def _hard_topk(x: Tensor, scores: Tensor, mask: Tensor, k: int, sort_back: bool) -> TopKOutput:
-    """Exact top-k selection (padding last); slots by rank, or in document order with ``sort_back``."""
-    key = torch.where(mask, scores, -1.0)
+def _hard_topk(x: Tensor, key: Tensor, mask: Tensor, k: int, sort_back: bool, scores: Tensor) -> TopKOutput:
+    """Exact top-k selection by ``key`` (padding last); slots by rank, or in document order with ``sort_back``."""
+    key = torch.where(mask, key.to(scores.dtype), -math.inf)
     index = key.topk(k, dim=1).indices
     if sort_back:
         index = index.sort(dim=1).values
@@ -147,8 +250,10 @@ def _hard_topk(x: Tensor, scores: Tensor, mask: Tensor, k: int, sort_back: bool)
     return TopKOutput(values, scores.gather(1, index), mask.gather(1, index), index)
 
 
-def _pooling_plan(scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool, sort_back: bool):
-    """Run the rounds on scores only.
+def _pooling_plan(
+    scores: Tensor, mask: Tensor, k: int, base: float, flip_right: bool, sort_back: bool, rank_key: Optional[Tensor]
+):
+    """Run the rounds on scores only (the first ranked by ``rank_key`` when given).
 
     Returns members B×k×G (input positions, ``n`` for a dummy), weights B×k×G (differentiable in
     ``scores``; 0 for dummies and padding beside real tokens), pooled scores B×k and mask B×k.
@@ -163,7 +268,9 @@ def _pooling_plan(scores: Tensor, mask: Tensor, k: int, base: float, flip_right:
         logits = torch.where(mask, torch.pow(base, scores), PAD_LOGIT)
         # rank by score (as stated, not by base**score, which can round distinct scores together); the stable
         # sort puts real ties and all padding (-inf) in position order, on every device and in the Triton path
-        order = torch.where(mask, scores, -math.inf).argsort(dim=1, descending=True, stable=True)
+        key = scores if rank_key is None else rank_key.to(scores.dtype)
+        rank_key = None  # later rounds rank by the mixed scores
+        order = torch.where(mask, key, -math.inf).argsort(dim=1, descending=True, stable=True)
         left = order[:, num_pass : num_pass + num_pairs]
         right = order[:, num_pass + num_pairs :]
         if flip_right:

@@ -72,6 +72,43 @@ def test_topk_triton_matches_torch_path(monkeypatch, dtype, n, k, sort_back, fli
     assert (tri_gs - ref_gs).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2e-2) * scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,sort_back", [(8192, 4096, False), (1000, 500, True), (65536, 32768, False)])
+def test_fused_scorer_matches_torch_path(monkeypatch, dtype, n, k, sort_back):
+    """The encoder's pooling (score_and_pool) fused into the Triton kernels against its torch operators on CUDA,
+    one round (the halving schedule's): same pairing, values and gradients of x and the scorer's weight."""
+    from pyramidion_ds.model import topk_triton
+    from pyramidion_ds.model.topk import score_and_pool
+
+    if not topk_triton.AVAILABLE:
+        pytest.skip("triton does not import")
+    generator = torch.Generator().manual_seed(0)
+    # x in {-1, 0, 1} and w on a 1/2 grid: every logit is exact in both paths (bf16 too), so the ranking, which
+    # is by logit, agrees exactly; ties go by position in both
+    x = torch.randint(-1, 2, (4, n, 64), generator=generator).to("cuda", dtype)
+    weight = (torch.randint(-2, 3, (1, 64), generator=generator) / 2).to("cuda", dtype)
+    mask = torch.ones(4, n, dtype=torch.bool, device="cuda")
+    mask[1, n // 3 :] = False
+    grad_values = torch.randn(4, k, 64, generator=generator).to("cuda", dtype)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("PYRAMIDION_TOPK", backend)
+        xs, ws = x.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+        launches = topk_triton.launch_count
+        out = score_and_pool(xs, ws, None, mask, k, centre=True, sort_back=sort_back)
+        out.values.backward(grad_values)
+        outputs[backend] = (out, xs.grad, ws.grad, topk_triton.launch_count - launches)
+    (ref, ref_gx, ref_gw, _), (fused, fused_gx, fused_gw, launches) = outputs["torch"], outputs["triton"]
+    assert launches == topk_triton.launches_per_call(n, k, scorer=True) == 4
+    assert torch.equal(fused.source_index, ref.source_index) and torch.equal(fused.mask, ref.mask)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(fused.values.float(), ref.values.float(), **tol)
+    torch.testing.assert_close(fused.scores[mask], ref.scores[mask].float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused_gx.float(), ref_gx.float(), **tol)
+    scale = ref_gw.float().abs().max().item()
+    assert (fused_gw.float() - ref_gw.float()).abs().max().item() <= (1e-4 if dtype == torch.float32 else 3e-2) * scale
+
+
 def test_model_bf16_autocast_and_incremental_decoding():
     torch.manual_seed(0)
     cfg = ModelConfig(preset="debug", variant="pyramidion", vocab_size=64, dropout=0.0)

@@ -24,8 +24,9 @@ def subprocess_env() -> dict:
     return env
 
 
-def run_deepspeed(args: list[str], *, nproc: int = 2, timeout: int = 600, check: bool = True):
-    """pyramidion-train under the real DeepSpeed launcher (CPU accelerator, gloo), one process per 'GPU'."""
+def run_deepspeed(args: list[str], *, nproc: int = 2, timeout: int = 600, check: bool = True, env: dict | None = None):
+    """pyramidion-train under the real DeepSpeed launcher (CPU accelerator, gloo), one process per 'GPU'
+    (``env``: variables set for the launch, on top of this process's)."""
     cmd = [
         str(BIN / "deepspeed"),
         "--num_gpus",
@@ -36,7 +37,9 @@ def run_deepspeed(args: list[str], *, nproc: int = 2, timeout: int = 600, check:
         "pyramidion_ds.cli.train",
         *args,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=timeout)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**subprocess_env(), **(env or {})}, cwd=ROOT, timeout=timeout
+    )
     if check:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc

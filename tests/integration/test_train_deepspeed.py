@@ -83,6 +83,25 @@ def test_zero3_resume_is_exact_and_consolidation_matches(synthetic_bin, tmp_path
         torch.testing.assert_close(consolidated[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_zero3_fused_scorer_trains_like_the_torch_path(synthetic_bin, tmp_path):
+    """The encoder's pooling fused into Triton kernels (score_pool; here in Triton's interpreter on the CPU
+    ranks) under ZeRO-3: the scorers' parameters are gathered inside their module's forward and re-gathered for
+    the backward, so the run's losses and gradient norms are the torch path's to float32 rounding."""
+    pytest.importorskip("triton")
+    common = dict(max_update=4, total_num_update=4)
+    runs = {}
+    for backend in ("torch", "triton"):
+        run = tmp_path / backend
+        cfg = write_config(tmp_path / f"{backend}.yaml", synthetic_bin, run, "zero3_cpu.json", **common)
+        env = {"PYRAMIDION_TOPK": backend, "TRITON_INTERPRET": "1" if backend == "triton" else "0"}
+        run_deepspeed([cfg, "--model.dropout", "0"], env=env)
+        runs[backend] = {tag: tensorboard_scalars(run / "tensorboard", f"train/{tag}") for tag in ("loss", "grad_norm")}
+    for tag in ("loss", "grad_norm"):
+        torch_path, fused = runs["torch"][tag], runs["triton"][tag]
+        assert sorted(torch_path) == sorted(fused) == [1, 2, 3, 4], (tag, torch_path, fused)
+        assert [fused[i] for i in range(1, 5)] == pytest.approx([torch_path[i] for i in range(1, 5)], rel=1e-4), tag
+
+
 def test_bad_ds_config_fails_before_training(synthetic_bin, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}')

@@ -45,16 +45,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def launches_of(n, k, dtype, dim, flip_right, sort_back):
-    """Every launch of one forward + backward at B=4 (meta tensors: recorded, not run)."""
+    """Every launch of one forward + backward at B=4, plain top-k and score_pool (meta tensors: recorded, not run)."""
     from pyramidion_ds.model import topk_triton
 
-    x = torch.empty(BATCH, n, dim, device="meta", dtype=DTYPES[dtype], requires_grad=True)
-    scores = torch.empty(BATCH, n, device="meta", requires_grad=True)
-    mask = torch.empty(BATCH, n, device="meta", dtype=torch.bool)
-    with topk_triton.record_launches() as launches:
-        values, pooled, _, _ = topk_triton.pool(x, scores, mask, k, 20.0, flip_right, sort_back)
-        torch.autograd.backward([values, pooled], [torch.empty_like(values), torch.empty_like(pooled)])
-    return launches
+    return topk_triton.planned_launches(BATCH, n, k, dim, DTYPES[dtype], flip_right, sort_back)
 
 
 @functools.cache
@@ -210,7 +204,16 @@ def compact(report) -> dict:
     }
 
 
-KERNELS = ("_plan_round", "_plan_compose", "_plan_subtree", "_plan_reverse", "_mix_forward", "_mix_backward")
+KERNELS = (
+    "_plan_round",
+    "_plan_compose",
+    "_plan_subtree",
+    "_plan_reverse",
+    "_mix_forward",
+    "_mix_backward",
+    "_score_forward",
+    "_score_backward",
+)
 
 
 def summary(report) -> str:
@@ -281,7 +284,9 @@ def test_kernels_within_budget_at_8192_lanes(capsys):
     report = check_matrix([(8192, 2048)], [("bf16", 512)], [(True, False)])
     with capsys.disabled():
         _emit(report, "top-k kernels, 8192 → 2048")
-    assert report["distinct_kernels"] == 2 * 6  # the plan's four kernels and the two mix kernels, per arch
+    # the plain top-k's six kernels and score_pool's (two of its own, the plan kernels' scorer variants), per arch
+    assert {row["kernel"] for row in report["rows"]} == set(KERNELS)
+    assert {row["arch"] for row in report["rows"]} == {"sm_80", "sm_90"}
     assert_within_budget(report)
 
 
@@ -296,15 +301,12 @@ def test_kernels_within_budget_every_width(capsys):
     report = check_matrix(FULL_SHAPES, FULL_MIX, FULL_OPTIONS)
     with capsys.disabled():
         _emit(report, "top-k kernels, every width")
-    plan = {row["kernel"]: set() for row in report["rows"] if row["kernel"].startswith("_plan")}
-    for row in report["rows"]:
-        if row["kernel"] in plan:
-            plan[row["kernel"]].add((row["arch"], row["variant"]))
-    # one compiled plan kernel per architecture (and option set) serves every width
-    assert {name: len(v) for name, v in plan.items()} == {
-        "_plan_round": 2 * len(FULL_OPTIONS),
-        "_plan_compose": 2,
-        "_plan_subtree": 2,
-        "_plan_reverse": 2,
-    }
+
+    # one compiled plan kernel per architecture and option set serves every width: the variants every width
+    # launches are those of one single-round (8192 → 4096) and one two-round (8192 → 2048) width
+    def plan_variants(rows):
+        return {(row["kernel"], row["variant"]) for row in rows if row["kernel"].startswith("_plan")}
+
+    representatives = [row for row in report["rows"] if (row["n"], row["k"]) in {(8192, 4096), (8192, 2048)}]
+    assert plan_variants(report["rows"]) == plan_variants(representatives)
     assert_within_budget(report)

@@ -40,11 +40,29 @@ CASES = {
     # d over one 128-column tile, n over one 8-row mix tile and several plan blocks, five rounds ending partial
     "wide_d_many_rounds": dict(batch=3, n=300, k=11, d=200, sort_back=True),
 }
+#: the encoder's pooling, score_and_pool: the scorer (Linear(d, 1), centred unless said, σ + 1e-5) and the top-k,
+#: fused on the Triton path (one round: the mix and dW inside the plan kernels), against its torch operators
+SCORED_CASES = {
+    "single_round": dict(batch=3, n=16, k=8, d=5),
+    "single_round_pass_through": dict(batch=3, n=12, k=7, d=4, sort_back=True),
+    "single_round_wide": dict(batch=2, n=300, k=150, d=130),  # three scorer blocks, d over two 64-column steps
+    "two_rounds_sort_back": dict(batch=3, n=16, k=4, d=5, sort_back=True),
+    "three_rounds_no_flip": dict(batch=2, n=33, k=6, d=3, flip_right=False),
+    "uncentred_single_round": dict(batch=3, n=16, k=8, d=5, centre=False),
+    "uncentred_rounds": dict(batch=2, n=40, k=9, d=7, centre=False),
+    "row_all_padding_but_one": dict(batch=2, n=8, k=4, d=3, one_real=True),
+    "no_padding": dict(batch=2, n=10, k=5, d=4, pad=False),
+    "wide_d_many_rounds": dict(batch=3, n=300, k=11, d=200, sort_back=True),
+}
+#: torch operators around score_pool's kernels, one round, forward + backward: values, the workspace, the
+#: ranking key, the pooled mask, the sort; grad_x, the weight's gradient (a view and a sum), and autograd's
+#: accumulation into the weight and into x (a detach each)
+SCORED_DISPATCH_BUDGET = 10
 #: torch operators dispatched around the kernels by one forward + backward at n=16 → k=4 (two rounds, soft):
-#: per round a sort (and the key's slice after the first), the allocations (the int32 workspace's fill, the
-#: float32 workspace, the outputs, the backward's scratch), the level-0 key, autograd's gradient accumulation:
-#: 16, or 18 when the cached -inf is made (24 before the workspaces)
-TRITON_DISPATCH_BUDGET = 18
+#: per round a sort (and the key's view after the first), the one workspace, the outputs, the level-0 key,
+#: grad_x and the scores' gradient, autograd's gradient accumulation, and the test's two gradients: 16 with
+#: the cached -inf made (18 with a workspace of each dtype and a backward scratch, 24 before the workspaces)
+TRITON_DISPATCH_BUDGET = 16
 
 
 def case_inputs(batch, n, d, *, pad=True, ties=False, one_real=False, seed=0, **_):
@@ -107,6 +125,80 @@ def _run_case(name, spec):
             report[field] = torch.equal(torch_out[field], triton_out[field])
         report["source_index_dtype"] = str(triton_out["source_index"].dtype)
         return report
+    finally:
+        os.environ.pop("PYRAMIDION_TOPK", None)
+
+
+def _run_scored_case(name, spec):
+    from pyramidion_ds.model import topk, topk_triton
+
+    try:
+        x, _, mask = case_inputs(**spec)
+        d, centre = spec["d"], spec.get("centre", True)
+        generator = torch.Generator().manual_seed(spec["n"] + 7)
+        weight = torch.randn(1, d, generator=generator) * d**-0.5
+        bias = None if centre else torch.randn(1, generator=generator)
+        options = dict(flip_right=spec.get("flip_right", True), sort_back=spec.get("sort_back", False))
+        results = {}
+        for backend in ("torch", "triton"):
+            os.environ[topk.BACKEND_ENV] = backend
+            xs, ws = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            bs = None if bias is None else bias.clone().requires_grad_(True)
+            before = topk_triton.launch_count
+            out = topk.score_and_pool(xs, ws, bs, mask, spec["k"], centre=centre, **options)
+            out.values.backward(torch.randn(out.values.shape, generator=torch.Generator().manual_seed(1)))
+            results[backend] = dict(
+                values=out.values.detach(),
+                pooled_scores=out.pooled_scores.detach(),
+                scores=torch.where(mask, out.scores.detach(), 0.0),  # the fused path's padding scores are 0
+                grad_x=xs.grad,
+                grad_weight=ws.grad,
+                grad_bias=torch.zeros(1) if bs is None else bs.grad,
+                mask=out.mask,
+                source_index=out.source_index,
+                launches=topk_triton.launch_count - before,
+                bias_grad_none=bs is None or bs.grad is None,
+            )
+        torch_out, triton_out = results["torch"], results["triton"]
+        report = {"launches": triton_out["launches"]}
+        for field in ("values", "pooled_scores", "scores", "grad_x", "grad_weight", "grad_bias"):
+            report[field] = (torch_out[field] - triton_out[field]).abs().max().item()
+            report[field + "_scale"] = torch_out[field].abs().max().item()
+        for field in ("mask", "source_index"):
+            report[field] = torch.equal(torch_out[field], triton_out[field])
+        report["source_index_dtype"] = str(triton_out["source_index"].dtype)
+        return report
+    finally:
+        os.environ.pop("PYRAMIDION_TOPK", None)
+
+
+def _scored_dispatch():
+    """Operators dispatched and kernels launched by one single-round score_pool forward + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pyramidion_ds.model import topk, topk_triton
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not topk_triton.launching:
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    os.environ[topk.BACKEND_ENV] = "triton"
+    try:
+        x, _, mask = case_inputs(batch=2, n=16, k=8, d=4)
+        x.requires_grad_(True)
+        weight = torch.full((1, 4), 0.5, requires_grad=True)
+        grad = torch.ones(2, 8, 4)
+        before = topk_triton.launch_count
+        with Count() as counter:
+            out = topk.score_and_pool(x, weight, None, mask, 8, centre=True)
+            out.values.backward(grad)
+        return {"kernels": topk_triton.launch_count - before, "ops": counter.ops}
     finally:
         os.environ.pop("PYRAMIDION_TOPK", None)
 
@@ -194,7 +286,9 @@ def main():
     assert topk_triton.interpreted(), "run with TRITON_INTERPRET=1 set before triton is imported"
     report = {
         "cases": {name: _run_case(name, spec) for name, spec in CASES.items()},
+        "scored": {name: _run_scored_case(name, spec) for name, spec in SCORED_CASES.items()},
         "dispatch": _dispatch_counts(),
+        "scored_dispatch": _scored_dispatch(),
         "opcheck": _opcheck(),
         "compiled": _compiled(),
     }
@@ -242,6 +336,29 @@ def test_triton_kernels_equal_torch_path(interpreted, name):
     assert report["launches"] == expected
 
 
+@pytest.mark.parametrize("name", list(SCORED_CASES))
+def test_fused_scorer_equals_torch_path(interpreted, name):
+    """score_and_pool fused on the Triton path (the scorer's dot product, centring and sigmoid in the kernels)
+    gives the torch operators' pairing exactly, and their values and gradients to float32 rounding."""
+    report = interpreted["scored"][name]
+    assert report["mask"] and report["source_index"], f"{name}: pairing differs from the torch path: {report}"
+    assert report["source_index_dtype"] == "torch.int64"
+    for field in ("values", "pooled_scores", "scores", "grad_x", "grad_weight", "grad_bias"):
+        tolerance = 2e-5 * max(report[field + "_scale"], 1.0)
+        assert report[field] <= tolerance, f"{name}: {field} differs by {report[field]:.3g}: {report}"
+    spec = SCORED_CASES[name]
+    assert report["launches"] == topk_triton_launches(spec["n"], spec["k"], scorer=True)
+
+
+def test_fused_scorer_dispatch_budget(interpreted):
+    counts = interpreted["scored_dispatch"]
+    assert counts["kernels"] == 4, counts  # score, plan round + mix, plan reverse + dW, score backward + grad_x
+    assert len(counts["ops"]) <= SCORED_DISPATCH_BUDGET, (
+        f"one single-round score_pool forward+backward dispatched {len(counts['ops'])} torch operators, budget "
+        f"{SCORED_DISPATCH_BUDGET}: {counts['ops']}"
+    )
+
+
 def test_triton_launch_budget(interpreted):
     counts = interpreted["dispatch"]
     assert counts["kernels"] == topk_triton_launches(16, 4), counts["kernels"]
@@ -256,10 +373,12 @@ def test_full_graph_compile_of_triton_path(interpreted):
     assert max(interpreted["compiled"]) <= 1e-6, interpreted["compiled"]
 
 
-def topk_triton_launches(n, k):
+def topk_triton_launches(n, k, scorer=False):
     from pyramidion_ds.model.topk import round_widths
 
     rounds = len(round_widths(n, k))
+    if scorer:  # the scorer's two kernels; a single round mixes and takes dW inside its plan kernels
+        return 4 if rounds == 1 else 3 * rounds + 4
     # forward: rounds, compose (a single round writes its outputs itself), mix; backward: mix, R - 1 sweeps, R
     return 3 * rounds + 2 - (rounds == 1)
 
@@ -292,6 +411,28 @@ def test_every_launch_fills_an_h100():
         assert list(topk_triton.launch_grids)[-len(launches) :] == [(fn.__name__, grid) for fn, grid, _, _ in launches]
 
 
+def test_every_fused_scorer_launch_fills_an_h100():
+    """score_pool (the encoder's pooling) at B=4, d=512: one round (8192 → 4096) and two (8192 → 2048), with
+    and without sort_back: every launch has at least 132 programs. Meta tensors: launches recorded, none run."""
+    pytest.importorskip("triton")
+    from pyramidion_ds.model import topk_triton
+
+    for k in (4096, 2048):
+        for sort_back in (False, True):
+            with topk_triton.record_launches() as launches:
+                x = torch.empty(4, 8192, 512, device="meta", dtype=torch.bfloat16, requires_grad=True)
+                weight = torch.empty(1, 512, device="meta", dtype=torch.bfloat16, requires_grad=True)
+                mask = torch.empty(4, 8192, device="meta", dtype=torch.bool)
+                values, _, _ = topk_triton.score_pool(x, weight, None, mask, k, 20.0, True, sort_back, True)
+                values.backward(torch.empty_like(values))
+            assert len(launches) == topk_triton.launches_per_call(8192, k, scorer=True)
+            for fn, grid, _, _ in launches:
+                assert math.prod(grid) >= 132, f"{fn.__name__} launched {grid} at 8192 → {k}"
+            names = {fn.__name__ for fn, _, _, _ in launches}
+            assert {"_score_forward", "_score_backward"} <= names
+            assert ("_mix_forward" in names) == (k == 2048)  # one round: mixed inside _plan_round
+
+
 def test_unsupported_shape_runs_on_torch_path(monkeypatch):
     """A shape the kernels do not take (here 2**16 rows × 32,769 lanes: flat positions past int32) runs on the
     torch path even when the kernels are forced, instead of failing. Meta tensors: shapes only."""
@@ -302,6 +443,8 @@ def test_unsupported_shape_runs_on_torch_path(monkeypatch):
     monkeypatch.setenv("PYRAMIDION_TOPK", "triton")
     batch, n, k = 2**16, 2**15 + 1, 2**14
     assert not topk_triton.supports(batch, n, k) and topk_triton.supports(4, 65536, 1)
+    # the eager workspace holds index data as float32 integers: flat slots b·k + j must stay below 2**24
+    assert not topk_triton.supports(1024, 65536, 16384) and topk_triton.supports(1023, 65536, 16384)
     x = torch.empty(batch, n, 1, device="meta", requires_grad=True)
     scores = torch.empty(batch, n, device="meta", requires_grad=True)
     before = topk_triton.launch_count
