@@ -56,10 +56,17 @@ class PoolingInfo:
     for them); ``input_scores`` and ``pooled_scores`` are detached."""
 
     def __init__(
-        self, after_layer: int, input_width: int, output_width: int, pooled: Pooled, previous: Optional["PoolingInfo"]
+        self,
+        after_layer: int,
+        input_width: int,
+        output_width: int,
+        pooled: Pooled,
+        previous: Optional["PoolingInfo"],
+        input_mask: Tensor,
     ):
         self.after_layer, self.input_width, self.output_width = after_layer, input_width, output_width
         self._pooled, self._previous, self._source_positions = pooled, previous, None
+        self.input_mask = input_mask  #: B×input_width, True = a real slot rated by the scorer
 
     @property
     def scorer_output(self) -> Tensor:
@@ -253,10 +260,11 @@ class Encoder(nn.Module):
                     x = x + 0.0 * self.score_logits(last, x)
                 continue
             pooled = self._score_and_pool(last, x, real_mask, stage.pooled_width)
+            previous = pooling[-1] if pooling else None
+            pooling.append(PoolingInfo(last, stage.width, stage.pooled_width, pooled, previous, real_mask))
             x, real_mask = pooled.values, pooled.mask
             if fewest_real is not None:
                 fewest_real = min(fewest_real, stage.pooled_width)
-            pooling.append(PoolingInfo(last, stage.width, stage.pooled_width, pooled, pooling[-1] if pooling else None))
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return EncoderOut(x, real_mask, pooling, fewest_real is None or fewest_real < x.size(1))

@@ -698,17 +698,21 @@ class Trainer:
                 self.writer.add_scalar(key if key.startswith("pooling/") else f"train/{key}", value, self.update)
 
     def _pooling_hook(self, module, inputs, encoder_out) -> None:
-        """Per pooling step: mean score of the slots kept vs of all slots rated (training batches only)."""
+        """Per pooling step: mean score of the real slots kept vs of the real slots rated, in the training
+        batches of the updates that are logged (the statistics are read, and synced to the host, only there)."""
         if not module.training:
             if self.valid_pooling is not None:  # validate() reads it after each forward
                 self.valid_pooling.append(encoder_out.pooling)
             return
+        if (self.update + 1) % self.cfg.train.log_interval:
+            return
         with torch.no_grad():  # the scores as made (no detach operators: nothing here is recorded)
             for info in encoder_out.pooling:
                 kept = info.top_k_scores[info.mask].float()
+                rated = info.scorer_output[info.input_mask].float()
                 for name, value in (
                     (f"layer{info.after_layer}_kept_score", kept.mean()),
-                    (f"layer{info.after_layer}_input_score", info.scorer_output.float().mean()),
+                    (f"layer{info.after_layer}_input_score", rated.mean()),
                 ):
                     total = self.pooling_sums.setdefault(name, [0.0, 0])
                     total[0] += float(value)
