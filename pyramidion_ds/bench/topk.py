@@ -4,7 +4,9 @@ The reference is written here the way the fairseq original runs: a Python loop o
 each example one round at a time, gathering and mixing the representations every round. Both run on
 the same inputs in the same process; the JSON reports milliseconds per forward+backward and the speedup.
 On CUDA the Triton kernels (``ours_triton``) are timed beside the torch path (``ours``, and
-``ours_compiled`` with --compile), with the operators dispatched and kernels launched per call.
+``ours_compiled`` with --compile), with the operators dispatched and kernels launched per call; and the
+encoder's pooling, the scorer with the top-k: ``scored_fused`` (one operator, ``score_pool``) beside
+``scored_unfused`` (the scorer's torch operators, then the Triton top-k).
 
 ``--precompile`` only compiles: every Triton kernel the shapes launch (forward + backward, every option set),
 once, timed per kernel and shape, so a GPU run can report compile time on its own and time warm kernels
@@ -27,7 +29,7 @@ from typing import Callable
 import torch
 
 from pyramidion_ds.model import topk_triton
-from pyramidion_ds.model.topk import BACKEND_ENV, successive_halving_topk
+from pyramidion_ds.model.topk import BACKEND_ENV, pool_by_logits, score_and_pool, successive_halving_topk
 
 from .output import write_json
 
@@ -89,6 +91,22 @@ def ours_triton(x, scores, k, **kwargs):
     return out.values, out.scores
 
 
+def scored(fused: bool, mask: torch.Tensor) -> Callable:
+    """The encoder's pooling of x by a scorer weight (1×d; centred, no bias) on the Triton path: fused into the
+    kernels (score_pool), or the scorer's torch operators and then the Triton top-k. Returns (values, None)."""
+
+    def fn(x, weight, k, **kwargs):
+        with backend("triton"):
+            if fused:
+                out = score_and_pool(x, weight, None, mask, k, centre=True, **kwargs)
+            else:
+                logits = torch.nn.functional.linear(x, weight).squeeze(-1).float()
+                out = pool_by_logits(x, logits, mask, k, True, **kwargs)
+        return out.values, None
+
+    return fn
+
+
 def dispatch_counts(fn, x, scores, k, **kwargs) -> dict:
     """Torch operators dispatched (views included) and Triton kernels launched by one forward + backward."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -97,15 +115,26 @@ def dispatch_counts(fn, x, scores, k, **kwargs) -> dict:
         ops = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
+            if not topk_triton.launching:  # (in Triton's interpreter a kernel dispatches operators of its own)
+                Count.ops += 1
             return func(*args, **(kwargs or {}))
 
     x_in, s_in = x.detach().requires_grad_(True), scores.detach().requires_grad_(True)
     kernels = topk_triton.launch_count
+    grad_values = torch.ones(x.size(0), k, x.size(2), dtype=x.dtype, device=x.device)
+    grad_scores = torch.ones(x.size(0), k, device=x.device)
     with Count():
         values, pooled = fn(x_in, s_in, k, **kwargs)
-        torch.autograd.backward([values, pooled], [torch.ones_like(values), torch.ones_like(pooled)])
+        _backward(values, pooled, grad_values, grad_scores)
     return {"ops": Count.ops, "triton_kernels": topk_triton.launch_count - kernels}
+
+
+def _backward(values, pooled, grad_values, grad_scores) -> None:
+    """Backward from the values and, when there (the plain top-k's), the pooled scores."""
+    if pooled is None:
+        values.backward(grad_values)
+    else:
+        torch.autograd.backward([values, pooled], [grad_values, grad_scores])
 
 
 _compiled = None
@@ -137,8 +166,9 @@ def time_fwd_bwd(fn: Callable, x, scores, k, *, repeats: int, warmup: int, **kwa
             t0 = time.perf_counter()
         values, pooled = fn(x_in, s_in, k, **kwargs)
         if grad_values is None:
-            grad_values, grad_scores = torch.randn_like(values), torch.randn_like(pooled)
-        torch.autograd.backward([values, pooled], [grad_values, grad_scores])
+            grad_values = torch.randn_like(values)
+            grad_scores = None if pooled is None else torch.randn_like(pooled)
+        _backward(values, pooled, grad_values, grad_scores)
         if device.type == "cuda":
             end.record()
             torch.cuda.synchronize()
@@ -185,6 +215,13 @@ def bench_shape(
         result["ours_triton"] = time_fwd_bwd(ours_triton, x, scores, k, repeats=repeats, warmup=warmup, **options)
         result["dispatch"]["triton"] = dispatch_counts(ours_triton, x, scores, k, **options)
         result["triton_speedup_vs_torch"] = round(result["ours"]["ms"] / result["ours_triton"]["ms"], 2)
+        weight = (torch.randn(1, d, generator=generator) * d**-0.5).to(device=device, dtype=dtype)
+        mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+        for name, fused in (("scored_unfused", False), ("scored_fused", True)):
+            fn = scored(fused, mask)
+            result[name] = time_fwd_bwd(fn, x, weight, k, repeats=repeats, warmup=warmup, **options)
+            result["dispatch"][name] = dispatch_counts(fn, x, weight, k, **options)
+        result["fused_scorer_speedup"] = round(result["scored_unfused"]["ms"] / result["scored_fused"]["ms"], 2)
     if compiled:
         try:
             result["ours_compiled"] = time_fwd_bwd(

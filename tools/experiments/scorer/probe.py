@@ -61,7 +61,13 @@ def main():
         return hook
 
     for layer in model.encoder.pooling_layers:
-        model.encoder.scorers[layer].register_forward_hook(keep_logits(layer))
+        # a plain Linear over the same parameters: the encoder then asks it for the logits (and pools with its
+        # torch operators), which the hook keeps; the model's own Scorer computes them inside score_and_pool
+        scorer = model.encoder.scorers[layer]
+        linear = torch.nn.Linear(scorer.in_features, 1)
+        linear.weight, linear.bias = scorer.weight, scorer.bias
+        model.encoder.scorers[layer] = linear
+        linear.register_forward_hook(keep_logits(layer))
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).tolist()
     out = open(args.out, "w")
     started = time.time()
