@@ -35,6 +35,9 @@ from .output import write_json
 
 #: (batch, n, k, d): the issue's two shapes
 DEFAULT_SHAPES = ((8, 8192, 2048, 512), (8, 2048, 512, 256))
+#: what --precompile compiles: those, and a single round (the halving schedule's poolings, whose score_pool
+#: also mixes and takes dW in its plan kernels: other variants; 41 kernels in all for one architecture)
+PRECOMPILE_SHAPES = DEFAULT_SHAPES + ((8, 8192, 4096, 512),)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -237,7 +240,7 @@ def bench_shape(
     return result
 
 
-def precompile(shapes=DEFAULT_SHAPES, *, device="cuda", dtype="bf16", on_row: Callable | None = None) -> dict:
+def precompile(shapes=PRECOMPILE_SHAPES, *, device="cuda", dtype="bf16", on_row: Callable | None = None) -> dict:
     """Compile every Triton kernel the shapes launch (both flip_right and sort_back settings), timing each
     compile; kernels already compiled for an earlier shape show ``"cached": true`` and 0 s."""
     report = {"benchmark": "topk_precompile", "device": str(device), "dtype": dtype, "rows": []}
@@ -425,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = tuple(args.shape or DEFAULT_SHAPES)
     progress = None if args.output is None else (lambda partial: emit(partial, args.output))
     if args.precompile:
+        shapes = tuple(args.shape or PRECOMPILE_SHAPES)
         emit(precompile(shapes, device=args.device, dtype=args.dtype, on_row=progress), args.output)
         return 0
     report = run(
