@@ -82,6 +82,14 @@ if [ "$stops" -gt 0 ] && [ ! -s "$PYRAMIDION_EXIT_FILE" ] && kill -0 -- "-$launc
   echo "train.sh: the launcher exited ($rc) while the ranks save; waiting for them" >&2
   while [ ! -s "$PYRAMIDION_EXIT_FILE" ] && kill -0 -- "-$launcher" 2>/dev/null; do sleep 1; done
 fi
+if [ "$rc" -eq 0 ] && [ ! -s "$PYRAMIDION_EXIT_FILE" ]; then
+  # DeepSpeed's runner reports a launcher killed by a signal as success while its ranks may still be
+  # noticing their parent is gone (each writes its code as it exits): wait for them, a minute at most
+  for _ in $(seq 60); do
+    { [ -s "$PYRAMIDION_EXIT_FILE" ] || ! kill -0 -- "-$launcher" 2>/dev/null; } && break
+    sleep 1
+  done
+fi
 ranks=$(cat "$PYRAMIDION_EXIT_FILE" 2>/dev/null)
 if [ "$stops" -gt 0 ] && [ -n "$ranks" ]; then
   rc=$ranks
