@@ -21,12 +21,7 @@ takes 9 + 4 for a single round.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -113,25 +108,9 @@ def main():
 
 @pytest.fixture(scope="module")
 def counts():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYRAMIDION_TOPK="triton",
-        PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    )
-    child = subprocess.run(
-        [sys.executable, "-c", "from tests.unit.test_launch_budget import main; main()"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert child.returncode == 0, child.stderr[-4000:]
-    report = json.loads(child.stdout.strip().splitlines()[-1])
+    from interpreted import run_interpreted  # (tests/unit; not imported by the child)
+
+    report = run_interpreted("tests.unit.test_launch_budget", PYRAMIDION_TOPK="triton")
     print(json.dumps({variant: {k: v for k, v in r.items() if k != "top"} for variant, r in report.items()}))
     return report
 

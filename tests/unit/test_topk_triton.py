@@ -9,13 +9,9 @@ the test process on meta tensors. Compiling the kernels for sm_80 and sm_90: ``t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -115,16 +111,51 @@ def _run_case(name, spec):
                     launches=topk_triton.launch_count - before,
                 )
         torch_out, triton_out, exact = results["torch"], results["triton"], results["float64"]
-        report = {"launches": triton_out["launches"]}
-        for field in ("values", "scores", "grad_x", "grad_scores"):
-            report[field] = (torch_out[field] - triton_out[field]).abs().max().item()
-            report[field + "_scale"] = torch_out[field].abs().max().item()
+        fields = ("values", "scores", "grad_x", "grad_scores")
+        report = _differences(torch_out, triton_out, fields)
+        for field in fields:
             report[field + "_torch_error"] = (torch_out[field] - exact[field]).abs().max().item()
             report[field + "_triton_error"] = (triton_out[field] - exact[field]).abs().max().item()
-        for field in ("mask", "source_index"):
-            report[field] = torch.equal(torch_out[field], triton_out[field])
-        report["source_index_dtype"] = str(triton_out["source_index"].dtype)
         return report
+    finally:
+        os.environ.pop("PYRAMIDION_TOPK", None)
+
+
+def _differences(torch_out: dict, triton_out: dict, fields) -> dict:
+    """Largest difference and the torch path's scale of each field; whether the pairing (mask, source_index)
+    is the same; the Triton path's launches and source_index dtype."""
+    report = {"launches": triton_out["launches"], "source_index_dtype": str(triton_out["source_index"].dtype)}
+    for field in fields:
+        report[field] = (torch_out[field] - triton_out[field]).abs().max().item()
+        report[field + "_scale"] = torch_out[field].abs().max().item()
+    for field in ("mask", "source_index"):
+        report[field] = torch.equal(torch_out[field], triton_out[field])
+    return report
+
+
+def _count_dispatch(step):
+    """Torch operators dispatched (not the interpreter's own inside a kernel) and Triton kernels launched by
+    ``step()`` on the Triton path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pyramidion_ds.model import topk, topk_triton
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not topk_triton.launching:
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    os.environ[topk.BACKEND_ENV] = "triton"
+    try:
+        before = topk_triton.launch_count
+        with Count() as counter:
+            step()
+        return {"kernels": topk_triton.launch_count - before, "ops": counter.ops}
     finally:
         os.environ.pop("PYRAMIDION_TOPK", None)
 
@@ -160,79 +191,37 @@ def _run_scored_case(name, spec):
                 bias_grad_none=bs is None or bs.grad is None,
             )
         torch_out, triton_out = results["torch"], results["triton"]
-        report = {"launches": triton_out["launches"]}
-        for field in ("values", "pooled_scores", "scores", "grad_x", "grad_weight", "grad_bias"):
-            report[field] = (torch_out[field] - triton_out[field]).abs().max().item()
-            report[field + "_scale"] = torch_out[field].abs().max().item()
-        for field in ("mask", "source_index"):
-            report[field] = torch.equal(torch_out[field], triton_out[field])
-        report["source_index_dtype"] = str(triton_out["source_index"].dtype)
-        return report
+        return _differences(
+            torch_out, triton_out, ("values", "pooled_scores", "scores", "grad_x", "grad_weight", "grad_bias")
+        )
     finally:
         os.environ.pop("PYRAMIDION_TOPK", None)
 
 
 def _scored_dispatch():
-    """Operators dispatched and kernels launched by one single-round score_pool forward + backward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """One single-round score_pool forward + backward."""
+    from pyramidion_ds.model import topk
 
-    from pyramidion_ds.model import topk, topk_triton
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not topk_triton.launching:
-                self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    os.environ[topk.BACKEND_ENV] = "triton"
-    try:
-        x, _, mask = case_inputs(batch=2, n=16, k=8, d=4)
-        x.requires_grad_(True)
-        weight = torch.full((1, 4), 0.5, requires_grad=True)
-        grad = torch.ones(2, 8, 4)
-        before = topk_triton.launch_count
-        with Count() as counter:
-            out = topk.score_and_pool(x, weight, None, mask, 8, centre=True)
-            out.values.backward(grad)
-        return {"kernels": topk_triton.launch_count - before, "ops": counter.ops}
-    finally:
-        os.environ.pop("PYRAMIDION_TOPK", None)
+    x, _, mask = case_inputs(batch=2, n=16, k=8, d=4)
+    x.requires_grad_(True)
+    weight = torch.full((1, 4), 0.5, requires_grad=True)
+    grad = torch.ones(2, 8, 4)
+    return _count_dispatch(lambda: topk.score_and_pool(x, weight, None, mask, 8, centre=True).values.backward(grad))
 
 
 def _dispatch_counts():
-    """Operators dispatched and kernels launched for one soft top-k forward + backward on the Triton path."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """One soft top-k forward + backward on the Triton path (16 → 4, two rounds)."""
+    from pyramidion_ds.model import topk
 
-    from pyramidion_ds.model import topk, topk_triton
+    x, scores, mask = case_inputs(batch=2, n=16, k=4, d=4)
+    x.requires_grad_(True)
+    scores.requires_grad_(True)
 
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
+    def step():
+        out = topk.successive_halving_topk(x, scores, 4, mask=mask)
+        torch.autograd.backward([out.values, out.scores], [torch.ones_like(out.values), torch.ones_like(out.scores)])
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not topk_triton.launching:  # not the interpreter's own operators inside a kernel
-                self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    os.environ[topk.BACKEND_ENV] = "triton"
-    try:
-        x, scores, mask = case_inputs(batch=2, n=16, k=4, d=4)
-        x.requires_grad_(True)
-        scores.requires_grad_(True)
-        before = topk_triton.launch_count
-        with Count() as counter:
-            out = topk.successive_halving_topk(x, scores, 4, mask=mask)
-            torch.autograd.backward(
-                [out.values, out.scores], [torch.ones_like(out.values), torch.ones_like(out.scores)]
-            )
-        return {"kernels": topk_triton.launch_count - before, "ops": counter.ops}
-    finally:
-        os.environ.pop("PYRAMIDION_TOPK", None)
+    return _count_dispatch(step)
 
 
 def _opcheck():
@@ -297,24 +286,9 @@ def main():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("PYRAMIDION_TOPK", None)
-    child = subprocess.run(
-        [sys.executable, "-c", "from tests.unit.test_topk_triton import main; main()"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if child.returncode != 0:
-        if "No module named 'triton'" in child.stderr:
-            pytest.skip("triton does not import")
-        raise AssertionError(f"interpreted kernels failed:\n{child.stderr[-4000:]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    from interpreted import run_interpreted  # (tests/unit; not imported by the child)
+
+    return run_interpreted("tests.unit.test_topk_triton", PYRAMIDION_TOPK="")
 
 
 @pytest.mark.parametrize("name", list(CASES))
