@@ -18,6 +18,7 @@ inside the functions that need them (importing mpi4py calls MPI_Init).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -170,7 +171,23 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
     )
     if not torch.cuda.is_available():
         release_cpu_shm_segment(world)
+    atexit.register(destroy_process_group_at_exit)
     return world
+
+
+def destroy_process_group_at_exit() -> None:
+    """atexit: destroy the default process group while the interpreter is still whole. Left to the
+    interpreter's teardown, gloo's worker threads can still hold work whose tensors need the GIL, and a rank
+    that finished (its checkpoint saved) aborts: "terminate called without an active exception", exit 250
+    from the launcher (pytorch/pytorch#190489; it struck about one ZeRO-3 launch in a few hundred here).
+    A no-op when the group is gone already."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as err:  # the process is ending either way: say why the group was not closed
+            log.warning("distributed: the process group was not destroyed at exit: %s", err)
 
 
 def use_cpu_accelerator(environ: dict[str, str] | None = None) -> None:

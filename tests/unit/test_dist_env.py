@@ -6,10 +6,12 @@ ports are checked for real. The real scontrol/srun are exercised in tests/cluste
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -533,3 +535,39 @@ def test_importing_dist_pulls_in_no_heavy_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+EXIT_CHECK = """
+import atexit
+import torch.distributed as dist
+# registered first, so it runs last: after every other exit handler, the group must be gone
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+from pyramidion_ds.distributed.env import init_distributed
+init_distributed(backend="gloo")
+print("initialized:", dist.is_initialized(), flush=True)
+"""
+
+
+def test_process_group_is_destroyed_before_the_interpreter_ends(tmp_path):
+    """A rank that leaves its gloo group to the interpreter's teardown can abort after its work is done
+    ("terminate called without an active exception", the launcher's exit 250; pytorch/pytorch#190489): it
+    struck one ZeRO-3 launch in a few hundred in .ci/run. init_distributed destroys the group at exit."""
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(root),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", EXIT_CHECK], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.splitlines()[-2:] == ["initialized: True", "initialized at exit: False"], child.stdout
