@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None):
             from ..train import check_training
 
             return check_training(cfg, args.world_size)
+        from ..distributed.env import end_rank
         from ..train import run_training
 
-        return run_training(cfg)
+        end_rank(run_training(cfg))  # (os._exit once all is closed: see end_rank)
 
     run_main(PROG, body)
 
