@@ -742,7 +742,7 @@ def run_training(cfg: Config) -> int:
     # the start, so startup is never killed half-way (e.g. inside DeepSpeed's op build, which would leave
     # a stale lock behind) and the launcher still gets the "requeue me" code.
     preempt = PreemptionFlag().install()
-    watchdog, lock = None, None
+    watchdog, lock, world = None, None, None
     try:
         setup_logging(0)  # rank discovery logs on rank 0 only
         world = init_distributed(
@@ -765,6 +765,12 @@ def run_training(cfg: Config) -> int:
         if world.rank == 0:  # every rank stops for the same reason (a global check or a gathered report)
             log.error(str(err))
         return record_exit(EXIT_ERROR, world.rank)
+    except Exception:
+        # anything else (e.g. gloo's "connection closed" when another rank left first because the launcher
+        # died) still leaves rank 0's code for train.sh, which otherwise can only say "did not finish"
+        if world is not None:
+            record_exit(EXIT_ERROR, world.rank)
+        raise
     finally:
         preempt.uninstall()
         if watchdog is not None:
