@@ -198,7 +198,7 @@ def score_and_pool(
         )
     options = dict(base=base, flip_right=flip_right, sort_back=sort_back, hard=hard)
     if k < x.size(1) and not (hard or layer_norm_input or torch.compiler.is_compiling()):
-        if _use_triton(x, torch.float64 if x.dtype == torch.float64 else torch.float32, k):
+        if _use_triton(x, torch.float32, k):  # (the scores are float32: the logits are, below)
             from . import topk_triton
 
             return Pooled(*topk_triton.score_pool(x, weight, bias, mask, k, base, flip_right, sort_back, centre))

@@ -919,9 +919,8 @@ def plan_forward(
             ranking = torch.where(mask, rank_key.to(torch.float32), _negative_infinity(scores.device))
     key_stride, key_offset = n, 0
     log2_base = math.log2(base)
-    mixing, dim = (keys, keys), 1
-    if mix is not None:
-        mixing, dim = mix, mix[0].size(2)
+    fused_mix = mix is not None and num_rounds == 1  # (else the pointers are placeholders, never read)
+    mixing, dim = (mix, mix[0].size(2)) if fused_mix else ((keys, keys), 1)
     for r, (width, new_width) in enumerate(zip(layout.widths, layout.new_widths, strict=True)):
         level = layout.level_offsets[r]
         if r:
@@ -973,16 +972,16 @@ def plan_forward(
             sections.pooled,
             sections.source,
             sections.index,
-            *(mixing if num_rounds == 1 else (keys, keys)),
+            *mixing,
             dim,
             FLIP=flip_right,
             SORT_BACK=sort_back,
             BLOCK=PAIR_BLOCK,
             SCORER=scorer is not None and r == 0,
             CENTRE=bool(centre),
-            MIX=num_rounds == 1 and mix is not None,
+            MIX=fused_mix,
             MIX_DIM=MIX_COLUMNS_IN_PLAN,
-            num_warps=MIX_WARPS_IN_PLAN if num_rounds == 1 and mix is not None else PAIR_WARPS,
+            num_warps=MIX_WARPS_IN_PLAN if fused_mix else PAIR_WARPS,
         )
     if num_rounds > 1:  # (one round: _plan_round wrote the member table, W, slots and source_index)
         blocks = triton.cdiv(n, POSITION_BLOCK)
